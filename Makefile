@@ -1,0 +1,45 @@
+# posttrain — set-up, tests, demo and benchmarks on a fresh machine.
+#   make demo    creates .venv, installs everything, runs a real post-training job end to end
+#   make test    creates .venv, installs everything, runs the whole suite
+# On a GPU machine: make test TORCH=torch   (takes the CUDA build of torch instead of the CPU wheel)
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0+cpu
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+PLUGINS := $(sort $(wildcard plugins/*/pyproject.toml))
+CONTRIB := $(sort $(wildcard contrib/*/pyproject.toml))
+
+export HF_HUB_OFFLINE := 1
+export HF_DATASETS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export DS_BUILD_OPS := 0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: install test demo bench clean list
+
+$(VENV)/.installed: pyproject.toml $(PLUGINS) $(CONTRIB) Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q "$(TORCH)"
+	# every later install is constrained to the torch just installed (no CUDA wheels on CPU)
+	$(BIN)/python -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/constraints.txt
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e ".[dev,deepspeed]" $(foreach p,$(PLUGINS) $(CONTRIB),-e $(dir $(p)))
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(BIN)/python -m pytest tests plugins contrib -q -ra --timeout 900 $(PYTEST_ARGS)
+
+demo: install
+	$(BIN)/python examples/demo.py --output-dir outputs/demo
+
+bench: install
+	$(BIN)/python -m bench
+
+list: install
+	$(BIN)/posttrain list
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

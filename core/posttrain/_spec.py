@@ -1,0 +1,131 @@
+"""The plugin contract: :class:`MethodSpec` and :class:`Preset` (light: imports no torch)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+__all__ = ["MethodSpec", "Preset", "SpecError", "MATURITIES"]
+
+#: The two maturity levels a method can declare.
+MATURITIES = ("stable", "experimental")
+
+_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
+_API_RE = re.compile(r"^\d+\.\d+$")
+_DOTTED_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class SpecError(ValueError):
+    """A :class:`MethodSpec` (or :class:`Preset`) is invalid; the message says which field and why."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Preset:
+    """Named config overrides that reproduce a paper (``posttrain train dpo --preset ipo``).
+
+    Args:
+        summary: One line saying what the preset is.
+        overrides: Config field -> value, applied over the defaults and under YAML/CLI values.
+        paper: Citation or URL of the paper the preset reproduces.
+    """
+
+    summary: str
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+    paper: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodSpec:
+    """Describe a post-training method to the posttrain registry (*contract*, see STABILITY.md).
+
+    A plugin exposes one ``MethodSpec`` per method through the entry-point group
+    ``posttrain.methods``; the entry point's name must equal :attr:`name`. The module that holds
+    the spec must not import torch, transformers, datasets, accelerate, peft, deepspeed or vllm:
+    ``posttrain list`` loads every spec and must stay fast.
+
+    Version, authors and the core requirement come from the distribution's metadata and are
+    never repeated here.
+
+    Args:
+        name: Method id, lowercase (``"dpo"``); the CLI name and the import name
+            ``posttrain.methods.<name>``.
+        maturity: ``"stable"`` (semver, distribution version >= 1.0) or ``"experimental"``
+            (needs an explicit opt-in, may change in any release).
+        plugin_api: The ``posttrain.API_VERSION`` ("MAJOR.MINOR") the plugin was built for.
+        summary: One line for ``posttrain list``.
+        family: Method family (``"sft"``, ``"preference"``, ``"online-rl"``, ``"reward"``, ...).
+        trainer: Lazy path to the trainer class, ``"package.module:ClassName"``.
+        config: Lazy path to the config dataclass, ``"package.module:ClassName"``. The config
+            module must stay light (it is imported by ``posttrain info``).
+        papers: Citations (title, arXiv id or URL), one string each.
+        presets: Preset name -> :class:`Preset` (a plain mapping of overrides is accepted too).
+        requires: Import names the method needs beyond the core (checked by ``posttrain doctor``).
+    """
+
+    name: str
+    maturity: str
+    plugin_api: str
+    summary: str
+    family: str = ""
+    trainer: str = ""
+    config: str = ""
+    papers: tuple[str, ...] = ()
+    presets: Mapping[str, Preset] = field(default_factory=dict)
+    requires: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Coerce friendly inputs (lists, plain override dicts) into the frozen forms.
+        object.__setattr__(self, "papers", tuple(self.papers))
+        object.__setattr__(self, "requires", tuple(self.requires))
+        presets = {}
+        for key, value in dict(self.presets).items():
+            if isinstance(value, Mapping):
+                value = Preset(summary="", overrides=dict(value))
+            presets[key] = value
+        object.__setattr__(self, "presets", presets)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`SpecError` naming the first invalid field and how to fix it."""
+        if not isinstance(self.name, str) or not _NAME_RE.match(self.name):
+            raise SpecError(
+                f"MethodSpec.name={self.name!r} is invalid: use lowercase letters, digits and "
+                "underscores, starting with a letter (e.g. 'dpo')."
+            )
+        if self.maturity not in MATURITIES:
+            raise SpecError(
+                f"MethodSpec(name={self.name!r}).maturity={self.maturity!r} is invalid: "
+                f"use one of {', '.join(MATURITIES)}."
+            )
+        if not isinstance(self.plugin_api, str) or not _API_RE.match(self.plugin_api):
+            raise SpecError(
+                f"MethodSpec(name={self.name!r}).plugin_api={self.plugin_api!r} is invalid: "
+                "use 'MAJOR.MINOR', e.g. posttrain.API_VERSION."
+            )
+        if not isinstance(self.summary, str) or not self.summary.strip():
+            raise SpecError(f"MethodSpec(name={self.name!r}).summary is empty: give one line.")
+        for attr in ("trainer", "config"):
+            value = getattr(self, attr)
+            if not isinstance(value, str) or not _DOTTED_RE.match(value):
+                raise SpecError(
+                    f"MethodSpec(name={self.name!r}).{attr}={value!r} is invalid: use a lazy "
+                    "path 'package.module:ClassName'."
+                )
+        for key, preset in self.presets.items():
+            if not isinstance(preset, Preset):
+                raise SpecError(
+                    f"MethodSpec(name={self.name!r}).presets[{key!r}] is a "
+                    f"{type(preset).__name__}: use posttrain.Preset(...) or a dict of overrides."
+                )
+            if not _NAME_RE.match(key):
+                raise SpecError(
+                    f"MethodSpec(name={self.name!r}) preset name {key!r} is invalid: use "
+                    "lowercase letters, digits and underscores."
+                )
+
+    @property
+    def api_major_minor(self) -> tuple[int, int]:
+        """Return :attr:`plugin_api` as a ``(major, minor)`` tuple."""
+        major, minor = self.plugin_api.split(".")
+        return int(major), int(minor)

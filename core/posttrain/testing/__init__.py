@@ -1,0 +1,122 @@
+"""posttrain's opt-in pytest plugin: tiny models, tiny datasets, an isolated registry.
+
+Enable it with ``pytest -p posttrain.testing`` or ``pytest_plugins = ["posttrain.testing"]`` in a
+conftest. It is never auto-loaded and imports no torch at import time (fixtures import lazily).
+
+Fixtures:
+    tiny_tokenizer: a byte-level BPE tokenizer with a ChatML template (session-scoped, read-only).
+    tiny_model: a fresh random tiny Qwen2 causal LM (function-scoped, float32).
+    tiny_model_dir: a directory with a saved tiny model + tokenizer (session-scoped, read-only).
+    tiny_datasets: ``{"text", "messages", "prompt_completion", "conversational_prompt_completion",
+        "preference", "conversational_preference", "unpaired_preference", "prompt_only"}`` -> Dataset.
+    isolated_registry: a fresh empty ``posttrain.Registry`` (no installed plugins).
+    register_method: ``register_method(spec, distribution=..., version=...)`` makes a spec visible
+        to the default registry until the test ends.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+__all__ = ["make_tiny_datasets"]
+
+
+def make_tiny_datasets(n: int = 16, seed: int = 0) -> dict:
+    """Return tiny ``datasets.Dataset`` objects in each of TRL's standard and conversational formats."""
+    import random
+
+    from datasets import Dataset
+
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 9), rng.randint(0, 9)
+        wrong = a + b + rng.choice([-2, -1, 1, 2])
+        rows.append((f"what is {a} + {b}", str(a + b), str(wrong)))
+    conv = lambda role, text: [{"role": role, "content": text}]  # noqa: E731
+    return {
+        "text": Dataset.from_dict({"text": [f"{q} = {a}" for q, a, _ in rows]}),
+        "messages": Dataset.from_dict({"messages": [conv("user", q) + conv("assistant", a) for q, a, _ in rows]}),
+        "prompt_completion": Dataset.from_dict({"prompt": [q + " =" for q, _, _ in rows], "completion": [" " + a for _, a, _ in rows]}),
+        "conversational_prompt_completion": Dataset.from_dict(
+            {"prompt": [conv("user", q) for q, _, _ in rows], "completion": [conv("assistant", a) for _, a, _ in rows]}
+        ),
+        "preference": Dataset.from_dict(
+            {"prompt": [q + " =" for q, _, _ in rows], "chosen": [" " + a for _, a, _ in rows], "rejected": [" " + r for _, _, r in rows]}
+        ),
+        "conversational_preference": Dataset.from_dict(
+            {
+                "prompt": [conv("user", q) for q, _, _ in rows],
+                "chosen": [conv("assistant", a) for _, a, _ in rows],
+                "rejected": [conv("assistant", r) for _, _, r in rows],
+            }
+        ),
+        "unpaired_preference": Dataset.from_dict(
+            {
+                "prompt": [q + " =" for q, _, _ in rows for _ in (0, 1)],
+                "completion": [" " + c for _, a, r in rows for c in (a, r)],
+                "label": [lab for _ in rows for lab in (True, False)],
+            }
+        ),
+        "prompt_only": Dataset.from_dict({"prompt": [q + " =" for q, _, _ in rows], "solution": [a for _, a, _ in rows]}),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A tiny byte-level BPE tokenizer with a ChatML chat template (shared; do not mutate)."""
+    from posttrain.testing.tiny_model import build_tokenizer
+
+    return build_tokenizer()
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer):
+    """A fresh randomly initialised tiny Qwen2 causal LM (float32)."""
+    from posttrain.testing.tiny_model import build_model
+
+    return build_model(tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A directory holding a saved tiny model + tokenizer (shared; do not write into it)."""
+    from posttrain.testing.tiny_model import save_tiny_model
+
+    return save_tiny_model(str(tmp_path_factory.mktemp("tiny_model")))
+
+
+@pytest.fixture(scope="session")
+def tiny_datasets():
+    """Tiny datasets in every TRL format (see :func:`make_tiny_datasets`)."""
+    return make_tiny_datasets()
+
+
+@pytest.fixture
+def isolated_registry():
+    """A fresh ``posttrain.Registry`` that sees no installed plugins."""
+    from posttrain._registry import Registry
+
+    return Registry(entry_points=[])
+
+
+@pytest.fixture
+def register_method():
+    """Return ``register(spec, distribution=..., version=...)``; registrations end with the test."""
+    import contextlib
+
+    from posttrain._registry import temporary_method
+
+    with contextlib.ExitStack() as stack:
+
+        def register(spec, *, distribution: str = "posttrain-test", version: str = "1.0.0"):
+            stack.enter_context(temporary_method(spec, distribution=distribution, version=version))
+            return spec
+
+        yield register

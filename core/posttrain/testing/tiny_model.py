@@ -1,0 +1,150 @@
+"""Build tiny causal LMs and tokenizers in-process (no downloads) for tests, demos and benchmarks.
+
+Usage as a script: ``python -m posttrain.testing.tiny_model OUT_DIR [--arch qwen2|qwen3|llama]``
+writes a model + tokenizer directory that loads with ``from_pretrained(OUT_DIR)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+
+__all__ = ["CHATML_TEMPLATE", "build_tokenizer", "build_model", "build_reward_model", "synthetic_corpus", "save_tiny_model", "main"]
+
+#: ChatML template with ``{% generation %}`` markers so ``return_assistant_tokens_mask`` works.
+CHATML_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}{{- message['content'] + '<|im_end|>' }}{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_WORDS = (
+    "the a cat dog sat on mat red blue green what is plus minus times answer yes no good bad "
+    "hello world please think step question number sum equals user assistant system helpful"
+).split()
+
+
+def synthetic_corpus(n: int = 400, seed: int = 0) -> list[str]:
+    """Return ``n`` short synthetic lines (words, arithmetic, chat markup) to train a tokenizer on."""
+    rng = random.Random(seed)
+    lines = []
+    for _ in range(n):
+        a, b = rng.randint(0, 99), rng.randint(0, 99)
+        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(3, 10)))
+        lines.append(f"{words} {a} + {b} = {a + b}. <think>{a}+{b}</think> \\boxed{{{a + b}}}")
+    return lines
+
+
+def build_tokenizer(vocab_size: int = 512, seed: int = 0):
+    """Return a byte-level BPE ``PreTrainedTokenizerFast`` with a ChatML template (about 0.1 s)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(synthetic_corpus(seed=seed), trainer)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+        model_max_length=2048,
+    )
+    hf_tok.chat_template = CHATML_TEMPLATE
+    return hf_tok
+
+
+def _config(arch: str, vocab_size: int, hidden_size: int, num_layers: int, pad_token_id: int, eos_token_id: int, num_labels: int | None = None):
+    import transformers
+
+    common = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=hidden_size * 2,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=pad_token_id,
+        eos_token_id=eos_token_id,
+        bos_token_id=None,
+    )
+    if num_labels is not None:
+        common["num_labels"] = num_labels
+    if arch == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(head_dim=hidden_size // 4, **common)
+    if arch == "llama":
+        return transformers.LlamaConfig(**common)
+    raise ValueError(f"arch={arch!r} is not supported: use 'qwen2', 'qwen3' or 'llama'.")
+
+
+def build_model(tokenizer=None, *, arch: str = "qwen2", hidden_size: int = 32, num_layers: int = 2, seed: int = 0):
+    """Return a randomly initialised tiny causal LM (float32) matching ``tokenizer``'s vocabulary."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tokenizer or build_tokenizer()
+    config = _config(arch, len(tokenizer), hidden_size, num_layers, tokenizer.pad_token_id, tokenizer.eos_token_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return model
+
+
+def build_reward_model(tokenizer=None, *, arch: str = "qwen2", hidden_size: int = 32, num_layers: int = 2, seed: int = 0):
+    """Return a tiny ``AutoModelForSequenceClassification`` with one label (a reward model)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    tokenizer = tokenizer or build_tokenizer()
+    config = _config(arch, len(tokenizer), hidden_size, num_layers, tokenizer.pad_token_id, tokenizer.eos_token_id, num_labels=1)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+
+
+def save_tiny_model(out_dir: str, *, arch: str = "qwen2", hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> str:
+    """Write a tiny model + tokenizer to ``out_dir`` (safetensors) and return the path."""
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, arch=arch, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m posttrain.testing.tiny_model", description=__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--arch", default="qwen2", choices=["qwen2", "qwen3", "llama"])
+    parser.add_argument("--hidden-size", type=int, default=32)
+    parser.add_argument("--num-layers", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    path = save_tiny_model(args.out_dir, arch=args.arch, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed)
+    print(f"wrote a tiny {args.arch} model and tokenizer to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
