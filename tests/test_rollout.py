@@ -1,0 +1,181 @@
+"""Tests for the rollout engine (posttrain._rollout) on the transformers backend with a tiny model."""
+
+import pytest
+import torch
+
+from posttrain._ops import selective_log_softmax
+from posttrain._rollout import RolloutBatch, RolloutEngine, SamplingParams, TransformersBackend, get_rollout_backend
+
+PROMPTS = ["the cat sat", "hello world please think step by step", "what is 3 + 4"]
+
+
+@pytest.fixture
+def prompt_ids(tiny_tokenizer):
+    ids = [tiny_tokenizer(p)["input_ids"] for p in PROMPTS]
+    assert len({len(p) for p in ids}) > 1  # different lengths: left padding is exercised
+    return ids
+
+
+@pytest.fixture
+def engine(tiny_model, tiny_tokenizer):
+    return RolloutEngine("transformers", model=tiny_model, tokenizer=tiny_tokenizer)
+
+
+def _forward_logps(model, prompt, completion, temperature=1.0, top_k=0):
+    """Reference: one unpadded forward pass over prompt+completion, log-probs at the completion positions."""
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + completion])).logits[:, len(prompt) - 1 : -1] / temperature  # (1, C, V)
+    if top_k:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return selective_log_softmax(logits, torch.tensor([completion]))[0]  # (C,)
+
+
+def test_sampling_params_validation():
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(max_tokens=4, top_p=0)
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(max_tokens=4, temperature=-1)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        SamplingParams(max_tokens=4, stop_token_ids=5)
+    with pytest.raises(ValueError, match="n="):
+        SamplingParams(max_tokens=4, n=0)
+    with pytest.raises(TypeError):
+        SamplingParams(4)  # kw_only
+    assert SamplingParams(max_tokens=4, stop_token_ids=[1, 2]).stop_token_ids == (1, 2)
+
+
+def test_logprobs_match_forward_pass_left_padded(engine, tiny_model, prompt_ids):
+    batch = engine.generate(prompt_ids, SamplingParams(max_tokens=10, seed=0))
+    assert len(batch) == 3 and batch.policy_version == 0
+    for p, c, lp in zip(batch.prompt_ids, batch.completion_ids, batch.logprobs):
+        assert len(c) == len(lp) > 0
+        torch.testing.assert_close(torch.tensor(lp), _forward_logps(tiny_model, p, c), atol=1e-5, rtol=1e-5)
+
+
+def test_logprobs_are_processed_temperature_and_topk(tiny_model, tiny_tokenizer, prompt_ids):
+    backend = TransformersBackend(tiny_model, tiny_tokenizer, generation_batch_size=2)  # chunked
+    batch = backend.generate(prompt_ids, SamplingParams(max_tokens=8, temperature=0.7, seed=1))
+    for p, c, lp in zip(batch.prompt_ids, batch.completion_ids, batch.logprobs):
+        torch.testing.assert_close(torch.tensor(lp), _forward_logps(tiny_model, p, c, temperature=0.7), atol=1e-5, rtol=1e-5)
+    batch = backend.generate(prompt_ids, SamplingParams(max_tokens=8, temperature=0.7, top_k=5, seed=2))
+    for p, c, lp in zip(batch.prompt_ids, batch.completion_ids, batch.logprobs):
+        ref = _forward_logps(tiny_model, p, c, temperature=0.7, top_k=5)
+        assert torch.isfinite(torch.tensor(lp)).all()
+        torch.testing.assert_close(torch.tensor(lp), ref, atol=1e-5, rtol=1e-5)
+        assert (torch.tensor(lp) > _forward_logps(tiny_model, p, c, temperature=0.7) - 1e-6).all()  # renormalized mass
+
+
+def test_seed_determinism_and_global_rng_untouched(engine, prompt_ids):
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = engine.generate(prompt_ids, SamplingParams(max_tokens=8, seed=7))
+    assert torch.equal(torch.get_rng_state(), state), "seeded generation must not advance the global RNG"
+    b = engine.generate(prompt_ids, SamplingParams(max_tokens=8, seed=7))
+    c = engine.generate(prompt_ids, SamplingParams(max_tokens=8, seed=8))
+    assert a.completion_ids == b.completion_ids and a.logprobs == b.logprobs
+    assert a.completion_ids != c.completion_ids
+
+
+def test_n_grouping_and_to_tensors(engine, prompt_ids, tiny_tokenizer):
+    batch = engine.generate(prompt_ids, SamplingParams(max_tokens=6, n=2, seed=3))
+    assert batch.prompt_ids == [prompt_ids[0]] * 2 + [prompt_ids[1]] * 2 + [prompt_ids[2]] * 2
+    assert batch.completion_ids[0] != batch.completion_ids[1]  # two different samples of prompt 0
+    t = batch.to_tensors(pad_token_id=tiny_tokenizer.pad_token_id)
+    P, C = max(map(len, prompt_ids)), max(map(len, batch.completion_ids))
+    assert t["prompt_ids"].shape == t["prompt_mask"].shape == (6, P)
+    assert t["completion_ids"].shape == t["completion_mask"].shape == t["sampling_logprobs"].shape == (6, C)
+    assert t["sampling_logprobs"].dtype == torch.float32
+    short = min(range(3), key=lambda i: len(prompt_ids[i]))
+    assert t["prompt_mask"][2 * short, 0] == 0 and t["prompt_mask"][2 * short, -1] == 1  # left-padded
+    assert t["prompt_mask"].sum(1).tolist() == [len(p) for p in batch.prompt_ids]
+
+
+def test_stop_tokens_strip_and_truncation(engine, prompt_ids):
+    free = engine.generate(prompt_ids, SamplingParams(max_tokens=8, seed=5, stop_token_ids=(0,)))
+    assert all(len(c) == 8 for c in free.completion_ids) and all(free.truncated)
+    stop = free.completion_ids[0][2]  # a token the first completion emits at position 2 (or earlier)
+    batch = engine.generate(prompt_ids, SamplingParams(max_tokens=8, seed=5, stop_token_ids=(stop,)))
+    for full, got, trunc, lp in zip(free.completion_ids, batch.completion_ids, batch.truncated, batch.logprobs):
+        if stop in full:
+            expected = full[: full.index(stop) + 1]  # ends with (and keeps) the stop token
+            assert got == expected and trunc is False
+        else:
+            assert got == full and trunc is True
+        assert len(lp) == len(got)
+    assert batch.completion_ids[0][-1] == stop and len(batch.completion_ids[0]) <= 3
+
+
+def test_default_stop_tokens_and_greedy(tiny_model, tiny_tokenizer, prompt_ids):
+    backend = TransformersBackend(tiny_model, tiny_tokenizer)
+    stops = backend._stop_ids(SamplingParams(max_tokens=2))
+    assert tiny_tokenizer.eos_token_id in stops and tiny_tokenizer.pad_token_id in stops
+    a = backend.generate(prompt_ids, SamplingParams(max_tokens=5, temperature=0))
+    b = backend.generate(prompt_ids, SamplingParams(max_tokens=5, temperature=0, seed=9))
+    assert a.completion_ids == b.completion_ids
+    with torch.no_grad():
+        first = tiny_model(torch.tensor([prompt_ids[0]])).logits[0, -1].argmax().item()
+    assert a.completion_ids[0][0] == first
+
+
+def test_generation_mode_restored_and_update_weights(tiny_model, tiny_tokenizer, prompt_ids):
+    enable = getattr(tiny_model, "activation_checkpointing_enable", None) or tiny_model.gradient_checkpointing_enable
+    enable()
+    checkpointed = lambda: any(getattr(m, "gradient_checkpointing", False) is True for m in tiny_model.modules())  # noqa: E731
+    assert checkpointed()
+    tiny_model.config.use_cache = False
+    tiny_model.train()
+    engine = RolloutEngine(TransformersBackend(tiny_model, tiny_tokenizer))
+    engine.generate(prompt_ids[:1], SamplingParams(max_tokens=3, seed=0))
+    assert tiny_model.training and checkpointed() and tiny_model.config.use_cache is False
+    assert engine.policy_version == 0
+    engine.update_weights(tiny_model)
+    assert engine.policy_version == 1
+    assert engine.generate(prompt_ids[:1], SamplingParams(max_tokens=2, seed=0)).policy_version == 1
+
+
+def test_input_validation(engine):
+    with pytest.raises(TypeError, match="list of token-id lists"):
+        engine.generate(torch.tensor([[1, 2]]), SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match=r"prompt_ids\[1\]"):
+        engine.generate([[1, 2], []], SamplingParams(max_tokens=2))
+    with pytest.raises(ValueError, match="logprobs"):
+        RolloutBatch(prompt_ids=[[1]], completion_ids=[[2, 3]], logprobs=[[0.0]], truncated=[False])
+
+
+def test_unknown_backend_lists_available():
+    with pytest.raises(ValueError, match=r"Unknown rollout backend 'nope'.*transformers.*vllm"):
+        RolloutEngine("nope")
+
+
+def test_backend_from_plugin_hook(tiny_tokenizer):
+    from posttrain._plugins import get_plugin_manager
+    from posttrain.hookspecs import hookimpl
+
+    class EchoBackend:
+        policy_version = 0
+
+        def __init__(self, suffix):
+            self.suffix = suffix
+
+        def generate(self, prompt_ids, sampling):
+            rows = [p for p in prompt_ids for _ in range(sampling.n)]
+            return RolloutBatch(rows, [[self.suffix]] * len(rows), [[0.0]] * len(rows), [False] * len(rows))
+
+        def update_weights(self, model):
+            self.policy_version += 1
+
+    class FakePlugin:
+        @hookimpl
+        def register_rollout_backends(self, register):
+            register("echo", EchoBackend)
+
+    pm = get_plugin_manager(load_entrypoints=False)
+    pm.register(FakePlugin(), name="fake")
+    engine = RolloutEngine("echo", pm=pm, suffix=42)
+    assert engine.generate([[1], [2]], SamplingParams(max_tokens=1, n=2)).completion_ids == [[42]] * 4
+    assert isinstance(get_rollout_backend("echo", pm=pm, suffix=1), EchoBackend)
+    with pytest.raises(TypeError, match="not a rollout backend"):
+        RolloutEngine(object())
