@@ -45,7 +45,12 @@ def get_plugin_manager(*, load_entrypoints: bool = True) -> pluggy.PluginManager
                 continue
             try:
                 pm.register(ep.load(), name=ep.name)
+                # validate at registration, per plugin: a misspelled hook name is reported for
+                # this plugin only instead of failing the whole manager
+                pm.check_pending()
             except Exception as exc:  # one broken plugin never breaks the others
+                if pm.has_plugin(ep.name):
+                    pm.unregister(name=ep.name)
                 dist = getattr(ep.dist, "name", "?")
                 warnings.warn(
                     f"posttrain plugin {ep.name!r} (distribution {dist}) failed to load and is skipped: "

@@ -1,0 +1,21 @@
+"""The method's spec (light: imports nothing but posttrain)."""
+
+from posttrain import API_VERSION, MethodSpec, Preset
+
+SPEC = MethodSpec(
+    name="example_method",
+    maturity="experimental",
+    plugin_api=API_VERSION,
+    summary="SFT on plain text with input token dropout (example third-party plugin).",
+    family="sft",
+    trainer="posttrain_example_method.trainer:TokenDropoutSFTTrainer",
+    config="posttrain_example_method.config:TokenDropoutSFTConfig",
+    papers=("Bowman et al. 2016, Generating Sentences from a Continuous Space (word dropout), arXiv:1511.06349",),
+    presets={
+        "word_dropout": Preset(
+            summary="Drop 25% of input tokens, as in the word-dropout ablation of the paper.",
+            overrides={"token_dropout": 0.25},
+            paper="arXiv:1511.06349",
+        ),
+    },
+)

@@ -1,0 +1,580 @@
+"""The ``posttrain`` command line: ``list``, ``info``, ``train``, ``env`` and ``doctor``.
+
+Importing this module is light (no torch): ``list``, ``info`` and ``--help`` only read entry
+points, spec modules and config modules. ``train`` imports the method's trainer after the
+maturity gate, and ``env`` imports torch to list devices.
+
+User mistakes (unknown method, method not allowed, unknown field, bad value) print one line to
+stderr and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import types
+import typing
+from typing import Any, Mapping, Sequence
+
+from posttrain._registry import (
+    MethodInfo,
+    MethodNotAllowedError,
+    MethodNotFoundError,
+    Registry,
+    _import_path,
+    default_registry,
+)
+from posttrain.config import ConfigError, TrainingConfig, closest_field_names, config_fields
+
+__all__ = ["main", "build_parser", "build_config", "parse_field_args", "UsageError"]
+
+#: Exit status for user mistakes (argparse uses the same).
+EXIT_USAGE = 2
+
+_TRUE = ("true", "1", "yes", "y", "on")
+_FALSE = ("false", "0", "no", "n", "off")
+#: ``posttrain train`` options that are not config fields.
+_TRAIN_OPTIONS = {"--config": "config", "--preset": "preset", "--allow-experimental": "allow_experimental"}
+
+
+class UsageError(Exception):
+    """A user mistake on the command line; printed as one line, exit status 2."""
+
+
+# -- argument parsing for config fields -------------------------------------------------------
+
+
+def _arms(hint: Any) -> tuple:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return typing.get_args(hint)
+    return (hint,)
+
+
+def _list_arm(hint: Any) -> Any | None:
+    for arm in _arms(hint):
+        if arm in (list, tuple) or typing.get_origin(arm) in (list, tuple):
+            return arm
+    return None
+
+
+def _element_type(list_hint: Any) -> Any:
+    args = typing.get_args(list_hint)
+    return args[0] if args and args[0] is not Ellipsis else str
+
+
+def _type_name(hint: Any) -> str:
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def _parse_string(name: str, hint: Any, text: str) -> Any:
+    """Convert one command-line string to ``hint``; raise ConfigError naming the field."""
+    arms = _arms(hint)
+    if hint is Any or hint is typing.Any:
+        return text
+    lowered = text.strip().lower()
+    for arm in arms:
+        if arm is type(None) and lowered in ("none", "null"):
+            return None
+    for arm in arms:
+        if arm is bool:
+            if lowered in _TRUE:
+                return True
+            if lowered in _FALSE:
+                return False
+        elif typing.get_origin(arm) is typing.Literal:
+            for choice in typing.get_args(arm):
+                if str(choice) == text:
+                    return choice
+    for arm in arms:
+        try:
+            if arm is int:
+                return int(text)
+            if arm is float:
+                return float(text)
+        except ValueError:
+            continue
+    for arm in arms:
+        if (arm is dict or typing.get_origin(arm) is dict) and text.lstrip().startswith("{"):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"--{name}: {text!r} is not valid JSON ({exc.msg}); pass a JSON object like '{{\"key\": 1}}'.") from None
+            return value
+    list_arm = _list_arm(hint)
+    if list_arm is not None and text.lstrip().startswith("["):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"--{name}: {text!r} is not a valid JSON list ({exc.msg}); pass several values or '[\"a\", \"b\"]'.") from None
+        return [_coerce_value(name, _element_type(list_arm), item) for item in value]
+    if str in arms:
+        return text
+    if list_arm is not None:
+        return [_parse_string(name, _element_type(list_arm), text)]
+    raise ConfigError(f"--{name}: {text!r} is not a valid {_type_name(hint)}.")
+
+
+def _coerce_value(name: str, hint: Any, value: Any) -> Any:
+    """Check a typed value (from YAML or a preset) against ``hint``; strings are parsed."""
+    if hint is Any or hint is typing.Any:
+        return value
+    arms = _arms(hint)
+    if value is None:
+        if type(None) in arms:
+            return None
+        raise ConfigError(f"{name}: null is not allowed; it expects {_type_name(hint)}.")
+    if isinstance(value, bool):
+        if bool in arms:
+            return value
+    elif isinstance(value, int) and (int in arms or float in arms):
+        return value if int in arms else float(value)
+    elif isinstance(value, float) and float in arms:
+        return value
+    elif isinstance(value, str):
+        return _parse_string(name, hint, value)
+    elif isinstance(value, Mapping) and any(a is dict or typing.get_origin(a) is dict for a in arms):
+        return dict(value)
+    elif isinstance(value, (list, tuple)) and _list_arm(hint) is not None:
+        return [_coerce_value(name, _element_type(_list_arm(hint)), item) for item in value]
+    if any(typing.get_origin(arm) is typing.Literal and value in typing.get_args(arm) for arm in arms):
+        return value
+    raise ConfigError(f"{name}: {value!r} ({type(value).__name__}) is not a valid {_type_name(hint)}.")
+
+
+def _unknown_field(config_cls: type, name: str, prefix: str = "--") -> ConfigError:
+    close = closest_field_names(config_cls, name)
+    hint = f" Did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+    return ConfigError(
+        f"unknown config field {prefix}{name} for {config_cls.__name__}.{hint} "
+        "(`posttrain info METHOD` lists every field.)"
+    )
+
+
+def parse_field_args(config_cls: type, tokens: Sequence[str]) -> dict[str, Any]:
+    """Parse ``--field value`` / ``--field=value`` tokens against the fields of ``config_cls``.
+
+    Bools accept true/false/1/0/yes/no and a bare ``--flag`` means true; ``Optional`` fields accept
+    ``none``/``null``; list fields take several values or a JSON list; dict fields take JSON.
+    Hyphens in field names are read as underscores.
+
+    Args:
+        config_cls: The method's config dataclass.
+        tokens: Command-line tokens after the method's own options were removed.
+
+    Returns:
+        Field name -> converted value.
+
+    Raises:
+        ConfigError: an unknown field (with the closest names), a missing or invalid value.
+    """
+    hints = typing.get_type_hints(config_cls)
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"unexpected argument {token!r}: give config fields as --name value (see `posttrain info METHOD`).")
+        key, has_value, inline = token[2:].partition("=")
+        name = key.replace("-", "_")
+        if name not in names:
+            raise _unknown_field(config_cls, name)
+        hint = hints.get(name, str)
+        i += 1
+        raw = [inline] if has_value else []
+        if not has_value:
+            takes_many = _list_arm(hint) is not None
+            while i < len(tokens) and not tokens[i].startswith("--"):
+                raw.append(tokens[i])
+                i += 1
+                if not takes_many:
+                    break
+        if not raw:
+            if bool not in _arms(hint):
+                raise ConfigError(f"--{name} needs a value ({_type_name(hint)}).")
+            values[name] = True
+        elif len(raw) == 1:
+            values[name] = _parse_string(name, hint, raw[0])
+        else:
+            values[name] = [_parse_string(name, _element_type(_list_arm(hint)), item) for item in raw]
+    return values
+
+
+def build_config(
+    config_cls: type,
+    *,
+    presets: Mapping[str, Any] | None = None,
+    preset: str | None = None,
+    yaml_values: Mapping[str, Any] | None = None,
+    cli_values: Mapping[str, Any] | None = None,
+) -> TrainingConfig:
+    """Build a config with precedence: dataclass defaults < preset overrides < YAML < command line.
+
+    Args:
+        config_cls: The method's config dataclass.
+        presets: The spec's presets (name -> :class:`posttrain.Preset`).
+        preset: Name of the preset to apply, or None.
+        yaml_values: Field values from the YAML file (without its ``env`` section).
+        cli_values: Field values from :func:`parse_field_args`.
+
+    Returns:
+        The config instance.
+
+    Raises:
+        ConfigError: an unknown preset or field, an invalid value, or a failed config validation.
+    """
+    hints = typing.get_type_hints(config_cls)
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    merged: dict[str, Any] = {}
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if preset is not None:
+        presets = presets or {}
+        if preset not in presets:
+            available = ", ".join(sorted(presets)) or "none"
+            raise ConfigError(f"unknown preset {preset!r} for {config_cls.__name__}; available presets: {available}.")
+        layers.append((f"preset {preset!r}", presets[preset].overrides))
+    layers.append(("the YAML file", yaml_values or {}))
+    for source, layer in layers:
+        for name, value in layer.items():
+            if name not in names:
+                error = _unknown_field(config_cls, name, prefix="")
+                raise ConfigError(f"{source}: {error}")
+            merged[name] = _coerce_value(name, hints.get(name, Any), value)
+    merged.update(cli_values or {})
+    try:
+        return config_cls(**merged)
+    except TypeError as exc:  # e.g. a required field without default
+        raise ConfigError(f"{config_cls.__name__}: {exc}") from None
+
+
+def _read_yaml(path: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """Return ``(field values, env section)`` of a YAML config file."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = yaml.safe_load(handle)
+    except OSError as exc:
+        raise UsageError(f"--config {path}: {exc.strerror or exc}.") from None
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--config {path}: invalid YAML: {' '.join(str(exc).split())}") from None
+    data = data or {}
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: the top level must be a mapping of field: value, not a {type(data).__name__}.")
+    env = data.pop("env", None) or {}
+    if not isinstance(env, dict):
+        raise UsageError(f"--config {path}: 'env' must be a mapping of NAME: value.")
+    return data, {str(k): "" if v is None else str(v) for k, v in env.items()}
+
+
+def _split_train_tokens(tokens: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
+    """Separate ``--config``, ``--preset`` and ``--allow-experimental`` from config-field tokens."""
+    options: dict[str, Any] = {"config": None, "preset": None, "allow_experimental": []}
+    rest: list[str] = []
+    i = 0
+    while i < len(tokens):
+        flag, has_value, inline = tokens[i].partition("=")
+        if flag not in _TRAIN_OPTIONS:
+            rest.append(tokens[i])
+            i += 1
+            continue
+        if has_value:
+            value = inline
+            i += 1
+        elif i + 1 < len(tokens) and not tokens[i + 1].startswith("--"):
+            value = tokens[i + 1]
+            i += 2
+        else:
+            raise UsageError(f"{flag} needs a value.")
+        key = _TRAIN_OPTIONS[flag]
+        if key == "allow_experimental":
+            options[key].extend(v.strip() for v in value.split(",") if v.strip())
+        else:
+            options[key] = value
+    return options, rest
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def _cmd_list(args: argparse.Namespace, registry: Registry) -> int:
+    infos = registry.list_methods()
+    if args.format == "json":
+        payload = {"schema_version": 1, "methods": [info.to_dict(presets=args.presets) for info in infos]}
+        print(json.dumps(payload, indent=2))
+    elif not infos:
+        print("No posttrain methods installed. Install one, e.g. `pip install posttrain-sft`.")
+    else:
+        header = ("name", "distribution", "version", "maturity", "status", "summary")
+        rows = []
+        for info in infos:
+            summary = info.summary if info.status in ("ok", "experimental") else f"{info.error}"
+            if args.presets and info.presets:
+                summary += f" [presets: {', '.join(info.presets)}]"
+            rows.append((info.name, info.distribution, info.version, info.maturity or "-", info.status, summary))
+        widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
+        for row in [header, *rows]:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    if args.strict and any(info.status not in ("ok", "experimental") for info in infos):
+        return 1
+    return 0
+
+
+def _format_default(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else repr(value)
+
+
+def _cmd_info(args: argparse.Namespace, registry: Registry) -> int:
+    info = registry.get_info(args.method)
+    spec = info.spec
+    print(f"{info.name}: {info.summary or '(no summary)'}")
+    print(f"  status:       {info.status}" + (f" ({info.error})" if info.error else ""))
+    print(f"  maturity:     {info.maturity or '-'}")
+    print(f"  distribution: {info.distribution} {info.version}")
+    print(f"  plugin api:   {info.plugin_api or '-'}")
+    print(f"  family:       {info.family or '-'}")
+    if spec is None:
+        return 1
+    print("  papers:" + ("" if spec.papers else " none"))
+    for paper in spec.papers:
+        print(f"    - {paper}")
+    print("  presets:" + ("" if spec.presets else " none"))
+    for name, preset in sorted(spec.presets.items()):
+        print(f"    {name}: {preset.summary}")
+        overrides = ", ".join(f"{k}={_format_default(v)}" for k, v in preset.overrides.items())
+        print(f"      overrides: {overrides or '-'}")
+        if preset.paper:
+            print(f"      paper: {preset.paper}")
+    try:
+        config_cls = _import_path(spec.config)
+        fields = config_fields(config_cls)
+    except Exception as exc:
+        print(f"  config: cannot import {spec.config!r}: {type(exc).__name__}: {exc}")
+        return 1
+    print(f"  config fields ({config_cls.__name__}; set with --name value or in --config FILE.yaml):")
+    for item in fields:
+        print(f"    --{item['name']} ({item['type']}, default {_format_default(item['default'])})")
+        if item["help"]:
+            print(f"        {item['help']}")
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace, registry: Registry) -> int:
+    options, field_tokens = _split_train_tokens(args.rest)
+    if any(token in ("-h", "--help") for token in field_tokens):
+        return _cmd_info(argparse.Namespace(method=args.method), registry)
+    info = registry.get_info(args.method)
+    yaml_values, env = _read_yaml(options["config"]) if options["config"] else ({}, {})
+    for key, value in env.items():  # the shell's environment wins, like flags over YAML
+        os.environ.setdefault(key, value)
+    # Refuse broken methods (and experimental ones under POSTTRAIN_STABLE_ONLY) before importing anything.
+    registry.check_allowed(info.name, allow_experimental=True, via="cli")
+    config_cls = _import_path(info.spec.config)
+    config = build_config(
+        config_cls,
+        presets=info.spec.presets,
+        preset=options["preset"],
+        yaml_values=yaml_values,
+        cli_values=parse_field_args(config_cls, field_tokens),
+    )
+    opted_in = {name.replace("-", "_") for name in options["allow_experimental"]}
+    by_flag = info.name in opted_in or "all" in opted_in
+    if by_flag:
+        config.allow_experimental = True
+    activation = registry.activate(info.name, allow_experimental=config.allow_experimental, via="cli" if by_flag else "python")
+    if not config.model_name_or_path:
+        raise UsageError("model_name_or_path is not set: pass --model_name_or_path (a Hub id or a local directory).")
+    from posttrain._data import load_dataset_from_config
+
+    try:
+        train_dataset, eval_dataset = load_dataset_from_config(config)
+    except (ValueError, FileNotFoundError) as exc:
+        raise UsageError(" ".join(str(exc).split())) from None
+    trainer = activation.trainer_cls(
+        model=config.model_name_or_path, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset
+    )
+    trainer.train()
+    return 0
+
+
+def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _cmd_env(args: argparse.Namespace, registry: Registry) -> int:
+    import importlib.util
+    import platform
+
+    print(f"python: {platform.python_version()} ({sys.executable})")
+    print(f"platform: {platform.platform()}")
+    for name in ("posttrain", "torch", "transformers", "accelerate", "datasets", "peft", "trl", "deepspeed", "vllm", "pluggy"):
+        print(f"{name}: {_dist_version(name)}")
+    print(f"cpu count: {os.cpu_count()}")
+    if importlib.util.find_spec("torch") is None:
+        print("cuda: torch not installed")
+    else:
+        try:
+            import torch
+
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            print(f"cuda: {count} device(s)" + (f", CUDA {torch.version.cuda}" if count else ""))
+            for index in range(count):
+                print(f"  cuda:{index}: {torch.cuda.get_device_name(index)}")
+            mps = getattr(torch.backends, "mps", None)
+            if mps is not None and mps.is_available():
+                print("mps: available")
+        except Exception as exc:  # a broken torch install must not hide the rest of the report
+            print(f"cuda: unknown ({type(exc).__name__}: {exc})")
+    print("environment:")
+    names = ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_HOME", "CUDA_VISIBLE_DEVICES"]
+    names += sorted(k for k in os.environ if k.startswith("POSTTRAIN_"))
+    for name in names:
+        print(f"  {name}={os.environ[name]}" if name in os.environ else f"  {name} (unset)")
+    return 0
+
+
+def _doctor_problems(info: MethodInfo) -> list[str]:
+    """Return what is wrong with one method, without importing its trainer."""
+    import importlib.util
+
+    if info.spec is None or info.status not in ("ok", "experimental"):
+        return [f"status {info.status}: {info.error}"]
+    spec = info.spec
+    problems = []
+    for name in spec.requires:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            problems.append(f"requires {name!r}, which is not importable: pip install {name}")
+    try:
+        config_cls = _import_path(spec.config)
+    except Exception as exc:
+        problems.append(f"config {spec.config!r} cannot be imported: {type(exc).__name__}: {exc}")
+    else:
+        if not (isinstance(config_cls, type) and dataclasses.is_dataclass(config_cls) and issubclass(config_cls, TrainingConfig)):
+            problems.append(f"config {spec.config!r} is not a dataclass subclass of posttrain.TrainingConfig")
+        else:
+            names = {f.name for f in dataclasses.fields(config_cls)}
+            for preset_name, preset in spec.presets.items():
+                for field_name in preset.overrides:
+                    if field_name not in names:
+                        close = closest_field_names(config_cls, field_name)
+                        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+                        problems.append(f"preset {preset_name!r} overrides unknown field {field_name!r}{hint}")
+    module_name, _, _ = spec.trainer.partition(":")
+    try:
+        found = importlib.util.find_spec(module_name) is not None
+    except (ImportError, ValueError) as exc:
+        found = False
+        problems.append(f"trainer module {module_name!r} cannot be resolved: {type(exc).__name__}: {exc}")
+    else:
+        if not found:
+            problems.append(f"trainer module {module_name!r} does not exist (spec.trainer={spec.trainer!r})")
+    return problems
+
+
+def _cmd_doctor(args: argparse.Namespace, registry: Registry) -> int:
+    import warnings
+
+    failed = 0
+    infos = registry.list_methods()
+    if not infos:
+        print("No posttrain methods installed.")
+    for info in infos:
+        problems = _doctor_problems(info)
+        label = f"{info.name} ({info.distribution} {info.version}, {info.maturity or '?'})"
+        print(("FAIL  " if problems else "ok    ") + label)
+        for problem in problems:
+            print(f"      - {problem}")
+        failed += bool(problems)
+    from posttrain._plugins import get_plugin_manager
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            pm = get_plugin_manager()
+        except Exception as exc:
+            print(f"FAIL  hook plugins: {type(exc).__name__}: {exc}")
+            return 1
+    broken = [str(w.message) for w in caught if "posttrain plugin" in str(w.message)]
+    names = sorted(name for name, _ in pm.list_name_plugin())
+    print(("FAIL  " if broken else "ok    ") + f"hook plugins ({', '.join(names)})")
+    for message in broken:
+        print(f"      - {message}")
+    return 1 if failed or broken else 0
+
+
+# -- entry point ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the ``posttrain`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="posttrain",
+        description="Post-training for language models; every method is a plugin.",
+        epilog="Multi-process: accelerate launch --multi_gpu --num_processes N -m posttrain train METHOD ...",
+        allow_abbrev=False,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("list", help="List installed methods with their maturity and status.", allow_abbrev=False)
+    p.add_argument("--format", choices=("table", "json"), default="table", help="Output format (default: table).")
+    p.add_argument("--presets", action="store_true", help="Also show each method's presets.")
+    p.add_argument("--strict", action="store_true", help="Exit 1 if a method is incompatible, conflicting or broken.")
+    p.set_defaults(handler=_cmd_list)
+
+    p = sub.add_parser("info", help="Show a method's spec, presets, papers and config fields.", allow_abbrev=False)
+    p.add_argument("method", help="Method id (see `posttrain list`).")
+    p.set_defaults(handler=_cmd_info)
+
+    p = sub.add_parser(
+        "train",
+        help="Train with a method.",
+        allow_abbrev=False,
+        usage="posttrain train METHOD [--config FILE.yaml] [--preset NAME] [--allow-experimental NAME] [--FIELD VALUE ...]",
+        description=(
+            "Train with METHOD. Precedence: config defaults < --preset < --config YAML < --FIELD flags. "
+            "`posttrain train METHOD --help` lists the method's fields."
+        ),
+    )
+    p.add_argument("method", help="Method id (see `posttrain list`).")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+    p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser("env", help="Show versions, devices and relevant environment variables.", allow_abbrev=False)
+    p.set_defaults(handler=_cmd_env)
+
+    p = sub.add_parser("doctor", help="Validate every installed plugin without importing trainers.", allow_abbrev=False)
+    p.set_defaults(handler=_cmd_doctor)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, registry: Registry | None = None) -> int:
+    """Run the ``posttrain`` command line.
+
+    Args:
+        argv: Arguments without the program name (default: ``sys.argv[1:]``).
+        registry: The registry to use (default: the installed plugins; tests pass their own).
+
+    Returns:
+        The exit status: 0 on success, 1 on failed checks, 2 on user mistakes.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args, registry if registry is not None else default_registry())
+    except (UsageError, ConfigError, MethodNotFoundError, MethodNotAllowedError) as exc:
+        print(f"posttrain {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return EXIT_USAGE
+    except BrokenPipeError:  # `posttrain info dpo | head`: stop quietly, like other CLI tools
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
