@@ -1,0 +1,200 @@
+"""Config of the DPO method (light: imports only posttrain).
+
+Field names and defaults follow TRL 1.16's ``DPOConfig``; where they differ it is said in the
+field's help and in docs/methods/dpo.md.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+from posttrain import ConfigError, TrainingConfig
+
+__all__ = ["DPOConfig", "LOSS_TYPES", "F_DIVERGENCE_TYPES", "F_DIVERGENCE_LOSS_TYPES"]
+
+#: Every supported ``loss_type`` (TRL 1.16's list).
+LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+#: Losses built on the chosen-minus-rejected score difference: the only ones where the f-DPO
+#: reparameterization's beta * log Z(x) term cancels (TRL 1.16 rejects the others too).
+F_DIVERGENCE_LOSS_TYPES = ("sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(kw_only=True)
+class DPOConfig(TrainingConfig):
+    """Settings of DPO training (field names and defaults follow TRL 1.16's ``DPOConfig``)."""
+
+    # > Parameters whose defaults differ from TrainingConfig
+    learning_rate: float = field(default=1e-6, metadata=_help("Peak learning rate of AdamW (TRL's DPO default)."))
+
+    # > Parameters that control the model
+    disable_dropout: bool = field(default=True, metadata=_help("Set every dropout probability in the policy and reference to 0."))
+
+    # > Parameters that control the data preprocessing
+    max_length: int | None = field(
+        default=1024,
+        metadata=_help(
+            "Maximum tokens of prompt + completion; longer sequences are truncated per truncation_mode. With 'keep_start', "
+            "pairs whose prompt alone has >= max_length tokens are dropped. None disables truncation."
+        ),
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata=_help(
+            "Keep only the last max_prompt_length prompt tokens (TRL < 1.0 semantics; TRL 1.16 has no such field). "
+            "None keeps the whole prompt."
+        ),
+    )
+    truncation_mode: str = field(
+        default="keep_start",
+        metadata=_help("How max_length truncates: 'keep_start' (drop the end) or 'keep_end' (drop the start)."),
+    )
+    pad_to_multiple_of: int | None = field(default=None, metadata=_help("Pad batches to a multiple of this length."))
+    precompute_ref_log_probs: bool = field(
+        default=False,
+        metadata=_help(
+            "Compute the reference log-probs of every train and eval pair once, before training, and store them in the "
+            "rows; the reference model is then freed (unless given explicitly)."
+        ),
+    )
+    precompute_ref_batch_size: int | None = field(
+        default=None,
+        metadata=_help("Batch size of the reference precompute; None = per_device_train_batch_size (train) / per_device_eval_batch_size (eval)."),
+    )
+
+    # > Parameters that control the training
+    loss_type: list[str] = field(
+        default_factory=lambda: ["sigmoid"],
+        metadata=_help(
+            "Loss type(s): " + ", ".join(LOSS_TYPES) + ". Several are summed with loss_weights."
+        ),
+    )
+    loss_weights: list[float] | None = field(
+        default=None,
+        metadata=_help("Weight of each loss_type (same length); None = 1.0 each. MPO: [0.8, 0.2, 1.0]."),
+    )
+    beta: float = field(
+        default=0.1,
+        metadata=_help("Deviation from the reference: higher beta stays closer. For 'ipo' it is the paper's tau."),
+    )
+    label_smoothing: float = field(
+        default=0.0,
+        metadata=_help("Label-flip probability for 'robust' (in [0, 0.5)), epsilon for 'exo_pair' (> 0; paper: 1e-3), and smoothing for 'aot'/'aot_unpaired'."),
+    )
+    f_divergence_type: str = field(
+        default="reverse_kl",
+        metadata=_help("f-DPO divergence: reverse_kl (standard DPO), forward_kl, js_divergence or alpha_divergence."),
+    )
+    f_alpha_divergence_coef: float = field(default=0.5, metadata=_help("alpha of the alpha-divergence (f_divergence_type='alpha_divergence')."))
+    use_weighting: bool = field(
+        default=False,
+        metadata=_help("WPO: weight each pair's loss by the policy's length-normalized (sampling-aligned) probability of chosen times rejected."),
+    )
+    ld_alpha: float | None = field(
+        default=None,
+        metadata=_help("LD-DPO alpha in [0, 1]: log-probs of tokens beyond the shorter completion's length are scaled by it. None = off."),
+    )
+    discopop_tau: float = field(default=0.05, metadata=_help("DiscoPOP temperature tau of the log-ratio modulation."))
+    sync_ref_model: bool = field(
+        default=False,
+        metadata=_help("TR-DPO: every ref_model_sync_steps steps set reference = alpha * policy + (1 - alpha) * reference."),
+    )
+    ref_model_mixup_alpha: float = field(default=0.6, metadata=_help("TR-DPO alpha of the reference soft update, in (0, 1]."))
+    ref_model_sync_steps: int = field(default=512, metadata=_help("TR-DPO tau: optimizer steps between reference updates."))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.loss_type, str):
+            self.loss_type = [self.loss_type]
+        self.loss_type = list(self.loss_type)
+        if not self.loss_type:
+            raise ConfigError("loss_type=[] is invalid: give at least one loss type, e.g. ['sigmoid'].")
+        unknown = [t for t in self.loss_type if t not in LOSS_TYPES]
+        if unknown:
+            raise ConfigError(f"loss_type={self.loss_type} has unknown type(s) {unknown}: use any of {', '.join(LOSS_TYPES)}.")
+        if self.loss_weights is not None:
+            self.loss_weights = [float(w) for w in self.loss_weights]
+            if len(self.loss_weights) != len(self.loss_type):
+                raise ConfigError(
+                    f"loss_weights={self.loss_weights} has {len(self.loss_weights)} weights for {len(self.loss_type)} loss types "
+                    f"{self.loss_type}: give one weight per loss type, or None for 1.0 each."
+                )
+        if not self.beta > 0:
+            raise ConfigError(f"beta={self.beta} is invalid: use beta > 0 (TRL's default is 0.1).")
+        if self.f_divergence_type not in F_DIVERGENCE_TYPES:
+            raise ConfigError(f"f_divergence_type={self.f_divergence_type!r} is invalid: use one of {', '.join(F_DIVERGENCE_TYPES)}.")
+        if self.f_divergence_type != "reverse_kl":
+            bad = [t for t in self.loss_type if t not in F_DIVERGENCE_LOSS_TYPES]
+            if bad:
+                raise ConfigError(
+                    f"f_divergence_type={self.f_divergence_type!r} does not apply to loss_type {bad}: the f-DPO "
+                    f"reparameterization only holds for {', '.join(F_DIVERGENCE_LOSS_TYPES)}. Use f_divergence_type='reverse_kl' "
+                    "with these losses."
+                )
+        if "exo_pair" in self.loss_type and not 0.0 < self.label_smoothing < 1.0:
+            raise ConfigError(
+                f"label_smoothing={self.label_smoothing} is invalid for loss_type 'exo_pair': EXO needs epsilon in (0, 1); "
+                "the paper recommends label_smoothing=1e-3."
+            )
+        if "robust" in self.loss_type and not 0.0 <= self.label_smoothing < 0.5:
+            raise ConfigError(
+                f"label_smoothing={self.label_smoothing} is invalid for loss_type 'robust': the label-flip rate must be in "
+                "[0, 0.5) (the loss divides by 1 - 2 * label_smoothing); the paper uses 0.1."
+            )
+        if not 0.0 <= self.label_smoothing <= 1.0:
+            raise ConfigError(f"label_smoothing={self.label_smoothing} is invalid: use a value in [0, 1].")
+        if self.label_smoothing > 0 and not {"robust", "exo_pair", "aot", "aot_unpaired"} & set(self.loss_type):
+            warnings.warn(
+                f"label_smoothing={self.label_smoothing} has no effect with loss_type={self.loss_type} (as in TRL 1.16, the "
+                "'sigmoid' loss has no conservative-DPO smoothing): use loss_type ['robust'] for noisy labels.",
+                stacklevel=3,
+            )
+        if self.use_weighting and {"aot", "aot_unpaired"} & set(self.loss_type):
+            raise ConfigError(
+                "use_weighting=True cannot be combined with loss_type 'aot'/'aot_unpaired': those losses sort the pairs of "
+                "a batch, which would misalign the per-pair WPO weights. Drop use_weighting or choose another loss."
+            )
+        if self.ld_alpha is not None and not 0.0 <= self.ld_alpha <= 1.0:
+            raise ConfigError(f"ld_alpha={self.ld_alpha} is invalid: use a value in [0, 1] (1.0 = no down-weighting), or None.")
+        if self.max_length is not None and self.max_length < 1:
+            raise ConfigError(f"max_length={self.max_length} is invalid: use a positive token count, or None for no truncation.")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ConfigError(f"max_prompt_length={self.max_prompt_length} is invalid: use a positive token count, or None.")
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise ConfigError(f"truncation_mode={self.truncation_mode!r} is invalid: use 'keep_start' or 'keep_end'.")
+        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
+            raise ConfigError(f"pad_to_multiple_of={self.pad_to_multiple_of} is invalid: use a positive integer or None.")
+        if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
+            raise ConfigError(f"precompute_ref_batch_size={self.precompute_ref_batch_size} is invalid: use a positive integer or None.")
+        if not self.discopop_tau > 0:
+            raise ConfigError(f"discopop_tau={self.discopop_tau} is invalid: use a positive temperature (paper: 0.05).")
+        if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
+            raise ConfigError(f"ref_model_mixup_alpha={self.ref_model_mixup_alpha} is invalid: use a value in (0, 1] (paper: 0.6).")
+        if self.ref_model_sync_steps < 1:
+            raise ConfigError(f"ref_model_sync_steps={self.ref_model_sync_steps} is invalid: use a positive number of steps.")
+        if self.sync_ref_model and self.precompute_ref_log_probs:
+            raise ConfigError(
+                "sync_ref_model=True and precompute_ref_log_probs=True conflict: TR-DPO updates the reference during training, "
+                "so precomputed reference log-probs would go stale. Set one of them to False."
+            )

@@ -1,0 +1,104 @@
+"""Each invalid setting or row raises a ConfigError that names the field or row and the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from datasets import Dataset
+
+from posttrain import ConfigError
+from posttrain_sft import SFTConfig, SFTTrainer
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        ({"loss_type": "chunked_nll"}, "loss_type='chunked_nll' is invalid"),
+        ({"packing_strategy": "wrapped"}, "packing_strategy='wrapped' is not supported"),
+        ({"max_length": 1}, "max_length=1 is invalid"),
+        ({"packing": True, "max_length": None}, "packing=True needs max_length"),
+        ({"dataset_text_field": ""}, "dataset_text_field is empty"),
+    ],
+)
+def test_config_rejects_invalid_value(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        SFTConfig(**overrides)
+
+
+def _trainer(tiny_model, tokenizer, make_config, data, **overrides):
+    return SFTTrainer(model=tiny_model, args=make_config(**overrides), train_dataset=data, processing_class=tokenizer)
+
+
+def test_trainer_rejects_unknown_columns(tiny_model, tiny_tokenizer, make_config):
+    with pytest.raises(ConfigError, match=r"columns \['answer', 'question'\].*'messages'"):
+        _trainer(tiny_model, tiny_tokenizer, make_config, Dataset.from_dict({"question": ["a"], "answer": ["b"]}))
+
+
+def test_trainer_rejects_empty_dataset(tiny_model, tiny_tokenizer, make_config):
+    with pytest.raises(ConfigError, match="train_dataset is empty"):
+        _trainer(tiny_model, tiny_tokenizer, make_config, Dataset.from_dict({"text": []}))
+
+
+def test_trainer_rejects_missing_dataset(tiny_model, tiny_tokenizer, make_config):
+    with pytest.raises(ConfigError, match="train_dataset is None"):
+        _trainer(tiny_model, tiny_tokenizer, make_config, None)
+
+
+def test_trainer_rejects_non_string_text_naming_the_row(tiny_model, tiny_tokenizer, make_config):
+    with pytest.raises(ConfigError, match="train_dataset row 1: 'text' is NoneType"):
+        _trainer(tiny_model, tiny_tokenizer, make_config, [{"text": "hello"}, {"text": None}])
+
+
+def test_trainer_rejects_conversation_without_assistant(tiny_model, tiny_tokenizer, make_config):
+    data = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}, {"messages": [{"role": "user", "content": "hi"}]}]
+    with pytest.raises(ConfigError, match="train_dataset row 1: assistant_only_loss=True but the conversation has no assistant turn"):
+        _trainer(tiny_model, tiny_tokenizer, make_config, data, assistant_only_loss=True)
+
+
+def test_trainer_rejects_template_without_generation_markers(tiny_model, tiny_tokenizer, tiny_datasets, make_config):
+    import copy
+
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = tokenizer.chat_template.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
+    with pytest.raises(ConfigError, match=r"assistant_only_loss=True needs a chat template with \{% generation %\}"):
+        _trainer(tiny_model, tokenizer, make_config, tiny_datasets["messages"], assistant_only_loss=True)
+
+
+def test_trainer_rejects_completion_only_loss_without_prompt_completion(tiny_model, tiny_tokenizer, tiny_datasets, make_config):
+    with pytest.raises(ConfigError, match="completion_only_loss=True needs prompt/completion data"):
+        _trainer(tiny_model, tiny_tokenizer, make_config, tiny_datasets["text"], completion_only_loss=True)
+
+
+def test_trainer_rejects_assistant_only_loss_on_text(tiny_model, tiny_tokenizer, tiny_datasets, make_config):
+    with pytest.raises(ConfigError, match="assistant_only_loss=True needs conversational data"):
+        _trainer(tiny_model, tiny_tokenizer, make_config, tiny_datasets["text"], assistant_only_loss=True)
+
+
+def test_trainer_rejects_mixed_prompt_completion_types(tiny_model, tiny_tokenizer, make_config):
+    data = [{"prompt": [{"role": "user", "content": "hi"}], "completion": "yo"}]
+    with pytest.raises(ConfigError, match="row 0: 'prompt' and 'completion' must both be strings or both be message lists"):
+        _trainer(tiny_model, tiny_tokenizer, make_config, data)
+
+
+def test_trainer_rejects_malformed_messages(tiny_model, tiny_tokenizer, make_config):
+    with pytest.raises(ConfigError, match="row 0: 'messages' must be a non-empty list"):
+        _trainer(tiny_model, tiny_tokenizer, make_config, [{"messages": [{"text": "hi"}]}])
+
+
+def test_trainer_rejects_dataset_truncated_to_no_labels(tiny_model, tiny_tokenizer, tiny_datasets, make_config):
+    with pytest.raises(ConfigError, match="no label token after truncation to max_length=2"):
+        _trainer(tiny_model, tiny_tokenizer, make_config, tiny_datasets["prompt_completion"], max_length=2)
+
+
+def test_trainer_rejects_wrong_args_type(tiny_model, tiny_tokenizer, tiny_datasets):
+    from posttrain import TrainingConfig
+
+    with pytest.raises(ConfigError, match="args is a TrainingConfig"):
+        SFTTrainer(model=tiny_model, args=TrainingConfig(), train_dataset=tiny_datasets["text"], processing_class=tiny_tokenizer)
+
+
+def test_spec_module_imports_no_torch():
+    code = "import sys, posttrain_sft._spec, posttrain_sft.config; sys.exit('torch' in sys.modules or 'transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
