@@ -1,0 +1,104 @@
+"""The GRPO method spec and its paper presets (light: imports nothing but posttrain)."""
+
+from posttrain import API_VERSION, MethodSpec, Preset
+
+SPEC = MethodSpec(
+    name="grpo",
+    maturity="stable",
+    plugin_api=API_VERSION,
+    summary="Group Relative Policy Optimization: online RL from reward functions with group-normalized advantages.",
+    family="online-rl",
+    trainer="posttrain_grpo.trainer:GRPOTrainer",
+    config="posttrain_grpo.config:GRPOConfig",
+    papers=(
+        "Shao et al. 2024, DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models, arXiv:2402.03300",
+        "DeepSeek-AI 2025, DeepSeek-R1: Incentivizing Reasoning Capability in LLMs via Reinforcement Learning, arXiv:2501.12948",
+        "Liu et al. 2025, Understanding R1-Zero-Like Training: A Critical Perspective (Dr. GRPO), arXiv:2503.20783",
+        "Yu et al. 2025, DAPO: An Open-Source LLM Reinforcement Learning System at Scale, arXiv:2503.14476",
+        "Zheng et al. 2025, Group Sequence Policy Optimization (GSPO), arXiv:2507.18071",
+        "MiniMax 2025, MiniMax-M1 (CISPO), arXiv:2506.13585",
+        "Gao et al. 2025, Soft Adaptive Policy Optimization (SAPO), arXiv:2511.20347",
+        "LUSPO: Length-Unbiased Sequence Policy Optimization, arXiv:2602.05261",
+        "VESPO: Variational Sequence-Level Soft Policy Optimization, arXiv:2602.10693",
+        "Xiao et al. 2025, BNPO: Beta Normalization Policy Optimization, arXiv:2506.02864",
+        "Wu et al. 2025, It Takes Two: Your GRPO Is Secretly DPO (2-GRPO), arXiv:2510.00977",
+        "Liu et al. 2025, Tricks or Traps? A Deep Dive into RL for LLM Reasoning (Lite PPO), arXiv:2508.08221",
+        "GDPO: Group reward-Decoupled Normalization Policy Optimization for Multi-reward RL, arXiv:2601.05242",
+        "INTELLECT-2 technical report (two-sided clipping, delta), arXiv:2505.07291",
+        "DeepSeek-AI 2025, DeepSeek-V3.2 (unbiased KL estimate), arXiv:2512.02556",
+    ),
+    presets={
+        "grpo": Preset(
+            summary="Original GRPO: per-sequence mean loss, group std scaling, eps=0.2, k3 KL with beta=0.04.",
+            overrides={"loss_type": "grpo", "scale_rewards": "group", "epsilon": 0.2, "beta": 0.04},
+            paper="arXiv:2402.03300",
+        ),
+        "deepseek_r1": Preset(
+            summary="DeepSeek-R1-Zero recipe: GRPO with beta=0.001 and rule-based accuracy + format rewards.",
+            overrides={"loss_type": "grpo", "beta": 0.001, "epsilon": 0.2, "reward_funcs": ["accuracy", "format"]},
+            paper="arXiv:2501.12948",
+        ),
+        "dr_grpo": Preset(
+            summary="Dr. GRPO: constant normalizer (max_completion_length) and no std scaling (removes length/difficulty bias).",
+            overrides={"loss_type": "dr_grpo", "scale_rewards": "none", "beta": 0.0},
+            paper="arXiv:2503.20783",
+        ),
+        "dapo": Preset(
+            summary="DAPO: token-level loss over the global batch, clip-higher (eps_high=0.28), overlong filtering and penalty, no KL.",
+            overrides={
+                "loss_type": "dapo",
+                "epsilon": 0.2,
+                "epsilon_high": 0.28,
+                "mask_truncated_completions": True,
+                "beta": 0.0,
+                "reward_funcs": ["accuracy", "overlong_penalty"],
+            },
+            paper="arXiv:2503.14476",
+        ),
+        "gspo": Preset(
+            summary="GSPO: sequence-level importance ratio (length-normalized) with tight clipping (3e-4 / 4e-4).",
+            overrides={"importance_sampling_level": "sequence", "loss_type": "grpo", "epsilon": 3e-4, "epsilon_high": 4e-4, "beta": 0.0},
+            paper="arXiv:2507.18071",
+        ),
+        "cispo": Preset(
+            summary="CISPO (MiniMax-M1): clipped, detached IS weight times A log pi; eps_max=5.0 as in ScaleRL.",
+            overrides={"loss_type": "cispo", "epsilon_high": 5.0, "beta": 0.0},
+            paper="arXiv:2506.13585",
+        ),
+        "sapo": Preset(
+            summary="SAPO: soft sigmoid gate instead of hard clipping (tau_pos=1.0, tau_neg=1.05).",
+            overrides={"loss_type": "sapo", "sapo_temperature_pos": 1.0, "sapo_temperature_neg": 1.05},
+            paper="arXiv:2511.20347",
+        ),
+        "luspo": Preset(
+            summary="LUSPO: GSPO with each sequence's loss scaled by its length.",
+            overrides={"loss_type": "luspo", "importance_sampling_level": "sequence"},
+            paper="arXiv:2602.05261",
+        ),
+        "vespo": Preset(
+            summary="VESPO: gamma-shaped soft weight on the sequence ratio (k+=2, lambda+=3, k-=3, lambda-=2).",
+            overrides={"loss_type": "vespo", "vespo_k_pos": 2.0, "vespo_lambda_pos": 3.0, "vespo_k_neg": 3.0, "vespo_lambda_neg": 2.0},
+            paper="arXiv:2602.10693",
+        ),
+        "bnpo": Preset(
+            summary="BNPO-style token normalization over the local (per-process) batch.",
+            overrides={"loss_type": "bnpo"},
+            paper="arXiv:2506.02864",
+        ),
+        "two_grpo": Preset(
+            summary="2-GRPO: only two rollouts per prompt (num_generations=2).",
+            overrides={"num_generations": 2},
+            paper="arXiv:2510.00977",
+        ),
+        "lite_ppo": Preset(
+            summary="Lite PPO: group-mean baseline with batch-level std scaling and token-level (dapo) loss.",
+            overrides={"scale_rewards": "batch", "loss_type": "dapo"},
+            paper="arXiv:2508.08221",
+        ),
+        "gdpo": Preset(
+            summary="GDPO: normalize each reward within its group, then sum and normalize over the batch.",
+            overrides={"multi_objective_aggregation": "normalize_then_sum"},
+            paper="arXiv:2601.05242",
+        ),
+    },
+)
