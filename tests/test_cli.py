@@ -322,3 +322,18 @@ def test_doctor_reports_each_problem_and_exits_nonzero(make_plugin, capsys):
     assert "preset 'fast' overrides unknown field 'betta' (did you mean beta" in out
     assert "status incompatible: built for plugin API 2.0" in out
     assert "ok    fine" in out
+
+
+def test_train_reports_a_bad_reward_function_path_in_one_line(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    pytest.importorskip("posttrain_grpo")
+    from posttrain.cli import main
+
+    monkeypatch.delenv("POSTTRAIN_DEBUG", raising=False)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text('{"prompt": "what is 1 + 1 ="}\n{"prompt": "what is 2 + 2 ="}\n')
+    argv = ["train", "grpo", "--model_name_or_path", tiny_model_dir, "--dataset_name", str(data),
+            "--output_dir", str(tmp_path / "out"), "--reward_funcs", "no_such_module:nope", "--max_steps", "1"]
+    code = main(argv, registry=Registry())  # the installed plugins
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "no_such_module" in err and "Traceback" not in err

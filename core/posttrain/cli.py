@@ -393,9 +393,15 @@ def _cmd_train(args: argparse.Namespace, registry: Registry) -> int:
         train_dataset, eval_dataset = load_dataset_from_config(config)
     except (ValueError, FileNotFoundError) as exc:
         raise UsageError(" ".join(str(exc).split())) from None
-    trainer = activation.trainer_cls(
-        model=config.model_name_or_path, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset
-    )
+    try:
+        trainer = activation.trainer_cls(
+            model=config.model_name_or_path, args=config, train_dataset=train_dataset, eval_dataset=eval_dataset
+        )
+    except (ValueError, ImportError) as exc:
+        # bad data, a bad --reward_funcs path, ...: one line, unless the traceback is asked for
+        if os.environ.get("POSTTRAIN_DEBUG"):
+            raise
+        raise UsageError(f"{type(exc).__name__}: {exc} (set POSTTRAIN_DEBUG=1 for the traceback)") from None
     trainer.train()
     return 0
 
