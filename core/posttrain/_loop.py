@@ -104,6 +104,11 @@ class TrainingLoop:
         from posttrain._plugins import get_plugin_manager
 
         self.plugin_manager = get_plugin_manager()
+        from posttrain.diagnostics import Diagnostics
+
+        #: structured training diagnostics (diagnostics.jsonl), fed by the on_log hook like any plugin
+        self.diagnostics = Diagnostics(args.output_dir, is_main_process=self.accelerator.is_main_process)
+        self.plugin_manager.register(self.diagnostics, name="posttrain.diagnostics")
         self.state = TrainingState()
         self.model = None  # the prepared (possibly wrapped) model, set in setup()
         self.optimizer = None
@@ -282,12 +287,22 @@ class TrainingLoop:
         return get_scheduler(self.args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
 
     # ------------------------------------------------------------------ model I/O
+    def _model_is_plain(self) -> bool:
+        """True when the model has no DDP/FSDP/DeepSpeed/compile wrapper to remove.
+
+        ``accelerator.unwrap_model`` imports deepspeed (0.3 s, 23 MB) just to rule it out, so the
+        single-process case is answered here.
+        """
+        from accelerate.utils import DistributedType
+
+        return self.accelerator.distributed_type == DistributedType.NO and not hasattr(self.model, "_orig_mod")
+
     def unwrapped_model(self):
-        return self.accelerator.unwrap_model(self.model)
+        return self.model if self._model_is_plain() else self.accelerator.unwrap_model(self.model)
 
     def save_model(self, directory: str) -> None:
         """Save the model (``save_pretrained``, safetensors) and tokenizer to ``directory`` (all processes call)."""
-        state_dict = self.accelerator.get_state_dict(self.model)
+        state_dict = None if self._model_is_plain() else self.accelerator.get_state_dict(self.model)
         if self.is_main_process:
             self.unwrapped_model().save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
             if self.processing_class is not None:
