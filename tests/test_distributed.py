@@ -75,3 +75,18 @@ def test_sft_under_deepspeed_zero2_matches_one_process(tiny_model_dir, sft_data,
           *_train_args(tiny_model_dir, sft_data, ds, 4, ["--deepspeed", str(ds_config)])])
     assert _losses(one) == pytest.approx(_losses(ds), rel=1e-4)
     _assert_same_weights(one, ds, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("method, extra", [("grpo", ["--scale_rewards", "batch"]), ("rloo", ["--normalize_advantages", "true", "--beta", "0.05"])])
+def test_online_rl_on_two_processes_gathers_batch_statistics_and_trains(method, extra, tiny_model_dir, tmp_path):
+    pytest.importorskip(f"posttrain_{method}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / method)
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29545",
+          "-m", "posttrain", "train", method, "--config", os.path.join(root, "examples", f"{method}.yaml"),
+          "--model_name_or_path", tiny_model_dir, "--dataset_name", os.path.join(root, "examples", "data", "prompts_arith.jsonl"),
+          "--output_dir", out, "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true", *extra])
+    assert json.load(open(os.path.join(out, "run_manifest.json")))["world_size"] == 2
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2]
+    assert all("reward" in r and "frac_reward_zero_std" in r for r in rows if "loss" in r)

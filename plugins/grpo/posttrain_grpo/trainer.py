@@ -277,10 +277,12 @@ class GRPOTrainer:
         size = args.per_device_train_batch_size
         micro_batches = [self._to_batch(rollout, slice(start, start + size)) for start in range(0, len(rollout), size)]
 
-        # 4. advantage: (N,), sliced into the micro-batches
+        # 4. advantage: (N,) from the global batch's rewards, sliced into the micro-batches
+        (all_rewards,), local = self._gather_across_processes(rewards_per_func)  # (world * N, F)
         advantages, is_std_zero = compute_group_advantages(
-            rewards_per_func, self.reward_weights, num_generations, args.scale_rewards, args.multi_objective_aggregation
+            all_rewards, self.reward_weights, num_generations, args.scale_rewards, args.multi_objective_aggregation
         )
+        advantages, is_std_zero = advantages[local], is_std_zero[local.start // num_generations : local.stop // num_generations]
         for start, batch in zip(range(0, len(rollout), size), micro_batches):
             batch["advantages"] = advantages[start : start + size]  # (b,)
         if args.loss_type == "bnpo":  # BNPO normalizes by this process's step tokens, then averages over processes
@@ -293,6 +295,21 @@ class GRPOTrainer:
         for batch in micro_batches:
             batch["rollout_metric_names"], batch["rollout_metric_values"] = names, values
         return micro_batches
+
+    def _gather_across_processes(self, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], slice]:
+        """Return every process's rows of ``tensors`` (concatenated in rank order) and this process's slice of them.
+
+        Batch-level advantage statistics (``scale_rewards="batch"``, REINFORCE++ normalization) are
+        taken over the global batch, as in TRL. Groups never straddle processes (num_generations
+        divides each process's completions), so per-group statistics are unchanged.
+        """
+        accelerator = self.loop.accelerator
+        n = tensors[0].shape[0]  # N completions on every process
+        if accelerator.num_processes == 1:
+            return list(tensors), slice(0, n)
+        gathered = [accelerator.gather(t.to(accelerator.device)).cpu() for t in tensors]  # (world * N, ...)
+        start = accelerator.process_index * n
+        return gathered, slice(start, start + n)
 
     def _score(self, rows: list[dict], rollout: RolloutBatch, trainer_state) -> torch.Tensor:
         num_generations = self.args.num_generations

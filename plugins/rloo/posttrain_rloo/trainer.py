@@ -239,13 +239,16 @@ class RLOOTrainer:
         size = args.per_device_train_batch_size
         micro_batches = [self._to_batch(rollout, slice(start, start + size)) for start in range(0, len(rollout), size)]
 
-        # 4. advantage: (N,), sliced into the micro-batches; the k1 KL penalty goes into the reward
+        # 4. advantage: (N,) from the global batch, sliced into the micro-batches; the k1 KL penalty goes into the reward
         kl = None
         if args.beta != 0.0:  # sum_t (log pi_old - log pi_ref) per sequence; may be negative (k1, Ahmadian et al. 2024)
             kl = torch.cat([((b["old_per_token_logps"] - b["ref_per_token_logps"]) * b["completion_mask"]).sum(-1) for b in micro_batches])  # (N,)
+        (all_rewards, all_kl), local = self._gather_across_processes(rewards_per_func, kl if kl is not None else torch.zeros(len(rollout)))
         advantages, is_std_zero = compute_rloo_advantages(
-            rewards_per_func, self.reward_weights, num_generations, args.normalize_advantages, args.reward_clip_range, kl, args.beta
+            all_rewards, self.reward_weights, num_generations, args.normalize_advantages, args.reward_clip_range,
+            all_kl if kl is not None else None, args.beta,
         )
+        advantages, is_std_zero = advantages[local], is_std_zero[local.start // num_generations : local.stop // num_generations]
         for start, batch in zip(range(0, len(rollout), size), micro_batches):
             batch["advantages"] = advantages[start : start + size]  # (b,)
 
@@ -254,6 +257,22 @@ class RLOOTrainer:
         for batch in micro_batches:
             batch["rollout_metric_names"], batch["rollout_metric_values"] = names, values
         return micro_batches
+
+    # Copied from posttrain_grpo.trainer.GRPOTrainer._gather_across_processes
+    def _gather_across_processes(self, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], slice]:
+        """Return every process's rows of ``tensors`` (concatenated in rank order) and this process's slice of them.
+
+        Batch-level advantage statistics (``scale_rewards="batch"``, REINFORCE++ normalization) are
+        taken over the global batch, as in TRL. Groups never straddle processes (num_generations
+        divides each process's completions), so per-group statistics are unchanged.
+        """
+        accelerator = self.loop.accelerator
+        n = tensors[0].shape[0]  # N completions on every process
+        if accelerator.num_processes == 1:
+            return list(tensors), slice(0, n)
+        gathered = [accelerator.gather(t.to(accelerator.device)).cpu() for t in tensors]  # (world * N, ...)
+        start = accelerator.process_index * n
+        return gathered, slice(start, start + n)
 
     # Copied from posttrain_grpo.trainer.GRPOTrainer._score
     def _score(self, rows: list[dict], rollout: RolloutBatch, trainer_state) -> torch.Tensor:
