@@ -153,7 +153,7 @@ class TrainingLoop:
         # processes as a gloo process group instead of silently training each process alone.
         mps = getattr(torch.backends, "mps", None)
         cpu_only = not cuda and not (mps is not None and mps.is_available())
-        return Accelerator(
+        accelerator = Accelerator(
             cpu=cpu_only,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             mixed_precision=mixed,
@@ -161,6 +161,8 @@ class TrainingLoop:
             project_dir=args.output_dir,
             deepspeed_plugin=ds_plugin,
         )
+        _install_fast_unwrap(accelerator)
+        return accelerator
 
     @property
     def is_main_process(self) -> bool:
@@ -288,14 +290,8 @@ class TrainingLoop:
 
     # ------------------------------------------------------------------ model I/O
     def _model_is_plain(self) -> bool:
-        """True when the model has no DDP/FSDP/DeepSpeed/compile wrapper to remove.
-
-        ``accelerator.unwrap_model`` imports deepspeed (0.3 s, 23 MB) just to rule it out, so the
-        single-process case is answered here.
-        """
-        from accelerate.utils import DistributedType
-
-        return self.accelerator.distributed_type == DistributedType.NO and not hasattr(self.model, "_orig_mod")
+        """True when the model has no DDP/FSDP/DeepSpeed/compile wrapper to remove (see :func:`_install_fast_unwrap`)."""
+        return _nothing_to_unwrap(self.accelerator, self.model)
 
     def unwrapped_model(self):
         return self.model if self._model_is_plain() else self.accelerator.unwrap_model(self.model)
@@ -613,6 +609,32 @@ class TrainingLoop:
         api = HfApi()
         api.create_repo(repo_id, exist_ok=True)
         api.upload_folder(folder_path=self.args.output_dir, repo_id=repo_id, ignore_patterns=["checkpoint-*", "tmp-*"])
+
+
+def _nothing_to_unwrap(accelerator, model) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.NO and not hasattr(model, "_orig_mod")
+
+
+def _install_fast_unwrap(accelerator) -> None:
+    """Make ``accelerator.unwrap_model`` return at once when nothing wraps the model.
+
+    accelerate's version reads package metadata (``is_deepspeed_available()``: ~0.5 ms a call) and
+    imports deepspeed (0.3 s, 23 MB) just to rule its engine out. Methods and the rollout engine
+    unwrap the model every step, so in a single process (no DDP/FSDP/DeepSpeed, not compiled) this
+    returns the model itself, which is exactly what accelerate returns there. Everything else, and
+    ``keep_fp32_wrapper=False`` (which strips the autocast forward), still goes to accelerate.
+    """
+    slow = accelerator.unwrap_model
+
+    def unwrap_model(model, keep_fp32_wrapper: bool = True, keep_torch_compile: bool = True):
+        if keep_fp32_wrapper and _nothing_to_unwrap(accelerator, model):
+            return model
+        return slow(model, keep_fp32_wrapper=keep_fp32_wrapper, keep_torch_compile=keep_torch_compile)
+
+    unwrap_model.__doc__ = slow.__doc__
+    accelerator.unwrap_model = unwrap_model
 
 
 def _fill_deepspeed_config(config: dict, args: TrainingConfig) -> dict:

@@ -16,6 +16,7 @@ __all__ = ["selective_log_softmax", "entropy_from_logits", "pad"]
 #: Rows of the flattened ``(N, V)`` logits processed at once (bounds peak extra memory to
 #: ``_ROW_CHUNK * V`` elements).
 _ROW_CHUNK = 1024
+_ENTROPY_CHUNK_ELEMENTS = 1 << 22  # rows x vocab of one entropy chunk (16 MiB in float32)
 
 
 def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, *, temperature: float = 1.0) -> torch.Tensor:
@@ -67,12 +68,14 @@ def selective_log_softmax(logits: torch.Tensor, index: torch.Tensor, *, temperat
     return out.squeeze(-1) if squeeze else out
 
 
-def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
+def entropy_from_logits(logits: torch.Tensor, chunk_size: int | None = None) -> torch.Tensor:
     """Return the Shannon entropy (nats) of ``softmax(logits)`` at every position, processing rows in chunks.
 
     Args:
         logits: ``(..., V)`` unnormalized scores, e.g. ``(B, T, V)``.
         chunk_size: Rows of the flattened ``(N, V)`` logits processed at once (smaller: less memory).
+            None: as many rows as fit ~4M elements, at least 128 (128 rows for a 150k vocabulary; a
+            small vocabulary is done in one pass, without a per-chunk op overhead).
 
     Returns:
         ``(...)`` entropies, e.g. ``(B, T)``, in ``logits.dtype``.
@@ -80,6 +83,8 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Te
     Raises:
         ValueError: ``chunk_size`` is not a positive integer.
     """
+    if chunk_size is None:
+        chunk_size = max(128, _ENTROPY_CHUNK_ELEMENTS // max(1, logits.shape[-1]))
     if not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"entropy_from_logits: chunk_size must be a positive integer, got {chunk_size!r}.")
     lead_shape = logits.shape[:-1]
@@ -87,8 +92,8 @@ def entropy_from_logits(logits: torch.Tensor, chunk_size: int = 128) -> torch.Te
     outs = []
     for rows in flat.split(chunk_size, dim=0):
         logp = F.log_softmax(rows.float() if rows.dtype in (torch.float16, torch.bfloat16) else rows, dim=-1)
-        # where p == 0 (logit -inf), p*logp is 0*-inf = nan: zero those terms
-        plogp = torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp))
+        # where p == 0 (logit -inf), p*logp is 0*-inf = nan: clamping logp to the finite range makes it 0*finite = 0
+        plogp = logp.exp() * logp.clamp(min=torch.finfo(logp.dtype).min)
         outs.append((-plogp.sum(-1)).to(logits.dtype))  # (n,)
     out = torch.cat(outs) if outs else flat.new_zeros(flat.shape[0])
     return out.reshape(lead_shape)

@@ -1,0 +1,373 @@
+"""One benchmark run in a fresh process: ``python -m bench.worker --framework posttrain|trl|bare ...``.
+
+Measures, for ``warmup + steps`` optimizer steps of one workload:
+
+* ``time_to_first_step_s``: from the parent's clock just before it started this process
+  (``--t0``, ``time.time()``) to the end of the first optimizer step: interpreter start,
+  imports, model/data loading, trainer setup and the first step.
+* ``step_times_s``: wall time between consecutive step ends, for the steps after warm-up.
+  Step ends are stamped with no extra work on either side:
+    - posttrain: the loop calls ``method.on_step_end(model, state)`` after every optimizer step;
+      the worker wraps the trainer's (or adds one) with a ``perf_counter`` stamp.
+    - TRL: a ``TrainerCallback.on_step_end`` (TRL's CallbackHandler calls its callbacks every
+      step anyway; the worker's adds one Python call).
+    - bare: a ``perf_counter`` stamp after ``optimizer.zero_grad``.
+  The interval between two stamps holds everything a step costs: data collation, generation,
+  forwards, backward, clipping, optimizer, scheduler, per-step bookkeeping.
+* ``step_cpu_times_s``: the same intervals in process CPU time (all threads), less sensitive to
+  other processes on a shared machine (but spin-waiting threads count).
+* ``loadavg_start`` / ``loadavg_end``: the 1-minute load average around the run (noise indicator).
+* ``peak_rss_mb``: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at the end of training.
+
+The result is written as JSON to ``--json-out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+
+from bench.workloads import COMMON, DPO_BETA, GRPO_BETA, RLOO_BETA, reward_num_words, write_json
+
+
+class _Stamps:
+    def __init__(self, total: int = 0) -> None:
+        self.total = total
+        self.rss_at_last_step_mb: float | None = None  # ru_maxrss when the last step ended (before any final save)
+        self.ends: list[float] = []  # perf_counter at each optimizer step's end
+        self.cpu_ends: list[float] = []  # process CPU time (all threads) at each step's end
+        self.first_end_wall: float | None = None  # time.time() at the first step's end
+
+    def stamp(self) -> None:
+        self.ends.append(time.perf_counter())
+        self.cpu_ends.append(time.process_time())
+        if self.first_end_wall is None:
+            self.first_end_wall = time.time()
+        if len(self.ends) == self.total:
+            self.rss_at_last_step_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+# ====================================================================== posttrain
+def run_posttrain(a, rows, stamps: _Stamps, out_dir: str) -> dict:
+    from datasets import Dataset
+
+    common = dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=a.batch_size,
+        max_steps=a.warmup + a.steps,
+        logging_steps=10**6,
+        logging_first_step=False,
+        save_strategy="no",
+        disable_tqdm=True,
+        report_to="none",
+        bf16=a.bf16,
+        **COMMON,
+    )
+    ds = Dataset.from_list(rows)
+    if a.method == "sft":
+        from posttrain.methods.sft import SFTConfig, SFTTrainer
+
+        trainer = SFTTrainer(model=a.model_dir, args=SFTConfig(max_length=a.seq_len, **common), train_dataset=ds)
+    elif a.method == "dpo":
+        from posttrain.methods.dpo import DPOConfig, DPOTrainer
+
+        cfg = DPOConfig(max_length=4 * a.seq_len, beta=DPO_BETA, loss_type=["sigmoid"], **common)
+        trainer = DPOTrainer(model=a.model_dir, args=cfg, train_dataset=ds)
+    elif a.method in ("grpo", "rloo"):
+        if a.method == "grpo":
+            from posttrain.methods.grpo import GRPOConfig as Config, GRPOTrainer as Trainer
+
+            extra = dict(beta=GRPO_BETA)
+        else:
+            from posttrain.methods.rloo import RLOOConfig as Config, RLOOTrainer as Trainer
+
+            extra = dict(beta=RLOO_BETA)
+        common["per_device_train_batch_size"] = a.batch_size * a.num_generations  # completions, as in TRL
+        if a.vllm:
+            extra["rollout_backend"] = "vllm"
+        cfg = Config(num_generations=a.num_generations, max_completion_length=a.completion_len, temperature=1.0, **extra, **common)
+        trainer = Trainer(model=a.model_dir, reward_funcs=[reward_num_words], args=cfg, train_dataset=ds)
+    else:
+        raise SystemExit(f"unknown method {a.method}")
+
+    original = getattr(trainer, "on_step_end", None)
+
+    def on_step_end(model, state):
+        if original is not None:
+            original(model, state)
+        stamps.stamp()
+
+    trainer.on_step_end = on_step_end
+    out = trainer.train()
+    return {"loss": float(out.training_loss)}
+
+
+# ====================================================================== TRL
+def run_trl(a, rows, stamps: _Stamps, out_dir: str) -> dict:
+    from datasets import Dataset
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.stamp()
+
+    common = dict(
+        output_dir=out_dir,
+        per_device_train_batch_size=a.batch_size,
+        max_steps=a.warmup + a.steps,
+        logging_steps=10**6,
+        logging_first_step=False,
+        save_strategy="no",
+        eval_strategy="no",
+        disable_tqdm=True,
+        report_to="none",
+        bf16=a.bf16,
+        fp16=False,
+        use_cpu=a.device != "cuda",
+        gradient_checkpointing=False,  # TRL's SFT/GRPO default True; posttrain's and the bare loop's False
+        dataloader_num_workers=0,
+        **COMMON,
+    )
+    ds = Dataset.from_list(rows)
+    if a.method == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        trainer = SFTTrainer(model=a.model_dir, args=SFTConfig(max_length=a.seq_len, **common), train_dataset=ds, callbacks=[StepTimer()])
+    elif a.method == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        cfg = DPOConfig(max_length=4 * a.seq_len, beta=DPO_BETA, loss_type=["sigmoid"], **common)
+        trainer = DPOTrainer(model=a.model_dir, args=cfg, train_dataset=ds, callbacks=[StepTimer()])
+    elif a.method in ("grpo", "rloo"):
+        if a.method == "grpo":
+            from trl import GRPOConfig as Config, GRPOTrainer as Trainer
+
+            extra = dict(beta=GRPO_BETA)
+        else:
+            from trl import RLOOConfig as Config, RLOOTrainer as Trainer
+
+            extra = dict(beta=RLOO_BETA)
+        common["per_device_train_batch_size"] = a.batch_size * a.num_generations
+        if a.vllm:
+            extra.update(use_vllm=True, vllm_mode="colocate")
+        cfg = Config(num_generations=a.num_generations, max_completion_length=a.completion_len, temperature=1.0, **extra, **common)
+        trainer = Trainer(model=a.model_dir, reward_funcs=[reward_num_words], args=cfg, train_dataset=ds, callbacks=[StepTimer()])
+    else:
+        raise SystemExit(f"unknown method {a.method}")
+    out = trainer.train()
+    return {"loss": float(out.training_loss)}
+
+
+# ====================================================================== bare PyTorch
+def run_bare(a, rows, stamps: _Stamps, out_dir: str) -> dict:
+    """The floor: only the forwards/backward/optimizer work (and rollouts) the method needs."""
+    import copy
+    import random
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    device = torch.device(a.device)
+    torch.manual_seed(COMMON["seed"])
+    tok = AutoTokenizer.from_pretrained(a.model_dir)
+    model = AutoModelForCausalLM.from_pretrained(a.model_dir, dtype=torch.float32).to(device)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=COMMON["learning_rate"], weight_decay=COMMON["weight_decay"], fused=True)  # the fastest AdamW torch has (TRL also uses it)
+    pad = tok.pad_token_id
+    if a.bf16:  # the same mixed precision the trainers use on GPU: fp32 master weights, bf16 autocast
+        forward = model.forward
+        model.forward = lambda *args, **kw: _autocast(forward, *args, **kw)
+    order = list(range(len(rows)))
+    random.Random(COMMON["seed"]).shuffle(order)
+    n_steps = a.warmup + a.steps
+    losses = []
+
+    def logps_of(logits, targets):  # (B, T, V), (B, T) -> (B, T); logit - logsumexp: no (B, T, V) log-softmax
+        return torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+    def optimizer_step(loss):
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), COMMON["max_grad_norm"])
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.detach())
+        stamps.stamp()
+
+    def batch_rows(step, per_step):
+        idx = [order[(step * per_step + i) % len(order)] for i in range(per_step)]
+        return [rows[i] for i in idx]
+
+    if a.method == "sft":
+        eos = tok.eos_token
+        encoded = [tok(text=r["text"] + eos)["input_ids"][: a.seq_len] for r in rows]
+        for step in range(n_steps):
+            ids = [encoded[order[(step * a.batch_size + i) % len(order)]] for i in range(a.batch_size)]
+            length = max(map(len, ids))
+            input_ids = torch.full((len(ids), length), pad, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            for i, x in enumerate(ids):
+                input_ids[i, : len(x)] = torch.tensor(x)
+                mask[i, : len(x)] = 1
+            input_ids, mask = input_ids.to(device), mask.to(device)
+            logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1]
+            labels = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+            optimizer_step(loss)
+    elif a.method == "dpo":
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        enc = []
+        for r in rows:
+            p = tok(text=r["prompt"])["input_ids"]
+            enc.append((p, tok(text=r["chosen"], add_special_tokens=False)["input_ids"], tok(text=r["rejected"], add_special_tokens=False)["input_ids"]))
+        for step in range(n_steps):
+            batch = [enc[order[(step * a.batch_size + i) % len(order)]] for i in range(a.batch_size)]
+            seqs = [p + c for p, c, _ in batch] + [p + r for p, _, r in batch]  # chosen rows then rejected rows
+            plen = [len(p) for p, _, _ in batch] * 2
+            length = max(map(len, seqs))
+            input_ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            cmask = torch.zeros_like(input_ids, dtype=torch.bool)
+            for i, s in enumerate(seqs):
+                input_ids[i, : len(s)] = torch.tensor(s)
+                mask[i, : len(s)] = 1
+                cmask[i, plen[i] : len(s)] = True
+            input_ids, mask, cmask = input_ids.to(device), mask.to(device), cmask[:, 1:].to(device)
+            targets = input_ids[:, 1:]
+            with torch.no_grad():
+                ref_lp = (logps_of(ref(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1].float(), targets) * cmask).sum(-1)
+            lp = (logps_of(model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits[:, :-1].float(), targets) * cmask).sum(-1)
+            b = a.batch_size
+            margin = (lp[:b] - ref_lp[:b]) - (lp[b:] - ref_lp[b:])
+            loss = -F.logsigmoid(DPO_BETA * margin).mean()
+            optimizer_step(loss)
+    elif a.method in ("grpo", "rloo"):
+        g, c = a.num_generations, a.completion_len
+        beta = GRPO_BETA if a.method == "grpo" else RLOO_BETA
+        ref = copy.deepcopy(model).eval().requires_grad_(False) if beta > 0 else None
+        tok.padding_side = "left"
+        eos_id = tok.eos_token_id
+        for step in range(n_steps):
+            prompts = [r["prompt"] for r in batch_rows(step, a.batch_size)]
+            enc = tok(text=prompts, return_tensors="pt", padding=True, padding_side="left")
+            p_ids = enc["input_ids"].repeat_interleave(g, 0).to(device)
+            p_mask = enc["attention_mask"].repeat_interleave(g, 0).to(device)
+            with torch.no_grad():
+                out = model.generate(
+                    input_ids=p_ids, attention_mask=p_mask, do_sample=True, max_new_tokens=c, temperature=1.0, top_k=0, top_p=1.0,
+                    pad_token_id=pad, eos_token_id=eos_id,
+                )
+            comp = out[:, p_ids.shape[1] :]  # (N, C')
+            is_eos = comp == eos_id
+            first_eos = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full((comp.shape[0],), comp.shape[1], device=device))
+            c_mask = (torch.arange(comp.shape[1], device=device)[None] <= first_eos[:, None]).float()  # (N, C')
+            texts = tok.batch_decode(comp, skip_special_tokens=True)
+            rewards = torch.tensor(reward_num_words(texts), device=device)  # (N,)
+            ids = torch.cat([p_ids, comp], 1)
+            mask = torch.cat([p_mask, c_mask.long()], 1)
+            p = p_ids.shape[1]
+            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, p - 1 : -1].float()  # (N, C', V)
+            lp = logps_of(logits, comp)  # (N, C')
+            if a.method == "grpo":
+                r = rewards.view(-1, g)
+                adv = ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).flatten()
+                ratio = torch.exp(lp - lp.detach())
+                loss = -(ratio * adv[:, None] * c_mask).sum() / c_mask.sum().clamp(min=1)  # dapo, one iteration
+            else:
+                with torch.no_grad():
+                    ref_lp = logps_of(ref(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, p - 1 : -1].float(), comp)
+                    kl = ((lp.detach() - ref_lp) * c_mask).sum(1)
+                    r = (rewards - beta * kl).view(-1, g)
+                    adv = (r - (r.sum(1, keepdim=True) - r) / (g - 1)).flatten()  # leave-one-out baseline
+                seq_lp = (lp * c_mask).sum(1)
+                ratio = torch.exp(seq_lp - seq_lp.detach())
+                loss = -(ratio * adv).mean()
+            optimizer_step(loss)
+    else:
+        raise SystemExit(f"unknown method {a.method}")
+    return {"loss": float(torch.stack(losses).mean())}
+
+
+def _autocast(fn, *args, **kwargs):
+    import torch
+
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        return fn(*args, **kwargs)
+
+
+RUNNERS = {"posttrain": run_posttrain, "trl": run_trl, "bare": run_bare}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m bench.worker", description=__doc__.splitlines()[0])
+    p.add_argument("--framework", required=True, choices=sorted(RUNNERS))
+    p.add_argument("--method", required=True)
+    p.add_argument("--model-dir", required=True)
+    p.add_argument("--data", required=True, help="JSON list of dataset rows")
+    p.add_argument("--json-out", required=True)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--completion-len", type=int, default=32)
+    p.add_argument("--num-generations", type=int, default=4)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--bf16", action="store_true", help="bf16 mixed precision (GPU path)")
+    p.add_argument("--vllm", action="store_true", help="GRPO/RLOO rollouts with vLLM (GPU path)")
+    p.add_argument("--t0", type=float, default=None, help="the parent's time.time() just before starting this process")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    t0 = a.t0 if a.t0 is not None else time.time()
+    import torch
+
+    torch.set_num_threads(a.threads)
+    with open(a.data) as fh:
+        rows = json.load(fh)
+    stamps = _Stamps(a.warmup + a.steps)
+    load_start = os.getloadavg()[0]
+    if a.device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory(prefix=f"bench-{a.framework}-") as out_dir:
+        extra = RUNNERS[a.framework](a, rows, stamps, out_dir)
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    ends = stamps.ends
+    if len(ends) != a.warmup + a.steps:
+        raise SystemExit(f"{a.framework}/{a.method}: saw {len(ends)} step ends, expected {a.warmup + a.steps}")
+    first = max(1, a.warmup)
+    step_times = [ends[i] - ends[i - 1] for i in range(first, len(ends))]
+    cpu = stamps.cpu_ends
+    step_cpu_times = [cpu[i] - cpu[i - 1] for i in range(first, len(cpu))]
+    result = {
+        "framework": a.framework,
+        "method": a.method,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "batch_size": a.batch_size,
+        "step_times_s": step_times,
+        "step_cpu_times_s": step_cpu_times,
+        "loadavg_start": load_start,
+        "loadavg_end": os.getloadavg()[0],
+        "time_to_first_step_s": stamps.first_end_wall - t0,
+        "peak_rss_mb": peak_rss_mb,
+        "peak_rss_at_last_step_mb": stamps.rss_at_last_step_mb,
+        "threads": torch.get_num_threads(),
+        "torch_threads_requested": a.threads,
+        **extra,
+    }
+    if a.device == "cuda":
+        result["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    write_json(a.json_out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
