@@ -338,9 +338,17 @@ class GRPOTrainer:
         batch["truncated"] = torch.tensor(sub.truncated, dtype=torch.bool)
         apply_is = not self.engine_is_policy and args.vllm_importance_sampling_correction
         need_old = args.num_iterations > 1 or not self.engine_is_policy
+        # When the sampler is the policy itself and samples unfiltered (no top-k/top-p/min-p/repetition
+        # penalty), its sampling log-probs ARE pi_old at generation time (equal to a forward pass to
+        # ~1e-6, tests/test_rollout.py): take them instead of running another no-grad forward.
+        sampler_is_old_policy = (
+            self.engine_is_policy and not args.top_k and args.top_p == 1.0 and not args.min_p and args.repetition_penalty == 1.0
+        )
         on_device = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with torch.no_grad():
-            if need_old:  # policy log-probs at generation time (ratio denominator)
+            if need_old and sampler_is_old_policy:
+                batch["old_per_token_logps"] = sampling_logps.float()  # (b, C)
+            elif need_old:  # policy log-probs at generation time (ratio denominator)
                 old, _ = per_token_logps_and_entropies(self.model, on_device, args.temperature, compute_entropy=False)
                 batch["old_per_token_logps"] = old.float().cpu()
             if args.beta != 0.0:

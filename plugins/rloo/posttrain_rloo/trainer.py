@@ -293,7 +293,7 @@ class RLOOTrainer:
         args, device = self.args, self.loop.device
         sub = RolloutBatch(rollout.prompt_ids[part], rollout.completion_ids[part], rollout.logprobs[part], rollout.truncated[part], rollout.policy_version)
         batch = sub.to_tensors(self.pad_token_id)  # CPU tensors, (b, P) / (b, C)
-        batch.pop("sampling_logprobs")  # RLOO (like TRL's) has no sampler/trainer importance-sampling correction
+        sampling_logps = batch.pop("sampling_logprobs")  # (b, C); RLOO (like TRL's) has no importance-sampling correction
         if args.mask_truncated_completions:
             kept = ~torch.tensor(sub.truncated, dtype=torch.bool)  # (b,)
             batch["completion_mask"] = batch["completion_mask"] * kept.unsqueeze(1).long()
@@ -301,9 +301,17 @@ class RLOOTrainer:
         batch["num_tokens"] = int(batch["prompt_mask"].sum()) + batch["num_completion_tokens"]
         batch["truncated"] = torch.tensor(sub.truncated, dtype=torch.bool)
         need_old = args.num_iterations > 1 or not self.engine_is_policy or args.beta != 0.0  # the KL penalty needs pi_old
+        # When the sampler is the policy itself and samples unfiltered (no top-k/top-p/min-p/repetition
+        # penalty), its sampling log-probs ARE pi_old at generation time (equal to a forward pass to
+        # ~1e-6, tests/test_rollout.py): take them instead of running another no-grad forward.
+        sampler_is_old_policy = (
+            self.engine_is_policy and not args.top_k and args.top_p == 1.0 and not args.min_p and args.repetition_penalty == 1.0
+        )
         on_device = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
         with torch.no_grad():
-            if need_old:  # policy log-probs at generation time (ratio denominator)
+            if need_old and sampler_is_old_policy:
+                batch["old_per_token_logps"] = sampling_logps.float()  # (b, C)
+            elif need_old:  # policy log-probs at generation time (ratio denominator)
                 old, _ = per_token_logps_and_entropies(self.model, on_device, args.temperature, compute_entropy=False)
                 batch["old_per_token_logps"] = old.float().cpu()
             if args.beta != 0.0:

@@ -201,3 +201,26 @@ def test_reward_weights_count_error(tiny_model, tiny_tokenizer, prompt_dataset, 
 def test_dataset_without_prompt_error(tiny_model, tiny_tokenizer, tiny_datasets, tmp_path):
     with pytest.raises(ConfigError, match="row 0 has no 'prompt' column"):
         RLOOTrainer(model=tiny_model, reward_funcs=low_token_fraction, args=_config(tmp_path), train_dataset=tiny_datasets["text"], processing_class=tiny_tokenizer)
+
+
+@pytest.mark.parametrize("top_k, expect_policy_forward", [(0, False), (5, True)])
+def test_old_logps_come_from_the_unfiltered_sampler_without_an_extra_forward(tiny_model, tiny_tokenizer, prompt_dataset, tmp_path, monkeypatch, top_k, expect_policy_forward):
+    """With the policy as its own unfiltered sampler, pi_old is the sampling log-probs: no no-grad policy forward."""
+    import posttrain_rloo.trainer as rloo_module
+    from posttrain_rloo.trainer import per_token_logps_and_entropies
+
+    trainer = RLOOTrainer(model=tiny_model, reward_funcs=low_token_fraction, args=_config(tmp_path, beta=0.05, top_k=top_k),
+                          train_dataset=prompt_dataset, processing_class=tiny_tokenizer)
+    calls = []
+    monkeypatch.setattr(rloo_module, "per_token_logps_and_entropies", lambda model, *a, **k: calls.append(model) or per_token_logps_and_entropies(model, *a, **k))
+    rows = trainer.collate([trainer.train_dataset[i] for i in range(2)])
+    micro_batches = trainer.prepare_step([rows], trainer.loop.state)
+    assert any(m is trainer.model for m in calls) == expect_policy_forward
+    assert any(m is trainer.ref_model for m in calls)  # the KL penalty still needs the reference
+    for batch in micro_batches:  # and the sampler's log-probs equal a forward of the policy
+        on_device = {k: v for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        with torch.no_grad():
+            forward, _ = per_token_logps_and_entropies(trainer.model, on_device, trainer.args.temperature, compute_entropy=False)
+        mask = batch["completion_mask"].bool()
+        if not expect_policy_forward:
+            torch.testing.assert_close(batch["old_per_token_logps"][mask], forward[mask], rtol=1e-4, atol=1e-5)
