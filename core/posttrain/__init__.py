@@ -11,11 +11,11 @@ import importlib
 from typing import Any
 
 from posttrain._spec import MethodSpec, Preset, SpecError
-from posttrain.config import ConfigError, TrainingConfig, closest_field_names, config_fields
+from posttrain.config import ConfigError, TrainingConfig, as_config, closest_field_names, config_fields
 
 #: Version of the plugin contract ("MAJOR.MINOR"). A plugin built for another major, or for a
 #: newer minor, is refused (see STABILITY.md).
-API_VERSION = "1.0"
+API_VERSION = "1.1"
 
 try:  # the distribution's version, single-sourced from pyproject.toml
     from importlib.metadata import version as _dist_version
@@ -34,9 +34,43 @@ _LAZY = {
     "activate": "posttrain._registry:activate",
     "get_plugin_manager": "posttrain._plugins:get_plugin_manager",
     "hookimpl": "posttrain.hookspecs:hookimpl",
+    "ensure_activated": "posttrain._registry:ensure_activated",
+    "Activation": "posttrain._registry:Activation",
+    # the method contract (plugin API 1.1)
+    "MethodProtocol": "posttrain._protocol:MethodProtocol",
+    "OptionalMethodMembers": "posttrain._protocol:OptionalMethodMembers",
+    "MethodContractError": "posttrain._protocol:MethodContractError",
+    "check_method": "posttrain._protocol:check_method",
+    "TrainerSurface": "posttrain._surface:TrainerSurface",
     # training loop shell and checkpoints
     "TrainingLoop": "posttrain._loop:TrainingLoop",
     "TrainingState": "posttrain._loop:TrainingState",
+    "TrainOutput": "posttrain._loop:TrainOutput",
+    "CallbackList": "posttrain._loop:CallbackList",
+    # shared plumbing (plain functions)
+    "build_reference_model": "posttrain._plumbing:build_reference_model",
+    "disable_dropout": "posttrain._plumbing:disable_dropout",
+    "is_peft_model": "posttrain._plumbing:is_peft_model",
+    "adapter_disabled": "posttrain._plumbing:adapter_disabled",
+    "common_prefix_length": "posttrain._plumbing:common_prefix_length",
+    "prompt_completion_boundary": "posttrain._plumbing:prompt_completion_boundary",
+    "tokenize_prompt": "posttrain._plumbing:tokenize_prompt",
+    "load_reward_model": "posttrain._plumbing:load_reward_model",
+    "build_reward_functions": "posttrain._plumbing:build_reward_functions",
+    "gather_across_processes": "posttrain._plumbing:gather_across_processes",
+    "resolve_dtype": "posttrain._plumbing:resolve_dtype",
+    # rewards (TRL's calling convention; see posttrain.rewards)
+    "RewardFunctionError": "posttrain.rewards:RewardFunctionError",
+    "RewardResult": "posttrain.rewards:RewardResult",
+    "RewardModelFunction": "posttrain.rewards:RewardModelFunction",
+    "SoftOverlongPunishment": "posttrain.rewards:SoftOverlongPunishment",
+    "accuracy_reward": "posttrain.rewards:accuracy_reward",
+    "format_reward": "posttrain.rewards:format_reward",
+    "completion_text": "posttrain.rewards:completion_text",
+    "extract_final_answer": "posttrain.rewards:extract_final_answer",
+    "resolve_reward_functions": "posttrain.rewards:resolve_reward_functions",
+    "compute_rewards": "posttrain.rewards:compute_rewards",
+    "BUILTIN_REWARDS": "posttrain.rewards:BUILTIN_REWARDS",
     "find_latest_checkpoint": "posttrain._checkpoint:find_latest_checkpoint",
     "load_dataset_from_config": "posttrain._data:load_dataset_from_config",
     # numerics shared by methods
@@ -44,6 +78,7 @@ _LAZY = {
     "entropy_from_logits": "posttrain._ops:entropy_from_logits",
     "pad": "posttrain._ops:pad",
     # rollout engine
+    "RolloutBackend": "posttrain._rollout:RolloutBackend",
     "RolloutEngine": "posttrain._rollout:RolloutEngine",
     "SamplingParams": "posttrain._rollout:SamplingParams",
     "RolloutBatch": "posttrain._rollout:RolloutBatch",
@@ -58,6 +93,7 @@ __all__ = [
     "SpecError",
     "TrainingConfig",
     "__version__",
+    "as_config",
     "closest_field_names",
     "config_fields",
     *sorted(_LAZY),

@@ -2,28 +2,14 @@
 
 A method plugin owns its data processing and loss; the loop owns everything else: devices, mixed
 precision, DDP/FSDP/DeepSpeed, optimizer and schedule, gradient accumulation, clipping, logging,
-evaluation, checkpoints and resume. The method is any object with:
+evaluation, checkpoints, resume and transformers callbacks. What a method object must give the
+loop is the public :class:`posttrain.MethodProtocol` (see ``posttrain/_protocol.py``), checked once
+when the loop is set up.
 
-Required:
-    train_dataset: a sequence of processed examples (``len`` and ``__getitem__``).
-    collate(examples) -> dict: a batch of CPU tensors (the loop moves tensors to the device).
-    compute_loss(model, batch, num_items_in_batch) -> (loss, metrics): ``loss`` must be the
-        micro-batch's SUM of per-item losses divided by ``num_items_in_batch``, the number of
-        items in the whole optimizer step (every micro-batch of the accumulation window, every
-        process). That is what makes per-device batch 8 x accumulation 1 equal 1 x 8 and a
-        2-process run equal a 1-process run with the same global batch. ``metrics`` maps names
-        to scalar tensors (means over the micro-batch).
-    count_items(batch) -> int: the batch's number of loss items (tokens for a token-level loss,
-        sequences for a sequence-level one), computed on the CPU.
-
-Optional:
-    eval_dataset: scored at ``eval_steps`` and at the end.
-    prepare_step(micro_batches, state) -> list[dict]: called once per optimizer step with the
-        step's raw micro-batches (online methods generate rollouts here).
-    on_step_end(model, state): after each optimizer step (reference sync, rollout weight update).
-    state_dict() / load_state_dict(state): method state saved in checkpoints (tensors, numbers,
-        strings, lists and dicts only: it is loaded with ``weights_only=True``).
-    evaluate(model, dataloader) -> dict[str, float]: replaces the default evaluation (mean loss).
+``TrainingLoop.train`` reads like a recipe: ``_begin_run`` (optimizer, schedule, prepare, resume,
+manifest, trackers), then for every optimizer step ``_draw_step`` (the step's micro-batches),
+``_optimizer_step`` (forward/backward per micro-batch, clip, step) and ``_after_step`` (the log,
+evaluate and save decisions, with callbacks), then ``_end_run`` (final eval, save, summary row).
 """
 
 from __future__ import annotations
@@ -36,39 +22,51 @@ import os
 import platform
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
+from transformers import TrainerControl, TrainerState
 
 from posttrain import API_VERSION, __version__
 from posttrain._checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain._protocol import check_method
 from posttrain._registry import ensure_activated
 from posttrain.config import ConfigError, TrainingConfig
 
-__all__ = ["TrainingLoop", "TrainingState", "TrainOutput"]
+__all__ = ["TrainingLoop", "TrainingState", "TrainOutput", "CallbackList"]
 
 
 @dataclass
-class TrainingState:
-    """The loop's own resumable counters (saved as trainer_state.json)."""
+class TrainingState(TrainerState):
+    """The loop's state: transformers' ``TrainerState`` (what callbacks and TRL code read) plus the data position.
 
-    global_step: int = 0  #: optimizer steps done
-    epoch: int = 0  #: current epoch index
+    ``trainer.state.log_history`` holds every logged dict (the rows of ``metrics.jsonl`` with
+    ``epoch`` and ``step``), eval rows (``eval_loss``, ...) and, last, the run summary
+    (``train_runtime``, ``train_loss``, ...), as in transformers. Saved as ``trainer_state.json``.
+    """
+
+    epoch_index: int = 0  #: index of the current epoch (``epoch`` is the fractional progress)
     batches_in_epoch: int = 0  #: micro-batches of the current epoch already consumed
-    max_steps: int = 0  #: total optimizer steps of the run
-    num_input_tokens_seen: int = 0  #: tokens consumed (when the method reports ``num_tokens``)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "stateful_callbacks"}
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainingState":
+        """Build from a saved trainer_state.json (also reads 1.0 checkpoints, whose ``epoch`` was the index)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in saved.items() if k in names}
+        if "epoch_index" not in saved and isinstance(saved.get("epoch"), int):
+            values["epoch_index"] = saved["epoch"]
+        return cls(**values)
 
 
-@dataclass
-class TrainOutput:
-    """What ``train()`` returns."""
+class TrainOutput(NamedTuple):
+    """What ``train()`` returns (transformers' ``TrainOutput``: unpacks as ``global_step, training_loss, metrics``)."""
 
     global_step: int
     training_loss: float
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float]
 
 
 def _json_safe(value: Any) -> Any:
@@ -77,6 +75,43 @@ def _json_safe(value: Any) -> Any:
         return value
     except TypeError:
         return repr(value)
+
+
+class CallbackList:
+    """transformers ``TrainerCallback`` objects called at the loop's events, with one shared ``TrainerControl``.
+
+    A callback may be a class (instantiated here) or an instance; a returned ``TrainerControl``
+    replaces the shared one, as in transformers' ``CallbackHandler``.
+    """
+
+    def __init__(self, callbacks=None) -> None:
+        self.callbacks: list = []
+        for callback in callbacks or []:
+            self.add(callback)
+
+    def add(self, callback) -> None:
+        self.callbacks.append(callback() if isinstance(callback, type) else callback)
+
+    def pop(self, callback):
+        """Remove and return the first callback that is ``callback`` or an instance of it (None when absent)."""
+        for existing in self.callbacks:
+            if existing is callback or (isinstance(callback, type) and isinstance(existing, callback)):
+                self.callbacks.remove(existing)
+                return existing
+        return None
+
+    def remove(self, callback) -> None:
+        self.pop(callback)
+
+    def call(self, event: str, args, state, control, **kwargs):
+        for callback in self.callbacks:
+            handler = getattr(callback, event, None)
+            if handler is None:
+                continue
+            result = handler(args, state, control, **kwargs)
+            if result is not None:
+                control = result
+        return control
 
 
 class TrainingLoop:
@@ -93,13 +128,18 @@ class TrainingLoop:
         posttrain.ConfigError: an option is impossible on this machine (e.g. fp16 on CPU).
     """
 
-    def __init__(self, args: TrainingConfig, *, method: str, allow_experimental: bool = False) -> None:
+    def __init__(self, args: TrainingConfig, *, method: str, allow_experimental: bool = False, callbacks=None) -> None:
         self.activation = ensure_activated(method, allow_experimental=allow_experimental or args.allow_experimental)
         self.args = args
         self.method_name = method
         from accelerate.utils import set_seed
 
-        set_seed(args.seed)
+        if args.full_determinism:
+            from transformers import enable_full_determinism
+
+            enable_full_determinism(args.seed)
+        else:
+            set_seed(args.seed)
         self.accelerator = self._build_accelerator(args)
         from posttrain._plugins import get_plugin_manager
 
@@ -110,6 +150,11 @@ class TrainingLoop:
         self.diagnostics = Diagnostics(args.output_dir, is_main_process=self.accelerator.is_main_process)
         self.plugin_manager.register(self.diagnostics, name="posttrain.diagnostics")
         self.state = TrainingState()
+        self.control = TrainerControl()
+        #: transformers ``TrainerCallback`` objects (``callbacks=`` of the trainer, ``add_callback``)
+        self.callbacks = CallbackList(callbacks)
+        self._checked = False  # the method passed check_method
+        self._trackers_started = False
         self.model = None  # the prepared (possibly wrapped) model, set in setup()
         self.optimizer = None
         self.scheduler = None
@@ -122,7 +167,7 @@ class TrainingLoop:
         from accelerate import Accelerator
         from accelerate.utils import DeepSpeedPlugin
 
-        cuda = torch.cuda.is_available()
+        cuda = torch.cuda.is_available() and not args.use_cpu
         if args.fp16 and not cuda:
             raise ConfigError("fp16=True needs a CUDA GPU; on CPU train in float32 (default) or set bf16=True.")
         bf16 = args.bf16
@@ -152,8 +197,11 @@ class TrainingLoop:
         # Without an accelerator device, say so: accelerate then runs torchrun/`accelerate launch`
         # processes as a gloo process group instead of silently training each process alone.
         mps = getattr(torch.backends, "mps", None)
-        cpu_only = not cuda and not (mps is not None and mps.is_available())
+        cpu_only = args.use_cpu or (not cuda and not (mps is not None and mps.is_available()))
+        if args.tf32 is not None and cuda:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
         accelerator = Accelerator(
+            kwargs_handlers=_kwargs_handlers(args),
             cpu=cpu_only,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             mixed_precision=mixed,
@@ -227,7 +275,7 @@ class TrainingLoop:
 
             model = get_peft_model(model, peft_config)
         if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or {"use_reentrant": False})
             if peft_config is not None:
                 model.enable_input_require_grads()
             model.config.use_cache = False
@@ -245,7 +293,8 @@ class TrainingLoop:
     # ------------------------------------------------------------------ data order
     def _epoch_indices(self, n: int, epoch: int) -> list[int]:
         """Return this process's example indices for ``epoch``: a seeded permutation, strided across processes."""
-        generator = torch.Generator().manual_seed(self.args.seed + epoch)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        generator = torch.Generator().manual_seed(seed + epoch)
         perm = torch.randperm(n, generator=generator).tolist()
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         if world > 1:
@@ -260,7 +309,8 @@ class TrainingLoop:
             batches.pop()
         return batches
 
-    def _to_device(self, batch: dict) -> dict:
+    def to_device(self, batch: dict) -> dict:
+        """Return ``batch`` with its tensors moved to the training device (other values unchanged)."""
         return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
     # ------------------------------------------------------------------ optimizer
@@ -279,14 +329,21 @@ class TrainingLoop:
         # which dominates the step of small models (bench: 0.3 ms fused vs 1.8 ms looped for a 50-tensor
         # 0.2M-param model on 2 idle cores; 100x worse when the cores are shared). DeepSpeed brings its own.
         params = [p for g in groups for p in g["params"]]
-        fused = not self.is_deepspeed and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-        return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=fused or None)
+        extra = _parse_optim_args(args.optim_args)
+        if args.optim == "sgd":
+            return torch.optim.SGD(groups, lr=args.learning_rate, **extra)
+        if args.optim == "adagrad":
+            return torch.optim.Adagrad(groups, lr=args.learning_rate, **extra)
+        fused = args.optim == "adamw_torch_fused" and not self.is_deepspeed
+        fused = fused and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+        return torch.optim.AdamW(groups, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon, fused=fused or None, **extra)
 
     def _build_scheduler(self, optimizer, max_steps: int):
         from transformers import get_scheduler
 
         warmup = self.args.warmup_steps or math.ceil(self.args.warmup_ratio * max_steps)
-        return get_scheduler(self.args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps)
+        return get_scheduler(self.args.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=max_steps,
+                             scheduler_specific_kwargs=self.args.lr_scheduler_kwargs or None)
 
     # ------------------------------------------------------------------ model I/O
     def _model_is_plain(self) -> bool:
@@ -362,13 +419,28 @@ class TrainingLoop:
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
-    def _log(self, metrics: dict[str, float], step: int) -> None:
-        if self.is_main_process:
+    def log(self, metrics: dict[str, float], step: int | None = None, *, summary: bool = False) -> None:
+        """Record ``metrics`` everywhere: ``metrics.jsonl``, ``state.log_history``, trackers, hooks and callbacks' ``on_log``.
+
+        ``summary=True`` (the end-of-run row: ``train_runtime``, ``train_loss``, ...) goes to
+        ``state.log_history``, trackers and callbacks but not to ``metrics.jsonl``, whose rows stay
+        one per logging or eval step, nor to the ``on_log`` plugin hook (diagnostics).
+        """
+        step = self.state.global_step if step is None else step
+        if self.is_main_process and self.args.output_dir and not summary:
+            os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, "metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.args.report_to:
+        if self.args.report_to and self._trackers_started:
             self.accelerator.log(metrics, step=step)
-        self.plugin_manager.hook.on_log(step=step, metrics=dict(metrics), output_dir=self.args.output_dir)
+        if not summary:
+            self.plugin_manager.hook.on_log(step=step, metrics=dict(metrics), output_dir=self.args.output_dir)
+        epoch = self.state.epoch if self.state.epoch is not None else 0.0
+        row = {**metrics, "epoch": round(epoch, 4), "step": step}
+        self.state.log_history.append(row)
+        self.control = self.callbacks.call("on_log", self.args, self.state, self.control, logs=dict(metrics), **self._callback_objects())
+
+    _log = log  # the name used before 1.1
 
     def _truncate_metrics_log(self, step: int) -> None:
         """After a resume, drop logged lines beyond ``step`` (they belong to the interrupted run)."""
@@ -380,92 +452,181 @@ class TrainingLoop:
         with open(path, "w") as fh:
             fh.writelines(lines)
 
+    def _callback_objects(self) -> dict:
+        return {"model": self.model, "processing_class": self.processing_class, "optimizer": self.optimizer, "lr_scheduler": self.scheduler,
+                "train_dataloader": None, "eval_dataloader": None}
+
+    def _event(self, name: str, **kwargs) -> None:
+        self.control = self.callbacks.call(name, self.args, self.state, self.control, **self._callback_objects(), **kwargs)
+
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, method) -> dict[str, float]:
-        """Score ``method.eval_dataset`` and return metrics prefixed with ``eval_`` (all processes call)."""
-        dataset = getattr(method, "eval_dataset", None)
-        if dataset is None or len(dataset) == 0:
+    def evaluate(self, method, dataset=None, *, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Score ``dataset`` (default ``method.eval_dataset``) and return metrics named ``<prefix>_<name>`` (all processes call).
+
+        A dict of datasets (or a ``DatasetDict``) is scored one by one with the prefix
+        ``<prefix>_<name>``, as in transformers. The method's ``evaluate(model, batches)`` replaces
+        the default (the item-weighted mean of ``compute_loss``'s loss and metrics).
+        """
+        dataset = getattr(method, "eval_dataset", None) if dataset is None else dataset
+        if dataset is None:
             return {}
+        if isinstance(dataset, dict):
+            merged: dict[str, float] = {}
+            for name, part in dataset.items():
+                merged.update(self.evaluate(method, part, metric_key_prefix=f"{metric_key_prefix}_{name}"))
+            return merged
+        if len(dataset) == 0:
+            return {}
+        start = time.perf_counter()
+        if self.optimizer is None:  # before train(): the model is not prepared (placed) yet
+            self.model.to(self.device)
         model = self.model
         was_training = model.training
         model.eval()
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
         indices = list(range(len(dataset)))[rank::world]
-        batches = [indices[i : i + self.args.per_device_eval_batch_size] for i in range(0, len(indices), self.args.per_device_eval_batch_size)]
-        if hasattr(method, "evaluate"):
-            result = method.evaluate(model, (self._to_device(method.collate([dataset[i] for i in b])) for b in batches))
+        size = self.args.per_device_eval_batch_size
+        batches = [indices[i : i + size] for i in range(0, len(indices), size)]
+        if callable(getattr(method, "evaluate_batches", None)):
+            result = method.evaluate_batches(model, (self.to_device(method.collate([dataset[i] for i in b])) for b in batches))
         else:
-            totals: dict[str, torch.Tensor] = {}
-            weight = torch.zeros((), device=self.device)
-            for b in batches:
-                batch = self._to_device(method.collate([dataset[i] for i in b]))
-                n = method.count_items(batch)
-                loss, metrics = method.compute_loss(model, batch, n)
-                for key, value in {"loss": loss, **metrics}.items():
-                    totals[key] = totals.get(key, 0) + value.detach().float() * n
-                weight = weight + n
-            keys = sorted(totals)
-            stacked = torch.stack([torch.as_tensor(totals[k], device=self.device) for k in keys] + [weight])
-            stacked = self.accelerator.reduce(stacked, reduction="sum") if world > 1 else stacked
-            result = {k: (stacked[i] / stacked[-1].clamp(min=1)).item() for i, k in enumerate(keys)}
+            result = self._mean_loss_and_metrics(method, model, dataset, batches)
         if was_training:
             model.train()
-        return {f"eval_{k}": float(v) for k, v in result.items()}
+        runtime = time.perf_counter() - start
+        result = {**result, "runtime": runtime, "samples_per_second": len(dataset) / max(runtime, 1e-9), "steps_per_second": len(batches) / max(runtime, 1e-9)}
+        return {f"{metric_key_prefix}_{k}": float(v) for k, v in result.items()}
+
+    def _mean_loss_and_metrics(self, method, model, dataset, batches) -> dict[str, float]:
+        totals: dict[str, torch.Tensor] = {}
+        weight = torch.zeros((), device=self.device)
+        for b in batches:
+            batch = self.to_device(method.collate([dataset[i] for i in b]))
+            n = method.count_items(batch)
+            loss, metrics = method.compute_loss(model, batch, n)
+            for key, value in {"loss": loss, **metrics}.items():
+                totals[key] = totals.get(key, 0) + value.detach().float() * n
+            weight = weight + n
+        keys = sorted(totals)
+        stacked = torch.stack([torch.as_tensor(totals[k], device=self.device) for k in keys] + [weight])
+        if self.accelerator.num_processes > 1:
+            stacked = self.accelerator.reduce(stacked, reduction="sum")
+        return {k: (stacked[i] / stacked[-1].clamp(min=1)).item() for i, k in enumerate(keys)}
+
+    def _evaluate_and_log(self, method) -> dict[str, float]:
+        metrics = self.evaluate(method)
+        self.record_evaluation(metrics)
+        return metrics
+
+    def record_evaluation(self, metrics: dict[str, float], *, track_best: bool = True) -> None:
+        """Log eval ``metrics``, track the best ``metric_for_best_model`` and call callbacks' ``on_evaluate``."""
+        if not metrics:
+            return
+        self.log(metrics)
+        if track_best:
+            self._track_best(metrics)
+        self._event("on_evaluate", metrics=metrics)
+
+    def _track_best(self, metrics: dict[str, float]) -> None:
+        """Remember the best ``metric_for_best_model`` (for ``load_best_model_at_end`` and callbacks such as early stopping)."""
+        name = self.args.metric_for_best_model
+        if name is None:
+            return
+        key = name if name.startswith("eval_") else f"eval_{name}"
+        if key not in metrics:
+            raise ConfigError(f"metric_for_best_model={name!r} is not among the eval metrics {sorted(metrics)}: use one of them.")
+        value = metrics[key]
+        best = self.state.best_metric
+        if best is None or (value > best if self.args.greater_is_better else value < best):
+            self.state.best_metric = value
+            self.state.best_global_step = self.state.global_step
 
     # ------------------------------------------------------------------ the loop
-    def setup(self, model) -> None:
-        """Remember the model; optimizer and scheduler are built in :meth:`train` (they need the step count)."""
+    def setup(self, model, method=None) -> None:
+        """Remember the model (optimizer and scheduler are built in :meth:`train`: they need the step count).
+
+        Args:
+            model: The model to train (loaded by :meth:`load_model`).
+            method: The method object; checked against :class:`posttrain.MethodProtocol` now, so a
+                plugin missing a member fails when its trainer is built, not mid-run.
+        """
         self.model = model
+        if method is not None:
+            check_method(method, plugin=self.method_name)
+            self._checked = True
 
     def _set_sync(self, sync: bool) -> None:
         # accelerate decides when DeepSpeed/optimizer wrappers really step from this flag; we set it
         # per micro-batch ourselves so an epoch's last, shorter accumulation window still steps.
         self.accelerator.gradient_state._set_sync_gradients(sync)
 
-    def train(self, method, *, batch_size: int | None = None, micro_batches_per_step: int | None = None) -> TrainOutput:
-        """Train ``method`` (see the module docstring for what it must provide) and return a summary.
+    def train(self, method, *, batch_size: int | None = None, micro_batches_per_step: int | None = None,
+              resume_from_checkpoint: str | bool | None = None) -> TrainOutput:
+        """Train ``method`` (a :class:`posttrain.MethodProtocol`) and return ``TrainOutput(global_step, training_loss, metrics)``.
 
         Args:
-            method: The method object (see the module docstring).
+            method: The method object.
             batch_size: Dataset rows per raw micro-batch (default ``per_device_train_batch_size``).
             micro_batches_per_step: Raw micro-batches drawn from the dataset per optimizer step
                 (default ``gradient_accumulation_steps``). An online method that turns one batch of
                 prompts into ``gradient_accumulation_steps`` loss micro-batches in ``prepare_step``
                 passes 1 (accumulation and loss scaling are unchanged).
+            resume_from_checkpoint: A checkpoint directory, or True for the latest in
+                ``output_dir`` (default ``args.resume_from_checkpoint``).
         """
+        run = self._begin_run(method, batch_size, micro_batches_per_step, resume_from_checkpoint)
+        while self.state.global_step < run.max_steps and not self.control.should_training_stop:
+            micro = self._draw_step(method, run)
+            if micro is None:  # the epoch is over
+                self._end_epoch(method, run)
+                continue
+            self._event("on_step_begin")
+            step_loss, grad_norm, learning_rate = self._optimizer_step(method, micro, run)
+            self._after_step(method, run, step_loss, grad_norm, learning_rate)
+            if run.position >= len(run.batches):
+                self._end_epoch(method, run)
+        return self._end_run(method, run)
+
+    # -- the parts of train(), in order ---------------------------------------------------------
+    def _begin_run(self, method, batch_size, micro_batches_per_step, resume_from_checkpoint) -> "_Run":
+        """Build optimizer and schedule, prepare, resume, write the manifest, start trackers and callbacks."""
         args, accelerator = self.args, self.accelerator
-        batch_size = batch_size or args.per_device_train_batch_size
+        if not self._checked:
+            check_method(method, plugin=self.method_name)
+            self._checked = True
         dataset = method.train_dataset
         if dataset is None or len(dataset) == 0:
             raise ConfigError("train_dataset is empty: give the trainer at least one example.")
         os.makedirs(args.output_dir, exist_ok=True)
-
-        gas = micro_batches_per_step or args.gradient_accumulation_steps
-        batches_per_epoch = len(self._micro_batches(self._epoch_indices(len(dataset), 0), batch_size))
-        steps_per_epoch = max(1, math.ceil(batches_per_epoch / gas))
-        max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * steps_per_epoch)
-        self.state.max_steps = max_steps
+        run = _Run(dataset=dataset, batch_size=batch_size or args.per_device_train_batch_size,
+                   gas=micro_batches_per_step or args.gradient_accumulation_steps)
+        batches_per_epoch = len(self._micro_batches(self._epoch_indices(len(dataset), 0), run.batch_size))
+        run.steps_per_epoch = max(1, math.ceil(batches_per_epoch / run.gas))
+        run.max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * run.steps_per_epoch)
 
         # model before optimizer (the optimizer needs the final parameters), optimizer before prepare.
         optimizer = self._build_optimizer(self.model)
-        self.scheduler = self._build_scheduler(optimizer, max_steps)
+        self.scheduler = self._build_scheduler(optimizer, run.max_steps)
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
         self.model.train()
         self.manifest = self._build_manifest()
+        self._reset_state(run.max_steps)
 
-        resume = args.resume_from_checkpoint
+        resume = args.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
         if resume is True or (isinstance(resume, str) and resume.lower() == "true"):
             resume = find_latest_checkpoint(args.output_dir)
             if resume is None:
                 raise FileNotFoundError(f"resume_from_checkpoint=true but {args.output_dir!r} holds no complete checkpoint.")
         if resume:
-            saved = load_checkpoint(self, method, resume)
-            self.state = TrainingState(**saved)
-            if self.state.max_steps != max_steps:
-                accelerator.print(f"[posttrain] checkpoint planned {self.state.max_steps} steps, config gives {max_steps}: the config wins.")
-                self.state.max_steps = max_steps
+            saved = TrainingState.from_dict(load_checkpoint(self, method, resume))
+            if saved.max_steps != run.max_steps:
+                accelerator.print(f"[posttrain] checkpoint planned {saved.max_steps} steps, config gives {run.max_steps}: the config wins.")
+            for name in ("global_step", "epoch", "epoch_index", "batches_in_epoch", "num_input_tokens_seen", "log_history",
+                         "best_metric", "best_global_step", "best_model_checkpoint", "total_flos"):
+                setattr(self.state, name, getattr(saved, name))
             self._truncate_metrics_log(self.state.global_step)
+            self.state.log_history = [row for row in self.state.log_history if row.get("step", 0) <= self.state.global_step]
             accelerator.print(f"[posttrain] resumed from {resume} at step {self.state.global_step}")
         if self.is_main_process:
             with open(os.path.join(args.output_dir, "run_manifest.json"), "w") as fh:
@@ -473,142 +634,282 @@ class TrainingLoop:
         if args.report_to:
             flat = {k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers(args.run_name or os.path.basename(os.path.abspath(args.output_dir)), config=flat)
-
-        progress = None
+            self._trackers_started = True
         if self.is_main_process and not args.disable_tqdm:
             from tqdm.auto import tqdm
 
-            progress = tqdm(total=max_steps, initial=self.state.global_step, desc=f"posttrain {self.method_name}", dynamic_ncols=True)
+            run.progress = tqdm(total=run.max_steps, initial=self.state.global_step, desc=f"posttrain {self.method_name}", dynamic_ncols=True)
+        run.start_time = run.last_log_time = time.perf_counter()
+        run.start_step = self.state.global_step
+        run.tokens_at_last_log = self.state.num_input_tokens_seen
+        self._event("on_train_begin")
+        if args.eval_on_start:
+            self._evaluate_and_log(method)
+        return run
 
-        window_losses: list[torch.Tensor] = []
-        window_metrics: dict[str, list[torch.Tensor]] = {}
-        all_losses_sum, all_losses_n = 0.0, 0
-        last_log_time = time.perf_counter()
-        tokens_at_last_log = self.state.num_input_tokens_seen
+    def _reset_state(self, max_steps: int) -> None:
+        args = self.args
+        self.state = TrainingState(
+            max_steps=max_steps, logging_steps=args.logging_steps, eval_steps=args.eval_steps, save_steps=args.save_steps,
+            train_batch_size=args.per_device_train_batch_size, num_train_epochs=args.num_train_epochs, epoch=0.0,
+            is_local_process_zero=self.accelerator.is_local_main_process, is_world_process_zero=self.is_main_process,
+        )
+        self.control = TrainerControl()
+
+    def _draw_step(self, method, run: "_Run") -> list[dict] | None:
+        """Return the next optimizer step's micro-batches (collated, ``prepare_step`` applied), or None at the epoch's end."""
+        if run.batches is None or run.epoch_of_batches != self.state.epoch_index:
+            run.batches = self._micro_batches(self._epoch_indices(len(run.dataset), self.state.epoch_index), run.batch_size)
+            run.epoch_of_batches = self.state.epoch_index
+            if self.state.batches_in_epoch == 0:
+                self._event("on_epoch_begin")
+        start = self.state.batches_in_epoch
+        if start >= len(run.batches):
+            return None
+        run.window = run.batches[start : start + run.gas]
+        micro = [method.collate([run.dataset[i] for i in idx]) for idx in run.window]
+        if callable(getattr(method, "prepare_step", None)):
+            micro = method.prepare_step(micro, self.state)
+        return micro
+
+    def _optimizer_step(self, method, micro: list[dict], run: "_Run") -> tuple[torch.Tensor, Any, float]:
+        """Forward and backward every micro-batch, clip, step; return ``(loss, grad_norm, learning_rate)``."""
+        accelerator, args = self.accelerator, self.args
         world = accelerator.num_processes
-        final_metrics: dict[str, float] = {}
+        # compute_loss is already normalized over the whole step; undo accelerate's 1/GA and
+        # DDP's 1/world. accelerate's GradientState is process-wide (another trainer built later
+        # in this process overwrites it), so read the divisor it will apply, not our config.
+        # DeepSpeed's engine divides by its own configured GA instead.
+        loss_scale = world * (args.gradient_accumulation_steps if self.is_deepspeed else accelerator.gradient_accumulation_steps)
+        counts = torch.tensor(float(sum(method.count_items(b) for b in micro)), device=self.device)
+        num_items = accelerator.reduce(counts, reduction="sum") if world > 1 else counts
+        step_loss = torch.zeros((), device=self.device)
+        for i, batch in enumerate(micro):
+            last = i == len(micro) - 1
+            self._set_sync(last)
+            batch = self.to_device(batch)
+            with contextlib.nullcontext() if last else accelerator.no_sync(self.model):
+                loss, metrics = method.compute_loss(self.model, batch, num_items)
+                accelerator.backward(loss * loss_scale)
+            step_loss = step_loss + loss.detach()
+            for key, value in metrics.items():
+                run.window_metrics.setdefault(key, []).append(value.detach().float())
+            if "num_tokens" in batch:
+                self.state.num_input_tokens_seen += int(batch["num_tokens"])
+            if not last:
+                self._event("on_substep_end")
+        grad_norm = None
+        if args.max_grad_norm > 0:
+            grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+        elif self._log_due(self.state.global_step + 1, run):  # no clipping, but the logged grad_norm is still wanted
+            grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), float("inf"))
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self._event("on_pre_optimizer_step")
+        self.optimizer.step()
+        self._event("on_optimizer_step")
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return step_loss, grad_norm, learning_rate
 
-        while self.state.global_step < max_steps:
-            indices = self._epoch_indices(len(dataset), self.state.epoch)
-            batches = self._micro_batches(indices, batch_size)
-            start = self.state.batches_in_epoch
-            if start >= len(batches):
-                self._end_epoch(method)
-                continue
-            while start < len(batches) and self.state.global_step < max_steps:
-                window = batches[start : start + gas]
-                micro = [method.collate([dataset[i] for i in idx]) for idx in window]
-                if hasattr(method, "prepare_step"):
-                    micro = method.prepare_step(micro, self.state)
-                # compute_loss is already normalized over the whole step; undo accelerate's 1/GA and
-                # DDP's 1/world. accelerate's GradientState is process-wide (another trainer built later
-                # in this process overwrites it), so read the divisor it will apply, not our config.
-                # DeepSpeed's engine divides by its own configured GA instead.
-                loss_scale = world * (args.gradient_accumulation_steps if self.is_deepspeed else accelerator.gradient_accumulation_steps)
-                counts = torch.tensor(float(sum(method.count_items(b) for b in micro)), device=self.device)
-                num_items = accelerator.reduce(counts, reduction="sum") if world > 1 else counts
-                step_loss = torch.zeros((), device=self.device)
-                for i, batch in enumerate(micro):
-                    last = i == len(micro) - 1
-                    self._set_sync(last)
-                    batch = self._to_device(batch)
-                    ctx = contextlib.nullcontext() if last else accelerator.no_sync(self.model)
-                    with ctx:
-                        loss, metrics = method.compute_loss(self.model, batch, num_items)
-                        accelerator.backward(loss * loss_scale)
-                    step_loss = step_loss + loss.detach()
-                    for key, value in metrics.items():
-                        window_metrics.setdefault(key, []).append(value.detach().float())
-                    if "num_tokens" in batch:
-                        self.state.num_input_tokens_seen += int(batch["num_tokens"])
-                step = self.state.global_step + 1
-                log_now = step % args.logging_steps == 0 or step == max_steps or (step == 1 and args.logging_first_step)
-                grad_norm = None
-                if args.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
-                elif log_now:  # no clipping, but the logged grad_norm is still wanted
-                    grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), float("inf"))
-                learning_rate = self.scheduler.get_last_lr()[0]
-                self.optimizer.step()
-                self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
-                self.state.global_step += 1
-                self.state.batches_in_epoch = start = start + len(window)
-                window_losses.append(step_loss)
-                if hasattr(method, "on_step_end"):
-                    method.on_step_end(self.model, self.state)
-                if progress is not None:
-                    progress.update(1)
+    def _log_due(self, step: int, run: "_Run") -> bool:
+        args = self.args
+        if args.logging_strategy == "no":
+            return False
+        if step == run.max_steps or (step == 1 and args.logging_first_step):
+            return True
+        if args.logging_strategy == "epoch":
+            return self.state.batches_in_epoch + len(run.window) >= len(run.batches)
+        return step % args.logging_steps == 0
 
-                if log_now:
-                    # one host sync per logging step, never per micro-batch
-                    keys = sorted(window_metrics)
-                    local = torch.stack([torch.stack(window_losses).mean()] + [torch.stack(window_metrics[k]).mean() for k in keys])
-                    if world > 1:
-                        local[:1] = accelerator.reduce(local[:1].clone(), reduction="sum")  # each process holds its share of the global mean
-                        local[1:] = accelerator.reduce(local[1:].clone(), reduction="mean")
-                    values = local.tolist()
-                    now = time.perf_counter()
-                    logged = {
-                        "loss": values[0],
-                        "learning_rate": learning_rate,
-                        "grad_norm": float(grad_norm) if grad_norm is not None else None,
-                        "epoch": self.state.epoch + self.state.batches_in_epoch / max(1, len(batches)),
-                        **{k: v for k, v in zip(keys, values[1:])},
-                        "steps_per_second": len(window_losses) / max(now - last_log_time, 1e-9),
-                    }
-                    if self.state.num_input_tokens_seen > tokens_at_last_log:
-                        logged["tokens_per_second"] = (self.state.num_input_tokens_seen - tokens_at_last_log) / max(now - last_log_time, 1e-9)
-                    all_losses_sum += values[0] * len(window_losses)
-                    all_losses_n += len(window_losses)
-                    last_log_time, tokens_at_last_log = now, self.state.num_input_tokens_seen
-                    window_losses, window_metrics = [], {}
-                    self._log(logged, step)
-                    final_metrics.update(logged)
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{values[0]:.4f}")
+    def _after_step(self, method, run: "_Run", step_loss, grad_norm, learning_rate) -> None:
+        """Advance the counters, then log, evaluate and save as the strategies and callbacks decide."""
+        args = self.args
+        log_now = self._log_due(self.state.global_step + 1, run)
+        self.state.global_step += 1
+        self.state.batches_in_epoch = run.position = self.state.batches_in_epoch + len(run.window)
+        self.state.epoch = self.state.epoch_index + self.state.batches_in_epoch / max(1, len(run.batches))
+        run.window_losses.append(step_loss)
+        if callable(getattr(method, "on_step_end", None)):
+            method.on_step_end(self.model, self.state)
+        if run.progress is not None:
+            run.progress.update(1)
+        step = self.state.global_step
+        control = self.control
+        control.should_log = control.should_log or log_now
+        end_of_epoch = run.position >= len(run.batches)
+        control.should_evaluate = control.should_evaluate or (
+            (args.eval_strategy == "steps" and step % args.eval_steps == 0 and step != run.max_steps) or (args.eval_strategy == "epoch" and end_of_epoch)
+        )
+        control.should_save = control.should_save or (
+            (args.save_strategy == "steps" and step % args.save_steps == 0) or (args.save_strategy == "epoch" and end_of_epoch and step < run.max_steps)
+        )
+        self._event("on_step_end")
+        if self.control.should_log:
+            self._log_window(run, grad_norm, learning_rate)
+            self.control.should_log = False
+        if self.control.should_evaluate:
+            self._evaluate_and_log(method)
+            self.control.should_evaluate = False
+        if self.control.should_save:
+            self._save(method)
+            self.control.should_save = False
+        if args.torch_empty_cache_steps and step % args.torch_empty_cache_steps == 0 and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
-                if args.eval_strategy == "steps" and step % args.eval_steps == 0 and step != max_steps:
-                    eval_metrics = self.evaluate(method)
-                    if eval_metrics:
-                        self._log(eval_metrics, step)
-                if args.save_strategy == "steps" and step % args.save_steps == 0:
-                    save_checkpoint(self, method, step)
-            if start >= len(batches):
-                if args.eval_strategy == "epoch":
-                    self._log(self.evaluate(method), self.state.global_step)
-                if args.save_strategy == "epoch" and self.state.global_step < max_steps:
-                    save_checkpoint(self, method, self.state.global_step)
-                self._end_epoch(method)
+    def _log_window(self, run: "_Run", grad_norm, learning_rate) -> None:
+        """Log the means since the last log: one host sync per logging step, never per micro-batch."""
+        if not run.window_losses:
+            return
+        accelerator, world = self.accelerator, self.accelerator.num_processes
+        keys = sorted(run.window_metrics)
+        local = torch.stack([torch.stack(run.window_losses).mean()] + [torch.stack(run.window_metrics[k]).mean() for k in keys])
+        if world > 1:
+            local[:1] = accelerator.reduce(local[:1].clone(), reduction="sum")  # each process holds its share of the global mean
+            local[1:] = accelerator.reduce(local[1:].clone(), reduction="mean")
+        values = local.tolist()
+        now = time.perf_counter()
+        logged = {
+            "loss": values[0],
+            "learning_rate": learning_rate,
+            "grad_norm": float(grad_norm) if grad_norm is not None else None,
+            "epoch": self.state.epoch,
+            **dict(zip(keys, values[1:])),
+            "steps_per_second": len(run.window_losses) / max(now - run.last_log_time, 1e-9),
+        }
+        if self.state.num_input_tokens_seen > run.tokens_at_last_log:
+            logged["tokens_per_second"] = (self.state.num_input_tokens_seen - run.tokens_at_last_log) / max(now - run.last_log_time, 1e-9)
+            logged["num_tokens"] = float(self.state.num_input_tokens_seen)
+        run.losses_sum += values[0] * len(run.window_losses)
+        run.losses_n += len(run.window_losses)
+        run.last_log_time, run.tokens_at_last_log = now, self.state.num_input_tokens_seen
+        run.window_losses, run.window_metrics = [], {}
+        self.log(logged)
+        run.final_metrics.update(logged)
+        if run.progress is not None:
+            run.progress.set_postfix(loss=f"{values[0]:.4f}")
 
-        if progress is not None:
-            progress.close()
-        eval_metrics = self.evaluate(method)
-        if eval_metrics:
-            self._log(eval_metrics, self.state.global_step)
-            final_metrics.update(eval_metrics)
+    def _save(self, method) -> None:
+        path = save_checkpoint(self, method, self.state.global_step)
+        if self.state.best_global_step == self.state.global_step and path is not None:
+            self.state.best_model_checkpoint = path
+        self._event("on_save")
+        if self.args.push_to_hub and self.args.hub_strategy != "end" and self.is_main_process:
+            self.push_to_hub(commit_message=f"checkpoint {self.state.global_step}")
+
+    def _end_epoch(self, method, run: "_Run | None" = None) -> None:
+        if run is not None and run.batches is not None:
+            self._event("on_epoch_end")
+        self.state.epoch_index += 1
+        self.state.batches_in_epoch = 0
+        if run is not None:
+            run.position = 0
+
+    def _end_run(self, method, run: "_Run") -> TrainOutput:
+        """Final eval and save, load the best model if asked, the summary row, callbacks' ``on_train_end``."""
+        args, accelerator = self.args, self.accelerator
+        if run.progress is not None:
+            run.progress.close()
+        if run.window_losses:  # steps since the last log (a callback stopped the run, or logging_strategy='no')
+            run.losses_sum += float(torch.stack(run.window_losses).mean()) * len(run.window_losses)
+            run.losses_n += len(run.window_losses)
+            run.window_losses, run.window_metrics = [], {}
+        eval_metrics = self._evaluate_and_log(method) if not (args.eval_strategy != "no" and self._last_logged_step_has_eval()) else {}
+        run.final_metrics.update(eval_metrics)
         if args.save_strategy != "no" and not os.path.isdir(os.path.join(args.output_dir, f"checkpoint-{self.state.global_step}")):
-            save_checkpoint(self, method, self.state.global_step)
+            self._save(method)
+        if args.load_best_model_at_end and self.state.best_model_checkpoint:
+            accelerator.print(f"[posttrain] loading the best model ({args.metric_for_best_model}={self.state.best_metric:.4g}) from {self.state.best_model_checkpoint}")
+            self.load_model_weights(self.state.best_model_checkpoint)
         self.save_model(args.output_dir)
         accelerator.wait_for_everyone()
+        runtime = time.perf_counter() - run.start_time
+        training_loss = run.losses_sum / run.losses_n if run.losses_n else float("nan")
+        steps_run = self.state.global_step - run.start_step
+        summary = {
+            "train_runtime": runtime,
+            "train_samples_per_second": steps_run * run.batch_size * run.gas * accelerator.num_processes / max(runtime, 1e-9),
+            "train_steps_per_second": steps_run / max(runtime, 1e-9),
+            "total_flos": float(self.state.total_flos),
+            "train_loss": training_loss,
+        }
+        self.log(summary, summary=True)
+        self._event("on_train_end")
         if args.push_to_hub and self.is_main_process:
-            self._push_to_hub()
-        if args.report_to:
+            self.push_to_hub()
+        if args.report_to and self._trackers_started:
             accelerator.end_training()
-        training_loss = all_losses_sum / all_losses_n if all_losses_n else float("nan")
-        return TrainOutput(global_step=self.state.global_step, training_loss=training_loss, metrics=final_metrics)
+            self._trackers_started = False
+        return TrainOutput(self.state.global_step, training_loss, {**run.final_metrics, **summary})
 
-    def _end_epoch(self, method) -> None:
-        self.state.epoch += 1
-        self.state.batches_in_epoch = 0
+    def _last_logged_step_has_eval(self) -> bool:
+        """Whether the current step was already evaluated (eval_strategy hit the last step)."""
+        return any(row.get("step") == self.state.global_step and any(k.startswith("eval_") for k in row) for row in self.state.log_history[-3:])
 
-    def _push_to_hub(self) -> None:
+    def push_to_hub(self, commit_message: str = "End of training", blocking: bool = True, **kwargs) -> Any:
+        """Upload ``output_dir`` (without checkpoints, unless ``hub_strategy`` says so) to ``hub_model_id`` on the Hub."""
         from huggingface_hub import HfApi
 
-        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
-        api = HfApi()
-        api.create_repo(repo_id, exist_ok=True)
-        api.upload_folder(folder_path=self.args.output_dir, repo_id=repo_id, ignore_patterns=["checkpoint-*", "tmp-*"])
+        args = self.args
+        repo_id = args.hub_model_id or os.path.basename(os.path.abspath(args.output_dir))
+        api = HfApi(token=args.hub_token)
+        api.create_repo(repo_id, exist_ok=True, private=args.hub_private_repo)
+        ignore = [] if args.hub_strategy == "all_checkpoints" else ["checkpoint-*", "tmp-*"]
+        return api.upload_folder(folder_path=args.output_dir, repo_id=repo_id, revision=args.hub_revision, commit_message=commit_message, ignore_patterns=ignore)
+
+    _push_to_hub = push_to_hub
+
+
+@dataclass
+class _Run:
+    """What one call of :meth:`TrainingLoop.train` keeps between steps (not checkpointed: rebuilt on resume)."""
+
+    dataset: Any
+    batch_size: int
+    gas: int
+    steps_per_epoch: int = 1
+    max_steps: int = 0
+    batches: list | None = None  # the current epoch's micro-batches of example indices
+    epoch_of_batches: int = -1
+    window: list = field(default_factory=list)  # this step's micro-batches
+    position: int = 0  # micro-batches of the epoch consumed
+    progress: Any = None
+    window_losses: list = field(default_factory=list)
+    window_metrics: dict = field(default_factory=dict)
+    losses_sum: float = 0.0
+    losses_n: int = 0
+    start_time: float = 0.0
+    start_step: int = 0
+    last_log_time: float = 0.0
+    tokens_at_last_log: int = 0
+    final_metrics: dict = field(default_factory=dict)
+
+
+def _kwargs_handlers(args: TrainingConfig) -> list:
+    """accelerate kwargs handlers for the DDP and process-group fields of TrainingArguments."""
+    from datetime import timedelta
+
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    handlers = [InitProcessGroupKwargs(timeout=timedelta(seconds=args.ddp_timeout), **({"backend": args.ddp_backend} if args.ddp_backend else {}))]
+    ddp = {k: v for k, v in (("find_unused_parameters", args.ddp_find_unused_parameters), ("bucket_cap_mb", args.ddp_bucket_cap_mb),
+                            ("broadcast_buffers", args.ddp_broadcast_buffers), ("static_graph", args.ddp_static_graph)) if v is not None}
+    if ddp:
+        handlers.append(DistributedDataParallelKwargs(**ddp))
+    return handlers
+
+
+def _parse_optim_args(text: str | None) -> dict:
+    """Parse ``optim_args`` ('momentum=0.9,nesterov=True') into keyword arguments."""
+    out: dict = {}
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        key, _, value = item.partition("=")
+        try:
+            out[key.strip()] = json.loads(value.strip().lower() if value.strip() in ("True", "False") else value.strip())
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
 
 
 def _nothing_to_unwrap(accelerator, model) -> bool:

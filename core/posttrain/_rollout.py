@@ -184,6 +184,10 @@ class RolloutBackend(Protocol):
     """What the rollout engine needs from a backend (transformers, vLLM, or a plugin's)."""
 
     policy_version: int
+    #: True when the backend samples from the trained model object itself (its sampling log-probs
+    #: are then the policy's, and no trainer/sampler mismatch needs correcting); a backend that
+    #: does not say is treated as a separate sampler (False).
+    samples_from_policy: bool
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> RolloutBatch:
         """Sample ``sampling.n`` completions per prompt."""
@@ -279,6 +283,7 @@ class TransformersBackend:
     """
 
     name = "transformers"
+    samples_from_policy = True  # generate() runs the trained model object itself
 
     def __init__(self, model: Any, tokenizer: Any, *, generation_batch_size: int | None = None, accelerator: Any = None):
         if generation_batch_size is not None and (not isinstance(generation_batch_size, int) or generation_batch_size < 1):
@@ -515,6 +520,21 @@ class RolloutEngine:
     def policy_version(self) -> int:
         """Version of the weights the backend samples from (incremented by ``update_weights``)."""
         return int(self.backend.policy_version)
+
+    def set_policy_version(self, version: int) -> None:
+        """Set the policy version (when a run resumes: the restored weights are that version)."""
+        if not isinstance(version, int) or version < 0:
+            raise ValueError(f"set_policy_version: version must be a non-negative int, got {version!r}.")
+        setter = getattr(self.backend, "set_policy_version", None)
+        if callable(setter):
+            setter(version)
+        else:
+            self.backend.policy_version = version
+
+    @property
+    def samples_from_policy(self) -> bool:
+        """Whether the backend samples from the trained model itself (transformers: True; vLLM, a server: False)."""
+        return bool(getattr(self.backend, "samples_from_policy", False))
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> RolloutBatch:
         """Sample completions (see :meth:`RolloutBackend.generate`)."""

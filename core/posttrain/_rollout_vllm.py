@@ -91,6 +91,7 @@ class VLLMBackend:
     """
 
     name = "vllm"
+    samples_from_policy = False  # a separate engine: sampling log-probs come from vLLM's kernels and weight copy
 
     def __init__(
         self,

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["TrainingConfig", "config_fields", "closest_field_names", "ConfigError"]
+__all__ = ["TrainingConfig", "config_fields", "closest_field_names", "ConfigError", "as_config"]
 
 
 class ConfigError(ValueError):
@@ -90,6 +90,91 @@ class TrainingConfig:
     # > Parameters that control the maturity gate
     allow_experimental: bool = field(default=False, metadata=_help("Opt in to an experimental method from Python (CLI: --allow-experimental NAME)."))
 
+    # > Parameters of transformers.TrainingArguments that posttrain's loop honours (same names and defaults)
+    logging_strategy: str = field(default="steps", metadata=_help("'steps' (every logging_steps), 'epoch' or 'no'."))
+    eval_on_start: bool = field(default=False, metadata=_help("Evaluate once before the first step (a sanity check of the eval set)."))
+    load_best_model_at_end: bool = field(default=False, metadata=_help("Load the checkpoint with the best metric_for_best_model at the end (needs matching eval and save strategies)."))
+    metric_for_best_model: str | None = field(default=None, metadata=_help("Eval metric that ranks checkpoints ('loss' or 'eval_loss', a method metric such as 'eval_mean_token_accuracy')."))
+    greater_is_better: bool | None = field(default=None, metadata=_help("Whether a larger metric_for_best_model is better; default: False for metrics ending in 'loss', True otherwise."))
+    lr_scheduler_kwargs: dict | str | None = field(default=None, metadata=_help("Extra keyword arguments of the learning-rate schedule (e.g. {'num_cycles': 0.5})."))
+    optim: str = field(default="adamw_torch_fused", metadata=_help("Optimizer: adamw_torch_fused, adamw_torch, adamw_hf, sgd or adagrad."))
+    optim_args: str | None = field(default=None, metadata=_help("Extra optimizer arguments as 'key=value,key=value'."))
+    gradient_checkpointing_kwargs: dict | str | None = field(default=None, metadata=_help("Keyword arguments of model.gradient_checkpointing_enable (default {'use_reentrant': False})."))
+    use_cpu: bool = field(default=False, metadata=_help("Train on the CPU even when an accelerator is present."))
+    data_seed: int | None = field(default=None, metadata=_help("Seed of the data order (default: seed)."))
+    full_determinism: bool = field(default=False, metadata=_help("Call transformers.enable_full_determinism(seed): deterministic kernels, slower."))
+    tf32: bool | None = field(default=None, metadata=_help("Allow TF32 matmuls on Ampere+ GPUs (no effect on CPU)."))
+    torch_compile: bool = field(default=False, metadata=_help("Compile the model with torch.compile before training."))
+    torch_compile_backend: str | None = field(default=None, metadata=_help("torch.compile backend (default inductor)."))
+    torch_compile_mode: str | None = field(default=None, metadata=_help("torch.compile mode (default, reduce-overhead, max-autotune)."))
+    torch_empty_cache_steps: int | None = field(default=None, metadata=_help("Empty the CUDA cache every N steps (lower peak memory, slower)."))
+    neftune_noise_alpha: float | None = field(default=None, metadata=_help("NEFTune (arXiv:2310.05914): uniform noise of scale alpha/sqrt(L*d) on input embeddings while training."))
+    use_liger_kernel: bool = field(default=False, metadata=_help("Use Liger kernels where installed and supported (CUDA); otherwise a one-line warning and the PyTorch path."))
+    liger_kernel_config: dict | None = field(default=None, metadata=_help("Options for Liger kernels (used with use_liger_kernel)."))
+    save_only_model: bool = field(default=False, metadata=_help("Checkpoints hold only the model (no optimizer/scheduler/RNG): smaller, but they cannot be resumed exactly."))
+    ddp_find_unused_parameters: bool | None = field(default=None, metadata=_help("DDP find_unused_parameters (default False; True with gradient checkpointing off and unused branches)."))
+    ddp_bucket_cap_mb: int | None = field(default=None, metadata=_help("DDP gradient bucket size in MB."))
+    ddp_broadcast_buffers: bool | None = field(default=None, metadata=_help("DDP broadcast_buffers."))
+    ddp_static_graph: bool | None = field(default=None, metadata=_help("DDP static_graph."))
+    ddp_timeout: int = field(default=1800, metadata=_help("Timeout of the process group in seconds."))
+    ddp_backend: str | None = field(default=None, metadata=_help("Process-group backend (nccl, gloo, ...; default: accelerate's choice)."))
+    hub_token: str | None = field(default=None, metadata=_help("Token for push_to_hub (default: the logged-in token)."))
+    hub_private_repo: bool | None = field(default=None, metadata=_help("Create the Hub repository as private."))
+    hub_revision: str | None = field(default=None, metadata=_help("Branch to push to."))
+    hub_strategy: str = field(default="every_save", metadata=_help("'end' pushes once at the end; 'every_save' also pushes each checkpoint save (like transformers)."))
+    hub_always_push: bool = field(default=False, metadata=_help("Accepted for TrainingArguments compatibility (pushes are synchronous here)."))
+
+    # > Parameters of transformers.TrainingArguments accepted so TRL configs load; they change nothing in posttrain's loop
+    do_train: bool = field(default=False, metadata=_help("Accepted, no effect (as in transformers' Trainer: a flag for scripts)."))
+    do_eval: bool = field(default=False, metadata=_help("Accepted, no effect (as in transformers' Trainer: a flag for scripts)."))
+    do_predict: bool = field(default=False, metadata=_help("Accepted, no effect (as in transformers' Trainer: a flag for scripts)."))
+    dataloader_num_workers: int = field(default=0, metadata=_help("Accepted, no effect: posttrain collates in the training process (processed rows are already tokenized)."))
+    dataloader_pin_memory: bool = field(default=True, metadata=_help("Accepted, no effect: batches are moved with non_blocking copies."))
+    dataloader_persistent_workers: bool = field(default=False, metadata=_help("Accepted, no effect (no DataLoader workers)."))
+    dataloader_prefetch_factor: int | None = field(default=None, metadata=_help("Accepted, no effect (no DataLoader workers)."))
+    dataloader_multiprocessing_context: str | None = field(default=None, metadata=_help("Accepted, no effect (no DataLoader workers)."))
+    dataloader_in_order: bool = field(default=True, metadata=_help("Accepted, no effect: data order is a seeded permutation per epoch."))
+    accelerator_config: dict | str | None = field(default=None, metadata=_help("Accepted, no effect: posttrain shards data itself, so accelerate's dataloader options do not apply."))
+    remove_unused_columns: bool = field(default=True, metadata=_help("Accepted, no effect: methods keep the columns they need (e.g. reward-function inputs)."))
+    label_names: list[str] | None = field(default=None, metadata=_help("Accepted, no effect: each method knows its label columns."))
+    train_sampling_strategy: str = field(default="random", metadata=_help("Accepted, no effect: training order is a seeded random permutation per epoch."))
+    length_column_name: str = field(default="length", metadata=_help("Accepted, no effect (no group_by_length sampler)."))
+    average_tokens_across_devices: bool = field(default=True, metadata=_help("Accepted: posttrain always normalizes losses over the items of every process."))
+    include_num_input_tokens_seen: str | bool = field(default="no", metadata=_help("Accepted: posttrain always counts input tokens (state.num_input_tokens_seen)."))
+    label_smoothing_factor: float = field(default=0.0, metadata=_help("Accepted, no effect: each method defines its own loss (see its label_smoothing option, if any)."))
+    auto_find_batch_size: bool = field(default=False, metadata=_help("Accepted, no effect: batch size is never changed behind your back; lower per_device_train_batch_size on OOM."))
+    eval_delay: float = field(default=0, metadata=_help("Accepted, no effect."))
+    eval_accumulation_steps: int | None = field(default=None, metadata=_help("Accepted, no effect: evaluation reduces metrics on the device."))
+    prediction_loss_only: bool = field(default=False, metadata=_help("Accepted, no effect."))
+    eval_do_concat_batches: bool = field(default=True, metadata=_help("Accepted, no effect."))
+    eval_use_gather_object: bool = field(default=False, metadata=_help("Accepted, no effect."))
+    include_for_metrics: list[str] = field(default_factory=list, metadata=_help("Accepted, no effect."))
+    batch_eval_metrics: bool = field(default=False, metadata=_help("Accepted, no effect."))
+    bf16_full_eval: bool = field(default=False, metadata=_help("Accepted, no effect: evaluation runs in the training precision."))
+    fp16_full_eval: bool = field(default=False, metadata=_help("Accepted, no effect: evaluation runs in the training precision."))
+    activation_checkpointing: bool | None = field(default=None, metadata=_help("Accepted, no effect: use gradient_checkpointing."))
+    activation_checkpointing_kwargs: dict | str | None = field(default=None, metadata=_help("Accepted, no effect: use gradient_checkpointing_kwargs."))
+    use_cache: bool = field(default=False, metadata=_help("Accepted, no effect: training forwards never use the KV cache; generation does."))
+    optim_target_modules: str | list[str] | None = field(default=None, metadata=_help("Accepted, no effect (GaLore-style optimizers are not offered)."))
+    fsdp: str | None = field(default=None, metadata=_help("Accepted, no effect: configure FSDP with `accelerate launch --use_fsdp` or an accelerate config file."))
+    fsdp_config: dict | str | None = field(default=None, metadata=_help("Accepted, no effect: configure FSDP with `accelerate launch --use_fsdp` or an accelerate config file."))
+    parallelism_config: Any = field(default=None, metadata=_help("Accepted, no effect: configure parallelism with accelerate."))
+    save_on_each_node: bool = field(default=False, metadata=_help("Accepted, no effect: the main process writes shared files."))
+    enable_jit_checkpoint: bool = field(default=False, metadata=_help("Accepted, no effect."))
+    ignore_data_skip: bool = field(default=False, metadata=_help("Accepted, no effect: resume restores the exact data position without replaying batches."))
+    restore_callback_states_from_checkpoint: bool = field(default=False, metadata=_help("Accepted, no effect."))
+    log_level: str = field(default="passive", metadata=_help("Accepted, no effect."))
+    log_level_replica: str = field(default="warning", metadata=_help("Accepted, no effect."))
+    log_on_each_node: bool = field(default=True, metadata=_help("Accepted, no effect: the main process logs."))
+    logging_nan_inf_filter: bool = field(default=True, metadata=_help("Accepted, no effect: non-finite losses are logged as they are (and raise a non_finite_loss diagnostic)."))
+    project: str = field(default="huggingface", metadata=_help("Accepted, no effect (tracker project names come from run_name)."))
+    trackio_space_id: str | None = field(default=None, metadata=_help("Accepted, no effect."))
+    trackio_bucket_id: str | None = field(default=None, metadata=_help("Accepted, no effect."))
+    trackio_static_space_id: str | None = field(default=None, metadata=_help("Accepted, no effect."))
+    debug: str | list = field(default="", metadata=_help("Accepted, no effect."))
+    skip_memory_metrics: bool = field(default=True, metadata=_help("Accepted, no effect."))
+    local_rank: int = field(default=-1, metadata=_help("Accepted, no effect: the rank comes from the launcher's environment."))
+
     def __post_init__(self) -> None:
         def positive(name: str, allow_zero: bool = False) -> None:
             value = getattr(self, name)
@@ -116,10 +201,83 @@ class TrainingConfig:
             self.report_to = [] if self.report_to in ("none", "") else [self.report_to]
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ConfigError(f"save_total_limit={self.save_total_limit} is invalid: use None or >= 1.")
+        self._check_trainingarguments_fields()
+
+    def _check_trainingarguments_fields(self) -> None:
+        """Validate the transformers.TrainingArguments fields and say once which accepted ones do nothing here."""
+        for name in ("eval_strategy", "save_strategy", "logging_strategy", "hub_strategy", "lr_scheduler_type", "optim"):
+            value = getattr(self, name)
+            if hasattr(value, "value"):  # transformers' str enums (IntervalStrategy.STEPS, ...)
+                setattr(self, name, value.value)
+        if self.logging_strategy not in ("no", "steps", "epoch"):
+            raise ConfigError(f"logging_strategy={self.logging_strategy!r} is invalid: use 'no', 'steps' or 'epoch'.")
+        if self.hub_strategy not in ("end", "every_save", "checkpoint", "all_checkpoints"):
+            raise ConfigError(f"hub_strategy={self.hub_strategy!r} is invalid: use 'end', 'every_save', 'checkpoint' or 'all_checkpoints'.")
+        if self.optim not in OPTIMIZERS:
+            raise ConfigError(f"optim={self.optim!r} is not offered: use one of {', '.join(OPTIMIZERS)}.")
+        for name in ("lr_scheduler_kwargs", "gradient_checkpointing_kwargs", "accelerator_config", "fsdp_config", "activation_checkpointing_kwargs"):
+            value = getattr(self, name)
+            if isinstance(value, str) and value.strip().startswith("{"):
+                import json
+
+                try:
+                    setattr(self, name, json.loads(value))
+                except json.JSONDecodeError as exc:
+                    raise ConfigError(f"{name}={value!r} is not valid JSON ({exc.msg}): give a dict or a JSON object string.") from None
+        if self.load_best_model_at_end:
+            if self.save_strategy == "no" or self.eval_strategy != self.save_strategy:
+                raise ConfigError(
+                    f"load_best_model_at_end=True needs eval_strategy and save_strategy to match (got eval_strategy={self.eval_strategy!r}, "
+                    f"save_strategy={self.save_strategy!r}): set both to 'steps' or both to 'epoch'."
+                )
+            if self.eval_strategy == "steps" and self.save_steps % self.eval_steps != 0:
+                raise ConfigError(
+                    f"load_best_model_at_end=True needs save_steps to be a multiple of eval_steps (got save_steps={self.save_steps}, "
+                    f"eval_steps={self.eval_steps}): a checkpoint must exist at every evaluated step you may want back."
+                )
+            if self.metric_for_best_model is None:
+                self.metric_for_best_model = "loss"
+        if self.metric_for_best_model is not None and self.greater_is_better is None:
+            self.greater_is_better = not self.metric_for_best_model.endswith("loss")
+        defaults = _no_effect_defaults()
+        ignored = [
+            name for name, default in defaults.items()
+            if getattr(self, name) != default and getattr(self, name) not in (None, False, "", [], {})
+            and not (name == "accelerator_config" and not isinstance(self.accelerator_config, (dict, str)))  # TrainingArguments always builds one
+        ]
+        if ignored:
+            _warn_once(
+                "posttrain: these TrainingArguments fields are accepted but change nothing in posttrain's loop: "
+                + ", ".join(f"{n}={getattr(self, n)!r}" for n in ignored)
+                + " (see `posttrain info <method>` for why)."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """Return the config as a JSON-friendly dict (for manifests and trackers)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+#: The optimizers ``optim`` accepts (transformers' names).
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_hf", "adamw", "sgd", "adagrad")
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _WARNED:
+        _WARNED.add(message)
+        import warnings
+
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _no_effect_defaults() -> dict[str, Any]:
+    """Return ``{field: default}`` of the TrainingConfig fields documented as 'Accepted, no effect'."""
+    out = {}
+    for f in dataclasses.fields(TrainingConfig):
+        if f.metadata.get("help", "").startswith("Accepted, no effect"):
+            out[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    return out
 
 
 def config_fields(config_cls: type) -> list[dict[str, Any]]:
@@ -143,3 +301,31 @@ def closest_field_names(config_cls: type, name: str, n: int = 3) -> list[str]:
     """Return up to ``n`` field names of ``config_cls`` closest to ``name`` (for error messages)."""
     names = [f.name for f in dataclasses.fields(config_cls)]
     return difflib.get_close_matches(name, names, n=n, cutoff=0.5)
+
+
+def as_config(args: Any, config_cls: type, *, default_output_dir: str | None = None) -> Any:
+    """Return ``args`` as a ``config_cls`` instance (what a trainer does with its ``args=``).
+
+    ``None`` gives the defaults; an instance of ``config_cls`` is returned as is; a
+    ``transformers.TrainingArguments``, another config dataclass or a dict is converted field by
+    field (fields ``config_cls`` does not have are dropped, as TRL does when it turns
+    ``TrainingArguments`` into its own config).
+
+    Raises:
+        ConfigError: ``args`` is of another kind, or a value is invalid for ``config_cls``.
+    """
+    if args is None:
+        return config_cls(**({"output_dir": default_output_dir} if default_output_dir else {}))
+    if isinstance(args, config_cls):
+        return args
+    if isinstance(args, dict):
+        values = dict(args)
+    elif dataclasses.is_dataclass(args):
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(args) if f.init}
+    else:
+        raise ConfigError(f"args is a {type(args).__name__}: pass a {config_cls.__name__}(...) (or a transformers.TrainingArguments / dict of its fields).")
+    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    kept = {k: v for k, v in values.items() if k in names}
+    if kept.get("output_dir") is None:
+        kept.pop("output_dir", None)
+    return config_cls(**kept)

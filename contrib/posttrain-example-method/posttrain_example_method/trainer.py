@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from posttrain import TrainingLoop
+from posttrain import TrainerSurface, TrainingLoop, as_config
 
 from posttrain_example_method.config import TokenDropoutSFTConfig
 
@@ -28,7 +28,7 @@ def apply_token_dropout(input_ids: torch.Tensor, p: float, replacement_id: int, 
     return input_ids.masked_fill(drop, replacement_id)
 
 
-class TokenDropoutSFTTrainer:
+class TokenDropoutSFTTrainer(TrainerSurface):
     """Fine-tune a causal LM on a ``text`` column with input token dropout.
 
     Args:
@@ -44,19 +44,23 @@ class TokenDropoutSFTTrainer:
         posttrain.MethodNotAllowedError: constructed without an opt-in (the gate runs in TrainingLoop).
     """
 
-    def __init__(self, model=None, args=None, train_dataset=None, eval_dataset=None, processing_class=None, peft_config=None, allow_experimental=False):
-        self.args = args or TokenDropoutSFTConfig()
-        # The maturity gate: TrainingLoop calls posttrain._registry.ensure_activated("example_method", ...).
-        self.loop = TrainingLoop(self.args, method="example_method", allow_experimental=allow_experimental)
+    def __init__(self, model=None, args=None, train_dataset=None, eval_dataset=None, processing_class=None, peft_config=None,
+                 callbacks=None, allow_experimental=False):
+        self.args = as_config(args, TokenDropoutSFTConfig)
+        # The maturity gate: TrainingLoop calls posttrain.ensure_activated("example_method", ...).
+        self.loop = TrainingLoop(self.args, method="example_method", allow_experimental=allow_experimental, callbacks=callbacks)
         self.model, self.processing_class = self.loop.load_model(model, processing_class=processing_class, peft_config=peft_config)
         tok = self.processing_class
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.replacement_id = tok.unk_token_id if tok.unk_token_id is not None else self.pad_id
-        self.train_dataset = self._tokenize(train_dataset or [])
-        self.eval_dataset = self._tokenize(eval_dataset) if eval_dataset is not None else None
-        self.loop.setup(self.model)
+        self.train_dataset = self.process_dataset(train_dataset or [], "train_dataset")
+        self.eval_dataset = self.process_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+        self.loop.setup(self.model, method=self)  # checks this object against posttrain.MethodProtocol
 
-    def _tokenize(self, rows) -> list[dict]:
+    # train(), evaluate(), save_model(), state, callbacks: posttrain.TrainerSurface, delegated to self.loop.
+
+    def process_dataset(self, rows, name: str) -> list[dict]:
+        """Tokenize ``rows`` (also used by ``evaluate(eval_dataset=...)``)."""
         field = self.args.dataset_text_field
         out = []
         for row in rows:
@@ -86,6 +90,3 @@ class TokenDropoutSFTTrainer:
         dropped = ((batch["input_ids"] != batch["labels"]) & (batch["attention_mask"] == 1)).float().mean()
         return nll / num_items_in_batch, {"token_dropout_rate": dropped.detach()}
 
-    def train(self):
-        """Train and return the loop's summary."""
-        return self.loop.train(self)

@@ -8,8 +8,7 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
-from posttrain import MethodNotAllowedError
-from posttrain._registry import Registry, _reset_default_registry
+from posttrain import MethodNotAllowedError, Registry
 from posttrain_example_method._spec import SPEC
 from posttrain_example_method.config import TokenDropoutSFTConfig
 
@@ -17,12 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(autouse=True)
-def clean_gate(monkeypatch):
-    for var in ("POSTTRAIN_ALLOW_EXPERIMENTAL", "POSTTRAIN_STABLE_ONLY", "POSTTRAIN_DISABLE_PLUGINS"):
-        monkeypatch.delenv(var, raising=False)
-    _reset_default_registry()
+def _clean(clean_gate):  # posttrain.testing's fixture: no gate environment, a fresh registry
     yield
-    _reset_default_registry()
 
 
 @pytest.fixture

@@ -120,3 +120,18 @@ def register_method():
             return spec
 
         yield register
+
+
+@pytest.fixture
+def clean_gate(monkeypatch):
+    """Run the test with no maturity-gate environment (``POSTTRAIN_ALLOW_EXPERIMENTAL``, ...) and a fresh default registry.
+
+    Opt-ins granted in the test (activations) are forgotten when it ends.
+    """
+    from posttrain._registry import _reset_default_registry
+
+    for var in ("POSTTRAIN_ALLOW_EXPERIMENTAL", "POSTTRAIN_STABLE_ONLY", "POSTTRAIN_DISABLE_PLUGINS"):
+        monkeypatch.delenv(var, raising=False)
+    _reset_default_registry()
+    yield
+    _reset_default_registry()

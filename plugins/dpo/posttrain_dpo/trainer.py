@@ -347,7 +347,7 @@ class DPOTrainer:
             bs = args.precompute_ref_batch_size or default_bs
             for start in range(0, len(dataset), bs):
                 rows = dataset[start : start + bs]
-                batch = self.loop._to_device(self.collate(rows))
+                batch = self.loop.to_device(self.collate(rows))
                 ref_chosen, ref_rejected = self.reference_logps(self.model.to(self.loop.device), batch)
                 for row, c, r in zip(rows, ref_chosen.tolist(), ref_rejected.tolist()):
                     row["ref_chosen_logps"], row["ref_rejected_logps"] = c, r

@@ -194,7 +194,7 @@ class GRPOTrainer:
             generation_batch_size=args.generation_batch_size,
         )
         # the transformers backend samples from the trained model itself: no sampler/trainer mismatch to correct
-        self.engine_is_policy = rollout_engine is None and args.rollout_backend == "transformers"
+        self.engine_is_policy = self.engine.samples_from_policy
         self._buffer: list[dict] = []  # prepared micro-batches of the current rollout (checkpointed)
         self._buffer_uses = 0  # optimizer steps already taken on it
 
@@ -282,7 +282,7 @@ class GRPOTrainer:
         advantages, is_std_zero = compute_group_advantages(
             all_rewards, self.reward_weights, num_generations, args.scale_rewards, args.multi_objective_aggregation
         )
-        advantages, is_std_zero = advantages[local], is_std_zero[local.start // num_generations : local.stop // num_generations]
+        advantages, is_std_zero = advantages[local], is_std_zero[local]  # both per row (N,)
         for start, batch in zip(range(0, len(rollout), size), micro_batches):
             batch["advantages"] = advantages[start : start + size]  # (b,)
         if args.loss_type == "bnpo":  # BNPO normalizes by this process's step tokens, then averages over processes
@@ -478,7 +478,7 @@ class GRPOTrainer:
         self.engine.update_weights(model)  # the next rollout samples from the updated policy
 
     @torch.no_grad()
-    def evaluate(self, model, batches) -> dict[str, float]:
+    def evaluate_batches(self, model, batches) -> dict[str, float]:
         """Return the mean rewards of ``num_generations`` sampled completions per eval prompt (seeded by ``seed``)."""
         totals: dict[str, list[float]] = {}
         for i, batch in enumerate(batches):
@@ -500,7 +500,7 @@ class GRPOTrainer:
 
     def load_state_dict(self, state: dict) -> None:
         self._buffer, self._buffer_uses = list(state["buffer"]), int(state["buffer_uses"])
-        self.engine.backend.policy_version = int(state.get("policy_version", 0))
+        self.engine.set_policy_version(int(state.get("policy_version", 0)))
 
     # -------------------------------------------------------------------------- entry point
     def train(self):

@@ -352,7 +352,7 @@ class KTOTrainer:
         """Train and return a :class:`posttrain.TrainOutput`; the final model is saved to ``output_dir``."""
         return self.loop.train(self)
 
-    def evaluate(self, model, batches) -> dict[str, float]:
+    def evaluate_batches(self, model, batches) -> dict[str, float]:
         """Score ``eval_dataset``: exact class means of rewards and log-probs over the whole set (all processes)."""
         sums = torch.zeros(len(_EVAL_SUMS), device=self.loop.device)
         for batch in batches:

@@ -150,7 +150,7 @@ class RLOOTrainer:
             generation_batch_size=args.generation_batch_size,
         )
         # the transformers backend samples from the trained model itself: old log-probs equal the current ones
-        self.engine_is_policy = rollout_engine is None and args.rollout_backend == "transformers"
+        self.engine_is_policy = self.engine.samples_from_policy
         self._buffer: list[dict] = []  # prepared micro-batches of the current rollout (checkpointed)
         self._buffer_uses = 0  # optimizer steps already taken on it
 
@@ -383,9 +383,9 @@ class RLOOTrainer:
     def on_step_end(self, model, state) -> None:
         self.engine.update_weights(model)  # the next rollout samples from the updated policy
 
-    # Copied from posttrain_grpo.trainer.GRPOTrainer.evaluate
+    # Copied from posttrain_grpo.trainer.GRPOTrainer.evaluate_batches
     @torch.no_grad()
-    def evaluate(self, model, batches) -> dict[str, float]:
+    def evaluate_batches(self, model, batches) -> dict[str, float]:
         """Return the mean rewards of ``num_generations`` sampled completions per eval prompt (seeded by ``seed``)."""
         totals: dict[str, list[float]] = {}
         for i, batch in enumerate(batches):
@@ -409,7 +409,7 @@ class RLOOTrainer:
     # Copied from posttrain_grpo.trainer.GRPOTrainer.load_state_dict
     def load_state_dict(self, state: dict) -> None:
         self._buffer, self._buffer_uses = list(state["buffer"]), int(state["buffer_uses"])
-        self.engine.backend.policy_version = int(state.get("policy_version", 0))
+        self.engine.set_policy_version(int(state.get("policy_version", 0)))
 
     # -------------------------------------------------------------------------- entry point
     # Copied from posttrain_grpo.trainer.GRPOTrainer.train

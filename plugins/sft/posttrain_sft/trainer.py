@@ -14,7 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
-from posttrain import ConfigError, TrainingLoop, entropy_from_logits, selective_log_softmax
+from posttrain import ConfigError, TrainerSurface, TrainingLoop, as_config, entropy_from_logits, prompt_completion_boundary, selective_log_softmax
 from posttrain_sft.config import SFTConfig
 
 __all__ = ["SFTTrainer"]
@@ -24,7 +24,7 @@ _GENERATION_MARKER = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _FORMATS = "'text' (or your dataset_text_field), 'messages' (a list of {role, content}), or 'prompt' + 'completion'"
 
 
-class SFTTrainer:
+class SFTTrainer(TrainerSurface):
     """Fine-tune a causal LM on demonstrations with a token-level loss (TRL's ``SFTTrainer`` API).
 
     Data formats (detected from the columns):
@@ -69,25 +69,34 @@ class SFTTrainer:
         self,
         model=None,
         args: SFTConfig | None = None,
+        data_collator=None,
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
+        compute_loss_func=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        optimizer_cls_and_kwargs=None,
+        preprocess_logits_for_metrics=None,
         peft_config=None,
+        formatting_func=None,
         allow_experimental: bool = False,
     ) -> None:
-        args = args if args is not None else SFTConfig()
-        if not isinstance(args, SFTConfig):
-            raise ConfigError(f"args is a {type(args).__name__}: pass posttrain_sft.SFTConfig(...) (it has the SFT fields).")
+        args = as_config(args, SFTConfig)
         if train_dataset is None:
             raise ConfigError("train_dataset is None: pass train_dataset=... (a datasets.Dataset or a list of dicts).")
         self.args = args
-        self.loop = TrainingLoop(args, method="sft", allow_experimental=allow_experimental)
+        self.loop = TrainingLoop(args, method="sft", allow_experimental=allow_experimental, callbacks=callbacks)
         self.model, self.processing_class = self.loop.load_model(model, processing_class=processing_class, peft_config=peft_config)
         self._setup_tokenizer()
-        self.train_dataset = self._prepare_dataset(train_dataset, "train_dataset")
-        self.eval_dataset = self._prepare_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+        self.train_dataset = self.process_dataset(train_dataset, "train_dataset")
+        if isinstance(eval_dataset, dict):
+            self.eval_dataset = {key: self.process_dataset(part, f"eval_dataset[{key!r}]") for key, part in eval_dataset.items()}
+        else:
+            self.eval_dataset = self.process_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         self._use_logits_to_keep = _accepts_logits_to_keep(self.model)
-        self.loop.setup(self.model)
+        self.loop.setup(self.model, method=self)
 
     def _setup_tokenizer(self) -> None:
         """Resolve the EOS string and the pad id; reject a tokenizer that cannot do what the config asks."""
@@ -107,16 +116,8 @@ class SFTTrainer:
                     "template has none. Add the markers to tokenizer.chat_template, or set assistant_only_loss=False."
                 )
 
-    def train(self):
-        """Run training on the loop and return its ``TrainOutput`` (global_step, training_loss, metrics)."""
-        return self.loop.train(self)
-
-    def save_model(self, output_dir: str | None = None) -> None:
-        """Save the model (safetensors; an adapter for PEFT) and tokenizer to ``output_dir`` (default ``args.output_dir``)."""
-        self.loop.save_model(output_dir or self.args.output_dir)
-
     # ================================================================== dataset preparation
-    def _prepare_dataset(self, dataset, name: str) -> list[dict[str, list[int]]]:
+    def process_dataset(self, dataset, name: str) -> list[dict[str, list[int]]]:
         """Return the tokenized (and, with packing, packed) examples of ``dataset``.
 
         Each example is ``{"input_ids": [...], "labels": [...]}`` (labels ``-100`` where no loss),
@@ -206,7 +207,7 @@ class SFTTrainer:
             rendered = self._apply_chat_template(prompt + completion, row, return_assistant_tokens_mask=args.assistant_only_loss)
             full_ids = list(rendered["input_ids"])
             assistant_mask = rendered["assistant_masks"] if args.assistant_only_loss else None
-            boundary = _common_prefix_length(prompt_ids, full_ids)
+            boundary = prompt_completion_boundary(prompt_ids, full_ids)
             if boundary < len(prompt_ids):
                 warnings.warn(
                     f"{name} row {index}: the chat template renders the prompt differently alone (with the generation prompt) "
@@ -381,15 +382,6 @@ def _check_messages(messages, column: str, index: int, name: str) -> list[dict]:
 
 def _with_eos(text: str, eos_token: str) -> str:
     return text if text.endswith(eos_token) else text + eos_token
-
-
-def _common_prefix_length(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def _accepts_logits_to_keep(model) -> bool:

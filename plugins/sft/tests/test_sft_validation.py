@@ -93,10 +93,17 @@ def test_trainer_rejects_dataset_truncated_to_no_labels(tiny_model, tiny_tokeniz
 
 
 def test_trainer_rejects_wrong_args_type(tiny_model, tiny_tokenizer, tiny_datasets):
-    from posttrain import TrainingConfig
+    with pytest.raises(ConfigError, match="args is a str: pass a SFTConfig"):
+        SFTTrainer(model=tiny_model, args="sft.yaml", train_dataset=tiny_datasets["text"], processing_class=tiny_tokenizer)
 
-    with pytest.raises(ConfigError, match="args is a TrainingConfig"):
-        SFTTrainer(model=tiny_model, args=TrainingConfig(), train_dataset=tiny_datasets["text"], processing_class=tiny_tokenizer)
+
+def test_trainer_converts_plain_training_arguments_like_trl(tiny_model, tiny_tokenizer, tiny_datasets, tmp_path):
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, max_steps=1, report_to="none")
+    trainer = SFTTrainer(model=tiny_model, args=args, train_dataset=tiny_datasets["text"], processing_class=tiny_tokenizer)
+    assert type(trainer.args).__name__ == "SFTConfig"
+    assert (trainer.args.learning_rate, trainer.args.output_dir, trainer.args.max_length) == (3e-4, str(tmp_path), 1024)
 
 
 def test_spec_module_imports_no_torch():

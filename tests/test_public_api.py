@@ -1,0 +1,52 @@
+"""Plugin API 1.1: plugins use public names only, and everything they need is public."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import posttrain
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+# a private module of posttrain, a private attribute of the loop or the engine, or the engine's backend internals
+PRIVATE = re.compile(r"(from|import)\s+posttrain\._|posttrain\._[a-z]|\.loop\._[a-z]|\.engine\.backend\b|\.engine\._[a-z]")
+
+
+def _plugin_files():
+    return sorted(p for p in [*ROOT.glob("plugins/**/*.py"), *ROOT.glob("contrib/**/*.py")] if ".venv" not in p.parts)
+
+
+def test_no_shipped_plugin_or_contrib_file_touches_a_private_core_name():
+    hits = []
+    for path in _plugin_files():
+        for lineno, line in enumerate(path.read_text().splitlines(), 1):
+            if PRIVATE.search(line):
+                hits.append(f"{path.relative_to(ROOT)}:{lineno}: {line.strip()}")
+    assert not hits, "plugins must use names in posttrain.__all__ only:\n" + "\n".join(hits)
+
+
+def test_every_public_name_resolves():
+    for name in posttrain.__all__:
+        assert getattr(posttrain, name) is not None, name
+
+
+def test_plugin_api_is_1_1():
+    assert posttrain.API_VERSION == "1.1"
+
+
+def test_what_a_plugin_author_needs_is_public():
+    needed = {
+        "TrainingLoop", "TrainOutput", "TrainingState", "ensure_activated", "MethodProtocol", "OptionalMethodMembers", "check_method",
+        "MethodContractError", "TrainerSurface", "as_config", "RolloutEngine", "RolloutBackend", "RolloutBatch", "SamplingParams",
+        "compute_rewards", "resolve_reward_functions", "RewardModelFunction", "RewardFunctionError", "build_reference_model",
+        "disable_dropout", "is_peft_model", "adapter_disabled", "prompt_completion_boundary", "tokenize_prompt", "load_reward_model",
+        "build_reward_functions", "gather_across_processes", "selective_log_softmax", "entropy_from_logits", "pad",
+    }
+    assert needed <= set(posttrain.__all__), sorted(needed - set(posttrain.__all__))
+
+
+def test_importing_posttrain_and_the_protocol_stays_light():
+    code = "import sys, posttrain; posttrain.MethodProtocol; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
