@@ -317,7 +317,7 @@ def test_doctor_reports_each_problem_and_exits_nonzero(make_plugin, capsys):
     assert main(["doctor"], registry=Registry(entry_points=eps)) == 1
     out = capsys.readouterr().out
     assert "requires 'surely_not_installed_pkg', which is not importable" in out
-    assert "is not a dataclass subclass of posttrain.TrainingConfig" in out
+    assert "status error: its config" in out and "does not subclass posttrain.TrainingConfig" in out
     assert "trainer module" in out and ".missing' does not exist" in out
     assert "preset 'fast' overrides unknown field 'betta' (did you mean beta" in out
     assert "status incompatible: built for plugin API 2.0" in out
@@ -337,3 +337,55 @@ def test_train_reports_a_bad_reward_function_path_in_one_line(tiny_model_dir, tm
     err = capsys.readouterr().err
     assert code == 2
     assert "no_such_module" in err and "Traceback" not in err
+
+
+# -- the gate imports no plugin module before the opt-in (plugin API 1.1) ----------------------
+
+
+def _plugin_modules(package):
+    return sorted(name for name in sys.modules if name.startswith(package + ".") and not name.endswith("._spec"))
+
+
+def test_train_experimental_with_a_config_file_and_no_opt_in_imports_no_plugin_module(make_plugin, fake_data, tmp_path, capsys):
+    package = make_plugin("orpo", maturity="experimental")
+    registry = Registry(entry_points=[entry_point_for(package, "orpo", dist="posttrain-orpo", version="0.2.0")])
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("model_name_or_path: m\ndataset_name: d\nbeta: 0.2\n")
+    assert main(["train", "orpo", "--config", str(yaml_file)], registry=registry) == 2
+    assert "--allow-experimental orpo" in capsys.readouterr().err
+    assert _plugin_modules(package) == []  # neither config nor trainer was imported
+    assert not fake_data
+
+
+@pytest.mark.parametrize("how", ["yaml", "flag"])
+def test_train_experimental_opted_in_through_the_raw_yaml_or_field_flag_passes_the_gate(make_plugin, fake_data, tmp_path, how):
+    package = make_plugin("orpo", maturity="experimental")
+    registry = Registry(entry_points=[entry_point_for(package, "orpo", dist="posttrain-orpo", version="0.2.0")])
+    yaml_file = tmp_path / "run.yaml"
+    yaml_file.write_text("model_name_or_path: m\ndataset_name: d\n" + ("allow_experimental: true\n" if how == "yaml" else ""))
+    argv = ["train", "orpo", "--config", str(yaml_file)] + (["--allow_experimental", "true"] if how == "flag" else [])
+    with pytest.warns(UserWarning, match="is experimental"):
+        assert main(argv, registry=registry) == 0
+    assert get_activation("orpo").allowed_via == "python allow_experimental=True"
+
+
+@pytest.mark.parametrize(("kind", "message"), [("not_a_subclass", "does not subclass posttrain.TrainingConfig"), ("not_a_dataclass", "is not a dataclass")])
+def test_invalid_config_class_is_status_error_in_list_info_doctor_and_train(make_plugin, fake_data, capsys, tmp_path, kind, message):
+    package = make_plugin("sft", config_base="NotAConfig")
+    if kind == "not_a_dataclass":
+        with open(tmp_path / package / "config.py", "a") as fh:
+            fh.write("\nDemoConfig = NotAConfig\n")
+    registry = Registry(entry_points=[entry_point_for(package, "sft", dist="posttrain-sft")])
+    config_module = importlib.import_module(f"{package}.config")
+    assert main(["list"], registry=registry) == 0
+    out = capsys.readouterr().out
+    assert "error" in out and message in out and "Traceback" not in out
+    assert main(["info", "sft"], registry=registry) == 1
+    assert message in capsys.readouterr().out
+    assert main(["doctor"], registry=registry) == 1
+    assert message in capsys.readouterr().out
+    assert main(["train", "sft", "--model_name_or_path", "m"], registry=registry) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+    assert config_module  # imported for the check (a light module), the trainer never was
+    assert f"{package}.trainer" not in sys.modules

@@ -250,15 +250,20 @@ class TrainingLoop:
             dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
             if isinstance(dtype, str) and dtype != "auto":
                 dtype = getattr(torch, dtype)
-            model = auto_class.from_pretrained(name, dtype=dtype or torch.float32, **kwargs)
+            model = _from_pretrained(auto_class, name, "model", dtype=dtype or torch.float32, **kwargs)
             if processing_class is None:
-                processing_class = transformers.AutoTokenizer.from_pretrained(name)
+                processing_class = _from_pretrained(transformers.AutoTokenizer, name, "tokenizer")
         elif processing_class is None:
             name = getattr(model.config, "_name_or_path", None)
             if not name:
                 raise ConfigError("the model object has no _name_or_path: pass processing_class=tokenizer to the trainer.")
-            processing_class = transformers.AutoTokenizer.from_pretrained(name)
+            processing_class = _from_pretrained(transformers.AutoTokenizer, name, "tokenizer")
         if getattr(processing_class, "pad_token", None) is None and hasattr(processing_class, "eos_token"):
+            if processing_class.eos_token is None:
+                raise ConfigError(
+                    f"the tokenizer of {getattr(model.config, '_name_or_path', 'the model')!r} has neither a pad_token nor an eos_token: "
+                    "set tokenizer.pad_token (e.g. tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the embeddings) and pass processing_class=tokenizer."
+                )
             processing_class.pad_token = processing_class.eos_token
         if peft_config is None and args.use_peft:
             from peft import LoraConfig
@@ -354,37 +359,90 @@ class TrainingLoop:
         return self.model if self._model_is_plain() else self.accelerator.unwrap_model(self.model)
 
     def save_model(self, directory: str) -> None:
-        """Save the model (``save_pretrained``, safetensors) and tokenizer to ``directory`` (all processes call)."""
-        state_dict = None if self._model_is_plain() else self.accelerator.get_state_dict(self.model)
+        """Save the model (``save_pretrained``, safetensors) and tokenizer to ``directory`` (all processes call).
+
+        The FULL weights are written, also when FSDP or DeepSpeed ZeRO-3 shard the parameters: every
+        process takes part in gathering them and the main process writes them, so
+        ``from_pretrained(directory)`` loads the model (a PEFT model: its adapter).
+        """
+        state_dict = None
+        if not self._model_is_plain():
+            if self.is_deepspeed and self.model.zero_optimization_partition_weights():
+                # ZeRO-3: accelerate's get_state_dict refuses unless the DeepSpeed config sets
+                # stage3_gather_16bit_weights_on_model_save; the engine's consolidation (what
+                # accelerate would call) works regardless and keeps the training dtype.
+                state_dict = self.model._zero3_consolidated_16bit_state_dict()
+            else:
+                # FSDP2: get_model_state_dict(full_state_dict, cpu_offload) -> full tensors on rank 0
+                # ({} elsewhere); handing save_pretrained the sharded DTensors instead makes rank 0
+                # wait in a collective the other ranks never join.
+                state_dict = self.accelerator.get_state_dict(self.model)
         if self.is_main_process:
             self.unwrapped_model().save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(directory)
 
     def load_model_weights(self, directory: str) -> None:
-        """Load weights saved by :meth:`save_model` into the (unwrapped) model, strictly but for tied weights."""
+        """Load weights saved by :meth:`save_model` into the (unwrapped) model, strictly but for tied weights.
+
+        All processes call. Sharded parameters are handled: under FSDP2 every process loads the
+        full state dict into its own shards; under DeepSpeed ZeRO-3 the main process loads it into
+        the gathered parameters, which are then re-partitioned. Only the model changes (DeepSpeed's
+        fp32 master copies in the optimizer do not): resume goes through ``load_checkpoint``.
+        """
         from safetensors.torch import load_file
 
         model = self.unwrapped_model()
         adapter = os.path.join(directory, "adapter_model.safetensors")
-        if os.path.isfile(adapter):
-            from peft import set_peft_model_state_dict
+        is_adapter = os.path.isfile(adapter)
+        if is_adapter:
+            state_dict = load_file(adapter)
+        else:
+            files = sorted(f for f in os.listdir(directory) if f.startswith("model") and f.endswith(".safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no model*.safetensors in checkpoint {directory!r}")
+            state_dict = {}
+            for fname in files:
+                state_dict.update(load_file(os.path.join(directory, fname)))
 
-            set_peft_model_state_dict(model, load_file(adapter))
-            return
-        files = sorted(f for f in os.listdir(directory) if f.startswith("model") and f.endswith(".safetensors"))
-        if not files:
-            raise FileNotFoundError(f"no model*.safetensors in checkpoint {directory!r}")
-        state_dict: dict = {}
-        for fname in files:
-            state_dict.update(load_file(os.path.join(directory, fname)))
-        missing, unexpected = model.load_state_dict(state_dict, strict=False)
-        tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) | set(getattr(model, "_tied_weights_keys", None) or [])
-        missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
-        if missing or unexpected:
-            raise RuntimeError(f"checkpoint {directory!r} does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
-        if hasattr(model, "tie_weights"):
-            model.tie_weights()
+        def check(missing, unexpected) -> None:
+            tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) | set(getattr(model, "_tied_weights_keys", None) or [])
+            missing = [k for k in missing if k not in tied and not k.endswith("lm_head.weight")]
+            if missing or unexpected:
+                raise RuntimeError(f"checkpoint {directory!r} does not match the model: missing={missing[:5]} unexpected={unexpected[:5]}")
+
+        def load_unsharded() -> None:
+            if is_adapter:
+                from peft import set_peft_model_state_dict
+
+                set_peft_model_state_dict(model, state_dict)
+                return
+            check(*model.load_state_dict(state_dict, strict=False))
+            if hasattr(model, "tie_weights"):
+                model.tie_weights()
+
+        if getattr(self.accelerator, "is_fsdp2", False):
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+            if is_adapter:  # PEFT files name the weights without the adapter name: map them back
+                suffix = f".{model.active_adapter}"
+                names = [n for n, _ in model.named_parameters()] + [n for n, _ in model.named_buffers()]
+                by_saved_name = {n.replace(suffix, ""): n for n in names if suffix in n}
+                unknown = [k for k in state_dict if k not in by_saved_name]
+                if unknown:
+                    raise RuntimeError(f"adapter in {directory!r} does not match the model: unexpected={unknown[:5]}")
+                state_dict = {by_saved_name[k]: v for k, v in state_dict.items()}
+            result = set_model_state_dict(model, state_dict, options=StateDictOptions(full_state_dict=True, strict=False))
+            if not is_adapter:
+                check(result.missing_keys, result.unexpected_keys)
+        elif self.is_deepspeed and self.model.zero_optimization_partition_weights():
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=0):
+                if self.is_main_process:
+                    load_unsharded()
+        else:
+            load_unsharded()
 
     # ------------------------------------------------------------------ manifest & logging
     def _build_manifest(self) -> dict:
@@ -882,6 +940,19 @@ class _Run:
     last_log_time: float = 0.0
     tokens_at_last_log: int = 0
     final_metrics: dict = field(default_factory=dict)
+
+
+def _from_pretrained(auto_class, name: str, what: str, **kwargs):
+    """``auto_class.from_pretrained(name)``, with a missing directory or an unreachable Hub id as one ConfigError line."""
+    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1  # a Hub id is "name" or "org/name"
+    if looks_local and not os.path.isdir(os.path.expanduser(name)):
+        raise ConfigError(f"model {name!r} is not a directory: pass an existing local model directory, or a Hub id such as 'Qwen/Qwen2.5-0.5B'.")
+    try:
+        return auto_class.from_pretrained(name, **kwargs)
+    except OSError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        offline = " (HF_HUB_OFFLINE=1 is set: only models already in the local cache can load)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise ConfigError(f"cannot load the {what} {name!r}{offline}: {first} Check the name, your network or cache, or pass a local directory.") from None
 
 
 def _kwargs_handlers(args: TrainingConfig) -> list:

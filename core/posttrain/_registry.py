@@ -17,6 +17,8 @@ training loop writes the record's maturity and opt-in route into the run manifes
 
 from __future__ import annotations
 
+import dataclasses
+
 import contextlib
 import difflib
 import importlib
@@ -460,6 +462,34 @@ class Registry:
             f"(Python), or `from posttrain.experimental.{info.name} import ...`. See STABILITY.md."
         )
 
+    def check_config(self, info: MethodInfo) -> MethodInfo:
+        """Return ``info``, or a copy with status ``error`` when its config class is not a valid config.
+
+        Imports the spec's config module (light by contract: it may import only ``posttrain``);
+        ``posttrain train`` calls it only after the maturity gate has allowed the method, so an
+        experimental plugin's code never runs before the opt-in. A valid config class is a
+        dataclass subclass of :class:`posttrain.TrainingConfig`.
+        """
+        if info.spec is None or not info.is_loadable:
+            return info
+        path = info.spec.config
+        try:
+            config_cls = _import_path(path)
+        except Exception as exc:
+            problem = f"its config {path!r} cannot be imported: {_one_line(exc)}"
+        else:
+            from posttrain.config import TrainingConfig
+
+            if not isinstance(config_cls, type):
+                problem = f"its config {path!r} is a {type(config_cls).__name__}, not a class"
+            elif not dataclasses.is_dataclass(config_cls):
+                problem = f"its config {path!r} is not a dataclass: decorate it with @dataclass(kw_only=True)"
+            elif not issubclass(config_cls, TrainingConfig):
+                problem = f"its config {path!r} does not subclass posttrain.TrainingConfig: derive it from TrainingConfig"
+            else:
+                return info
+        return dataclasses.replace(info, status="error", error=f"{problem} (fix the plugin {info.distribution} {info.version})")
+
     def activate(self, name: str, *, allow_experimental: bool = False, via: str = "python") -> Activation:
         """Check the gate, then import the method's trainer and config classes.
 
@@ -480,6 +510,9 @@ class Registry:
             ImportError: the trainer or config path cannot be imported (the message names the plugin).
         """
         info, allowed_via = self.check_allowed(name, allow_experimental=allow_experimental, via=via)
+        checked = self.check_config(info)
+        if checked.status == "error":
+            raise MethodNotAllowedError(f"posttrain method {info.name!r} ({info.distribution} {info.version}) cannot be used: status error: {checked.error}")
         spec = info.spec  # loadable infos always carry their spec
         if spec.maturity == "experimental" and spec.name not in _WARNED_EXPERIMENTAL:
             _WARNED_EXPERIMENTAL.add(spec.name)

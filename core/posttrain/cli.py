@@ -297,11 +297,23 @@ def _split_train_tokens(tokens: Sequence[str]) -> tuple[dict[str, Any], list[str
     return options, rest
 
 
+def _raw_allow_experimental(yaml_values: dict[str, Any], field_tokens: Sequence[str]) -> bool:
+    """Return whether the YAML or a ``--allow_experimental VALUE`` flag opts in (read without the config class)."""
+    value: Any = yaml_values.get("allow_experimental", False)
+    for i, token in enumerate(field_tokens):
+        flag, has_value, inline = token.partition("=")
+        if flag == "--allow_experimental":
+            value = inline if has_value else (field_tokens[i + 1] if i + 1 < len(field_tokens) and not field_tokens[i + 1].startswith("--") else "true")
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return value is True
+
+
 # -- commands ---------------------------------------------------------------------------------
 
 
 def _cmd_list(args: argparse.Namespace, registry: Registry) -> int:
-    infos = registry.list_methods()
+    infos = [registry.check_config(info) for info in registry.list_methods()]
     if args.format == "json":
         payload = {"schema_version": 1, "methods": [info.to_dict(presets=args.presets) for info in infos]}
         print(json.dumps(payload, indent=2))
@@ -328,7 +340,7 @@ def _format_default(value: Any) -> str:
 
 
 def _cmd_info(args: argparse.Namespace, registry: Registry) -> int:
-    info = registry.get_info(args.method)
+    info = registry.check_config(registry.get_info(args.method))
     spec = info.spec
     print(f"{info.name}: {info.summary or '(no summary)'}")
     print(f"  status:       {info.status}" + (f" ({info.error})" if info.error else ""))
@@ -348,6 +360,8 @@ def _cmd_info(args: argparse.Namespace, registry: Registry) -> int:
         print(f"      overrides: {overrides or '-'}")
         if preset.paper:
             print(f"      paper: {preset.paper}")
+    if not info.is_loadable:
+        return 1
     try:
         config_cls = _import_path(spec.config)
         fields = config_fields(config_cls)
@@ -370,8 +384,16 @@ def _cmd_train(args: argparse.Namespace, registry: Registry) -> int:
     yaml_values, env = _read_yaml(options["config"]) if options["config"] else ({}, {})
     for key, value in env.items():  # the shell's environment wins, like flags over YAML
         os.environ.setdefault(key, value)
-    # Refuse broken methods (and experimental ones under POSTTRAIN_STABLE_ONLY) before importing anything.
-    registry.check_allowed(info.name, allow_experimental=True, via="cli")
+    # The gate runs on the flags, the environment and the raw YAML/flag values, before any module of
+    # the plugin (its config included) is imported: an experimental method without an opt-in never
+    # runs a line of its code.
+    opted_in = {name.replace("-", "_") for name in options["allow_experimental"]}
+    by_flag = info.name in opted_in or "all" in opted_in
+    raw_opt_in = _raw_allow_experimental(yaml_values, field_tokens)
+    registry.check_allowed(info.name, allow_experimental=by_flag or raw_opt_in, via="cli" if by_flag else "python")
+    checked = registry.check_config(info)
+    if checked.status == "error":
+        raise UsageError(f"posttrain method {info.name!r} cannot be used: {checked.error}")
     config_cls = _import_path(info.spec.config)
     config = build_config(
         config_cls,
@@ -380,8 +402,6 @@ def _cmd_train(args: argparse.Namespace, registry: Registry) -> int:
         yaml_values=yaml_values,
         cli_values=parse_field_args(config_cls, field_tokens),
     )
-    opted_in = {name.replace("-", "_") for name in options["allow_experimental"]}
-    by_flag = info.name in opted_in or "all" in opted_in
     if by_flag:
         config.allow_experimental = True
     activation = registry.activate(info.name, allow_experimental=config.allow_experimental, via="cli" if by_flag else "python")
@@ -401,7 +421,8 @@ def _cmd_train(args: argparse.Namespace, registry: Registry) -> int:
         # bad data, a bad --reward_funcs path, ...: one line, unless the traceback is asked for
         if os.environ.get("POSTTRAIN_DEBUG"):
             raise
-        raise UsageError(f"{type(exc).__name__}: {exc} (set POSTTRAIN_DEBUG=1 for the traceback)") from None
+        kind = "" if isinstance(exc, ConfigError) else f"{type(exc).__name__}: "
+        raise UsageError(f"{kind}{exc} (set POSTTRAIN_DEBUG=1 for the traceback)") from None
     trainer.train()
     return 0
 
@@ -497,7 +518,7 @@ def _cmd_doctor(args: argparse.Namespace, registry: Registry) -> int:
     if not infos:
         print("No posttrain methods installed.")
     for info in infos:
-        problems = _doctor_problems(info)
+        problems = _doctor_problems(registry.check_config(info))
         label = f"{info.name} ({info.distribution} {info.version}, {info.maturity or '?'})"
         print(("FAIL  " if problems else "ok    ") + label)
         for problem in problems:

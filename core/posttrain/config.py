@@ -239,7 +239,7 @@ class TrainingConfig:
                 self.metric_for_best_model = "loss"
         if self.metric_for_best_model is not None and self.greater_is_better is None:
             self.greater_is_better = not self.metric_for_best_model.endswith("loss")
-        defaults = _no_effect_defaults()
+        defaults = _no_effect_defaults(type(self))
         ignored = [
             name for name, default in defaults.items()
             if getattr(self, name) != default and getattr(self, name) not in (None, False, "", [], {})
@@ -271,10 +271,14 @@ def _warn_once(message: str) -> None:
         warnings.warn(message, UserWarning, stacklevel=4)
 
 
-def _no_effect_defaults() -> dict[str, Any]:
-    """Return ``{field: default}`` of the TrainingConfig fields documented as 'Accepted, no effect'."""
+def _no_effect_defaults(config_cls: type) -> dict[str, Any]:
+    """Return ``{field: default}`` of the fields of ``config_cls`` whose help starts with 'Accepted, no effect'.
+
+    A method config documents a TRL field it cannot honour the same way, and gets the same
+    one-time warning when a user sets it.
+    """
     out = {}
-    for f in dataclasses.fields(TrainingConfig):
+    for f in dataclasses.fields(config_cls):
         if f.metadata.get("help", "").startswith("Accepted, no effect"):
             out[f.name] = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
     return out
