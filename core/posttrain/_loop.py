@@ -128,7 +128,7 @@ class TrainingLoop:
         posttrain.ConfigError: an option is impossible on this machine (e.g. fp16 on CPU).
     """
 
-    def __init__(self, args: TrainingConfig, *, method: str, allow_experimental: bool = False, callbacks=None) -> None:
+    def __init__(self, args: TrainingConfig, *, method: str, allow_experimental: bool = False, callbacks=None, compute_metrics=None) -> None:
         self.activation = ensure_activated(method, allow_experimental=allow_experimental or args.allow_experimental)
         self.args = args
         self.method_name = method
@@ -153,6 +153,9 @@ class TrainingLoop:
         self.control = TrainerControl()
         #: transformers ``TrainerCallback`` objects (``callbacks=`` of the trainer, ``add_callback``)
         self.callbacks = CallbackList(callbacks)
+        #: ``compute_metrics(EvalPrediction) -> dict`` (transformers' convention), run on every evaluation;
+        #: the method must define ``eval_predictions(model, batch)``
+        self.compute_metrics = compute_metrics
         self._checked = False  # the method passed check_method
         self._trackers_started = False
         self.model = None  # the prepared (possibly wrapped) model, set in setup()
@@ -284,6 +287,12 @@ class TrainingLoop:
             if peft_config is not None:
                 model.enable_input_require_grads()
             model.config.use_cache = False
+        if hasattr(model, "add_model_tags"):  # shown on the Hub model card; "trl" because TRL users filter by it
+            model.add_model_tags(["posttrain", self.method_name, "trl"])
+        if args.use_liger_kernel:
+            _apply_liger_kernel(model, args)
+        if args.neftune_noise_alpha:
+            _attach_neftune(model, args.neftune_noise_alpha)
         self.processing_class = processing_class
         return model, processing_class
 
@@ -498,7 +507,6 @@ class TrainingLoop:
         self.state.log_history.append(row)
         self.control = self.callbacks.call("on_log", self.args, self.state, self.control, logs=dict(metrics), **self._callback_objects())
 
-    _log = log  # the name used before 1.1
 
     def _truncate_metrics_log(self, step: int) -> None:
         """After a resume, drop logged lines beyond ``step`` (they belong to the interrupted run)."""
@@ -550,6 +558,8 @@ class TrainingLoop:
             result = method.evaluate_batches(model, (self.to_device(method.collate([dataset[i] for i in b])) for b in batches))
         else:
             result = self._mean_loss_and_metrics(method, model, dataset, batches)
+        if self.compute_metrics is not None:
+            result.update(self._computed_metrics(method, model, dataset, batches))
         if was_training:
             model.train()
         runtime = time.perf_counter() - start
@@ -571,6 +581,28 @@ class TrainingLoop:
         if self.accelerator.num_processes > 1:
             stacked = self.accelerator.reduce(stacked, reduction="sum")
         return {k: (stacked[i] / stacked[-1].clamp(min=1)).item() for i, k in enumerate(keys)}
+
+    def _computed_metrics(self, method, model, dataset, batches) -> dict[str, float]:
+        """Run the user's ``compute_metrics`` on every process's ``method.eval_predictions``, concatenated (padded with -100)."""
+        from transformers import EvalPrediction
+
+        from posttrain._ops import pad
+
+        predict = getattr(method, "eval_predictions", None)
+        if not callable(predict):
+            raise ConfigError(f"compute_metrics is not supported by the {self.method_name!r} method: it defines no eval_predictions(model, batch).")
+        predictions, labels = [], []
+        for b in batches:
+            p, l = predict(model, self.to_device(method.collate([dataset[i] for i in b])))
+            predictions.extend(p.detach().float().cpu())
+            labels.extend(l.detach().cpu())
+        preds = pad(predictions, padding_value=-100) if predictions and predictions[0].dim() else torch.stack(predictions)
+        labs = pad(labels, padding_value=-100) if labels and labels[0].dim() else torch.stack(labels)
+        if self.accelerator.num_processes > 1:
+            preds = self.accelerator.gather(self.accelerator.pad_across_processes(preds.to(self.device), dim=1, pad_index=-100)).cpu()
+            labs = self.accelerator.gather(self.accelerator.pad_across_processes(labs.to(self.device), dim=1, pad_index=-100)).cpu()
+        metrics = self.compute_metrics(EvalPrediction(predictions=preds.numpy(), label_ids=labs.numpy()))
+        return {k.removeprefix("eval_"): float(v) for k, v in (metrics or {}).items()}
 
     def _evaluate_and_log(self, method) -> dict[str, float]:
         metrics = self.evaluate(method)
@@ -666,6 +698,8 @@ class TrainingLoop:
         # model before optimizer (the optimizer needs the final parameters), optimizer before prepare.
         optimizer = self._build_optimizer(self.model)
         self.scheduler = self._build_scheduler(optimizer, run.max_steps)
+        if args.torch_compile and not hasattr(self.model, "_orig_mod"):
+            self.model = torch.compile(self.model, backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode)
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
         self.model.train()
         self.manifest = self._build_manifest()
@@ -914,7 +948,6 @@ class TrainingLoop:
         ignore = [] if args.hub_strategy == "all_checkpoints" else ["checkpoint-*", "tmp-*"]
         return api.upload_folder(folder_path=args.output_dir, repo_id=repo_id, revision=args.hub_revision, commit_message=commit_message, ignore_patterns=ignore)
 
-    _push_to_hub = push_to_hub
 
 
 @dataclass
@@ -953,6 +986,34 @@ def _from_pretrained(auto_class, name: str, what: str, **kwargs):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         offline = " (HF_HUB_OFFLINE=1 is set: only models already in the local cache can load)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise ConfigError(f"cannot load the {what} {name!r}{offline}: {first} Check the name, your network or cache, or pass a local directory.") from None
+
+
+def _apply_liger_kernel(model, args: TrainingConfig) -> None:
+    """Patch ``model`` with Liger kernels when liger-kernel is installed and a CUDA GPU trains; otherwise say so once."""
+    import importlib.util
+    import warnings
+
+    if not torch.cuda.is_available() or args.use_cpu or importlib.util.find_spec("liger_kernel") is None:
+        why = "liger-kernel is not installed" if importlib.util.find_spec("liger_kernel") is None else "Liger's Triton kernels need a CUDA GPU"
+        warnings.warn(f"use_liger_kernel=True: {why}; training uses the PyTorch path (same numerics).", UserWarning, stacklevel=3)
+        return
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    _apply_liger_kernel_to_instance(model=base, **(args.liger_kernel_config or {}))
+
+
+def _attach_neftune(model, alpha: float) -> None:
+    """NEFTune (Jain et al. 2023, arXiv:2310.05914): add uniform noise of scale alpha / sqrt(L * d) to input embeddings while training."""
+    embeddings = model.get_input_embeddings()
+
+    def hook(module, inputs, output):
+        if module.training:
+            scale = alpha / math.sqrt(output.size(-2) * output.size(-1))
+            output = output + torch.zeros_like(output).uniform_(-scale, scale)
+        return output
+
+    embeddings.register_forward_hook(hook)
 
 
 def _kwargs_handlers(args: TrainingConfig) -> list:

@@ -85,6 +85,10 @@ class OptionalMethodMembers(Protocol):
         """
         ...
 
+    def eval_predictions(self, model: Any, batch: dict) -> tuple[Any, Any]:
+        """Return ``(predictions, label_ids)`` tensors of one eval batch, for a user's ``compute_metrics`` (rows first)."""
+        ...
+
     def process_dataset(self, dataset: Any, name: str) -> Any:
         """Return a raw dataset processed like the trainer's own (used by ``trainer.evaluate(eval_dataset=...)``)."""
         ...
@@ -92,7 +96,7 @@ class OptionalMethodMembers(Protocol):
 
 #: member -> number of positional arguments after ``self``
 REQUIRED_MEMBERS = {"collate": 1, "count_items": 1, "compute_loss": 3}
-OPTIONAL_MEMBERS = {"prepare_step": 2, "on_step_end": 2, "state_dict": 0, "load_state_dict": 1, "evaluate_batches": 2, "process_dataset": 2}
+OPTIONAL_MEMBERS = {"prepare_step": 2, "on_step_end": 2, "state_dict": 0, "load_state_dict": 1, "evaluate_batches": 2, "eval_predictions": 2, "process_dataset": 2}
 
 
 class MethodContractError(TypeError):

@@ -12,6 +12,7 @@ Fixtures:
     isolated_registry: a fresh empty ``posttrain.Registry`` (no installed plugins).
     register_method: ``register_method(spec, distribution=..., version=...)`` makes a spec visible
         to the default registry until the test ends.
+    clean_gate: no maturity-gate environment variables and a fresh default registry for one test.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ __all__ = ["TOY_SPEC", "ToyConfig", "ToyLMTrainer", "toy_sequences"]
 TOY_SPEC = MethodSpec(
     name="toy_lm",
     maturity="stable",
-    plugin_api="1.0",
+    plugin_api="1.1",
     summary="Next-token NLL on token-id sequences (core test method).",
     family="sft",
     trainer="posttrain.testing._toy:ToyLMTrainer",
@@ -41,19 +41,36 @@ def toy_sequences(n: int = 32, vocab: int = 500, seed: int = 0, min_len: int = 3
     return [{"input_ids": [rng.randrange(3, vocab) for _ in range(rng.randint(min_len, max_len))]} for _ in range(n)]
 
 
-class ToyLMTrainer:
+from posttrain._surface import TrainerSurface  # noqa: E402  (light: no torch)
+
+
+class ToyLMTrainer(TrainerSurface):
     """Train a causal LM with token-level NLL on ``{"input_ids"}`` rows through the core loop."""
 
-    def __init__(self, model=None, args=None, train_dataset=None, eval_dataset=None, processing_class=None, peft_config=None, allow_experimental=False):
+    def __init__(self, model=None, args=None, train_dataset=None, eval_dataset=None, processing_class=None, peft_config=None,
+                 callbacks=None, compute_metrics=None, allow_experimental=False):
         from posttrain._loop import TrainingLoop
+        from posttrain.config import as_config
 
-        self.args = args or ToyConfig()
-        self.loop = TrainingLoop(self.args, method="toy_lm", allow_experimental=allow_experimental)
+        self.args = as_config(args, ToyConfig)
+        self.loop = TrainingLoop(self.args, method="toy_lm", allow_experimental=allow_experimental, callbacks=callbacks, compute_metrics=compute_metrics)
         self.model, self.processing_class = self.loop.load_model(model, processing_class=processing_class, peft_config=peft_config)
-        self.train_dataset = list(train_dataset or [])
-        self.eval_dataset = list(eval_dataset) if eval_dataset is not None else None
+        self.train_dataset = self.process_dataset(train_dataset or [], "train_dataset")
+        if isinstance(eval_dataset, dict):
+            self.eval_dataset = {k: self.process_dataset(v, k) for k, v in eval_dataset.items()}
+        else:
+            self.eval_dataset = self.process_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         self.pad_id = self.processing_class.pad_token_id
-        self.loop.setup(self.model)
+        self.loop.setup(self.model, method=self)
+
+    def process_dataset(self, rows, name: str) -> list[dict]:
+        return [{"input_ids": list(r["input_ids"])} for r in rows]
+
+    def eval_predictions(self, model, batch: dict):
+        """Greedy next-token predictions and their labels (-100 where padded), for compute_metrics."""
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
+        labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)  # (B, T-1)
+        return logits[:, :-1].argmax(-1), labels
 
     def collate(self, rows: list[dict]) -> dict:
         import torch
@@ -76,6 +93,3 @@ class ToyLMTrainer:
         labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)  # (B, T-1)
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
         return nll / num_items_in_batch, {}
-
-    def train(self):
-        return self.loop.train(self)
