@@ -253,14 +253,16 @@ class TrainingLoop:
             dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
             if isinstance(dtype, str) and dtype != "auto":
                 dtype = getattr(torch, dtype)
+            if args.trust_remote_code:
+                kwargs.setdefault("trust_remote_code", True)
             model = _from_pretrained(auto_class, name, "model", dtype=dtype or torch.float32, **kwargs)
             if processing_class is None:
-                processing_class = _from_pretrained(transformers.AutoTokenizer, name, "tokenizer")
+                processing_class = _from_pretrained(transformers.AutoTokenizer, name, "tokenizer", trust_remote_code=args.trust_remote_code)
         elif processing_class is None:
             name = getattr(model.config, "_name_or_path", None)
             if not name:
                 raise ConfigError("the model object has no _name_or_path: pass processing_class=tokenizer to the trainer.")
-            processing_class = _from_pretrained(transformers.AutoTokenizer, name, "tokenizer")
+            processing_class = _from_pretrained(transformers.AutoTokenizer, name, "tokenizer", trust_remote_code=args.trust_remote_code)
         if getattr(processing_class, "pad_token", None) is None and hasattr(processing_class, "eos_token"):
             if processing_class.eos_token is None:
                 raise ConfigError(

@@ -120,6 +120,8 @@ def build_reference_model(
         import transformers
 
         kwargs = dict(model_init_kwargs or {})
+        if getattr(loop.args, "trust_remote_code", False):
+            kwargs.setdefault("trust_remote_code", True)
         dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
         policy_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         auto_class = auto_class or transformers.AutoModelForCausalLM
@@ -192,8 +194,10 @@ def load_reward_model(spec: Any, tokenizer: Any = None, *, loop: Any, model_init
 
     if isinstance(spec, str):
         kwargs = dict(model_init_kwargs or {})
+        if getattr(loop.args, "trust_remote_code", False):
+            kwargs.setdefault("trust_remote_code", True)
         dtype = resolve_dtype(kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None), torch.float32)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(spec)
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(spec, trust_remote_code=kwargs.get("trust_remote_code", False))
         spec = AutoModelForSequenceClassification.from_pretrained(spec, num_labels=1, dtype=dtype, **kwargs)
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(spec.config._name_or_path)

@@ -37,6 +37,7 @@ class TrainingConfig:
     model_name_or_path: str | None = field(default=None, metadata=_help("Hub id or local directory of the model; used when the trainer gets no model object (CLI)."))
     model_init_kwargs: dict | None = field(default=None, metadata=_help("Keyword arguments for from_pretrained when the model is given by name (e.g. {'dtype': 'bfloat16'})."))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations in backward to save memory (slower)."))
+    trust_remote_code: bool = field(default=False, metadata=_help("Allow models and tokenizers loaded by name to run code from their repository (TRL's trust_remote_code)."))
 
     # > Parameters that control PEFT (used when the trainer gets no peft_config)
     use_peft: bool = field(default=False, metadata=_help("Train a LoRA adapter instead of all weights."))
