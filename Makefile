@@ -43,3 +43,9 @@ list: install
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache
+
+.PHONY: trl-compat
+
+# TRL-compatibility suite: TRL's own trainer tests against posttrain (see tests/trl_compat/README.md)
+trl-compat: install
+	$(BIN)/python -m tests.trl_compat.run --target posttrain
