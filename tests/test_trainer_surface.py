@@ -107,7 +107,8 @@ def test_evaluate_takes_a_new_dataset_and_a_dict_of_datasets(toy, tiny_model, ti
     assert one["eval_loss"] > 0 and one["eval_runtime"] > 0
     two = trainer.evaluate(eval_dataset={"a": toy_sequences(4, seed=1, vocab=len(tiny_tokenizer)), "b": toy_sequences(4, seed=2, vocab=len(tiny_tokenizer))})
     assert two["eval_a_loss"] != two["eval_b_loss"]
-    assert trainer.state.log_history[-1]["eval_a_loss"] == two["eval_a_loss"]  # evaluate() logs, as in transformers
+    assert trainer.state.log_history[-2]["eval_a_loss"] == two["eval_a_loss"]  # evaluate() logs one row per set, as transformers
+    assert "eval_a_loss" not in trainer.state.log_history[-1] and trainer.state.log_history[-1]["eval_b_loss"] == two["eval_b_loss"]
 
 
 def test_eval_on_start_and_named_eval_sets_during_training(toy, tiny_model, tiny_tokenizer, tmp_path):
@@ -195,3 +196,17 @@ def test_loop_setup_checks_the_method(toy, tiny_model, tmp_path):
     loop = TrainingLoop(ToyConfig(output_dir=str(tmp_path)), method="toy_lm")
     with pytest.raises(MethodContractError, match="has no 'count_items'"):
         loop.setup(tiny_model, method=_NoCountItems())
+
+
+def test_user_optimizer_and_optimizer_class(toy, tiny_model, tiny_tokenizer, tmp_path):
+    optimizer = torch.optim.SGD(tiny_model.parameters(), lr=0.5)
+    trainer = ToyLMTrainer(model=tiny_model, args=ToyConfig(output_dir=str(tmp_path / "a"), max_steps=1, save_strategy="no", disable_tqdm=True),
+                           train_dataset=toy_sequences(8, vocab=len(tiny_tokenizer)), processing_class=tiny_tokenizer)
+    trainer.loop._given_optimizer = optimizer  # what TrainingLoop(optimizers=(optimizer, None)) sets
+    trainer.train()
+    assert trainer.loop.optimizer.optimizer is optimizer if hasattr(trainer.loop.optimizer, "optimizer") else trainer.loop.optimizer is optimizer
+    loop = TrainingLoop(ToyConfig(output_dir=str(tmp_path / "b")), method="toy_lm", optimizer_cls_and_kwargs=(torch.optim.Adagrad, {"lr_decay": 0.1}))
+    built = loop._build_optimizer(tiny_model)
+    assert isinstance(built, torch.optim.Adagrad) and built.defaults["lr_decay"] == 0.1
+    with pytest.raises(ValueError, match="either optimizers"):
+        TrainingLoop(ToyConfig(output_dir=str(tmp_path / "c")), method="toy_lm", optimizers=(optimizer, None), optimizer_cls_and_kwargs=(torch.optim.SGD, {}))

@@ -69,9 +69,7 @@ class TrainerSurface:
             processed = {name: self._process_for_eval(part, f"eval_dataset[{name!r}]") for name, part in eval_dataset.items()}
         else:
             processed = self._process_for_eval(eval_dataset, "eval_dataset")
-        metrics = self.loop.evaluate(self, processed, metric_key_prefix=metric_key_prefix)
-        self.loop.record_evaluation(metrics, track_best=metric_key_prefix == "eval")
-        return metrics
+        return self.loop.evaluate_and_record(self, processed, metric_key_prefix=metric_key_prefix)
 
     def _processed_eval_dataset(self):
         """The trainer's processed eval set (a trainer that keeps raw and processed sets apart overrides this)."""

@@ -74,7 +74,7 @@ class TrainingConfig:
 
     # > Parameters that control logging and evaluation
     logging_steps: int = field(default=10, metadata=_help("Log metrics every N optimizer steps (to metrics.jsonl, trackers and the progress bar)."))
-    logging_first_step: bool = field(default=True, metadata=_help("Also log after the first step."))
+    logging_first_step: bool = field(default=False, metadata=_help("Also log after the first step (transformers' and TRL's default: off)."))
     report_to: list[str] | str = field(default="none", metadata=_help("Trackers: 'none', 'all', or names such as tensorboard, wandb, mlflow, trackio."))
     eval_strategy: str = field(default="no", metadata=_help("'no', 'steps' (every eval_steps) or 'epoch'. An eval dataset is always scored at the end."))
     eval_steps: int | None = field(default=None, metadata=_help("Evaluate every N steps when eval_strategy='steps' (default: logging_steps)."))

@@ -6,6 +6,8 @@ field's help and in docs/methods/dpo.md.
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import warnings
 from dataclasses import dataclass, field
 
@@ -41,17 +43,54 @@ def _help(text: str) -> dict:
     return {"help": text}
 
 
+def _resolve_pad_to_multiple_of(value):
+    """Return ``pad_to_multiple_of`` as an int or None: 'auto' is 128 on AWS Neuron (one compilation per shape), else None."""
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if text == "auto":
+            return 128 if importlib.util.find_spec("torch_neuronx") is not None else None
+        if text in ("none", "null", ""):
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            raise ConfigError(f"pad_to_multiple_of={value!r} is invalid: use a positive integer, 'auto' or None.") from None
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConfigError(f"pad_to_multiple_of={value!r} is invalid: use a positive integer, 'auto' or None.")
+    return value
+
+
 @dataclass(kw_only=True)
 class DPOConfig(TrainingConfig):
     """Settings of DPO training (field names and defaults follow TRL 1.16's ``DPOConfig``)."""
 
-    # > Parameters whose defaults differ from TrainingConfig
+    # > Parameters whose defaults differ from TrainingConfig (TRL 1.16's DPOConfig values)
     learning_rate: float = field(default=1e-6, metadata=_help("Peak learning rate of AdamW (TRL's DPO default)."))
+    gradient_checkpointing: bool = field(
+        default=True, metadata=_help("Recompute activations in backward to save memory (TRL's default for DPO: on).")
+    )
+    logging_first_step: bool = field(
+        default=False, metadata=_help("Also log after the first step (TRL/transformers default: off; the last step is always logged).")
+    )
 
     # > Parameters that control the model
+    trust_remote_code: bool = field(
+        default=False,
+        metadata=_help("Allow loading models (policy and a reference given by name) whose Hub repository ships custom Python code."),
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata=_help(
+            "Weight of the Mixture-of-Experts load-balancing auxiliary loss added to the DPO loss; None = the model "
+            "config's router_aux_loss_coef, 0.0 = off. Setting it for a non-MoE model is an error."
+        ),
+    )
     disable_dropout: bool = field(default=True, metadata=_help("Set every dropout probability in the policy and reference to 0."))
 
     # > Parameters that control the data preprocessing
+    dataset_num_proc: int | None = field(
+        default=None, metadata=_help("Accepted, no effect: rows are tokenized in the training process (one pass, before training).")
+    )
     max_length: int | None = field(
         default=1024,
         metadata=_help(
@@ -68,19 +107,54 @@ class DPOConfig(TrainingConfig):
     )
     truncation_mode: str = field(
         default="keep_start",
-        metadata=_help("How max_length truncates: 'keep_start' (drop the end) or 'keep_end' (drop the start)."),
+        metadata=_help("How max_length truncates: 'keep_start' (drop the end) or 'keep_end' (drop the start; deprecated in TRL 1.16)."),
     )
-    pad_to_multiple_of: int | None = field(default=None, metadata=_help("Pad batches to a multiple of this length."))
+    padding_free: bool = field(
+        default=False,
+        metadata=_help(
+            "Accepted, no effect: as in TRL 1.16 (where padding-free DPO is temporarily unavailable and falls back to "
+            "padding), batches are right-padded."
+        ),
+    )
+    pad_to_multiple_of: int | str | None = field(
+        default="auto",
+        metadata=_help("Pad batches to a multiple of this length; 'auto' = 128 on AWS Neuron devices, no padding elsewhere (TRL 1.16)."),
+    )
+    pad_token: str | None = field(
+        default=None,
+        metadata=_help("Deprecated (as in TRL 1.16): the padding token; set tokenizer.pad_token and pass processing_class= instead."),
+    )
+    tools: list | None = field(
+        default=None,
+        metadata=_help(
+            "Tool schemas (JSON-schema dicts) given to the chat template of conversational rows that have no 'tools' "
+            "column of their own (TRL < 1.0's DPOConfig.tools)."
+        ),
+    )
+    use_logits_to_keep: bool = field(
+        default=False,
+        metadata=_help(
+            "Compute the LM head only from the batch's first completion token on (logits_to_keep), saving memory on "
+            "long prompts; identical log-probs (TRL < 1.0's DPOConfig.use_logits_to_keep)."
+        ),
+    )
     precompute_ref_log_probs: bool = field(
         default=False,
         metadata=_help(
             "Compute the reference log-probs of every train and eval pair once, before training, and store them in the "
-            "rows; the reference model is then freed (unless given explicitly)."
+            "rows; no reference copy is kept (an explicit ref_model is moved to the CPU)."
         ),
     )
     precompute_ref_batch_size: int | None = field(
         default=None,
         metadata=_help("Batch size of the reference precompute; None = per_device_train_batch_size (train) / per_device_eval_batch_size (eval)."),
+    )
+    generate_during_eval: bool = field(
+        default=False,
+        metadata=_help(
+            "Accepted, no effect: TRL < 1.0 logged sampled completions to W&B/Comet tables during evaluation; generate "
+            "from the saved model (or a TrainerCallback) instead."
+        ),
     )
 
     # > Parameters that control the training
@@ -93,6 +167,13 @@ class DPOConfig(TrainingConfig):
     loss_weights: list[float] | None = field(
         default=None,
         metadata=_help("Weight of each loss_type (same length); None = 1.0 each. MPO: [0.8, 0.2, 1.0]."),
+    )
+    rpo_alpha: float | None = field(
+        default=None,
+        metadata=_help(
+            "RPO (TRL < 1.0's DPOConfig.rpo_alpha): add rpo_alpha times the chosen completions' NLL (the 'sft' loss) "
+            "to the loss. None = off; same as adding 'sft' to loss_type with that weight."
+        ),
     )
     beta: float = field(
         default=0.1,
@@ -116,6 +197,13 @@ class DPOConfig(TrainingConfig):
         metadata=_help("LD-DPO alpha in [0, 1]: log-probs of tokens beyond the shorter completion's length are scaled by it. None = off."),
     )
     discopop_tau: float = field(default=0.05, metadata=_help("DiscoPOP temperature tau of the log-ratio modulation."))
+    activation_offloading: bool = field(
+        default=False,
+        metadata=_help(
+            "Keep the activations saved for backward in CPU memory during the training forward "
+            "(torch.autograd.graph.save_on_cpu); nothing to offload when training on the CPU."
+        ),
+    )
     sync_ref_model: bool = field(
         default=False,
         metadata=_help("TR-DPO: every ref_model_sync_steps steps set reference = alpha * policy + (1 - alpha) * reference."),
@@ -183,8 +271,32 @@ class DPOConfig(TrainingConfig):
             raise ConfigError(f"max_prompt_length={self.max_prompt_length} is invalid: use a positive token count, or None.")
         if self.truncation_mode not in ("keep_start", "keep_end"):
             raise ConfigError(f"truncation_mode={self.truncation_mode!r} is invalid: use 'keep_start' or 'keep_end'.")
-        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
-            raise ConfigError(f"pad_to_multiple_of={self.pad_to_multiple_of} is invalid: use a positive integer or None.")
+        if self.truncation_mode == "keep_end":
+            warnings.warn(
+                "truncation_mode='keep_end' is deprecated in TRL 1.16 (removal planned for TRL 2.0): it still works here, "
+                "but prefer truncation_mode='keep_start' (the default).",
+                FutureWarning,
+                stacklevel=3,
+            )
+        self.pad_to_multiple_of = _resolve_pad_to_multiple_of(self.pad_to_multiple_of)
+        if self.pad_token is not None:
+            warnings.warn(
+                "pad_token is deprecated (as in TRL 1.16, removal planned for TRL 2.0): set tokenizer.pad_token and pass the "
+                "tokenizer as processing_class= instead.",
+                FutureWarning,
+                stacklevel=3,
+            )
+        if isinstance(self.tools, str):  # the CLI passes JSON
+            try:
+                self.tools = json.loads(self.tools)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"tools={self.tools[:80]!r} is not valid JSON ({exc.msg}): give a list of tool schemas.") from None
+        if self.tools is not None and not isinstance(self.tools, list):
+            raise ConfigError(f"tools is a {type(self.tools).__name__}: give a list of tool schemas (dicts), or None.")
+        if self.rpo_alpha is not None and not self.rpo_alpha >= 0:
+            raise ConfigError(f"rpo_alpha={self.rpo_alpha} is invalid: use a weight >= 0 (the RPO paper uses 1.0), or None.")
+        if self.router_aux_loss_coef is not None and not self.router_aux_loss_coef >= 0:
+            raise ConfigError(f"router_aux_loss_coef={self.router_aux_loss_coef} is invalid: use a weight >= 0, 0.0 to turn it off, or None.")
         if self.precompute_ref_batch_size is not None and self.precompute_ref_batch_size < 1:
             raise ConfigError(f"precompute_ref_batch_size={self.precompute_ref_batch_size} is invalid: use a positive integer or None.")
         if not self.discopop_tau > 0:

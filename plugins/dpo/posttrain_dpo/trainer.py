@@ -5,7 +5,7 @@ Per pair ``i`` (sums over completion tokens only, ``selective_log_softmax``)::
     lr_c = log pi(y_c | x) - log pi_ref(y_c | x)        lr_r = log pi(y_r | x) - log pi_ref(y_r | x)
     s_c, s_r = f'(lr_c), f'(lr_r)                       # f-DPO scores; identity for reverse_kl
     delta = s_c - s_r
-    loss_i = sum_k loss_weights[k] * L_k(...)           # L_k per loss_type, formulas in _pair_losses
+    loss_i = sum_k loss_weights[k] * L_k(...)           # L_k per loss_type, formulas in dpo_pair_losses
     (WPO: each L_k is multiplied by w_c * w_r, the policy's length-normalized probabilities)
 
 The micro-batch returns ``sum_i loss_i / num_items_in_batch`` with ``count_items`` = pairs, so for
@@ -13,25 +13,40 @@ every per-pair loss per-device batch 8 x accumulation 1 equals 1 x 8 exactly. Th
 losses cannot be split that way: ``aot``/``aot_unpaired`` sort the pairs of the micro-batch and
 ``sft`` is a token mean over the micro-batch (both as in TRL 1.16), so under gradient
 accumulation they are computed per micro-batch and averaged over micro-batches, like TRL does.
-Formulas match TRL 1.16 ``DPOTrainer._compute_loss`` (the tests check every loss type).
+Formulas match TRL 1.16 ``DPOTrainer._compute_loss`` (the tests check every loss type). The MoE
+load-balancing loss of a micro-batch is weighted by its share of the step's pairs.
 """
 
 from __future__ import annotations
 
-import copy
+import contextlib
+import inspect
+import itertools
 import json
 import math
 import warnings
 from typing import Any
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
-from posttrain import ConfigError, TrainingLoop, pad, selective_log_softmax
+from posttrain import (
+    ConfigError,
+    TrainerSurface,
+    TrainingLoop,
+    adapter_disabled,
+    as_config,
+    build_reference_model,
+    disable_dropout,
+    entropy_from_logits,
+    is_peft_model,
+    pad,
+    prompt_completion_boundary,
+    selective_log_softmax,
+)
 from posttrain_dpo.config import DPOConfig
 
-__all__ = ["DPOTrainer", "dpo_pair_losses"]
+__all__ = ["DPOTrainer", "dpo_pair_losses", "extract_prompt", "tokenize_row"]
 
 _FORMATS = (
     "accepted formats: standard {'prompt': str, 'chosen': str, 'rejected': str}; conversational "
@@ -39,11 +54,14 @@ _FORMATS = (
     "full texts or conversations (the shared prefix becomes the prompt); or pre-tokenized {'prompt_ids', 'chosen_ids', "
     "'rejected_ids'}"
 )
+_TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids")
+_REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 # ---------------------------------------------------------------------------------------------- data
 def _is_messages(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value) and len(value) > 0
+    """A non-empty list of message dicts (tool-call turns may have no 'content')."""
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) and "role" in m for m in value)
 
 
 def _check_row(row: dict, index: int, name: str) -> bool:
@@ -77,62 +95,69 @@ def extract_prompt(chosen, rejected) -> tuple[Any, Any, Any]:
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def _chat_kwargs(row: dict) -> dict:
+def _chat_kwargs(row: dict, default_tools: list | None) -> dict:
+    """Keyword arguments of ``apply_chat_template`` for one row: its ``tools`` (else the config's) and ``chat_template_kwargs``."""
     tools = row.get("tools")
     tools = json.loads(tools) if isinstance(tools, str) else tools
-    return {"tools": tools, **(row.get("chat_template_kwargs") or {})}
+    return {"tools": tools if tools is not None else default_tools, **(row.get("chat_template_kwargs") or {})}
 
 
-def _tokenize_conversation(tokenizer, prompt: list, completion: list, kwargs: dict) -> tuple[list[int], list[int]]:
-    """Return ``(prompt_ids, completion_ids)``: prompt rendered with the generation prompt, completion appended in token space."""
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **kwargs)
-    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False, **kwargs)
-    if full_text.startswith(prompt_text):
-        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-        return list(prompt_ids), list(tokenizer(full_text[len(prompt_text) :], add_special_tokens=False)["input_ids"])
-    # The template renders the prompt alone differently (e.g. an empty thought block): split where the tokens diverge.
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    full_ids = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-    n = _common_prefix(prompt_ids, full_ids)
-    warnings.warn("the chat template renders the prompt alone differently from prompt + completion; the completion starts where they diverge.", stacklevel=3)
-    return list(full_ids[:n]), list(full_ids[n:])
+def _render(tokenizer, messages: list, kwargs: dict, add_generation_prompt: bool = False) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def tokenize_row(row: dict, tokenizer, conversational: bool) -> dict:
-    """Return ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` for one validated row with an explicit prompt."""
+def tokenize_row(row: dict, tokenizer, conversational: bool, *, tools: list | None = None) -> tuple[dict, bool]:
+    """Return ``({"prompt_ids", "chosen_ids", "rejected_ids"}, clean)`` for one validated row with an explicit prompt.
+
+    As TRL 1.16: the prompt (with the generation prompt, for conversations) and ``prompt + completion``
+    are tokenized separately, and the completion starts where the tokens of the prompt and of both
+    full sequences stop agreeing, so a token merging across the boundary is tokenized naturally.
+    ``clean`` is False when that boundary cut the tokenized prompt short (the caller warns once).
+    """
     if conversational:
-        kwargs = _chat_kwargs(row)
-        prompt_ids, chosen_ids = _tokenize_conversation(tokenizer, row["prompt"], row["chosen"], kwargs)
-        prompt_ids_r, rejected_ids = _tokenize_conversation(tokenizer, row["prompt"], row["rejected"], kwargs)
-        n = min(len(prompt_ids), len(prompt_ids_r))  # both equal unless the template misbehaves
-        return {"prompt_ids": prompt_ids[:n], "chosen_ids": prompt_ids[n:] + chosen_ids, "rejected_ids": prompt_ids_r[n:] + rejected_ids}
-    # Text: tokenize prompt + completion jointly and split where the tokenized prompt stops being a prefix, so a
-    # token merging across the boundary (e.g. an implicit prompt split inside a number) is tokenized naturally (TRL 1.16).
-    eos = tokenizer.eos_token
-    chosen = row["chosen"] if row["chosen"].endswith(eos) else row["chosen"] + eos
-    rejected = row["rejected"] if row["rejected"].endswith(eos) else row["rejected"] + eos
-    prompt_ids = list(tokenizer(row["prompt"])["input_ids"])
-    prompt_chosen = list(tokenizer(row["prompt"] + chosen)["input_ids"])
-    prompt_rejected = list(tokenizer(row["prompt"] + rejected)["input_ids"])
-    n = min(_common_prefix(prompt_ids, prompt_chosen), _common_prefix(prompt_ids, prompt_rejected))
-    return {"prompt_ids": prompt_ids[:n], "chosen_ids": prompt_chosen[n:], "rejected_ids": prompt_rejected[n:]}
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("the dataset is conversational but the tokenizer has no chat template: set tokenizer.chat_template, or give the rows as strings.")
+        kwargs = _chat_kwargs(row, tools)
+        prompt_ids = _render(tokenizer, row["prompt"], kwargs, add_generation_prompt=True)
+        prompt_chosen = _render(tokenizer, row["prompt"] + row["chosen"], kwargs)
+        prompt_rejected = _render(tokenizer, row["prompt"] + row["rejected"], kwargs)
+    else:
+        eos = tokenizer.eos_token or ""
+        chosen = row["chosen"] if row["chosen"].endswith(eos) else row["chosen"] + eos
+        rejected = row["rejected"] if row["rejected"].endswith(eos) else row["rejected"] + eos
+        prompt_ids = list(tokenizer(row["prompt"])["input_ids"])
+        prompt_chosen = list(tokenizer(row["prompt"] + chosen)["input_ids"])
+        prompt_rejected = list(tokenizer(row["prompt"] + rejected)["input_ids"])
+    n = min(prompt_completion_boundary(prompt_ids, prompt_chosen), prompt_completion_boundary(prompt_ids, prompt_rejected))
+    item = {"prompt_ids": prompt_ids[:n], "chosen_ids": prompt_chosen[n:], "rejected_ids": prompt_rejected[n:]}
+    return item, n == len(prompt_ids)
 
 
-def _common_prefix(a: list, b: list) -> int:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return n
+def _is_iterable_dataset(dataset: Any) -> bool:
+    try:
+        from datasets import IterableDataset
+    except ImportError:  # pragma: no cover - datasets is a core dependency
+        return False
+    return isinstance(dataset, IterableDataset)
 
 
-def _disable_dropout(model: nn.Module) -> None:
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = 0.0
+def _accepts_logits_to_keep(model) -> bool:
+    """Whether the (base) model's forward takes ``logits_to_keep`` (transformers >= 4.50 causal LMs)."""
+    base = model.get_base_model() if is_peft_model(model) else model
+    try:
+        return "logits_to_keep" in inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
-def _is_peft_model(model) -> bool:
-    return hasattr(model, "peft_config") and hasattr(model, "disable_adapter")
+def _concat_padded(arrays: list, pad_value: int = -100):
+    """Concatenate ``(n_i, T_i, ...)`` numpy arrays on axis 0, padding axis 1 to the longest with ``pad_value``."""
+    import numpy as np
+
+    width = max(a.shape[1] for a in arrays)
+    padded = [np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=pad_value) for a in arrays]
+    return np.concatenate(padded, axis=0)
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -150,8 +175,16 @@ def _f_scores(logratios: torch.Tensor, f_divergence_type: str, alpha: float) -> 
     return (torch.exp(t) - 1.0).to(logratios.dtype) / (alpha - 1.0)  # f'(t) = (t^(alpha-1) - 1) / (alpha - 1)
 
 
+def loss_terms(args: DPOConfig) -> list[tuple[str, float]]:
+    """Return the ``(loss_type, weight)`` pairs summed into the loss (``rpo_alpha`` adds ``("sft", rpo_alpha)``)."""
+    terms = list(zip(args.loss_type, args.loss_weights or [1.0] * len(args.loss_type)))
+    if args.rpo_alpha is not None:
+        terms.append(("sft", float(args.rpo_alpha)))
+    return terms
+
+
 def dpo_pair_losses(args: DPOConfig, lp: dict[str, torch.Tensor], ref_chosen: torch.Tensor, ref_rejected: torch.Tensor) -> torch.Tensor:
-    """Return the ``(B,)`` per-pair loss, summed over ``args.loss_type`` with ``args.loss_weights``.
+    """Return the ``(B,)`` per-pair loss, summed over ``args.loss_type`` with ``args.loss_weights`` (see :func:`loss_terms`).
 
     Args:
         args: The DPO config (beta, loss types and weights, label smoothing, f-divergence, ...).
@@ -167,7 +200,7 @@ def dpo_pair_losses(args: DPOConfig, lp: dict[str, torch.Tensor], ref_chosen: to
     chosen_mask, rejected_mask = lp["mask"].chunk(2)  # (B, T-1) each
     chosen_len, rejected_len = chosen_mask.sum(1).clamp(min=1.0), rejected_mask.sum(1).clamp(min=1.0)  # (B,)
     total = torch.zeros_like(delta)
-    for loss_type, weight in zip(args.loss_type, args.loss_weights or [1.0] * len(args.loss_type)):
+    for loss_type, weight in loss_terms(args):
         if loss_type == "sigmoid":  # DPO Eq. 7
             loss = -F.logsigmoid(beta * delta)
         elif loss_type == "hinge":  # SLiC-HF, margin 1/beta
@@ -214,30 +247,55 @@ def dpo_pair_losses(args: DPOConfig, lp: dict[str, torch.Tensor], ref_chosen: to
     return total
 
 
+
+
 # ---------------------------------------------------------------------------------------------- trainer
-class DPOTrainer:
-    """Train a causal LM with Direct Preference Optimization or one of its variants.
+class DPOTrainer(TrainerSurface):
+    """Train a causal LM with Direct Preference Optimization or one of its variants (TRL 1.16's ``DPOTrainer`` API).
 
     Features (flags in :class:`DPOConfig`):
         - Data: ``prompt``/``chosen``/``rejected`` as strings (an EOS is appended to completions)
-          or message lists (the prompt goes through the chat template with the generation prompt,
-          completions are appended in token space); implicit prompts (only ``chosen``/``rejected``:
-          the shared prefix becomes the prompt); pre-tokenized ``prompt_ids``/``chosen_ids``/
-          ``rejected_ids``. ``max_length``/``truncation_mode`` as TRL 1.16, ``max_prompt_length``.
+          or message lists (tool calls, a ``tools`` column and ``chat_template_kwargs`` included);
+          implicit prompts (only ``chosen``/``rejected``: the shared prefix becomes the prompt);
+          pre-tokenized ``prompt_ids``/``chosen_ids``/``rejected_ids`` (optionally with
+          ``ref_chosen_logps``/``ref_rejected_logps``). ``datasets.Dataset``, ``IterableDataset``
+          (materialized once) or a list of dicts. ``max_length``/``truncation_mode`` as TRL 1.16,
+          ``max_prompt_length``.
         - Chosen and rejected go through the model in one forward pass (batch 2B).
-        - Reference: ``ref_model`` (a model or path), else a frozen copy of the initial policy; with a
-          PEFT policy, the policy with its adapter disabled (no copy); ``precompute_ref_log_probs``
-          computes reference log-probs once before training (train and eval rows) and frees the copy.
-        - 15 loss types combinable with ``loss_weights``; ``f_divergence_type`` (f-DPO),
-          ``use_weighting`` (WPO), ``ld_alpha`` (LD-DPO), ``sync_ref_model`` (TR-DPO).
+        - Reference: ``ref_model`` (a model or a path), else a frozen copy of the initial policy; with
+          a PEFT policy built here, the policy with its adapter disabled (no copy); with a model that
+          already is a ``PeftModel``, a frozen copy of its adapter (``"ref"``, as TRL).
+          ``precompute_ref_log_probs`` scores train and eval rows once before training.
+        - 15 loss types combinable with ``loss_weights`` (and ``rpo_alpha``); ``f_divergence_type``
+          (f-DPO), ``use_weighting`` (WPO), ``ld_alpha`` (LD-DPO), ``sync_ref_model`` (TR-DPO); the
+          MoE load-balancing loss (``router_aux_loss_coef``).
 
     Metrics (TRL names, means over the micro-batch): ``rewards/chosen``, ``rewards/rejected``,
     ``rewards/margins``, ``rewards/accuracies``, ``logps/chosen``, ``logps/rejected``,
-    ``logits/chosen``, ``logits/rejected``.
+    ``logits/chosen``, ``logits/rejected``, ``entropy``, ``mean_token_accuracy`` (and ``aux_loss``
+    for MoE models); the loop adds ``num_tokens``.
+
+    Args:
+        model: A causal LM, a ``PeftModel``, or a Hub id / directory (loaded with ``args.model_init_kwargs``).
+        ref_model: The reference: a model or a Hub id / directory; None for the defaults above.
+        args: A :class:`DPOConfig`, a ``transformers.TrainingArguments`` or a dict of fields.
+        data_collator: Turns processed rows (``prompt_ids``/``chosen_ids``/``rejected_ids``) into the
+            batch ``compute_loss`` reads (``input_ids``, ``attention_mask``, ``completion_mask``, chosen
+            rows first); default: right padding with ``max_length``/``truncation_mode``/``pad_to_multiple_of``.
+        train_dataset, eval_dataset: Preference data (``eval_dataset`` may be a dict / ``DatasetDict``).
+        processing_class: The tokenizer (default: loaded from the model's path).
+        compute_metrics: ``f(EvalPrediction) -> dict``, given the logits (an extra forward pass) and
+            ``input_ids`` of every eval row, as TRL 1.16 (deprecated there).
+        callbacks: ``transformers.TrainerCallback`` objects.
+        optimizers: Must stay ``(None, None)``: the optimizer and schedule come from the config.
+        quantization_config: A ``BitsAndBytesConfig`` for a model given by name (QLoRA with ``peft_config``).
+        peft_config: A ``peft.PeftConfig`` to train an adapter (or set ``args.use_peft``).
+        allow_experimental: Python opt-in for the maturity gate (``dpo`` is stable).
 
     Raises:
         posttrain.ConfigError: invalid data (row and column named), ``ref_model is model``,
-            ``sync_ref_model`` with a PEFT reference, or no pair left after truncation.
+            ``sync_ref_model`` with a PEFT reference, no pair left after truncation, or an argument
+            that cannot be honoured (named, with the alternative).
     """
 
     def __init__(
@@ -245,123 +303,334 @@ class DPOTrainer:
         model=None,
         ref_model=None,
         args: DPOConfig | None = None,
+        data_collator=None,
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        quantization_config=None,
         peft_config=None,
         *,
         allow_experimental: bool = False,
     ) -> None:
-        self.args = args or DPOConfig()
+        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
+        self.args = args = as_config(args, DPOConfig, default_output_dir=f"{str(name).rstrip('/').split('/')[-1]}-DPO" if name else None)
+        if train_dataset is None:
+            raise ConfigError("`train_dataset` is required: pass train_dataset=... (a datasets.Dataset, an IterableDataset or a list of dicts).")
         if ref_model is not None and ref_model is model:
             raise ConfigError("model and ref_model are the same object: omit ref_model (a frozen copy of the policy is made) or pass a separate model.")
-        self.loop = TrainingLoop(self.args, method="dpo", allow_experimental=allow_experimental)
-        self.model, self.processing_class = self._setup_model(model, processing_class, peft_config)
-        self.pad_token_id = self.processing_class.pad_token_id
-        self.ref_model = self._setup_ref_model(ref_model)
-        self.train_dataset = self._prepare_dataset(train_dataset, "train_dataset") if train_dataset is not None else None
-        self.eval_dataset = self._prepare_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
-        if self.args.precompute_ref_log_probs:
-            self._setup_precomputed_reference()
-        self.loop.setup(self.model)
+        if optimizers is not None and any(part is not None for part in optimizers):
+            raise ConfigError(
+                "optimizers=(optimizer, scheduler) cannot be honoured: posttrain builds the optimizer and schedule itself "
+                "(they must follow resume and accumulation); set optim, optim_args, learning_rate, weight_decay, "
+                "lr_scheduler_type and lr_scheduler_kwargs in the config instead."
+            )
+        self.loop = TrainingLoop(args, method="dpo", allow_experimental=allow_experimental, callbacks=callbacks)
+        self.model, self.processing_class = self._setup_model(model, processing_class, peft_config, quantization_config)
+        self._setup_tokenizer()
+        self.ref_model = self._setup_ref_model(ref_model, quantization_config)
+        self._setup_aux_loss()
+        self._use_logits_to_keep = args.use_logits_to_keep and _accepts_logits_to_keep(self.model)
+        if args.use_logits_to_keep and not self._use_logits_to_keep:
+            warnings.warn(f"use_logits_to_keep=True: {type(self.model).__name__}.forward takes no logits_to_keep; the full logits are computed.", stacklevel=2)
+        self.data_collator = data_collator
+        self.compute_metrics = compute_metrics
+        if compute_metrics is not None:
+            self.evaluate_batches = self._evaluate_with_compute_metrics  # the loop's default evaluation has no predictions
+        self._precomputing = False
+        self.train_dataset = self.process_dataset(train_dataset, "train_dataset")
+        if isinstance(eval_dataset, dict):  # a dict or (Iterable)DatasetDict: metrics eval_<name>_<metric>
+            self.eval_dataset = {key: self.process_dataset(part, f"eval_dataset[{key!r}]") for key, part in eval_dataset.items()}
+        else:
+            self.eval_dataset = self.process_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+        if args.precompute_ref_log_probs and self.ref_model is not None:
+            self.ref_model.to("cpu")  # kept for datasets given to evaluate() later; the stored values serve training
+        self.loop.setup(self.model, method=self)
 
     # ------------------------------------------------------------------ setup
-    def _setup_model(self, model, processing_class, peft_config):
-        self._was_peft = _is_peft_model(model)
-        model, processing_class = self.loop.load_model(model, processing_class=processing_class, peft_config=peft_config)
-        if self._was_peft and self.args.precompute_ref_log_probs is False:
-            warnings.warn(
-                "model is already a PeftModel: the reference is this model with its adapter disabled, i.e. the base model, "
-                "which equals the initial policy only for a freshly initialized adapter. Pass ref_model= otherwise.",
-                stacklevel=3,
+    def _setup_model(self, model, processing_class, peft_config, quantization_config):
+        args = self.args
+        self._adapter_given = is_peft_model(model)
+        if peft_config is not None and self._adapter_given:
+            raise ConfigError(
+                "model is already a PeftModel and peft_config is given too: merge and unload the existing adapter "
+                "(model.merge_and_unload()) and pass that model with peft_config, or pass the PeftModel without peft_config."
             )
-        if self.args.disable_dropout:
-            _disable_dropout(model)
+        extra = {}
+        if isinstance(model, str):
+            if args.trust_remote_code:
+                extra["trust_remote_code"] = True
+            if quantization_config is not None:
+                if "quantization_config" in (args.model_init_kwargs or {}):
+                    raise ConfigError("quantization_config is given both to the trainer and in model_init_kwargs: set it in one place (preferably the trainer argument).")
+                extra["quantization_config"] = quantization_config
+        elif quantization_config is not None:
+            raise ConfigError(
+                "quantization_config= applies only to a model given by name (it is used when loading): pass the model as a "
+                "Hub id or directory, or quantize it yourself and omit quantization_config."
+            )
+        if args.use_liger_kernel:
+            liger = dict(args.liger_kernel_config or {})
+            if liger.get("fused_linear_cross_entropy"):
+                raise ConfigError(
+                    'liger_kernel_config={"fused_linear_cross_entropy": True} cannot be used with DPO: the loss needs the '
+                    "log-probs of every completion token, which the fused loss never builds. Drop that key."
+                )
+            args.liger_kernel_config = {**liger, "fused_linear_cross_entropy": False}
+        saved = args.model_init_kwargs
+        if extra:  # the loop loads with args.model_init_kwargs; add what the trainer arguments ask for, for this load only
+            args.model_init_kwargs = {**extra, **(saved or {})}
+        try:
+            model, processing_class = self.loop.load_model(model, processing_class=processing_class, peft_config=peft_config)
+        finally:
+            args.model_init_kwargs = saved
+        if args.disable_dropout:
+            disable_dropout(model)
         return model, processing_class
 
-    def _setup_ref_model(self, ref_model):
-        """Return the frozen reference model, or None when the adapter-disabled policy or precomputed log-probs serve."""
-        args = self.args
-        if isinstance(ref_model, str):
-            import transformers
+    def _setup_tokenizer(self) -> None:
+        """Resolve the pad token (the deprecated ``pad_token`` field wins) and mirror its id onto the model's configs."""
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        pad_token = self.args.pad_token or tokenizer.pad_token or tokenizer.eos_token
+        if pad_token not in tokenizer.get_vocab():
+            raise ConfigError(
+                f"pad_token={pad_token!r} is not in the vocabulary of the {type(tokenizer).__name__}: use one of its tokens "
+                "(e.g. its eos_token), or add it with tokenizer.add_special_tokens and resize the model's embeddings."
+            )
+        if tokenizer.pad_token != pad_token:
+            tokenizer.pad_token = pad_token
+        self.pad_token_id = tokenizer.pad_token_id
+        config = getattr(self.model, "config", None)
+        if config is not None:
+            (config.get_text_config() if hasattr(config, "get_text_config") else config).pad_token_id = self.pad_token_id
+        if getattr(self.model, "generation_config", None) is not None:
+            self.model.generation_config.pad_token_id = self.pad_token_id
 
-            kwargs = dict(args.model_init_kwargs or {})
-            dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None) or torch.float32
-            ref_model = transformers.AutoModelForCausalLM.from_pretrained(ref_model, dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype, **kwargs)
-        if ref_model is None and _is_peft_model(self.model):
+    def _setup_ref_model(self, ref_model, quantization_config):
+        """Return the frozen reference model, or None when the PEFT policy itself or precomputed log-probs serve."""
+        args = self.args
+        if ref_model is None and is_peft_model(self.model):
             if args.sync_ref_model:
                 raise ConfigError(
                     "sync_ref_model=True needs a separate reference model, but with a PEFT policy the reference is the policy "
                     "with its adapter disabled: pass ref_model=..., or set sync_ref_model=False."
                 )
+            if self._adapter_given:
+                self._add_reference_adapter()
             return None
-        if ref_model is None and args.precompute_ref_log_probs:
-            return None  # the initial policy itself scores the dataset before training (no copy)
-        if ref_model is None:
-            ref_model = copy.deepcopy(self.model)  # eval mode below, so gradient checkpointing never runs in it
-        if args.disable_dropout:
-            _disable_dropout(ref_model)
-        return self.loop.prepare_frozen(ref_model)
+        init_kwargs = dict(args.model_init_kwargs or {})
+        if args.trust_remote_code:
+            init_kwargs.setdefault("trust_remote_code", True)
+        if quantization_config is not None:
+            init_kwargs.setdefault("quantization_config", quantization_config)
+        return build_reference_model(
+            self.model, ref_model, loop=self.loop, model_init_kwargs=init_kwargs, disable_dropout_in_ref=args.disable_dropout,
+            needed=not args.precompute_ref_log_probs,  # without a given ref_model, the initial policy scores the rows itself
+        )
 
-    def _prepare_dataset(self, dataset, name: str) -> list[dict]:
-        """Return rows ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` after validation, tokenization and truncation."""
-        rows = [dict(example) for example in dataset]
+    def _add_reference_adapter(self) -> None:
+        """Give a pre-existing ``PeftModel`` a frozen copy of its active adapter, ``"ref"``: the initial policy (TRL 1.16)."""
+        model = self.model
+        if "ref" in model.peft_config:
+            return  # the user's own "ref" adapter is the reference, as in TRL
+        active = model.active_adapter
+        model.add_adapter("ref", model.peft_config[active])
+        for name, param in model.named_parameters():
+            if f".{active}." in name:
+                ref_param = model.get_parameter(name.replace(f".{active}.", ".ref."))
+                with torch.no_grad():
+                    ref_param.copy_(param)
+        for name, param in model.named_parameters():
+            if ".ref." in name:
+                param.requires_grad_(False)
+
+    def _setup_aux_loss(self) -> None:
+        """Decide the Mixture-of-Experts load-balancing loss weight (TRL 1.16: on by default for MoE models)."""
+        config = getattr(self.model, "config", None)
+        text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        coef = self.args.router_aux_loss_coef
+        has_router = hasattr(text_config, "output_router_logits")
+        if coef and not has_router:
+            raise ConfigError(
+                f"router_aux_loss_coef={coef} but {type(self.model).__name__} is not a Mixture-of-Experts model that returns "
+                "router logits, so there is no auxiliary loss to weight: leave router_aux_loss_coef=None."
+            )
+        self.router_aux_loss_coef = float((getattr(text_config, "router_aux_loss_coef", 0.0) or 0.0) if coef is None else coef)
+        self.aux_loss_enabled = has_router and self.router_aux_loss_coef != 0.0
+
+    # ------------------------------------------------------------------ data
+    def process_dataset(self, dataset, name: str):
+        """Return ``dataset`` processed for DPO: a ``datasets.Dataset`` of ``prompt_ids``/``chosen_ids``/``rejected_ids``.
+
+        Rows are validated, tokenized and truncated (``max_prompt_length``; with ``keep_start``, pairs
+        whose prompt alone fills ``max_length`` are dropped). With ``precompute_ref_log_probs`` the
+        reference also scores every row (``ref_chosen_logps``/``ref_rejected_logps``). Also used by
+        ``evaluate(eval_dataset=...)``.
+
+        Raises:
+            ConfigError: an empty dataset, missing columns, an invalid row (named by index), an
+                ``IterableDataset`` with ``precompute_ref_log_probs``, or a reference that is gone.
+        """
+        from datasets import Dataset
+
+        args = self.args
+        if args.precompute_ref_log_probs:
+            if _is_iterable_dataset(dataset):
+                raise ConfigError(
+                    f"precompute_ref_log_probs=True is not supported with IterableDataset ({name}): the reference log-probs "
+                    "are stored per row, which needs a finite dataset. Pass a datasets.Dataset (e.g. "
+                    "Dataset.from_list(list(stream.take(n)))) or set precompute_ref_log_probs=False."
+                )
+            self._check_reference_available(name)
+        rows = self._materialize(dataset, name)
+        processed = self._tokenize_rows(rows, name)
+        if args.precompute_ref_log_probs and not all(k in processed[0] for k in _REF_COLUMNS):
+            self._precompute_reference(processed, name)
+        return Dataset.from_list(processed)
+
+    def _materialize(self, dataset, name: str) -> list[dict]:
+        """Return the rows of ``dataset`` as a list of dicts (an ``IterableDataset`` is read once, here)."""
+        args = self.args
+        if isinstance(dataset, dict):
+            raise ConfigError(f"{name} is a dict of datasets {sorted(dataset)}: pass one dataset (e.g. dataset['train']); only eval_dataset may be a dict.")
+        if _is_iterable_dataset(dataset):
+            limit = None
+            if name == "train_dataset" and args.max_steps > 0:  # no more rows than max_steps can consume
+                limit = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * self.loop.accelerator.num_processes
+            rows = list(itertools.islice(dataset, limit))
+        elif hasattr(dataset, "to_list"):
+            rows = dataset.to_list()
+        else:  # a list of dicts: copied, tokenization fills in implicit prompts
+            rows = [dict(row) if isinstance(row, dict) else row for row in dataset]
+        for index, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise ConfigError(f"{name} row {index} is a {type(row).__name__}, not a dict of columns; {_FORMATS}.")
         if not rows:
             raise ConfigError(f"{name} is empty: give the trainer at least one preference pair.")
+        return rows
+
+    def _tokenize_rows(self, rows: list[dict], name: str) -> list[dict]:
+        """Return rows ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` (+ stored reference log-probs) after validation and truncation."""
+        args = self.args
         columns = sorted(rows[0])
-        pretokenized = {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(columns)
+        if {"image", "images"} & set(columns):
+            raise ConfigError(f"{name} has image columns {sorted({'image', 'images'} & set(columns))}: vision-language preference data is not supported by posttrain's DPO; drop the images or use TRL.")
+        pretokenized = set(_TOKEN_COLUMNS) <= set(columns)
         if not pretokenized and not {"chosen", "rejected"} <= set(columns):
             hint = " Unpaired prompt/completion/label rows belong to the 'kto' method." if "label" in columns else ""
             raise ConfigError(f"{name} has columns {columns}, but DPO needs 'chosen' and 'rejected'; {_FORMATS}.{hint}")
-        out = []
+        keys = _TOKEN_COLUMNS + (_REF_COLUMNS if pretokenized and set(_REF_COLUMNS) <= set(columns) else ())
+        tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        out, boundary_warned = [], False
         for index, row in enumerate(rows):
             if pretokenized:
-                item = {k: list(row[k]) for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
+                missing = [k for k in keys if row.get(k) is None]
+                if missing:
+                    raise ConfigError(f"{name} row {index}, column {missing[0]!r}: missing value; every row needs {list(keys)}.")
+                item = {k: (list(row[k]) if k in _TOKEN_COLUMNS else float(row[k])) for k in keys}
             else:
                 for key in ("chosen", "rejected"):
-                    if key not in row or row[key] is None:
+                    if row.get(key) is None:
                         raise ConfigError(f"{name} row {index}, column {key!r}: missing value; {_FORMATS}.")
-                if "prompt" not in row or row["prompt"] is None:
+                if row.get("prompt") is None:
                     conversational = _check_row(row, index, name)
                     row["prompt"], row["chosen"], row["rejected"] = extract_prompt(row["chosen"], row["rejected"])
                     if conversational and (not row["chosen"] or not row["rejected"]):
                         raise ConfigError(f"{name} row {index}: 'chosen' and 'rejected' are identical conversations or one contains the other; there is nothing to prefer.")
                 conversational = _check_row(row, index, name)
-                item = tokenize_row(row, self.processing_class, conversational)
-            if self.args.max_prompt_length is not None:
-                item["prompt_ids"] = item["prompt_ids"][-self.args.max_prompt_length :]
-            if self.args.max_length is not None and self.args.truncation_mode == "keep_start" and len(item["prompt_ids"]) >= self.args.max_length:
+                item, clean = tokenize_row(row, tokenizer, conversational, tools=args.tools)
+                if not clean and not boundary_warned:
+                    boundary_warned = True
+                    warnings.warn(
+                        f"{name} row {index}: the tokenized prompt is not a prefix of the tokenized prompt + completion (the chat "
+                        "template renders the prompt alone differently, or tokens merge across the boundary); the completion "
+                        "starts where they diverge (as in TRL). Shown once; it likely applies to other rows too.",
+                        stacklevel=3,
+                    )
+            if args.max_prompt_length is not None:
+                item["prompt_ids"] = item["prompt_ids"][-args.max_prompt_length :]
+            if args.max_length is not None and args.truncation_mode == "keep_start" and len(item["prompt_ids"]) >= args.max_length:
                 continue  # every completion token would be truncated away (TRL drops these pairs too)
             out.append(item)
         if not out:
-            raise ConfigError(f"every prompt of {name} has >= max_length={self.args.max_length} tokens, so no pair is left: raise max_length, set max_prompt_length, or use truncation_mode='keep_end'.")
+            raise ConfigError(f"every prompt of {name} has >= max_length={args.max_length} tokens, so no pair is left: raise max_length, set max_prompt_length, or use truncation_mode='keep_end'.")
         return out
 
-    def _setup_precomputed_reference(self) -> None:
-        """Store ``ref_chosen_logps``/``ref_rejected_logps`` in every train/eval row, scored by the reference before any step."""
+    # ------------------------------------------------------------------ the reference
+    def _check_reference_available(self, name: str) -> None:
+        """Refuse to score new rows with the trained policy: without ref_model or PEFT, the reference is gone once training started."""
+        if self.ref_model is None and not is_peft_model(self.model) and self.loop.state.global_step > 0:
+            raise ConfigError(
+                f"Cannot compute reference log-probs for a dataset passed to evaluate() after training has started ({name}): "
+                "precompute_ref_log_probs=True and no ref_model was given (full fine-tuning), so the reference (the initial "
+                "policy) no longer exists. Pass this dataset as eval_dataset= at construction, give ref_model=, or set "
+                "precompute_ref_log_probs=False."
+            )
+
+    @contextlib.contextmanager
+    def _reference_on_device(self):
+        """Move a reference kept on the CPU (precompute) to the training device for the duration."""
+        ref = self.ref_model
+        moved = ref is not None and next(ref.parameters()).device != self.loop.device
+        if moved:
+            ref.to(self.loop.device)
+        try:
+            yield
+        finally:
+            if moved:
+                ref.to("cpu")
+
+    def _precompute_reference(self, rows: list[dict], name: str) -> None:
+        """Store ``ref_chosen_logps``/``ref_rejected_logps`` in every row, scored by the reference (or the untouched initial policy)."""
         args = self.args
+        size = args.precompute_ref_batch_size or (args.per_device_train_batch_size if name == "train_dataset" else args.per_device_eval_batch_size)
+        policy = self.model.to(self.loop.device)
+        was_training = policy.training
+        policy.eval()
         self._precomputing = True
-        for dataset, default_bs in ((self.train_dataset, args.per_device_train_batch_size), (self.eval_dataset, args.per_device_eval_batch_size)):
-            if not dataset:
-                continue
-            bs = args.precompute_ref_batch_size or default_bs
-            for start in range(0, len(dataset), bs):
-                rows = dataset[start : start + bs]
-                batch = self.loop.to_device(self.collate(rows))
-                ref_chosen, ref_rejected = self.reference_logps(self.model.to(self.loop.device), batch)
-                for row, c, r in zip(rows, ref_chosen.tolist(), ref_rejected.tolist()):
-                    row["ref_chosen_logps"], row["ref_rejected_logps"] = c, r
-        self._precomputing = False
-        if self.ref_model is not None and not args.sync_ref_model:
-            self.ref_model = None  # the precomputed values replace it; free the memory
+        try:
+            with self._reference_on_device():
+                for start in range(0, len(rows), size):
+                    chunk = rows[start : start + size]
+                    ref_chosen, ref_rejected = self.reference_logps(policy, self.loop.to_device(self.collate(chunk)))
+                    for row, c, r in zip(chunk, ref_chosen.tolist(), ref_rejected.tolist()):
+                        row["ref_chosen_logps"], row["ref_rejected_logps"] = c, r
+        finally:
+            self._precomputing = False
+            policy.train(was_training)
+
+    @contextlib.contextmanager
+    def _reference_adapter(self, model):
+        """Run ``model`` (a PEFT policy) as the reference: its ``"ref"`` adapter when it has one, else with adapters disabled."""
+        accelerator = self.loop.accelerator
+        unwrapped = accelerator.unwrap_model(model)
+        if "ref" not in unwrapped.peft_config:
+            with adapter_disabled(model, accelerator):
+                yield
+            return
+        flags = [(p, p.requires_grad) for p in unwrapped.parameters()]  # set_adapter changes requires_grad: restore it exactly
+        previous = unwrapped.active_adapter
+        unwrapped.set_adapter("ref")
+        try:
+            yield
+        finally:
+            unwrapped.set_adapter(previous)
+            for param, flag in flags:
+                param.requires_grad_(flag)
 
     # ------------------------------------------------------------------ the method protocol
     def collate(self, rows: list[dict]) -> dict:
         """Return ``input_ids``/``attention_mask``/``completion_mask`` (2B, T): chosen rows first, then rejected."""
+        if self.data_collator is not None:
+            batch = dict(self.data_collator(rows))
+            batch.setdefault("num_tokens", int(batch["attention_mask"].sum()))
+            return batch
         seqs, masks = [], []
         for key in ("chosen_ids", "rejected_ids"):
             for r in rows:
-                seqs.append(r["prompt_ids"] + r[key])
+                seqs.append(list(r["prompt_ids"]) + list(r[key]))
                 masks.append([0] * len(r["prompt_ids"]) + [1] * len(r[key]))
         if self.args.max_length is not None:
             cut = slice(None, self.args.max_length) if self.args.truncation_mode == "keep_start" else slice(-self.args.max_length, None)
@@ -380,7 +649,7 @@ class DPOTrainer:
             "completion_mask": completion_mask,
             "num_tokens": int(attention_mask.sum()),
         }
-        if "ref_chosen_logps" in rows[0]:
+        if rows[0].get("ref_chosen_logps") is not None:
             batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float)  # (B,)
             batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float)  # (B,)
         return batch
@@ -392,29 +661,49 @@ class DPOTrainer:
         """Return ``(2B,)`` sums of ``per_token`` over completion tokens (LD-DPO: tail tokens scaled by ld_alpha)."""
         if self.args.ld_alpha is None:
             return (per_token * mask).sum(1)
-        position = mask.cumsum(1)  # (2B, T-1): 1-based index of each completion token
+        position = mask.cumsum(1)  # (2B, T'): 1-based index of each completion token
         shared = torch.minimum(*mask.sum(1).chunk(2)).repeat(2).unsqueeze(1)  # (2B, 1): the shorter completion's length
         shared_mask, tail_mask = (position > 0) & (position <= shared) & (mask > 0), (position > shared) & (mask > 0)
         return (per_token * shared_mask).sum(1) + self.args.ld_alpha * (per_token * tail_mask).sum(1)
 
     def _forward(self, model, batch: dict, with_stats: bool) -> dict[str, torch.Tensor]:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]  # (2B, T-1, V)
-        mask = batch["completion_mask"][:, 1:].to(logits.dtype)  # (2B, T-1)
-        per_token = selective_log_softmax(logits, batch["input_ids"][:, 1:]) * mask  # (2B, T-1)
+        """Run ``model`` on the batch; return per-token log-probs of the completion tokens, their mask and the summed ``logps``.
+
+        The logits cover positions ``start - 1 .. T - 2`` and predict tokens ``start .. T - 1``; ``start``
+        is 1, or the batch's first completion position with ``use_logits_to_keep`` (T' = T - start).
+        """
+        input_ids, completion_mask = batch["input_ids"], batch["completion_mask"]
+        start, kwargs = 1, {}
+        if self._use_logits_to_keep:
+            start = max(1, int(completion_mask.int().argmax(1).min()))  # argmax: the first 1 (0 for a row without completion)
+            kwargs["logits_to_keep"] = input_ids.shape[1] - start + 1
+        if with_stats and self.aux_loss_enabled:
+            kwargs["output_router_logits"] = True
+        outputs = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
+        logits = outputs.logits[:, :-1]  # (2B, T', V)
+        labels = input_ids[:, start:]  # (2B, T')
+        mask = completion_mask[:, start:].to(logits.dtype)  # (2B, T')
+        per_token = selective_log_softmax(logits, labels) * mask  # (2B, T')
         out = {"per_token": per_token, "mask": mask, "logps": self._sum_logps(per_token, mask)}
         if with_stats:
+            if kwargs.get("output_router_logits") and getattr(outputs, "aux_loss", None) is not None:
+                out["aux_loss"] = outputs.aux_loss
             with torch.no_grad():
                 logits = logits.detach()
-                out["mean_logits"] = logits.mean(-1)  # (2B, T-1)
+                out["mean_logits"] = logits.mean(-1)  # (2B, T')
+                out["entropy"] = entropy_from_logits(logits)  # (2B, T')
+                out["is_top1"] = logits.argmax(-1) == labels  # (2B, T')
                 if self.args.use_weighting:  # WPO Eq. 2: log p(y_t) - log sum_v p(v)^2, averaged over the completion
-                    log_sum_sq = torch.logsumexp(2 * logits.float(), -1) - 2 * torch.logsumexp(logits.float(), -1)  # (2B, T-1)
+                    log_sum_sq = torch.logsumexp(2 * logits.float(), -1) - 2 * torch.logsumexp(logits.float(), -1)  # (2B, T')
                     aligned = ((per_token.detach() - log_sum_sq) * mask).sum(1) / mask.sum(1).clamp(min=1)  # (2B,)
                     out["wpo_weights"] = torch.prod(torch.stack(torch.exp(aligned).chunk(2)), 0)  # (B,): w_c * w_r
         return out
 
     def policy_logps(self, model, batch: dict) -> dict[str, torch.Tensor]:
         """Return the policy's summed completion log-probs ``chosen``/``rejected`` (B,) and per-token tensors."""
-        out = self._forward(model, batch, with_stats=True)
+        offload = self.args.activation_offloading and model.training and self.loop.device.type != "cpu"
+        with torch.autograd.graph.save_on_cpu(pin_memory=True) if offload else contextlib.nullcontext():
+            out = self._forward(model, batch, with_stats=True)
         out["chosen"], out["rejected"] = out["logps"].chunk(2)
         return out
 
@@ -423,29 +712,35 @@ class DPOTrainer:
         """Return the reference's ``(chosen, rejected)`` summed completion log-probs, each (B,)."""
         if "ref_chosen_logps" in batch:
             return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-        if self.args.precompute_ref_log_probs and not getattr(self, "_precomputing", False):
+        if self.args.precompute_ref_log_probs and not self._precomputing:
             # Never silently score with the trained policy (trl#6443).
             raise ConfigError("precompute_ref_log_probs=True but this batch has no precomputed reference log-probs: pass the dataset to the trainer at construction.")
         if self.ref_model is not None:
             logps = self._forward(self.ref_model, batch, with_stats=False)["logps"]
-        elif _is_peft_model(self.loop.accelerator.unwrap_model(model)):
-            with self.loop.accelerator.unwrap_model(model).disable_adapter():
+        elif is_peft_model(self.loop.accelerator.unwrap_model(model)):
+            with self._reference_adapter(model):
                 logps = self._forward(model, batch, with_stats=False)["logps"]
         else:  # before training, when precomputing: the initial policy is the reference
             logps = self._forward(model, batch, with_stats=False)["logps"]
         return logps.detach().chunk(2)
 
     def compute_loss(self, model, batch: dict, num_items_in_batch):
-        lp = self.policy_logps(model, batch)  # chosen/rejected: (B,)
+        # The reference first: a PEFT "ref" adapter is switched on and off before the policy's graph exists.
         ref_chosen, ref_rejected = self.reference_logps(model, batch)  # (B,), (B,)
+        lp = self.policy_logps(model, batch)  # chosen/rejected: (B,)
         losses = dpo_pair_losses(self.args, lp, ref_chosen, ref_rejected)  # (B,)
         loss = losses.sum() / num_items_in_batch
+        if "aux_loss" in lp:  # a micro-batch mean: weighted by the micro-batch's share of the step's pairs
+            loss = loss + self.router_aux_loss_coef * lp["aux_loss"] * (self.count_items(batch) / num_items_in_batch)
         with torch.no_grad():
             chosen_rewards = self.args.beta * (lp["chosen"] - ref_chosen).detach()  # (B,)
             rejected_rewards = self.args.beta * (lp["rejected"] - ref_rejected).detach()  # (B,)
-            chosen_mask, rejected_mask = lp["mask"].chunk(2)
+            mask = lp["mask"]
+            chosen_mask, rejected_mask = mask.chunk(2)
             chosen_logits, rejected_logits = lp["mean_logits"].chunk(2)
             metrics = {
+                "entropy": (lp["entropy"] * mask).sum() / mask.sum().clamp(min=1),
+                "mean_token_accuracy": (lp["is_top1"].chunk(2)[0] * chosen_mask).sum() / chosen_mask.sum().clamp(min=1),
                 "rewards/chosen": chosen_rewards.mean(),
                 "rewards/rejected": rejected_rewards.mean(),
                 "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
@@ -455,7 +750,43 @@ class DPOTrainer:
                 "logits/chosen": (chosen_logits * chosen_mask).sum() / chosen_mask.sum().clamp(min=1),
                 "logits/rejected": (rejected_logits * rejected_mask).sum() / rejected_mask.sum().clamp(min=1),
             }
+            if "aux_loss" in lp:
+                metrics["aux_loss"] = lp["aux_loss"].detach().float()
         return loss, metrics
+
+    @torch.no_grad()
+    def _evaluate_with_compute_metrics(self, model, batches) -> dict:
+        """Evaluation with ``compute_metrics``: the item-weighted means of ``compute_loss`` plus ``compute_metrics(EvalPrediction)``.
+
+        The predictions are the logits of an extra forward pass and the labels the ``input_ids``
+        (chosen rows, then rejected, per batch), padded with -100 across batches, as in TRL 1.16.
+        """
+        from transformers import EvalPrediction
+
+        accelerator = self.loop.accelerator
+        totals: dict[str, torch.Tensor] = {}
+        weight = 0
+        predictions, labels = [], []
+        for batch in batches:
+            n = self.count_items(batch)
+            loss, metrics = self.compute_loss(model, batch, n)
+            for key, value in {"loss": loss, **metrics}.items():
+                totals[key] = totals.get(key, 0) + value.detach().float() * n
+            weight += n
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            predictions.append(logits.float().cpu().numpy())
+            labels.append(batch["input_ids"].cpu().numpy())
+        keys = sorted(totals)
+        stacked = torch.stack([torch.as_tensor(totals[k], device=self.loop.device) for k in keys] + [torch.tensor(float(weight), device=self.loop.device)])
+        if accelerator.num_processes > 1:
+            stacked = accelerator.reduce(stacked, reduction="sum")
+            from accelerate.utils import gather_object
+
+            predictions, labels = gather_object(predictions), gather_object(labels)
+        result = {k: (stacked[i] / stacked[-1].clamp(min=1)).item() for i, k in enumerate(keys)}
+        extra = self.compute_metrics(EvalPrediction(predictions=_concat_padded(predictions), label_ids=_concat_padded(labels)))
+        result.update({k: float(v) for k, v in (extra or {}).items()})
+        return result
 
     def on_step_end(self, model, state) -> None:
         """TR-DPO: every ``ref_model_sync_steps`` steps, reference <- alpha * policy + (1 - alpha) * reference."""
@@ -476,8 +807,3 @@ class DPOTrainer:
     def load_state_dict(self, state: dict) -> None:
         if "ref_model" in state and self.ref_model is not None:
             self.ref_model.load_state_dict(state["ref_model"])
-
-    # ------------------------------------------------------------------ entry points
-    def train(self):
-        """Train and return a :class:`posttrain.TrainOutput`; the final model is saved to ``output_dir``."""
-        return self.loop.train(self)

@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from conftest import make_ours, read_metrics
+from dpo_helpers import make_ours, read_metrics
 
 METRICS = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"}
 
@@ -103,7 +103,8 @@ def test_precompute_ref_log_probs_gives_the_explicit_reference_loss(tiny_tokeniz
     policy, ref = policy_and_ref
     data = pref_data["preference"]
     pre = make_ours(tiny_tokenizer, policy, tmp_path, data, ref=ref, name="pre", eval_dataset=data, precompute_ref_log_probs=True, precompute_ref_batch_size=3)
-    assert pre.ref_model is None and all("ref_chosen_logps" in r for r in pre.train_dataset + pre.eval_dataset)
+    assert all(r["ref_chosen_logps"] is not None for r in list(pre.train_dataset) + list(pre.eval_dataset))
+    assert next(pre.ref_model.parameters()).device.type == "cpu"  # kept (for evaluate(eval_dataset=...)) off the accelerator
     explicit = make_ours(tiny_tokenizer, policy, tmp_path, data, ref=ref, name="explicit")
     batch_pre, batch_explicit = pre.collate(pre.train_dataset), explicit.collate(explicit.train_dataset)
     with torch.no_grad():

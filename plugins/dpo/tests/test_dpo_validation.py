@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import make_ours
+from dpo_helpers import make_ours
 from posttrain import ConfigError
 
 

@@ -26,7 +26,7 @@ def _pair(tiny_model, tiny_tokenizer, tiny_datasets, make_config, tmp_path, fmt,
     ours = SFTTrainer(model=copy.deepcopy(tiny_model), args=make_config(**overrides), train_dataset=data, processing_class=tiny_tokenizer)
     trl_args = trl.SFTConfig(output_dir=str(tmp_path / "trl"), report_to="none", bf16=False, use_cpu=True, **overrides)
     theirs = trl.SFTTrainer(model=copy.deepcopy(tiny_model), args=trl_args, train_dataset=data, processing_class=tiny_tokenizer)
-    our_batch = ours.collate(ours.train_dataset[:6])
+    our_batch = ours.collate([ours.train_dataset[i] for i in range(6)])
     their_batch = theirs.data_collator([theirs.train_dataset[i] for i in range(6)])
     return ours, theirs, our_batch, their_batch
 

@@ -76,7 +76,7 @@ def _loss_and_grads(trainer, model, examples):
     return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("layout", [{"packing": True, "max_length": 64}, {"padding_free": True}])
+@pytest.mark.parametrize("layout", [{"packing": True, "max_length": 64}, {"padding_free": True, "max_length": None}])
 def test_packed_loss_and_gradients_equal_padded(tiny_model, tiny_tokenizer, tiny_datasets, make_config, layout):
     """Packed / padding-free rows give the padded loss and gradients: no attention or labels cross sequences."""
     data = tiny_datasets["conversational_prompt_completion"]
@@ -84,11 +84,12 @@ def test_packed_loss_and_gradients_equal_padded(tiny_model, tiny_tokenizer, tiny
     packed = SFTTrainer(model=copy.deepcopy(tiny_model), args=make_config(**layout), train_dataset=data, processing_class=tiny_tokenizer)
     if layout.get("packing"):
         assert len(packed.train_dataset) < len(padded.train_dataset)  # rows really hold several sequences
-    batch = packed.collate(packed.train_dataset)
+    padded_rows, packed_rows = list(padded.train_dataset), list(packed.train_dataset)
+    batch = packed.collate(packed_rows)
     assert batch["input_ids"].shape[0] == 1 and "attention_mask" not in batch
-    assert batch["num_label_tokens"] == padded.collate(padded.train_dataset)["num_label_tokens"]
-    loss_a, grads_a = _loss_and_grads(padded, padded.model, padded.train_dataset)
-    loss_b, grads_b = _loss_and_grads(packed, packed.model, packed.train_dataset)
+    assert batch["num_label_tokens"] == padded.collate(padded_rows)["num_label_tokens"]
+    loss_a, grads_a = _loss_and_grads(padded, padded.model, padded_rows)
+    loss_b, grads_b = _loss_and_grads(packed, packed.model, packed_rows)
     torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
     for name in grads_a:
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
@@ -96,7 +97,7 @@ def test_packed_loss_and_gradients_equal_padded(tiny_model, tiny_tokenizer, tiny
 
 def test_packed_rows_do_not_attend_across_sequences(tiny_model, tiny_tokenizer, make_config):
     """Changing the first sequence of a packed row leaves the second sequence's logits unchanged."""
-    trainer = SFTTrainer(model=tiny_model, args=make_config(padding_free=True), train_dataset=_uneven_texts(2), processing_class=tiny_tokenizer)
+    trainer = SFTTrainer(model=tiny_model, args=make_config(padding_free=True, max_length=None), train_dataset=_uneven_texts(2), processing_class=tiny_tokenizer)
     first, second = trainer.train_dataset
     other = {"input_ids": [t + 1 for t in first["input_ids"]], "labels": first["labels"]}
     with torch.no_grad():

@@ -15,11 +15,18 @@ from posttrain_sft import SFTConfig, SFTTrainer
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        ({"loss_type": "chunked_nll"}, "loss_type='chunked_nll' is invalid"),
-        ({"packing_strategy": "wrapped"}, "packing_strategy='wrapped' is not supported"),
+        ({"loss_type": "focal"}, "loss_type='focal' is invalid"),
+        ({"packing_strategy": "first_fit"}, "packing_strategy='first_fit' is invalid"),
         ({"max_length": 1}, "max_length=1 is invalid"),
-        ({"packing": True, "max_length": None}, "packing=True needs max_length"),
+        ({"packing": True, "max_length": None}, "packing needs max_length"),
+        ({"eval_packing": True, "max_length": None}, "packing needs max_length"),
         ({"dataset_text_field": ""}, "dataset_text_field is empty"),
+        ({"truncation_mode": "middle"}, "truncation_mode='middle' is invalid"),
+        ({"pad_to_multiple_of": 0}, "pad_to_multiple_of=0 is invalid"),
+        ({"pad_to_multiple_of": "eight"}, "pad_to_multiple_of='eight' is invalid"),
+        ({"dataset_kwargs": {"skip_prepare": True}}, r"dataset_kwargs has unknown keys \['skip_prepare'\]"),
+        ({"dataset_kwargs": "{not json"}, "dataset_kwargs='{not json' is not valid JSON"),
+        ({"router_aux_loss_coef": -1.0}, "router_aux_loss_coef=-1.0 is invalid"),
     ],
 )
 def test_config_rejects_invalid_value(overrides, match):
@@ -42,7 +49,7 @@ def test_trainer_rejects_empty_dataset(tiny_model, tiny_tokenizer, make_config):
 
 
 def test_trainer_rejects_missing_dataset(tiny_model, tiny_tokenizer, make_config):
-    with pytest.raises(ConfigError, match="train_dataset is None"):
+    with pytest.raises(ValueError, match="`train_dataset` is required"):
         _trainer(tiny_model, tiny_tokenizer, make_config, None)
 
 
@@ -57,13 +64,18 @@ def test_trainer_rejects_conversation_without_assistant(tiny_model, tiny_tokeniz
         _trainer(tiny_model, tiny_tokenizer, make_config, data, assistant_only_loss=True)
 
 
-def test_trainer_rejects_template_without_generation_markers(tiny_model, tiny_tokenizer, tiny_datasets, make_config):
+def test_trainer_rejects_template_that_is_not_prefix_preserving_without_markers(tiny_model, tiny_tokenizer, make_config):
+    """Without {% generation %} markers, a template that renders an earlier turn differently once more turns follow is refused."""
     import copy
 
     tokenizer = copy.deepcopy(tiny_tokenizer)
-    tokenizer.chat_template = tokenizer.chat_template.replace("{%- generation %}", "").replace("{%- endgeneration %}", "")
-    with pytest.raises(ConfigError, match=r"assistant_only_loss=True needs a chat template with \{% generation %\}"):
-        _trainer(tiny_model, tokenizer, make_config, tiny_datasets["messages"], assistant_only_loss=True)
+    tokenizer.chat_template = (
+        "{%- for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{% if loop.last %} (last){% endif %}<|im_end|>\n{%- endfor %}"
+        "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}"
+    )
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}, {"role": "user", "content": "and"}, {"role": "assistant", "content": "so"}]
+    with pytest.raises(ConfigError, match="train_dataset row 0: assistant_only_loss=True and the chat template has no .* renders turn 1 differently"):
+        _trainer(tiny_model, tokenizer, make_config, [{"messages": turns}], assistant_only_loss=True)
 
 
 def test_trainer_rejects_completion_only_loss_without_prompt_completion(tiny_model, tiny_tokenizer, tiny_datasets, make_config):
