@@ -19,7 +19,7 @@ from posttrain._spec import Preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEAVY = ("torch", "transformers", "datasets", "accelerate", "peft", "deepspeed", "vllm")
-TRL_SHAPED = ("model", "args", "train_dataset", "eval_dataset", "processing_class", "peft_config")
+TRL_SHAPED = ("model", "args", "train_dataset", "eval_dataset", "processing_class", "callbacks", "peft_config")
 
 
 def installed_methods():
@@ -83,7 +83,23 @@ def test_trainer_signature_is_trl_shaped(info):
     params = inspect.signature(trainer_cls.__init__).parameters
     missing = [p for p in TRL_SHAPED if p not in params]
     assert not missing, f"{cls_name}.__init__ lacks {missing}"
-    assert hasattr(trainer_cls, "train")
+    from posttrain import TrainerSurface
+
+    # TRL's trainer surface, from the core (plugin API 1.1): nothing re-implemented per plugin
+    assert issubclass(trainer_cls, TrainerSurface), f"{cls_name} does not mix in posttrain.TrainerSurface"
+    for member in ("train", "evaluate", "save_model", "push_to_hub", "add_callback", "state"):
+        assert getattr(trainer_cls, member) is getattr(TrainerSurface, member), f"{cls_name}.{member} overrides TrainerSurface's"
+    for member in ("collate", "count_items", "compute_loss", "process_dataset"):
+        assert callable(getattr(trainer_cls, member, None)), f"{cls_name} lacks the method member {member}"
+
+
+def test_plugins_declare_the_core_requirement_they_build_on():
+    import tomllib
+
+    for folder in sorted(os.listdir(os.path.join(ROOT, "plugins"))):
+        with open(os.path.join(ROOT, "plugins", folder, "pyproject.toml"), "rb") as fh:
+            deps = tomllib.load(fh)["project"]["dependencies"]
+        assert any(d.replace(" ", "").startswith("posttrain>=1.1,<2") for d in deps), f"plugins/{folder} must require posttrain>=1.1,<2 (it uses plugin API 1.1)"
 
 
 @pytest.mark.parametrize("info", [m for m in METHODS if m.maturity == "stable"], ids=[m.name for m in METHODS if m.maturity == "stable"])
