@@ -209,15 +209,27 @@ class TrainingLoop:
         cpu_only = args.use_cpu or (not cuda and not (mps is not None and mps.is_available()))
         if args.tf32 is not None and cuda:
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = bool(args.tf32)
+        # accelerate (1.15) selects DeepSpeed only when cpu=False and FSDP only for GPU-type runs, so on a
+        # CPU-only machine both would silently run as plain DDP. DeepSpeed: cpu=False with a gloo group;
+        # FSDP (configured by `accelerate launch --use_fsdp`): switch the distributed type after construction.
+        multi = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        wants_deepspeed = ds_plugin is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+        handlers = _kwargs_handlers(args)
+        cpu_flag = cpu_only
+        if cpu_only and multi and wants_deepspeed:
+            cpu_flag = False
+            handlers = [dataclasses.replace(h, backend="gloo") if type(h).__name__ == "InitProcessGroupKwargs" else h for h in handlers]
         accelerator = Accelerator(
-            kwargs_handlers=_kwargs_handlers(args),
-            cpu=cpu_only,
+            kwargs_handlers=handlers,
+            cpu=cpu_flag,
             gradient_accumulation_steps=args.gradient_accumulation_steps,
             mixed_precision=mixed,
             log_with=log_with,
             project_dir=args.output_dir,
             deepspeed_plugin=ds_plugin,
         )
+        if cpu_only and multi and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            _engage_fsdp_on_cpu(accelerator)
         _install_fast_unwrap(accelerator)
         return accelerator
 
@@ -350,8 +362,10 @@ class TrainingLoop:
         for name, param in model.named_parameters():
             if not param.requires_grad:
                 continue
-            (no_decay if param.ndim < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(param)
-        groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            shape = getattr(param, "ds_shape", param.shape)  # under ZeRO-3 zero.Init a parameter is a 1-D placeholder
+            (no_decay if len(shape) < 2 or "norm" in name.lower() or name.endswith(".bias") else decay).append(param)
+        # an empty group would be dropped by ZeRO-3 while the schedule was built on two groups
+        groups = [g for g in ({"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         if not decay and not no_decay:
             raise ConfigError("the model has no trainable parameters: check peft_config / requires_grad.")
         # The fused kernel updates every parameter in one call (what transformers' Trainer uses by
@@ -406,6 +420,9 @@ class TrainingLoop:
                 # wait in a collective the other ranks never join.
                 state_dict = self.accelerator.get_state_dict(self.model)
         if self.is_main_process:
+            if state_dict:  # a gathered state dict holds tied weights twice; save_pretrained of the plain model writes them once
+                tied = getattr(self.unwrapped_model(), "all_tied_weights_keys", None) or {}
+                state_dict = {k: v for k, v in state_dict.items() if not (k in tied and tied[k] in state_dict)}
             self.unwrapped_model().save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(directory)
@@ -509,6 +526,7 @@ class TrainingLoop:
                 "python": platform.python_version(),
             },
             "world_size": self.accelerator.num_processes,
+            "distributed_type": str(self.accelerator.distributed_type.value),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
 
@@ -925,9 +943,9 @@ class TrainingLoop:
             run.progress.set_postfix(loss=f"{values[0]:.4f}")
 
     def _save(self, method) -> None:
-        path = save_checkpoint(self, method, self.state.global_step)
-        if self.state.best_global_step == self.state.global_step and path is not None:
-            self.state.best_model_checkpoint = path
+        save_checkpoint(self, method, self.state.global_step)
+        if self.state.best_global_step == self.state.global_step:  # on every rank: all of them load it at the end
+            self.state.best_model_checkpoint = os.path.join(self.args.output_dir, f"checkpoint-{self.state.global_step}")
         self._event("on_save")
         if self.args.push_to_hub and self.args.hub_strategy != "end" and self.is_main_process:
             self.push_to_hub(commit_message=f"checkpoint {self.state.global_step}")
@@ -1039,6 +1057,22 @@ def _from_pretrained(auto_class, name: str, what: str, **kwargs):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         offline = " (HF_HUB_OFFLINE=1 is set: only models already in the local cache can load)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
         raise ConfigError(f"cannot load the {what} {name!r}{offline}: {first} Check the name, your network or cache, or pass a local directory.") from None
+
+
+def _engage_fsdp_on_cpu(accelerator) -> None:
+    """Make an `accelerate launch --use_fsdp` run on CPU (gloo) really use FSDP instead of falling back to DDP.
+
+    ``AcceleratorState()`` re-copies ``PartialState``'s fields whenever it is built, so the type is
+    set on both.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if accelerator.state.distributed_type != DistributedType.MULTI_CPU:
+        return
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables accelerate launch set
 
 
 def _rows(dataset, indices: list[int]) -> list:

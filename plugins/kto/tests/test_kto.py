@@ -30,6 +30,11 @@ def _metrics(tmp_path):
         return [json.loads(line) for line in fh]
 
 
+def _rows(dataset, start: int, stop: int) -> list[dict]:
+    """Rows ``start:stop`` of a processed (``datasets.Dataset``) train/eval set, as a list of dicts."""
+    return list(dataset.select(range(start, stop)))
+
+
 def _perturbed(model, scale: float = 0.05, seed: int = 0):
     """Return a copy of ``model`` with seeded noise on every weight (a reference that differs from the policy)."""
     ref = copy.deepcopy(model)
@@ -61,8 +66,8 @@ def test_train_changes_every_parameter_and_logs_metrics(tmp_path, policy, tiny_t
     for name, param in trainer.loop.unwrapped_model().named_parameters():
         assert not torch.equal(before[name], param.detach()), f"{name} did not change"
     logged = _metrics(tmp_path)[0]
-    for key in ("loss", "kl", "entropy", "rewards/chosen_sum", "rewards/rejected_sum", "logps/chosen_sum", "count/chosen", "count/rejected"):
-        assert key in logged
+    for key in ("loss", "kl", "entropy", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"):
+        assert key in logged  # TRL's metric names
 
 
 # ---------------------------------------------------------------------------- parity with TRL
@@ -83,11 +88,11 @@ def test_dataset_processing_matches_trl(tmp_path, data_name, policy, tiny_tokeni
     ours = _trainer(tmp_path, policy, copy.deepcopy(tiny_tokenizer), data, per_device_train_batch_size=4)
     theirs = _trl_trainer(tmp_path, copy.deepcopy(policy), copy.deepcopy(policy), copy.deepcopy(tiny_tokenizer), data, per_device_train_batch_size=4)
     expected = [{k: row[k] for k in ("prompt_ids", "completion_ids", "label")} for row in theirs.train_dataset]
-    assert ours.train_dataset == expected
+    assert [dict(row) for row in ours.train_dataset] == expected
     if "chosen" in data.column_names:
         assert len(ours.train_dataset) == 2 * len(data) and sum(r["label"] for r in ours.train_dataset) == len(data)
     # the KL partner of each row in a micro-batch is the previous row's completion, as in TRL's first batch
-    batch = ours.collate(ours.train_dataset[:4])
+    batch = ours.collate(_rows(ours.train_dataset, 0, 4))
     trl_batch = theirs.data_collator([theirs.train_dataset[i] for i in range(4)])
     assert torch.equal(batch["KL_input_ids"], trl_batch["KL_input_ids"]) and torch.equal(batch["KL_completion_mask"], trl_batch["KL_completion_mask"])
 
@@ -121,7 +126,7 @@ def test_loss_matches_trl(tmp_path, loss_type, data_name, check_grad, policy, ti
     if loss_type == "kto":
         assert float(metrics["kl"]) > 0  # the KL term is active in this comparison
     if "rewards/chosen" in trl_metrics:
-        ours_chosen = float(metrics["rewards/chosen_sum"] / metrics["count/chosen"])
+        ours_chosen = float(metrics["rewards/chosen"])
         assert ours_chosen == pytest.approx(trl_metrics["rewards/chosen"][-1], rel=1e-4, abs=1e-6)
     if check_grad:
         loss.backward()
@@ -136,7 +141,7 @@ def test_precomputed_reference_gives_the_same_loss(tmp_path, policy, tiny_tokeni
     live = _trainer(tmp_path / "a", copy.deepcopy(policy), tiny_tokenizer, data, ref_model=copy.deepcopy(ref), per_device_train_batch_size=4)
     pre = _trainer(tmp_path / "b", copy.deepcopy(policy), tiny_tokenizer, data, ref_model=ref, per_device_train_batch_size=4, precompute_ref_log_probs=True)
     assert "ref_logps" in pre.train_dataset[0] and "ref_KL_logps" in pre.train_dataset[0]
-    rows = pre.train_dataset[4:8]  # one chunk of the fixed KL pairing == the in-batch rotation
+    rows = _rows(pre.train_dataset, 4, 8)  # one chunk of the fixed KL pairing == the in-batch rotation
     loss_live, _ = live.compute_loss(live.model, live.collate(rows), 4)
     loss_pre, _ = pre.compute_loss(pre.model, pre.collate(rows), 4)
     torch.testing.assert_close(loss_pre, loss_live, rtol=1e-6, atol=1e-7)
@@ -148,7 +153,7 @@ def test_peft_reference_is_the_adapter_disabled_policy(tmp_path, policy, tiny_to
     base = copy.deepcopy(policy)
     trainer = _trainer(tmp_path, policy, tiny_tokenizer, tiny_datasets["unpaired_preference"], peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False), per_device_train_batch_size=4)
     assert trainer.ref_model is None
-    batch = trainer.collate(trainer.train_dataset[:4])
+    batch = trainer.collate(_rows(trainer.train_dataset, 0, 4))
     ref_logps, _ = trainer._reference_logps(batch)
     base_logps, _ = trainer._sequence_logps(base, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
     policy_logps, _ = trainer._sequence_logps(trainer.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
@@ -224,8 +229,8 @@ def _marker_data(n_prompts: int, seed: int):
 
 def _held_out_accuracy(trainer, data) -> float:
     """Fraction of held-out prompts whose desirable completion gets a higher implicit reward than its undesirable one."""
-    rows = trainer._prepare_dataset(data, "eval_dataset")
-    batch = {k: (v.to(trainer.loop.device) if isinstance(v, torch.Tensor) else v) for k, v in trainer.collate(rows).items()}
+    rows = list(trainer.process_dataset(data, "eval_dataset"))
+    batch = trainer.loop.to_device(trainer.collate(rows))
     model = trainer.loop.unwrapped_model()
     with torch.no_grad():
         logps, _ = trainer._sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
@@ -273,7 +278,7 @@ def test_batch_size_one_is_allowed_without_kl_term(tmp_path):
 
 
 def test_dataset_without_label_is_rejected(tmp_path, policy, tiny_tokenizer, tiny_datasets):
-    with pytest.raises(ConfigError, match="needs 'prompt', 'completion' and 'label'"):
+    with pytest.raises(ConfigError, match="KTO needs unpaired 'prompt'/'completion'/'label'"):
         _trainer(tmp_path, policy, tiny_tokenizer, tiny_datasets["prompt_completion"])
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 
 import pytest
 import torch
@@ -181,7 +180,7 @@ def test_saved_model_scores_text_with_plain_transformers(tmp_path, reward_model,
     out = str(tmp_path / "out")
     loaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
-    batch = trainer.collate(trainer.train_dataset[:4])
+    batch = trainer.collate(list(trainer.train_dataset.select(range(4))))
     with torch.no_grad():
         expected = trainer.loop.unwrapped_model().eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         got = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
