@@ -201,7 +201,7 @@ def load_reward_model(spec: Any, tokenizer: Any = None, *, loop: Any, model_init
         spec = AutoModelForSequenceClassification.from_pretrained(spec, num_labels=1, dtype=dtype, **kwargs)
     if tokenizer is None:
         tokenizer = AutoTokenizer.from_pretrained(spec.config._name_or_path)
-    if tokenizer.pad_token is None:
+    if tokenizer.pad_token_id is None:  # (a pad token outside the vocabulary has no id either)
         tokenizer.pad_token = tokenizer.eos_token
     if getattr(spec.config, "pad_token_id", None) is None:
         spec.config.pad_token_id = tokenizer.pad_token_id

@@ -29,7 +29,7 @@ def _metrics(output_dir) -> list[dict]:
 
 def test_init_minimal(tiny_model, tiny_tokenizer, prompt_dataset, tmp_path):
     trainer = GRPOTrainer(model=tiny_model, reward_funcs=low_token_fraction, args=_config(tmp_path), train_dataset=prompt_dataset, processing_class=tiny_tokenizer)
-    assert trainer.reward_funcs[0][0] == "low_token_fraction"
+    assert trainer.reward_func_names[0] == "low_token_fraction"
     assert trainer.ref_model is None  # beta == 0: no reference model is loaded
 
 
@@ -46,8 +46,8 @@ def test_train_changes_every_parameter_and_logs_metrics(tiny_tokenizer, prompt_d
         assert not torch.equal(before[name], p.detach()), f"{name} did not change"
     logged = _metrics(args.output_dir)
     assert [m["step"] for m in logged] == [1, 2, 3]
-    expected = {"loss", "reward", "reward_std", "frac_reward_zero_std", "reward/low_token_fraction/mean", "reward/low_token_fraction/std",
-                "reward/format/mean", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
+    expected = {"loss", "reward", "reward_std", "frac_reward_zero_std", "rewards/low_token_fraction/mean", "rewards/low_token_fraction/std",
+                "rewards/format/mean", "kl", "entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean",
                 "completions/mean_length", "completions/min_length", "completions/max_length", "completions/clipped_ratio"}
     assert expected <= set(logged[0]), expected - set(logged[0])
 
@@ -117,9 +117,9 @@ def test_conversational_prompts_and_reward_funcs_from_config(tiny_model, tiny_to
     data = Dataset.from_list(rows)
     args = _config(tmp_path, reward_funcs=["accuracy", "grpo_helpers:low_token_fraction"], reward_weights=[1.0, 0.5])
     trainer = GRPOTrainer(model=tiny_model, args=args, train_dataset=data, eval_dataset=data.select(range(2)), processing_class=tiny_tokenizer)
-    assert trainer.train_dataset[0]["prompt_ids"][-3:] == tiny_tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"][-3:]
+    assert trainer._prompt_ids(trainer.train_dataset[0])[-3:] == tiny_tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"][-3:]
     out = trainer.train()
-    assert "eval_reward" in out.metrics and "reward/accuracy/mean" in _metrics(args.output_dir)[0]
+    assert "eval_reward" in out.metrics and "rewards/accuracy/mean" in _metrics(args.output_dir)[0]
 
 
 def test_reward_model_given_as_object(tiny_model, tiny_tokenizer, prompt_dataset, tmp_path):

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from rloo_helpers import low_token_fraction, perturbed_copy
+from rloo_helpers import low_token_fraction
 
 trl = pytest.importorskip("trl")
 
