@@ -42,7 +42,7 @@ def test_what_a_plugin_author_needs_is_public():
         "MethodContractError", "TrainerSurface", "as_config", "RolloutEngine", "RolloutBackend", "RolloutBatch", "SamplingParams",
         "compute_rewards", "resolve_reward_functions", "RewardModelFunction", "RewardFunctionError", "build_reference_model",
         "disable_dropout", "is_peft_model", "adapter_disabled", "prompt_completion_boundary", "tokenize_prompt", "load_reward_model",
-        "build_reward_functions", "gather_across_processes", "selective_log_softmax", "entropy_from_logits", "pad",
+        "build_reward_functions", "gather_across_processes", "sync_reference_model", "selective_log_softmax", "entropy_from_logits", "pad",
     }
     assert needed <= set(posttrain.__all__), sorted(needed - set(posttrain.__all__))
 

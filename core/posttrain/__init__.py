@@ -59,6 +59,7 @@ _LAZY = {
     "build_reward_functions": "posttrain._plumbing:build_reward_functions",
     "gather_across_processes": "posttrain._plumbing:gather_across_processes",
     "resolve_dtype": "posttrain._plumbing:resolve_dtype",
+    "sync_reference_model": "posttrain._plumbing:sync_reference_model",
     # rewards (TRL's calling convention; see posttrain.rewards)
     "RewardFunctionError": "posttrain.rewards:RewardFunctionError",
     "RewardResult": "posttrain.rewards:RewardResult",

@@ -36,6 +36,7 @@ __all__ = [
     "build_reward_functions",
     "gather_across_processes",
     "resolve_dtype",
+    "sync_reference_model",
 ]
 
 
@@ -133,6 +134,22 @@ def build_reference_model(
     if disable_dropout_in_ref:
         disable_dropout(ref_model)
     return loop.prepare_frozen(ref_model)
+
+
+@torch.no_grad()
+def sync_reference_model(ref_model: nn.Module, model: nn.Module, alpha: float, *, accelerator: Any = None) -> None:
+    """Move the reference toward the policy: ``ref <- alpha * policy + (1 - alpha) * ref`` (TR-DPO, Gorbatovski et al. 2024, arXiv:2404.09656).
+
+    Parameters are matched by name; ``model`` may be wrapped (``accelerator`` unwraps it).
+
+    Raises:
+        ValueError: the two models do not have the same parameter names.
+    """
+    policy = dict((accelerator.unwrap_model(model) if accelerator is not None else model).named_parameters())
+    for name, ref_param in ref_model.named_parameters():
+        if name not in policy:
+            raise ValueError(f"sync_reference_model: the policy has no parameter {name!r}: the reference must be a copy of the policy.")
+        ref_param.mul_(1.0 - alpha).add_(policy[name].detach().to(ref_param.device, ref_param.dtype), alpha=alpha)
 
 
 # ----------------------------------------------------------------------------------------- tokens

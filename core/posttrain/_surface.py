@@ -110,6 +110,10 @@ class TrainerSurface:
     def accelerator(self):
         return self.loop.accelerator
 
+    @accelerator.setter
+    def accelerator(self, value) -> None:  # transformers' Trainer lets code replace it (TRL's tests patch it)
+        self.loop.accelerator = value
+
     @property
     def callback_handler(self):
         """The callbacks (``.callbacks`` lists them), as transformers' ``CallbackHandler``."""

@@ -216,7 +216,7 @@ class TrainingConfig:
             raise ConfigError(f"hub_strategy={self.hub_strategy!r} is invalid: use 'end', 'every_save', 'checkpoint' or 'all_checkpoints'.")
         if self.optim not in OPTIMIZERS:
             raise ConfigError(f"optim={self.optim!r} is not offered: use one of {', '.join(OPTIMIZERS)}.")
-        for name in ("lr_scheduler_kwargs", "gradient_checkpointing_kwargs", "accelerator_config", "fsdp_config", "activation_checkpointing_kwargs"):
+        for name in ("model_init_kwargs", "lr_scheduler_kwargs", "gradient_checkpointing_kwargs", "accelerator_config", "fsdp_config", "activation_checkpointing_kwargs"):
             value = getattr(self, name)
             if isinstance(value, str) and value.strip().startswith("{"):
                 import json

@@ -66,6 +66,7 @@ from posttrain import (
     is_peft_model,
     resolve_dtype,
     selective_log_softmax,
+    sync_reference_model,
     tokenize_prompt,
 )
 
@@ -927,9 +928,7 @@ class GRPOTrainer(TrainerSurface):
         args = self.args
         if not args.sync_ref_model or self.ref_model is None or state.global_step % args.ref_model_sync_steps != 0:
             return
-        policy = self.loop.accelerator.unwrap_model(model)
-        for ref_param, param in zip(self.ref_model.parameters(), policy.parameters()):
-            ref_param.mul_(1.0 - args.ref_model_mixup_alpha).add_(param.detach().to(ref_param.device, ref_param.dtype), alpha=args.ref_model_mixup_alpha)
+        sync_reference_model(self.ref_model, model, args.ref_model_mixup_alpha, accelerator=self.loop.accelerator)
 
     @torch.no_grad()
     def evaluate_batches(self, model, batches) -> dict[str, float]:

@@ -44,6 +44,7 @@ from posttrain import (
     pad,
     prompt_completion_boundary,
     selective_log_softmax,
+    sync_reference_model,
 )
 from posttrain_kto.config import KTOConfig
 
@@ -622,10 +623,7 @@ class KTOTrainer(TrainerSurface):
         args = self.args
         if not args.sync_ref_model or state.global_step % args.ref_model_sync_steps != 0:
             return
-        policy = dict(self.loop.accelerator.unwrap_model(model).named_parameters())
-        with torch.no_grad():
-            for name, ref_param in self.ref_model.named_parameters():
-                ref_param.mul_(1 - args.ref_model_mixup_alpha).add_(policy[name].detach().to(ref_param.dtype), alpha=args.ref_model_mixup_alpha)
+        sync_reference_model(self.ref_model, model, args.ref_model_mixup_alpha, accelerator=self.loop.accelerator)
 
     def state_dict(self) -> dict:
         """Return the method state for checkpoints: the reference weights when ``sync_ref_model`` changes them."""
