@@ -6,7 +6,6 @@ cannot honour says so in its help ("Accepted, no effect: ..."), and setting it w
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass, field
 
@@ -77,11 +76,6 @@ class RewardConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if isinstance(self.model_init_kwargs, str):  # the CLI passes a JSON string (TRL parses it too)
-            try:
-                self.model_init_kwargs = json.loads(self.model_init_kwargs)
-            except json.JSONDecodeError as exc:
-                raise ConfigError(f"model_init_kwargs={self.model_init_kwargs!r} is not valid JSON ({exc.msg}): give a dict or a JSON object string.") from None
         if isinstance(self.pad_to_multiple_of, str):  # the CLI passes a string; 'auto' pads only on Neuron in TRL
             text = self.pad_to_multiple_of.strip().lower()
             if text in ("auto", "none", "null"):
