@@ -74,10 +74,6 @@ class DPOConfig(TrainingConfig):
     )
 
     # > Parameters that control the model
-    trust_remote_code: bool = field(
-        default=False,
-        metadata=_help("Allow loading models (policy and a reference given by name) whose Hub repository ships custom Python code."),
-    )
     router_aux_loss_coef: float | None = field(
         default=None,
         metadata=_help(

@@ -42,7 +42,6 @@ class GRPOConfig(TrainingConfig):
     remove_unused_columns: bool = field(default=False, metadata=_help("Accepted, no effect: every dataset column is kept and passed to the reward functions (TRL's GRPO default is False too)."))
 
     # > Parameters that control the model
-    trust_remote_code: bool = field(default=False, metadata=_help("Allow models and tokenizers that ship custom code (policy, reward models and their tokenizers loaded by name)."))
     router_aux_loss_coef: float | None = field(default=None, metadata=_help("Weight of a Mixture-of-Experts model's load-balancing loss added to the loss (None: the model config's router_aux_loss_coef; 0 disables it). An error on a non-MoE model."))
     disable_dropout: bool = field(default=False, metadata=_help("Set every dropout probability of the policy (and reference) to 0."))
     cast_lm_head_to_fp32: bool = field(default=False, metadata=_help("Run the LM head of the policy and reference in float32 (ScaleRL), also under bf16 mixed precision."))

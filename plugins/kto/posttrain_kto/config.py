@@ -35,10 +35,6 @@ class KTOConfig(TrainingConfig):
     )
 
     # > Parameters that control the model
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Allow models and tokenizers given by name to run their own code from the Hub (passed to from_pretrained)."},
-    )
     router_aux_loss_coef: float | None = field(
         default=None,
         metadata={

@@ -27,10 +27,6 @@ class RewardConfig(TrainingConfig):
     logging_first_step: bool = field(default=False, metadata={"help": "Also log after the first step (transformers' and TRL's default: off)."})
 
     # > Parameters that control the model
-    trust_remote_code: bool = field(
-        default=False,
-        metadata={"help": "Allow models and tokenizers given by name to run their own code from the Hub (passed to from_pretrained)."},
-    )
     chat_template_path: str | None = field(
         default=None,
         metadata={
