@@ -17,7 +17,7 @@ export TOKENIZERS_PARALLELISM := false
 export DS_BUILD_OPS := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: install test demo bench clean list
+.PHONY: install test demo bench clean list dist
 
 $(VENV)/.installed: pyproject.toml $(PLUGINS) $(CONTRIB) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,11 +38,17 @@ demo: install
 bench: install
 	$(BIN)/python -m bench
 
+# Wheels of the core and of every plugin into dist/ (install with: pip install --find-links dist posttrain-grpo)
+dist: install
+	rm -rf dist
+	$(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist . $(foreach p,$(PLUGINS) $(CONTRIB),$(dir $(p)))
+	@ls dist
+
 list: install
 	$(BIN)/posttrain list
 
 clean:
-	rm -rf $(VENV) outputs .pytest_cache
+	rm -rf $(VENV) outputs .pytest_cache dist
 
 .PHONY: trl-compat
 

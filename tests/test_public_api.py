@@ -32,8 +32,9 @@ def test_every_public_name_resolves():
         assert getattr(posttrain, name) is not None, name
 
 
-def test_plugin_api_is_1_1():
-    assert posttrain.API_VERSION == "1.1"
+def test_plugin_api_is_1_2():
+    # 1.2 added MethodSpec.data_format / tiny_run (the conformance kit); 1.1 plugins still load
+    assert posttrain.API_VERSION == "1.2"
 
 
 def test_what_a_plugin_author_needs_is_public():

@@ -10,12 +10,12 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from posttrain._spec import MethodSpec, Preset, SpecError
+from posttrain._spec import DATA_FORMATS, MethodSpec, Preset, SpecError
 from posttrain.config import ConfigError, TrainingConfig, as_config, closest_field_names, config_fields
 
 #: Version of the plugin contract ("MAJOR.MINOR"). A plugin built for another major, or for a
 #: newer minor, is refused (see STABILITY.md).
-API_VERSION = "1.1"
+API_VERSION = "1.2"
 
 try:  # the distribution's version, single-sourced from pyproject.toml
     from importlib.metadata import version as _dist_version
@@ -89,6 +89,7 @@ _LAZY = {
 __all__ = [
     "API_VERSION",
     "ConfigError",
+    "DATA_FORMATS",
     "MethodSpec",
     "Preset",
     "SpecError",

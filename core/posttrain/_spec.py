@@ -6,10 +6,23 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["MethodSpec", "Preset", "SpecError", "MATURITIES"]
+__all__ = ["MethodSpec", "Preset", "SpecError", "MATURITIES", "DATA_FORMATS"]
 
 #: The two maturity levels a method can declare.
 MATURITIES = ("stable", "experimental")
+
+#: TRL's dataset formats, by the names ``posttrain.testing.make_tiny_datasets`` uses; a method's
+#: :attr:`MethodSpec.data_format` is one of them (plugin API 1.2).
+DATA_FORMATS = (
+    "text",
+    "messages",
+    "prompt_completion",
+    "conversational_prompt_completion",
+    "preference",
+    "conversational_preference",
+    "unpaired_preference",
+    "prompt_only",
+)
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _API_RE = re.compile(r"^\d+\.\d+$")
@@ -61,6 +74,13 @@ class MethodSpec:
         papers: Citations (title, arXiv id or URL), one string each.
         presets: Preset name -> :class:`Preset` (a plain mapping of overrides is accepted too).
         requires: Import names the method needs beyond the core (checked by ``posttrain doctor``).
+        data_format: The dataset format the method trains on, one of :data:`DATA_FORMATS`
+            (``"preference"`` for DPO); the conformance suite trains on a tiny dataset of this
+            format and ``posttrain info`` shows it. Empty: the suite cannot train the method
+            (plugin API 1.2).
+        tiny_run: Config overrides that make a few-step run on a tiny model meaningful and fast
+            (e.g. ``{"reward_funcs": ["accuracy"], "max_completion_length": 8}``); the
+            conformance suite applies them over its own small defaults (plugin API 1.2).
     """
 
     name: str
@@ -73,6 +93,8 @@ class MethodSpec:
     papers: tuple[str, ...] = ()
     presets: Mapping[str, Preset] = field(default_factory=dict)
     requires: tuple[str, ...] = ()
+    data_format: str = ""
+    tiny_run: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Coerce friendly inputs (lists, plain override dicts) into the frozen forms.
@@ -84,6 +106,7 @@ class MethodSpec:
                 value = Preset(summary="", overrides=dict(value))
             presets[key] = value
         object.__setattr__(self, "presets", presets)
+        object.__setattr__(self, "tiny_run", dict(self.tiny_run))
         self.validate()
 
     def validate(self) -> None:
@@ -112,6 +135,13 @@ class MethodSpec:
                     f"MethodSpec(name={self.name!r}).{attr}={value!r} is invalid: use a lazy "
                     "path 'package.module:ClassName'."
                 )
+        if self.data_format and self.data_format not in DATA_FORMATS:
+            raise SpecError(
+                f"MethodSpec(name={self.name!r}).data_format={self.data_format!r} is invalid: use one of "
+                f"{', '.join(DATA_FORMATS)} (or leave it empty)."
+            )
+        if not isinstance(self.tiny_run, Mapping) or not all(isinstance(k, str) for k in self.tiny_run):
+            raise SpecError(f"MethodSpec(name={self.name!r}).tiny_run must map config field names to values.")
         for key, preset in self.presets.items():
             if not isinstance(preset, Preset):
                 raise SpecError(

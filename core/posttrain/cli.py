@@ -348,6 +348,8 @@ def _cmd_info(args: argparse.Namespace, registry: Registry) -> int:
     print(f"  distribution: {info.distribution} {info.version}")
     print(f"  plugin api:   {info.plugin_api or '-'}")
     print(f"  family:       {info.family or '-'}")
+    if spec is not None:
+        print(f"  data format:  {spec.data_format or '-'}")
     if spec is None:
         return 1
     print("  papers:" + ("" if spec.papers else " none"))
@@ -541,6 +543,48 @@ def _cmd_doctor(args: argparse.Namespace, registry: Registry) -> int:
     return 1 if failed or broken else 0
 
 
+def _cmd_new(args: argparse.Namespace, registry: Registry) -> int:
+    from posttrain._scaffold import write_plugin
+
+    try:
+        root = write_plugin(args.name, family=args.family, directory=args.dir)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"wrote {root} ({args.family} template, experimental 0.1.0). Next:")
+    print(f"  pip install -e {root}")
+    print(f"  posttrain list                      # shows {args.name} as experimental")
+    print(f"  pytest {os.path.join(root, 'tests')}          # conformance suite + learning test")
+    return 0
+
+
+def _cmd_snapshot(args: argparse.Namespace, registry: Registry) -> int:
+    from posttrain.conformance import snapshot
+
+    if args.core == bool(args.method):
+        raise UsageError("name one method (posttrain snapshot NAME) or pass --core for posttrain's own surface.")
+    if args.core:
+        live, path = snapshot.core_surface(), snapshot.snapshot_path(None)
+    else:
+        info = registry.get_info(args.method)
+        if not info.is_loadable:
+            raise UsageError(f"method {info.name!r} has status {info.status}: {info.error}")
+        from posttrain.conformance.tiny import run_metric_names
+
+        print(f"running {info.name} for a few steps on a tiny model to record its metric names ...", file=sys.stderr)
+        live, path = snapshot.method_surface(info, metrics=run_metric_names(info)), snapshot.snapshot_path(info)
+    try:
+        if args.write:
+            changes = snapshot.write(live, path)
+            print(f"wrote {path}" + (f" ({len(changes)} changes: " + "; ".join(c.describe() for c in changes[:5]) + ")" if changes else ""))
+        else:
+            snapshot.check(live, path)
+            print(f"{path}: the public surface matches (version {live['version']})")
+    except snapshot.SnapshotError as exc:
+        print(f"posttrain snapshot: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
 # -- entry point ------------------------------------------------------------------------------
 
 
@@ -583,6 +627,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("doctor", help="Validate every installed plugin without importing trainers.", allow_abbrev=False)
     p.set_defaults(handler=_cmd_doctor)
+
+    p = sub.add_parser("new", help="Write a new method plugin (installable, passes the conformance suite).", allow_abbrev=False)
+    p.add_argument("name", help="Method id: lowercase letters, digits, underscores (the distribution is posttrain-NAME).")
+    p.add_argument("--family", default="sft", choices=("sft", "preference"), help="Template: sft (prompt/completion NLL) or preference (pairwise logistic loss).")
+    p.add_argument("--dir", default=".", help="Parent folder of the new posttrain-NAME/ (default: the current folder).")
+    p.set_defaults(handler=_cmd_new)
+
+    p = sub.add_parser("snapshot", help="Check (or --write) a stable plugin's or the core's API snapshot (semver by test).", allow_abbrev=False)
+    p.add_argument("method", nargs="?", help="Method id (see `posttrain list`).")
+    p.add_argument("--core", action="store_true", help="The core's surface: posttrain.__all__, TrainingConfig and the plugin API.")
+    p.add_argument("--write", action="store_true", help="Rewrite the snapshot (refused when the version bump is too small).")
+    p.set_defaults(handler=_cmd_snapshot)
     return parser
 
 

@@ -10,6 +10,8 @@ SPEC = MethodSpec(
     family="sft",
     trainer="posttrain_example_method.trainer:TokenDropoutSFTTrainer",
     config="posttrain_example_method.config:TokenDropoutSFTConfig",
+    data_format="text",
+    tiny_run={},  # a few steps on a tiny model (the conformance suite)
     papers=("Bowman et al. 2016, Generating Sentences from a Continuous Space (word dropout), arXiv:1511.06349",),
     presets={
         "word_dropout": Preset(

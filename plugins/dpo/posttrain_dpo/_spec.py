@@ -10,6 +10,8 @@ SPEC = MethodSpec(
     family="preference",
     trainer="posttrain_dpo.trainer:DPOTrainer",
     config="posttrain_dpo.config:DPOConfig",
+    data_format="preference",
+    tiny_run={"max_length": 32},  # a few steps on a tiny model (the conformance suite)
     papers=(
         "Rafailov et al. 2023, Direct Preference Optimization: Your Language Model is Secretly a Reward Model, arXiv:2305.18290",
         "Zhao et al. 2023, SLiC-HF: Sequence Likelihood Calibration with Human Feedback, arXiv:2305.10425",

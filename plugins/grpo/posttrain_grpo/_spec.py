@@ -10,6 +10,8 @@ SPEC = MethodSpec(
     family="online-rl",
     trainer="posttrain_grpo.trainer:GRPOTrainer",
     config="posttrain_grpo.config:GRPOConfig",
+    data_format="prompt_only",
+    tiny_run={"reward_funcs": ["posttrain.testing.rewards:digit_fraction_reward"], "num_generations": 2, "max_completion_length": 8},  # a few steps on a tiny model (the conformance suite)
     papers=(
         "Shao et al. 2024, DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models, arXiv:2402.03300",
         "DeepSeek-AI 2025, DeepSeek-R1: Incentivizing Reasoning Capability in LLMs via Reinforcement Learning, arXiv:2501.12948",

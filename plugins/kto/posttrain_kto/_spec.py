@@ -10,6 +10,8 @@ SPEC = MethodSpec(
     family="preference",
     trainer="posttrain_kto.trainer:KTOTrainer",
     config="posttrain_kto.config:KTOConfig",
+    data_format="unpaired_preference",
+    tiny_run={"max_length": 32},  # a few steps on a tiny model (the conformance suite)
     papers=(
         "Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization, arXiv:2402.01306",
         "D'Oosterlinck et al. 2024, Anchored Preference Optimization and Contrastive Revisions, arXiv:2408.06266",

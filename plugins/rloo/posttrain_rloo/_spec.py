@@ -10,6 +10,8 @@ SPEC = MethodSpec(
     family="online-rl",
     trainer="posttrain_rloo.trainer:RLOOTrainer",
     config="posttrain_rloo.config:RLOOConfig",
+    data_format="prompt_only",
+    tiny_run={"reward_funcs": ["posttrain.testing.rewards:digit_fraction_reward"], "num_generations": 2, "max_completion_length": 8},  # a few steps on a tiny model (the conformance suite)
     papers=(
         "Ahmadian et al. 2024, Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs, arXiv:2402.14740",
         "Kool et al. 2019, Buy 4 REINFORCE Samples, Get a Baseline for Free!, ICLR 2019 workshop",

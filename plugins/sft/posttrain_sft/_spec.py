@@ -15,6 +15,8 @@ SPEC = MethodSpec(
     family="sft",
     trainer="posttrain_sft.trainer:SFTTrainer",
     config="posttrain_sft.config:SFTConfig",
+    data_format="prompt_completion",
+    tiny_run={},  # a few steps on a tiny model (the conformance suite)
     papers=(_DFT, _PACKING),
     presets={
         "dft": Preset(
