@@ -18,12 +18,14 @@ def test_example_config_trains_through_the_cli(path, tiny_model_dir, tmp_path, m
 
     method = os.path.splitext(os.path.basename(path))[0]
     registry = Registry()
-    if method not in {m.name for m in registry.list_methods()}:
+    infos = {m.name: m for m in registry.list_methods()}
+    if method not in infos:
         pytest.skip(f"plugin for {method} not installed")
+    opt_in = ["--allow-experimental", method] if infos[method].maturity == "experimental" else []
     monkeypatch.chdir(ROOT)  # dataset paths in the examples are relative to the repository root
     out = tmp_path / "out"
     code = main(["train", method, "--config", path, "--model_name_or_path", tiny_model_dir, "--output_dir", str(out),
-                 "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true"], registry=registry)
+                 "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true", *opt_in], registry=registry)
     assert code == 0
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r][:2] == [1, 2]

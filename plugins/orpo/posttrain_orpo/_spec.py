@@ -1,0 +1,23 @@
+"""The ORPO method spec and its paper preset (light: imports nothing but posttrain)."""
+
+from posttrain import API_VERSION, MethodSpec, Preset
+
+SPEC = MethodSpec(
+    name="orpo",
+    maturity="experimental",
+    plugin_api=API_VERSION,
+    summary="ORPO: NLL on the chosen response plus an odds-ratio preference term, in one stage and without a reference model.",
+    family="preference",
+    trainer="posttrain_orpo.trainer:ORPOTrainer",
+    config="posttrain_orpo.config:ORPOConfig",
+    data_format="preference",
+    tiny_run={"max_length": 32, "learning_rate": 1e-3},  # a few steps on a tiny model (the conformance suite)
+    papers=("Hong, Lee and Thorne 2024, ORPO: Monolithic Preference Optimization without Reference Model, arXiv:2403.07691",),
+    presets={
+        "orpo": Preset(
+            summary="The paper's setting: lambda (beta) = 0.1, learning rate 8e-6, max length 1024.",
+            overrides={"beta": 0.1, "learning_rate": 8e-6, "max_length": 1024},
+            paper="arXiv:2403.07691",
+        ),
+    },
+)
