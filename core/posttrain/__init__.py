@@ -49,6 +49,9 @@ _LAZY = {
     "CallbackList": "posttrain._loop:CallbackList",
     # shared plumbing (plain functions)
     "build_reference_model": "posttrain._plumbing:build_reference_model",
+    # plugin API 1.2: bias-corrected EMA of the weights (SFT averaging, DPO reference)
+    "BEMA": "posttrain._bema:BEMA",
+    "BEMASaver": "posttrain._bema:BEMASaver",
     "disable_dropout": "posttrain._plumbing:disable_dropout",
     "is_peft_model": "posttrain._plumbing:is_peft_model",
     "adapter_disabled": "posttrain._plumbing:adapter_disabled",

@@ -13,6 +13,7 @@ SPEC = MethodSpec(
     data_format="preference",
     tiny_run={"max_length": 32},  # a few steps on a tiny model (the conformance suite)
     papers=(
+        "Block and Zhang 2025, EMA Without the Lag: Bias-Corrected Iterate Averaging Schemes (BEMA), arXiv:2508.00180",
         "Rafailov et al. 2023, Direct Preference Optimization: Your Language Model is Secretly a Reward Model, arXiv:2305.18290",
         "Zhao et al. 2023, SLiC-HF: Sequence Likelihood Calibration with Human Feedback, arXiv:2305.10425",
         "Azar et al. 2023, A General Theoretical Paradigm to Understand Learning from Human Preferences (IPO), arXiv:2310.12036",
@@ -127,6 +128,11 @@ SPEC = MethodSpec(
             summary="TR-DPO: every 512 steps the reference becomes 0.6 * policy + 0.4 * reference (soft update).",
             overrides={"sync_ref_model": True, "ref_model_mixup_alpha": 0.6, "ref_model_sync_steps": 512},
             paper="Gorbatovski et al. 2024, arXiv:2404.09656 (Eq. 6)",
+        ),
+        "bema_ref": Preset(
+            summary="BEMA reference: every 400 steps the reference takes the policy's bias-corrected EMA weights (TRL's bema_for_ref_model).",
+            overrides={"bema_ref_model": True, "bema_ref_model_update_freq": 400, "bema_update_freq": 400, "bema_ema_power": 0.5, "bema_bias_power": 0.2, "bema_lag": 10},
+            paper="arXiv:2508.00180",
         ),
     },
 )

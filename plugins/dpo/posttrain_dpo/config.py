@@ -207,6 +207,22 @@ class DPOConfig(TrainingConfig):
     ref_model_mixup_alpha: float = field(default=0.6, metadata=_help("TR-DPO alpha of the reference soft update, in (0, 1]."))
     ref_model_sync_steps: int = field(default=512, metadata=_help("TR-DPO tau: optimizer steps between reference updates."))
 
+    bema_ref_model: bool = field(
+        default=False,
+        metadata=_help("Update the reference model with the policy's BEMA weights every bema_ref_model_update_freq steps (trl.experimental.bema_for_ref_model; preset 'bema_ref')."),
+    )
+    bema_ref_model_update_freq: int = field(default=400, metadata=_help("BEMA reference: copy the BEMA weights into the reference every this many steps."))
+    bema_ref_model_update_after: int = field(default=0, metadata=_help("BEMA reference: steps before the first reference update."))
+    # > BEMA: bias-corrected EMA of the weights (Block and Zhang 2025, arXiv:2508.00180; TRL's BEMACallback)
+    bema_update_freq: int = field(default=400, metadata=_help("BEMA: update the average every this many optimizer steps (the paper's phi)."))
+    bema_ema_power: float = field(default=0.5, metadata=_help("BEMA: kappa, power of the EMA decay beta_t = (lag + multiplier * t)^-kappa (0 disables the EMA)."))
+    bema_bias_power: float = field(default=0.2, metadata=_help("BEMA: eta, power of the bias-correction scale alpha_t = (lag + multiplier * t)^-eta."))
+    bema_lag: int = field(default=10, metadata=_help("BEMA: rho, the virtual starting age of both schedules."))
+    bema_update_after: int = field(default=0, metadata=_help("BEMA: tau, the burn-in step at which theta_0 and the EMA are snapshotted."))
+    bema_multiplier: float = field(default=1.0, metadata=_help("BEMA: gamma, the step multiplier of both schedules."))
+    bema_min_ema_multiplier: float = field(default=0.0, metadata=_help("BEMA: lower bound of the EMA decay beta_t."))
+    bema_device: str = field(default="cpu", metadata=_help("BEMA: device of the average's buffers (keep 'cpu' to spare accelerator memory)."))
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if isinstance(self.loss_type, str):
@@ -301,6 +317,12 @@ class DPOConfig(TrainingConfig):
             raise ConfigError(f"ref_model_mixup_alpha={self.ref_model_mixup_alpha} is invalid: use a value in (0, 1] (paper: 0.6).")
         if self.ref_model_sync_steps < 1:
             raise ConfigError(f"ref_model_sync_steps={self.ref_model_sync_steps} is invalid: use a positive number of steps.")
+        if self.bema_ref_model and (self.sync_ref_model or self.precompute_ref_log_probs):
+            raise ConfigError(
+                "bema_ref_model=True conflicts with "
+                + ("sync_ref_model=True (two reference updates)" if self.sync_ref_model else "precompute_ref_log_probs=True (the reference changes during training)")
+                + ": set one of them to False."
+            )
         if self.sync_ref_model and self.precompute_ref_log_probs:
             raise ConfigError(
                 "sync_ref_model=True and precompute_ref_log_probs=True conflict: TR-DPO updates the reference during training, "

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain import (
+    BEMA,
     ConfigError,
     TrainerSurface,
     TrainingLoop,
@@ -348,6 +349,15 @@ class DPOTrainer(TrainerSurface):
             self.eval_dataset = self.process_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         if args.precompute_ref_log_probs and self.ref_model is not None:
             self.ref_model.to("cpu")  # kept for datasets given to evaluate() later; the stored values serve training
+        self.bema = None
+        if args.bema_ref_model:  # the reference follows the policy's BEMA (trl.experimental.bema_for_ref_model)
+            if self.ref_model is None:
+                raise ConfigError(
+                    "bema_ref_model=True needs a separate reference model: with a PEFT policy the reference is an adapter "
+                    "(or the base model), which BEMA weights of the full model cannot update. Train without peft_config, or "
+                    "set bema_ref_model=False."
+                )
+            self.bema = BEMA(self.model, **bema_options(args))
         self.loop.setup(self.model, method=self)
 
     # ------------------------------------------------------------------ setup
@@ -790,18 +800,47 @@ class DPOTrainer(TrainerSurface):
         return result
 
     def on_step_end(self, model, state) -> None:
-        """TR-DPO: every ``ref_model_sync_steps`` steps, reference <- alpha * policy + (1 - alpha) * reference."""
+        """TR-DPO: every ``ref_model_sync_steps`` steps, reference <- alpha * policy + (1 - alpha) * reference.
+
+        BEMA reference: the policy's BEMA is updated every ``bema_update_freq`` steps, and copied into the
+        reference every ``bema_ref_model_update_freq`` steps after ``bema_ref_model_update_after`` (as TRL's callback).
+        """
         args = self.args
-        if not args.sync_ref_model or state.global_step % args.ref_model_sync_steps != 0:
+        step = state.global_step
+        if self.bema is not None:
+            self.bema.step(self.loop.unwrapped_model(), step)
+            if step >= args.bema_ref_model_update_after and (step - args.bema_ref_model_update_after) % args.bema_ref_model_update_freq == 0:
+                self.bema.copy_to(self.ref_model)
+        if not args.sync_ref_model or step % args.ref_model_sync_steps != 0:
             return
         sync_reference_model(self.ref_model, model, args.ref_model_mixup_alpha, accelerator=self.loop.accelerator)
 
     def state_dict(self) -> dict:
-        """Return the method state for checkpoints: the TR-DPO reference weights (they change during training)."""
-        if not self.args.sync_ref_model:
-            return {}
-        return {"ref_model": {k: v.detach().cpu().clone() for k, v in self.ref_model.state_dict().items()}}
+        """Return the method state for checkpoints: the reference weights when they change (TR-DPO, BEMA) and the BEMA buffers."""
+        state = {}
+        if self.args.sync_ref_model or self.bema is not None:
+            state["ref_model"] = {k: v.detach().cpu().clone() for k, v in self.ref_model.state_dict().items()}
+        if self.bema is not None:
+            state["bema"] = self.bema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         if "ref_model" in state and self.ref_model is not None:
             self.ref_model.load_state_dict(state["ref_model"])
+        if "bema" in state and self.bema is not None:
+            self.bema.load_state_dict(state["bema"])
+
+
+# Copied from posttrain_sft.trainer.bema_options
+def bema_options(args) -> dict:
+    """Return :class:`posttrain.BEMA`'s keyword arguments from the config's ``bema_*`` fields."""
+    return {
+        "update_freq": args.bema_update_freq,
+        "ema_power": args.bema_ema_power,
+        "bias_power": args.bema_bias_power,
+        "lag": args.bema_lag,
+        "update_after": args.bema_update_after,
+        "multiplier": args.bema_multiplier,
+        "min_ema_multiplier": args.bema_min_ema_multiplier,
+        "device": args.bema_device,
+    }

@@ -17,7 +17,7 @@ SPEC = MethodSpec(
     config="posttrain_sft.config:SFTConfig",
     data_format="prompt_completion",
     tiny_run={},  # a few steps on a tiny model (the conformance suite)
-    papers=(_DFT, _PACKING),
+    papers=(_DFT, _PACKING, "Block and Zhang 2025, EMA Without the Lag: Bias-Corrected Iterate Averaging Schemes (BEMA), arXiv:2508.00180"),
     presets={
         "dft": Preset(
             summary="Dynamic Fine-Tuning: scale each token's NLL by its (detached) probability.",
@@ -32,6 +32,11 @@ SPEC = MethodSpec(
         "completion_only": Preset(
             summary="Loss on completion tokens only (prompt/completion data; the default there, made explicit).",
             overrides={"completion_only_loss": True},
+        ),
+        "bema": Preset(
+            summary="BEMA: keep the bias-corrected EMA of the weights (phi=400, kappa=0.5, eta=0.2, rho=10) and save it to output_dir/bema.",
+            overrides={"use_bema": True, "bema_update_freq": 400, "bema_ema_power": 0.5, "bema_bias_power": 0.2, "bema_lag": 10},
+            paper="arXiv:2508.00180",
         ),
     },
 )

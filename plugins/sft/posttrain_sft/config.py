@@ -9,6 +9,10 @@ from typing import Any
 
 from posttrain import ConfigError, TrainingConfig
 
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
 __all__ = ["SFTConfig"]
 
 LOSS_TYPES = ("nll", "dft")
@@ -101,6 +105,20 @@ class SFTConfig(TrainingConfig):
         default=None,
         metadata={"help": "Deprecated (TRL): the padding token; set tokenizer.pad_token and pass processing_class instead."},
     )
+
+    use_bema: bool = field(
+        default=False,
+        metadata=_help("Keep a BEMA average of the weights and save it to output_dir/bema at the end (as TRL's BEMACallback; preset 'bema')."),
+    )
+    # > BEMA: bias-corrected EMA of the weights (Block and Zhang 2025, arXiv:2508.00180; TRL's BEMACallback)
+    bema_update_freq: int = field(default=400, metadata=_help("BEMA: update the average every this many optimizer steps (the paper's phi)."))
+    bema_ema_power: float = field(default=0.5, metadata=_help("BEMA: kappa, power of the EMA decay beta_t = (lag + multiplier * t)^-kappa (0 disables the EMA)."))
+    bema_bias_power: float = field(default=0.2, metadata=_help("BEMA: eta, power of the bias-correction scale alpha_t = (lag + multiplier * t)^-eta."))
+    bema_lag: int = field(default=10, metadata=_help("BEMA: rho, the virtual starting age of both schedules."))
+    bema_update_after: int = field(default=0, metadata=_help("BEMA: tau, the burn-in step at which theta_0 and the EMA are snapshotted."))
+    bema_multiplier: float = field(default=1.0, metadata=_help("BEMA: gamma, the step multiplier of both schedules."))
+    bema_min_ema_multiplier: float = field(default=0.0, metadata=_help("BEMA: lower bound of the EMA decay beta_t."))
+    bema_device: str = field(default="cpu", metadata=_help("BEMA: device of the average's buffers (keep 'cpu' to spare accelerator memory)."))
 
     def __post_init__(self) -> None:
         for name in ("model_init_kwargs", "dataset_kwargs"):  # TRL accepts JSON strings (the CLI passes them so)

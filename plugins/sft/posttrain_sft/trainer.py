@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from posttrain import (
+    BEMA,
+    BEMASaver,
     ConfigError,
     TrainerSurface,
     TrainingLoop,
@@ -173,6 +175,10 @@ class SFTTrainer(TrainerSurface):
             self.eval_dataset = self.process_dataset(eval_dataset, "eval_dataset")
         self._use_logits_to_keep = _accepts_logits_to_keep(self.model)
         self._logit_offset = _virtual_token_count(self.model)
+        self.bema = None
+        if args.use_bema:  # BEMA (arXiv:2508.00180): the average is saved to output_dir/bema when training ends
+            self.bema = BEMA(self.model, **bema_options(args))
+            self.loop.callbacks.add(BEMASaver(self.bema, self.loop, self.processing_class))
         self.loop.setup(self.model, method=self)
 
     # ================================================================== model and tokenizer
@@ -635,6 +641,20 @@ class SFTTrainer(TrainerSurface):
             logits = self.preprocess_logits_for_metrics(logits, batch["labels"])
         return logits, batch["labels"]
 
+    # ================================================================== BEMA
+    def on_step_end(self, model, state) -> None:
+        """Update the BEMA average (``use_bema``) after each optimizer step."""
+        if self.bema is not None:
+            self.bema.step(self.loop.unwrapped_model(), state.global_step)
+
+    def state_dict(self) -> dict:
+        """Return the method state for checkpoints: the BEMA buffers (``use_bema``), so a resumed run averages exactly."""
+        return {"bema": self.bema.state_dict()} if self.bema is not None else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if "bema" in state and self.bema is not None:
+            self.bema.load_state_dict(state["bema"])
+
 
 # ====================================================================== helpers
 def pack_bfd(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
@@ -802,3 +822,17 @@ def _virtual_token_count(model) -> int:
     if not getattr(config, "is_prompt_learning", False) or str(getattr(config.peft_type, "value", config.peft_type)) == "PREFIX_TUNING":
         return 0
     return int(config.num_virtual_tokens)
+
+
+def bema_options(args) -> dict:
+    """Return :class:`posttrain.BEMA`'s keyword arguments from the config's ``bema_*`` fields."""
+    return {
+        "update_freq": args.bema_update_freq,
+        "ema_power": args.bema_ema_power,
+        "bias_power": args.bema_bias_power,
+        "lag": args.bema_lag,
+        "update_after": args.bema_update_after,
+        "multiplier": args.bema_multiplier,
+        "min_ema_multiplier": args.bema_min_ema_multiplier,
+        "device": args.bema_device,
+    }
