@@ -90,6 +90,7 @@ def run_posttrain(a, rows, stamps: _Stamps, out_dir: str) -> dict:
         disable_tqdm=True,
         report_to="none",
         bf16=a.bf16,
+        gradient_checkpointing=False,  # the plugins' default is TRL's (on since 2.0.0); off in all three, as the bare loop has none
         **COMMON,
     )
     ds = Dataset.from_list(rows)
@@ -159,7 +160,7 @@ def run_trl(a, rows, stamps: _Stamps, out_dir: str) -> dict:
         bf16=a.bf16,
         fp16=False,
         use_cpu=a.device != "cuda",
-        gradient_checkpointing=False,  # TRL's SFT/GRPO default True; posttrain's and the bare loop's False
+        gradient_checkpointing=False,  # TRL's default (and posttrain's plugins') is on; off in all three, as the bare loop has none
         dataloader_num_workers=0,
         **COMMON,
     )
