@@ -37,7 +37,7 @@ def render(report: dict) -> str:
         "`torch.set_num_threads` equal for all, no evaluation, no saving during training, logging only at the end). Each",
         "run is a fresh subprocess; the three run interleaved (A B C A B C) so machine noise hits them alike.",
         "",
-        f"- Command: `{report['command'].strip()}` (`make bench` runs `python -m bench` with the defaults)",
+        f"- Command: `{report['command'].strip()}` (`make bench` runs `python -m bench`: the tiny and the real-vocabulary sets; `--set tiny` or `--set real` runs one)",
         f"- Measured: {report.get('date', '?')}; whole benchmark {report.get('total_wall_s', '?')} s",
         f"- Machine: {m.get('cpu')}, {m.get('usable_cpus')} usable CPUs, {m.get('memory_gb')} GB, {m.get('platform')}, Python {m.get('python')}",
         "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if k != "posttrain_plugins" and val),

@@ -1,5 +1,8 @@
-"""Benchmark orchestrator: ``python -m bench [--methods ...] [--sizes ...] ...`` (also ``make bench``).
+"""Benchmark orchestrator: ``python -m bench [--set tiny|real|all] [--methods ...] [--sizes ...] ...`` (also ``make bench``).
 
+Workload sets (``bench.workloads.SETS``): ``tiny`` (vocabulary 512, hidden 64 and 256; steady-state steps) and
+``real`` (Qwen3-shaped, hidden 256, 4 layers, output layers of 151,936 and 32,000 rows, sequences of 256-512
+tokens; whole ``train()`` runs); ``all`` (the default) runs both into one results file.
 For every workload (method x model size) it runs posttrain, TRL and a bare PyTorch loop, each in
 its own fresh subprocess (``python -m bench.worker``), interleaved A B C A B C for ``--repeats``
 rounds so that machine noise hits all three alike. Then it times ``posttrain list`` against
