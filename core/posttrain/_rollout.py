@@ -265,17 +265,20 @@ def _base_generation_owner(model: Any) -> Any:
 class TransformersBackend:
     """Rollout backend on ``transformers``' ``model.generate`` (the default; works on CPU and GPU).
 
-    Prompts are left-padded and generated in chunks of ``generation_batch_size`` sequences. The
-    sampling log-probs are ``log_softmax`` of the processed scores (``output_scores=True``) gathered
-    at the sampled tokens. The model's own Hub generation defaults (e.g. a ``top_k`` or
+    Prompts are left-padded and generated in chunks of ``generation_batch_size`` sequences by a lean
+    decode loop (KV cache, one ``logits_to_keep=1`` forward per token, transformers' logits
+    processors, inverse-CDF sampling; see ``_decode_chunk``), or by ``model.generate`` for a model
+    whose forward takes no ``logits_to_keep``/KV cache. The sampling log-probs are ``log_softmax`` of
+    the processed scores at the sampled tokens. The model's own Hub generation defaults (e.g. a ``top_k`` or
     ``repetition_penalty`` in ``generation_config.json``) are NOT applied: only ``SamplingParams``
     decide the sampling distribution.
 
     Args:
         model: A causal LM (``PreTrainedModel``, PEFT model, or DDP-wrapped when ``accelerator`` is given).
         tokenizer: Its tokenizer (gives the pad and EOS ids).
-        generation_batch_size: Sequences generated at once (default: all). Bounds memory: the scores
-            kept for the log-probs take ``generation_batch_size * max_tokens * vocab`` floats.
+        generation_batch_size: Sequences generated at once (default: all). Bounds memory: the KV cache,
+            and under ``model.generate`` the scores kept for the log-probs
+            (``generation_batch_size * max_tokens * vocab`` floats).
         accelerator: An ``accelerate.Accelerator``; the model is unwrapped with it before generating.
 
     Raises:
