@@ -19,6 +19,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -303,6 +304,7 @@ def run_all(a, argv, *, plans: list, worker_flags: list[str], out: str, peak_flo
         results_of_set, notes_of_set = _run_set(sa, set_name, size_builders, methods, frameworks, have, tok, tmp, worker_flags, peak_flops)
         results += results_of_set
         notes += notes_of_set
+    shutil.rmtree(tmp, ignore_errors=True)  # the models (a 151,936-row one is 160 MB), data and worker JSONs
     cli = None
     if a.device == "cpu":
         print("[bench] timing `posttrain list` and `import torch` ...", flush=True)
