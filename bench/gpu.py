@@ -57,7 +57,7 @@ def main(a, argv=None) -> int:
     if not torch.cuda.is_available():
         print("[bench] --device cuda: no CUDA device on this machine; GPU benchmark skipped.")
         return 0
-    from bench.run import run_all
+    from bench.run import run_all, with_set_defaults
 
     if a.seq_len is None:
         a.seq_len = 512
@@ -68,4 +68,9 @@ def main(a, argv=None) -> int:
         print("[bench] vllm is not importable: GRPO/RLOO roll out with transformers' generate")
     out = a.out if os.path.abspath(a.out) != os.path.abspath(os.path.join(HERE, "results", "latest.json")) else RESULTS_CUDA
     a.no_doc = True
-    return run_all(a, argv, size_builders={"qwen2-0.5b": save_qwen2_05b}, worker_flags=flags, out=out, peak_flops=peak_flops())
+    if a.sizes:
+        raise SystemExit("--device cuda: the GPU path runs its own size (qwen2-0.5b); leave --sizes unset")
+    a.sizes = "tiny"  # only to take the tiny set's run lengths; the size run is qwen2-0.5b
+    sa = with_set_defaults(a, "tiny")
+    sa.sizes = "qwen2-0.5b"
+    return run_all(a, argv, plans=[("gpu", sa, {"qwen2-0.5b": save_qwen2_05b})], worker_flags=flags, out=out, peak_flops=peak_flops())

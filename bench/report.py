@@ -37,7 +37,7 @@ def render(report: dict) -> str:
         "`torch.set_num_threads` equal for all, no evaluation, no saving during training, logging only at the end). Each",
         "run is a fresh subprocess; the three run interleaved (A B C A B C) so machine noise hits them alike.",
         "",
-        f"- Command: `{report['command'].strip()}` (`make bench` runs `python -m bench` with the defaults)",
+        f"- Command: `{report['command'].strip()}` (`make bench` runs `python -m bench`: the tiny and the real-vocabulary sets; `--set tiny` or `--set real` runs one)",
         f"- Measured: {report.get('date', '?')}; whole benchmark {report.get('total_wall_s', '?')} s",
         f"- Machine: {m.get('cpu')}, {m.get('usable_cpus')} usable CPUs, {m.get('memory_gb')} GB, {m.get('platform')}, Python {m.get('python')}",
         "- Versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if k != "posttrain_plugins" and val),
@@ -47,11 +47,12 @@ def render(report: dict) -> str:
     out += [
         f"- Usable CPUs vs load: a load average above {m.get('usable_cpus')} means other processes shared the cores during that "
         "run; wall-time ratios are then noisy (see the CPU-time ratios and the load column).",
-        f"- Settings: batch {s.get('batch_size')} rows per step, {s.get('steps')} measured steps after {s.get('warmup')} warm-up steps, "
-        f"{s.get('repeats')} repeats, {s.get('threads')} torch threads; GRPO/RLOO: {s.get('num_generations')} generations x "
-        f"{s.get('completion_len')} completion tokens per prompt, one reward function",
+        f"- Settings: batch {s.get('batch_size')} rows per step, {s.get('threads')} torch threads; GRPO/RLOO: {s.get('num_generations')} "
+        "generations per prompt, one reward function; run lengths and sequence lengths per set below",
         "",
-        "## Step time, throughput, memory",
+        *_whole_run_section(report, goals),
+        *_generation_section(),
+        "## Step time, throughput, memory (steady state)",
         "",
         "| workload | params | tokens/step | posttrain step s (min–max) | TRL step s (min–max) | bare step s (min–max) | posttrain/TRL (goal ≤ "
         f"{goals.get('ratio_step_time_vs_trl', 0.77)}) | posttrain/bare (goal ≤ {goals.get('ratio_step_time_vs_bare', 1.1)}) | tokens/s posttrain / TRL / bare "
@@ -103,6 +104,94 @@ def render(report: dict) -> str:
         with open(analysis) as fh:
             out += ["", fh.read().strip()]
     return "\n".join(out) + "\n"
+
+
+def _range(r: dict, key: str) -> str:
+    value = r.get(key)
+    if value is None:
+        return "n/a"
+    lo, hi = r.get(f"{key}_min"), r.get(f"{key}_max")
+    return f"{value:.2f} ({lo:.2f}–{hi:.2f})" if lo is not None and hi is not None else f"{value:.2f}"
+
+
+def _with_goal(r: dict, key: str, goal: float | None) -> str:
+    text = _range(r, key)
+    if goal is None or r.get(key) is None:
+        return text
+    return f"{text} {'✅' if r[key] <= goal else '❌'} (≤ {goal})"
+
+
+def _whole_run_section(report: dict, goals: dict) -> list[str]:
+    """One table over every workload of every set: whole train() time, steady step, memory added, peak RSS."""
+    results = report["results"]
+    if not results or "posttrain_train_s" not in results[0] and "trl_train_s" not in results[0]:
+        return []
+    by_set = goals.get("by_set", {})
+    out = [
+        "## Whole run: train() time, steady-state step, memory added by training",
+        "",
+        "posttrain / TRL and posttrain / bare as ratios of medians, (min–max) over the interleaved rounds. Goals: tiny set "
+        f"train() ≤ {by_set.get('tiny', {}).get('ratio_train_time_vs_trl')} × TRL and step ≤ {by_set.get('tiny', {}).get('ratio_step_time_vs_bare')} × bare; "
+        f"vocabulary 151,936 train() ≤ {by_set.get('real', {}).get('ratio_train_time_vs_trl')} × TRL and memory added ≤ "
+        f"{by_set.get('real', {}).get('ratio_rss_added_vs_trl')} × TRL's.",
+        "",
+    ]
+    for set_name, st in (report.get("set_settings") or {}).items():
+        seq = ", ".join(f"{m} {n}" for m, n in st.get("seq_len", {}).items())
+        out.append(f"- Set `{set_name}`: sizes {st.get('sizes')}; {st.get('warmup')} warm-up + {st.get('steps')} measured steps, {st.get('repeats')} "
+                   f"rounds, batch {st.get('batch_size')}; tokens per row (GRPO/RLOO: prompt) {seq}; GRPO/RLOO {st.get('num_generations')} x "
+                   f"{st.get('completion_len')} sampled tokens")
+    out += [
+        "",
+        "| workload | vocab | train() s posttrain / TRL / bare | train() posttrain/TRL | train() posttrain/bare | step posttrain/TRL "
+        "| step posttrain/bare | memory added MB posttrain / TRL / bare | memory added posttrain/TRL | peak RSS MB posttrain / TRL / bare "
+        "| peak RSS posttrain/TRL |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    fws = ("posttrain", "trl", "bare")
+    for r in results:
+        set_name = r.get("set", "tiny")
+        g = by_set.get(set_name, {}) if set_name != "real" or r.get("vocab_size") == 151_936 else {}
+        trio = lambda key, spec: " / ".join(_f(r.get(f"{fw}_{key}"), spec) for fw in fws)  # noqa: E731
+        out.append(
+            f"| {r['name']} | {r.get('vocab_size', 'n/a')} | {trio('train_s', '{:.2f}')} "
+            f"| {_with_goal(r, 'ratio_train_time_vs_trl', g.get('ratio_train_time_vs_trl'))} | {_range(r, 'ratio_train_time_vs_bare')} "
+            f"| {_range(r, 'ratio_step_time_vs_trl')} | {_with_goal(r, 'ratio_step_time_vs_bare', g.get('ratio_step_time_vs_bare'))} "
+            f"| {trio('rss_added_by_training_mb', '{:.0f}')} | {_with_goal(r, 'ratio_rss_added_vs_trl', g.get('ratio_rss_added_vs_trl'))} "
+            f"| {trio('peak_rss_mb', '{:.0f}')} | {_range(r, 'ratio_peak_rss_vs_trl')} |"
+        )
+    return out + [""]
+
+
+def _generation_section() -> list[str]:
+    """The generation options measured by ``python -m bench.generation`` (``bench/results/generation.json``), if present."""
+    path = os.path.join(HERE, "results", "generation.json")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as fh:
+        gen = json.load(fh)
+    s = gen["settings"]
+    out = [
+        "## Generation on CPU (one rollout, sampling log-probs included)",
+        "",
+        f"`python -m bench.generation` ({gen.get('date', '?')}): a Qwen3-shaped model (hidden {s['hidden']}, {s['layers']} layers), "
+        f"{s['prompts']} prompts x {s['n']} completions x {s['max_tokens']} tokens after ~{s['prompt_len']}-token prompts, "
+        f"{s['threads']} thread(s), {s['repeats']} interleaved repeats after a warm-up; median s (min–max) and the ratio to "
+        "`generate(output_scores=True)` (the rollout engine before the lean loop).",
+        "",
+        "| vocab | option | median s (min–max) | / generate with scores | (b, L, V) scores kept MB |",
+        "|---|---|---|---|---|",
+    ]
+    for vocab, entry in gen["by_vocab"].items():
+        base = entry.get("hf_generate_scores", {}).get("median_s")
+        for option, e in entry.items():
+            if not isinstance(e, dict) or "median_s" not in e:
+                continue
+            rel = f"{e['median_s'] / base:.2f}" if base else "n/a"
+            kept = entry.get("scores_bytes_kept", {}).get(option)
+            out.append(f"| {vocab} | `{option}` | {e['median_s']:.3f} ({e['min_s']:.3f}–{e['max_s']:.3f}) | {rel} | "
+                       f"{'n/a' if kept is None else f'{kept / 2**20:.0f}'} |")
+    return out + [""]
 
 
 def render_to_doc(json_path: str, doc_path: str = DOC) -> str:

@@ -18,6 +18,11 @@ Measures, for ``warmup + steps`` optimizer steps of one workload:
   other processes on a shared machine (but spin-waiting threads count).
 * ``loadavg_start`` / ``loadavg_end``: the 1-minute load average around the run (noise indicator).
 * ``peak_rss_mb``: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` at the end of training.
+* ``train_s``: the whole ``trainer.train()`` call (bare: from before its first step to after its
+  last), with ``train_to_first_step_s`` (set-up + the first step) and ``last_step_to_train_end_s``
+  (after the last step: the final save, summary, trackers) beside it.
+* ``rss_added_by_training_mb``: peak RSS minus the RSS just before ``train()`` (``/proc/self/statm``):
+  the memory training adds on top of the loaded model(s), data and imports.
 
 The result is written as JSON to ``--json-out``.
 """
@@ -32,7 +37,7 @@ import sys
 import tempfile
 import time
 
-from bench.workloads import COMMON, DPO_BETA, GRPO_BETA, RLOO_BETA, reward_num_words, write_json
+from bench.workloads import COMMON, DPO_BETA, GRPO_BETA, KTO_BETA, RLOO_BETA, reward_num_words, write_json
 
 
 class _Stamps:
@@ -42,6 +47,16 @@ class _Stamps:
         self.ends: list[float] = []  # perf_counter at each optimizer step's end
         self.cpu_ends: list[float] = []  # process CPU time (all threads) at each step's end
         self.first_end_wall: float | None = None  # time.time() at the first step's end
+        self.train_begin: float | None = None  # perf_counter just before trainer.train() (bare: before its first step)
+        self.train_end: float | None = None  # perf_counter when trainer.train() returned (bare: after its last step)
+        self.rss_before_train_mb: float | None = None  # current RSS just before train()
+
+    def begin_train(self) -> None:
+        self.rss_before_train_mb = current_rss_mb()
+        self.train_begin = time.perf_counter()
+
+    def end_train(self) -> None:
+        self.train_end = time.perf_counter()
 
     def stamp(self) -> None:
         self.ends.append(time.perf_counter())
@@ -50,6 +65,15 @@ class _Stamps:
             self.first_end_wall = time.time()
         if len(self.ends) == self.total:
             self.rss_at_last_step_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def current_rss_mb() -> float:
+    """The process's resident set size now (``/proc/self/statm``; falls back to the peak off Linux)."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # ====================================================================== posttrain
@@ -66,6 +90,7 @@ def run_posttrain(a, rows, stamps: _Stamps, out_dir: str) -> dict:
         disable_tqdm=True,
         report_to="none",
         bf16=a.bf16,
+        gradient_checkpointing=False,  # the plugins' default is TRL's (on since 2.0.0); off in all three, as the bare loop has none
         **COMMON,
     )
     ds = Dataset.from_list(rows)
@@ -78,6 +103,10 @@ def run_posttrain(a, rows, stamps: _Stamps, out_dir: str) -> dict:
 
         cfg = DPOConfig(max_length=4 * a.seq_len, beta=DPO_BETA, loss_type=["sigmoid"], **common)
         trainer = DPOTrainer(model=a.model_dir, args=cfg, train_dataset=ds)
+    elif a.method == "kto":
+        from posttrain.methods.kto import KTOConfig, KTOTrainer
+
+        trainer = KTOTrainer(model=a.model_dir, args=KTOConfig(max_length=4 * a.seq_len, beta=KTO_BETA, **common), train_dataset=ds)
     elif a.method in ("grpo", "rloo"):
         if a.method == "grpo":
             from posttrain.methods.grpo import GRPOConfig as Config, GRPOTrainer as Trainer
@@ -103,7 +132,9 @@ def run_posttrain(a, rows, stamps: _Stamps, out_dir: str) -> dict:
         stamps.stamp()
 
     trainer.on_step_end = on_step_end
+    stamps.begin_train()
     out = trainer.train()
+    stamps.end_train()
     return {"loss": float(out.training_loss)}
 
 
@@ -129,7 +160,7 @@ def run_trl(a, rows, stamps: _Stamps, out_dir: str) -> dict:
         bf16=a.bf16,
         fp16=False,
         use_cpu=a.device != "cuda",
-        gradient_checkpointing=False,  # TRL's SFT/GRPO default True; posttrain's and the bare loop's False
+        gradient_checkpointing=False,  # TRL's default (and posttrain's plugins') is on; off in all three, as the bare loop has none
         dataloader_num_workers=0,
         **COMMON,
     )
@@ -143,6 +174,11 @@ def run_trl(a, rows, stamps: _Stamps, out_dir: str) -> dict:
 
         cfg = DPOConfig(max_length=4 * a.seq_len, beta=DPO_BETA, loss_type=["sigmoid"], **common)
         trainer = DPOTrainer(model=a.model_dir, args=cfg, train_dataset=ds, callbacks=[StepTimer()])
+    elif a.method == "kto":
+        from trl import KTOConfig, KTOTrainer
+
+        cfg = KTOConfig(max_length=4 * a.seq_len, beta=KTO_BETA, **common)
+        trainer = KTOTrainer(model=a.model_dir, args=cfg, train_dataset=ds, callbacks=[StepTimer()])
     elif a.method in ("grpo", "rloo"):
         if a.method == "grpo":
             from trl import GRPOConfig as Config, GRPOTrainer as Trainer
@@ -159,7 +195,9 @@ def run_trl(a, rows, stamps: _Stamps, out_dir: str) -> dict:
         trainer = Trainer(model=a.model_dir, reward_funcs=[reward_num_words], args=cfg, train_dataset=ds, callbacks=[StepTimer()])
     else:
         raise SystemExit(f"unknown method {a.method}")
+    stamps.begin_train()
     out = trainer.train()
+    stamps.end_train()
     return {"loss": float(out.training_loss)}
 
 
@@ -187,6 +225,7 @@ def run_bare(a, rows, stamps: _Stamps, out_dir: str) -> dict:
     random.Random(COMMON["seed"]).shuffle(order)
     n_steps = a.warmup + a.steps
     losses = []
+    stamps.begin_train()
 
     def logps_of(logits, targets):  # (B, T, V), (B, T) -> (B, T); logit - logsumexp: no (B, T, V) log-softmax
         return torch.gather(logits, -1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
@@ -246,6 +285,38 @@ def run_bare(a, rows, stamps: _Stamps, out_dir: str) -> dict:
             margin = (lp[:b] - ref_lp[:b]) - (lp[b:] - ref_lp[b:])
             loss = -F.logsigmoid(DPO_BETA * margin).mean()
             optimizer_step(loss)
+    elif a.method == "kto":
+        # TRL's KTO: each row's KL partner is the previous row's completion (rotated by one within the batch); the
+        # policy's KL forward runs without grad; the KL estimate is the batch mean, clamped at 0 and detached
+        ref = copy.deepcopy(model).eval().requires_grad_(False)
+        enc = [(tok(text=r["prompt"])["input_ids"], tok(text=r["completion"], add_special_tokens=False)["input_ids"], bool(r["label"])) for r in rows]
+
+        def pack(pairs):  # [(prompt ids, completion ids)] -> input_ids, attention mask, completion mask (shifted)
+            seqs = [p + c for p, c in pairs]
+            length = max(map(len, seqs))
+            input_ids = torch.full((len(seqs), length), pad, dtype=torch.long)
+            mask = torch.zeros_like(input_ids)
+            cmask = torch.zeros_like(input_ids, dtype=torch.bool)
+            for i, (p, c) in enumerate(pairs):
+                input_ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+                mask[i, : len(p) + len(c)] = 1
+                cmask[i, len(p) : len(p) + len(c)] = True
+            return input_ids.to(device), mask.to(device), cmask[:, 1:].to(device)
+
+        def seq_logps(net, ids, mask, cmask):
+            return (logps_of(net(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1].float(), ids[:, 1:]) * cmask).sum(-1)
+
+        for step in range(n_steps):
+            batch = [enc[order[(step * a.batch_size + i) % len(order)]] for i in range(a.batch_size)]
+            main = pack([(p, c) for p, c, _ in batch])
+            kl = pack([(batch[i][0], batch[i - 1][1]) for i in range(len(batch))])
+            label = torch.tensor([y for _, _, y in batch], device=device)
+            with torch.no_grad():
+                ref_lp, ref_kl = seq_logps(ref, *main), seq_logps(ref, *kl)
+                kl_est = (seq_logps(model, *kl) - ref_kl).mean().clamp(min=0)
+            logratio = seq_logps(model, *main) - ref_lp
+            loss = torch.where(label, 1 - torch.sigmoid(KTO_BETA * (logratio - kl_est)), 1 - torch.sigmoid(KTO_BETA * (kl_est - logratio))).mean()
+            optimizer_step(loss)
     elif a.method in ("grpo", "rloo"):
         g, c = a.num_generations, a.completion_len
         beta = GRPO_BETA if a.method == "grpo" else RLOO_BETA
@@ -290,7 +361,9 @@ def run_bare(a, rows, stamps: _Stamps, out_dir: str) -> dict:
             optimizer_step(loss)
     else:
         raise SystemExit(f"unknown method {a.method}")
-    return {"loss": float(torch.stack(losses).mean())}
+    loss = float(torch.stack(losses).mean())
+    stamps.end_train()
+    return {"loss": loss}
 
 
 def _autocast(fn, *args, **kwargs):
@@ -359,6 +432,11 @@ def main(argv=None) -> int:
         "time_to_first_step_s": stamps.first_end_wall - t0,
         "peak_rss_mb": peak_rss_mb,
         "peak_rss_at_last_step_mb": stamps.rss_at_last_step_mb,
+        "rss_before_train_mb": stamps.rss_before_train_mb,
+        "rss_added_by_training_mb": peak_rss_mb - stamps.rss_before_train_mb,
+        "train_s": stamps.train_end - stamps.train_begin,
+        "train_to_first_step_s": ends[0] - stamps.train_begin,
+        "last_step_to_train_end_s": stamps.train_end - ends[-1],
         "threads": torch.get_num_threads(),
         "torch_threads_requested": a.threads,
         **extra,

@@ -179,3 +179,58 @@ def test_backend_from_plugin_hook(tiny_tokenizer):
     assert isinstance(get_rollout_backend("echo", pm=pm, suffix=1), EchoBackend)
     with pytest.raises(TypeError, match="not a rollout backend"):
         RolloutEngine(object())
+
+
+# ---------------------------------------------------------------------------- lean decode loop
+def test_lean_decode_is_used_and_matches_generate_greedy(tiny_model, tiny_tokenizer, prompt_ids):
+    """Greedy decoding is deterministic: the lean loop must give generate()'s tokens and processed log-probs exactly."""
+    backend = TransformersBackend(tiny_model, tiny_tokenizer)
+    from posttrain._rollout import _lean_decode_cache_arg
+
+    assert _lean_decode_cache_arg(tiny_model) is not None  # the tiny model goes through the lean loop
+    device = torch.device("cpu")
+    for sampling in (SamplingParams(max_tokens=7, temperature=0), SamplingParams(max_tokens=7, temperature=0, repetition_penalty=1.3)):
+        stops = backend._stop_ids(sampling)
+        expanded = [p for p in prompt_ids for _ in range(2)]
+        lean = backend._decode_chunk(tiny_model, expanded, stops, sampling, device, _lean_decode_cache_arg(tiny_model))
+        with torch.no_grad():
+            ref = backend._generate_chunk_with_generate(tiny_model, tiny_model, expanded, backend._generation_config(sampling, stops), stops, sampling, device)
+        assert lean[0] == ref[0] and lean[2] == ref[2]
+        for a, b in zip(lean[1], ref[1]):
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
+
+
+def test_lean_decode_logprobs_under_top_p_min_p_and_repetition_penalty(tiny_model, tiny_tokenizer, prompt_ids):
+    """Sampled log-probs equal a full forward with the same processors applied position by position."""
+    from transformers import MinPLogitsWarper, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
+
+    sampling = SamplingParams(max_tokens=6, temperature=0.8, top_p=0.9, min_p=0.05, repetition_penalty=1.2, seed=4)
+    batch = TransformersBackend(tiny_model, tiny_tokenizer).generate(prompt_ids, sampling)
+    procs = [RepetitionPenaltyLogitsProcessor(1.2), TemperatureLogitsWarper(0.8), TopPLogitsWarper(0.9), MinPLogitsWarper(0.05)]
+    for p, c, lp in zip(batch.prompt_ids, batch.completion_ids, batch.logprobs):
+        with torch.no_grad():
+            logits = tiny_model(torch.tensor([p + c])).logits[0, len(p) - 1 : -1]  # (C, V)
+        ref = []
+        for t in range(len(c)):
+            scores = logits[t : t + 1]
+            for proc in procs:
+                scores = proc(torch.tensor([p + c[:t]]), scores)
+            ref.append(torch.log_softmax(scores, -1)[0, c[t]])
+        torch.testing.assert_close(torch.tensor(lp), torch.stack(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_inverse_cdf_sampler_distribution():
+    from posttrain._rollout import _sample_inverse_cdf
+
+    gen = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(1, 12, generator=gen), -1)
+    probs[0, [0, 5, 11]] = 0.0  # masked tokens (first, middle, last) are never drawn
+    probs = probs / probs.sum()
+    torch.manual_seed(0)
+    draws = _sample_inverse_cdf(probs.repeat(200_000, 1))
+    freq = torch.bincount(draws, minlength=12).double() / len(draws)
+    assert freq[[0, 5, 11]].sum() == 0
+    sigma = (probs[0].double() * (1 - probs[0].double()) / len(draws)).sqrt()
+    assert ((freq - probs[0].double()).abs() <= 5 * sigma + 1e-12).all(), (freq, probs)
+    # u rounding up to the total picks the last token with mass, never a masked one
+    assert _sample_inverse_cdf(torch.tensor([[0.0, 0.0, 0.0, 0.0]]).add_(torch.tensor([[0.5, 0.5, 0.0, 0.0]]))).item() in (0, 1)

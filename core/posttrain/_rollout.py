@@ -265,17 +265,20 @@ def _base_generation_owner(model: Any) -> Any:
 class TransformersBackend:
     """Rollout backend on ``transformers``' ``model.generate`` (the default; works on CPU and GPU).
 
-    Prompts are left-padded and generated in chunks of ``generation_batch_size`` sequences. The
-    sampling log-probs are ``log_softmax`` of the processed scores (``output_scores=True``) gathered
-    at the sampled tokens. The model's own Hub generation defaults (e.g. a ``top_k`` or
+    Prompts are left-padded and generated in chunks of ``generation_batch_size`` sequences by a lean
+    decode loop (KV cache, one ``logits_to_keep=1`` forward per token, transformers' logits
+    processors, inverse-CDF sampling; see ``_decode_chunk``), or by ``model.generate`` for a model
+    whose forward takes no ``logits_to_keep``/KV cache. The sampling log-probs are ``log_softmax`` of
+    the processed scores at the sampled tokens. The model's own Hub generation defaults (e.g. a ``top_k`` or
     ``repetition_penalty`` in ``generation_config.json``) are NOT applied: only ``SamplingParams``
     decide the sampling distribution.
 
     Args:
         model: A causal LM (``PreTrainedModel``, PEFT model, or DDP-wrapped when ``accelerator`` is given).
         tokenizer: Its tokenizer (gives the pad and EOS ids).
-        generation_batch_size: Sequences generated at once (default: all). Bounds memory: the scores
-            kept for the log-probs take ``generation_batch_size * max_tokens * vocab`` floats.
+        generation_batch_size: Sequences generated at once (default: all). Bounds memory: the KV cache,
+            and under ``model.generate`` the scores kept for the log-probs
+            (``generation_batch_size * max_tokens * vocab`` floats).
         accelerator: An ``accelerate.Accelerator``; the model is unwrapped with it before generating.
 
     Raises:
@@ -406,6 +409,61 @@ class TransformersBackend:
         )
 
     def _generate_chunk(self, model, owner, prompts, gen_config, stop_ids, sampling, device):
+        cache_arg = _lean_decode_cache_arg(owner)
+        if cache_arg is not None:
+            return self._decode_chunk(model, prompts, stop_ids, sampling, device, cache_arg)
+        return self._generate_chunk_with_generate(model, owner, prompts, gen_config, stop_ids, sampling, device)
+
+    def _decode_chunk(self, model, prompts, stop_ids, sampling, device, cache_arg: str = "cache"):
+        """Sample ``prompts`` with a lean decode loop: a KV cache, one forward per token, no ``(b, L, V)`` scores.
+
+        The distribution is ``generate``'s: the same logits processors in the same order
+        (repetition penalty, temperature, top-k, top-p, min-p) and ``softmax`` (``argmax`` when
+        greedy), positions counted from each row's first real token; the token is drawn by inverse
+        CDF (:func:`_sample_inverse_cdf`), 25x cheaper on CPU than ``torch.multinomial`` at a
+        151,936-token vocabulary, so the same seed draws other (equally distributed) tokens than
+        ``generate`` does. The sampling
+        log-prob of each token is ``log_softmax`` of the processed scores at that token, taken as it is
+        sampled, so only ``(b,)`` floats a step are kept where ``output_scores`` kept ``(b, V)``.
+        """
+        b = len(prompts)
+        input_ids = pad([torch.tensor(p, dtype=torch.long) for p in prompts], padding_value=self.pad_token_id, padding_side="left").to(device)  # (b, P)
+        mask = pad([torch.ones(len(p), dtype=torch.long) for p in prompts], padding_value=0, padding_side="left").to(device)  # (b, P)
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)  # (b, P): 0 at each row's first real token
+        processors = _logits_processors(sampling)
+        stop = torch.tensor(stop_ids, device=device)
+        finished = torch.zeros(b, dtype=torch.bool, device=device)
+        tokens, logps = [], []
+        sequences = input_ids  # prompt + sampled so far: what the repetition penalty reads
+        out = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+        for step in range(sampling.max_tokens):
+            logits = out.logits[:, -1].float()  # (b, V)
+            scores = processors(sequences, logits) if processors else logits
+            if sampling.greedy:
+                token = scores.argmax(-1)  # (b,)
+                logp = scores.gather(-1, token[:, None]).squeeze(1) - torch.logsumexp(scores, dim=-1)  # (b,)
+            else:
+                probs = torch.softmax(scores, dim=-1)  # (b, V)
+                token = _sample_inverse_cdf(probs)  # (b,)
+                logp = probs.gather(-1, token[:, None]).squeeze(1).log()  # (b,) = log_softmax(scores) at the token
+            token = token.masked_fill(finished, self.pad_token_id)
+            tokens.append(token)
+            logps.append(logp)
+            finished = finished | torch.isin(token, stop)
+            if step == sampling.max_tokens - 1 or bool(finished.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(b, 1)], dim=1)
+            position_ids = position_ids[:, -1:] + 1
+            if processors:
+                sequences = torch.cat([sequences, token[:, None]], dim=1)
+            cache = {cache_arg: out[cache_arg]}  # the KV cache the last forward returned ("cache"; "past_key_values" before transformers 5.x)
+            out = model(input_ids=token[:, None], attention_mask=mask, position_ids=position_ids, use_cache=True, logits_to_keep=1, **cache)
+        generated = torch.stack(tokens, dim=1)  # (b, L)
+        token_logps = torch.stack(logps, dim=1)  # (b, L)
+        return self._rows(generated, token_logps, stop_ids, sampling)
+
+    def _generate_chunk_with_generate(self, model, owner, prompts, gen_config, stop_ids, sampling, device):
+        """``model.generate`` with ``output_scores`` (models whose forward takes no ``logits_to_keep``)."""
         input_ids = pad([torch.tensor(p, dtype=torch.long) for p in prompts], padding_value=self.pad_token_id, padding_side="left")  # (b, P)
         attention_mask = pad([torch.ones(len(p), dtype=torch.long) for p in prompts], padding_value=0, padding_side="left")  # (b, P)
         saved_config = owner.generation_config
@@ -420,6 +478,11 @@ class TransformersBackend:
         # processed scores: one (b, V) tensor per generated position, -inf where masked by top-k/top-p
         scores = torch.stack(out.scores, dim=1).float()  # (b, L, V)
         token_logps = torch.log_softmax(scores, dim=-1).gather(-1, generated.unsqueeze(-1)).squeeze(-1)  # (b, L)
+        return self._rows(generated, token_logps, stop_ids, sampling)
+
+    @staticmethod
+    def _rows(generated, token_logps, stop_ids, sampling):
+        """Split ``(b, L)`` sampled ids and log-probs into per-row lists cut after the first stop token."""
         # the sampled token always has finite processed score; clamp defensively so no -inf/NaN leaks
         token_logps = torch.nan_to_num(token_logps, nan=-1e4, neginf=-1e4).clamp(min=-1e4)
         stop = torch.isin(generated, torch.tensor(stop_ids, device=generated.device))  # (b, L)
@@ -445,6 +508,68 @@ class TransformersBackend:
         if model is not None and model is not self.model:
             self.model = model
         self.policy_version += 1
+
+
+def _lean_decode_cache_arg(model: Any) -> str | None:
+    """The KV-cache argument name of a decoder-only model's forward that also takes ``logits_to_keep``
+    (``"cache"``, or ``"past_key_values"`` in older transformers); None when the lean loop cannot drive it."""
+    import inspect
+
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return None
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if not all(name in params for name in ("logits_to_keep", "position_ids", "attention_mask", "use_cache")):
+        return None
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def _sample_inverse_cdf(probs: torch.Tensor) -> torch.Tensor:
+    """Draw one token per row of ``probs`` (b, V) by inverse CDF: one uniform per row, a cumsum and a binary search.
+
+    ``torch.multinomial`` draws a random number per vocabulary entry (exponential race): 120 ms
+    for 16 rows of 151,936 on one CPU core against ~5 ms here. Token ``i`` is drawn when
+    ``c[i-1] <= u < c[i]`` (``c`` the row's cumsum, ``u`` uniform in ``[0, c[-1])``), so its probability is
+    ``c[i] - c[i-1]``: ``probs[i]`` up to one float32 rounding of the running sum (< 6e-8 absolute), and
+    exactly 0 for a masked token.
+    """
+    cdf = probs.cumsum(dim=-1)  # (b, V)
+    total = cdf[:, -1:]  # (b, 1)
+    u = torch.rand(total.shape, dtype=cdf.dtype, device=cdf.device) * total  # (b, 1) in [0, total)
+    token = torch.searchsorted(cdf, u, right=True).squeeze(1)  # (b,) first index with cdf > u
+    over = token >= probs.shape[-1]  # u rounded up to total: take the last token with mass
+    if bool(over.any()):
+        token = torch.where(over, (cdf >= total).int().argmax(dim=-1), token)
+    return token
+
+
+def _logits_processors(sampling: SamplingParams):
+    """``generate``'s logits processors for ``sampling``, in ``generate``'s order; None when there is nothing to do."""
+    from transformers import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    procs = []
+    if sampling.repetition_penalty != 1.0:
+        procs.append(RepetitionPenaltyLogitsProcessor(penalty=float(sampling.repetition_penalty)))
+    if not sampling.greedy:
+        if sampling.temperature != 1.0:
+            procs.append(TemperatureLogitsWarper(float(sampling.temperature)))
+        if sampling.top_k:
+            procs.append(TopKLogitsWarper(top_k=int(sampling.top_k), min_tokens_to_keep=1))
+        if sampling.top_p < 1.0:
+            procs.append(TopPLogitsWarper(top_p=float(sampling.top_p), min_tokens_to_keep=1))
+        if sampling.min_p > 0:
+            procs.append(MinPLogitsWarper(min_p=float(sampling.min_p), min_tokens_to_keep=1))
+    return LogitsProcessorList(procs) if procs else None
 
 
 def available_rollout_backends(pm: Any = None) -> dict[str, Any]:
