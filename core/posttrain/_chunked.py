@@ -42,7 +42,7 @@ TOKEN_STATS = ("argmax", "mean_logit", "log_sum_sq")
 
 #: Config attributes of models whose logits are post-processed after the LM head (soft-capping,
 #: scaling); such models are scored from their own logits, unchunked.
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "output_multiplier_scale", "lm_head_multiplier")
 
 
 class TokenScores(NamedTuple):
@@ -306,19 +306,19 @@ class TokenStates:
 
 
 def _unwrap(model):
-    """The innermost ``transformers`` model under DDP/accelerate (``.module``), ``torch.compile`` and PEFT wrappers."""
-    seen = 0
-    while seen < 8:
-        seen += 1
+    """Return ``(innermost transformers model, whether FSDP wraps it)`` under DDP/accelerate, ``torch.compile`` and PEFT wrappers."""
+    sharded = False
+    for _ in range(8):
+        sharded = sharded or "FullyShardedDataParallel" in type(model).__name__ or type(model).__name__.startswith("FSDP")
         if hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) or type(model).__name__ in ("DistributedDataParallel", "FullyShardedDataParallel"):
+        elif isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)) or "FullyShardedDataParallel" in type(model).__name__:
             model = model.module
         elif hasattr(model, "get_base_model") and callable(model.get_base_model):
             model = model.get_base_model()
         else:
             break
-    return model
+    return model, sharded
 
 
 def lm_head_of(model) -> torch.nn.Linear | None:
@@ -326,16 +326,17 @@ def lm_head_of(model) -> torch.nn.Linear | None:
 
     None (score from the model's own logits) when the model has no output embeddings, the head is not
     a plain ``nn.Linear`` (a PEFT adapter or ``modules_to_save`` wrapper on the head, a custom head),
-    its weight is sharded (FSDP flat parameters, DTensor), or the model post-processes its logits
-    (``final_logit_softcapping``, ``logit_scale``, ``logits_scaling``).
+    the model is FSDP-sharded (FSDP wrappers, DTensor weights), or the model post-processes its logits
+    (``final_logit_softcapping``, ``logit_scale``, ``logits_scaling``, ``output_multiplier``,
+    ``lm_head_multiplier``).
 
     Args:
         model: A causal LM, possibly wrapped by DDP/accelerate, ``torch.compile`` or PEFT.
     """
-    base = _unwrap(model)
+    base, sharded = _unwrap(model)
     get_head = getattr(base, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
-    if type(head) is not torch.nn.Linear or head.weight.dim() != 2 or head.weight.numel() == 0:
+    if sharded or type(head) is not torch.nn.Linear or head.weight.dim() != 2 or head.weight.numel() == 0:
         return None
     if type(head.weight).__name__ == "DTensor" or type(head.weight.data).__name__ == "DTensor":
         return None
@@ -393,7 +394,7 @@ def causal_lm_states(model, *, chunk_size: int | None, **model_kwargs) -> tuple[
         for handle in handles:
             handle.remove()
     if "hidden" not in captured:
-        raise RuntimeError(f"{type(_unwrap(model)).__name__}'s forward never called its LM head; set logprob_chunk_size=0.")
+        raise RuntimeError(f"{type(_unwrap(model)[0]).__name__}'s forward never called its LM head; set logprob_chunk_size=0.")
     states = TokenStates(captured["hidden"], head.weight, head.bias, captured.get("dtype"), int(chunk_size))
     return outputs, states
 
