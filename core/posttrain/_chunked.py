@@ -69,6 +69,31 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     return z
 
 
+def _consume_logits(z: torch.Tensor, safe: torch.Tensor, want_entropy: bool, keep_probs: bool):
+    """From one chunk's logits ``z`` (n, V), overwritten in place: ``(lse, log p(label), entropy or None, probs or None)``.
+
+    At most one other ``(n, V)`` tensor is allocated (the probabilities when the entropy is needed).
+    With ``m`` the row max and ``e = exp(z - m)``, ``s = sum e``: ``lse = m + log s`` and
+    ``H = log s - sum e (z - m) / s``.
+    """
+    label = z.gather(1, safe[:, None]).squeeze(1)  # (n,)
+    m = z.amax(dim=-1)  # (n,)
+    z.sub_(m[:, None])  # shifted logits
+    if want_entropy:
+        probs = z.exp()
+        s = probs.sum(-1)
+        shifted_dot = torch.bmm(probs.unsqueeze(1), z.unsqueeze(2)).view(-1)  # sum_v e_v (z_v - m), no (n, V) temporary
+    else:
+        probs = z.exp_()
+        s = probs.sum(-1)
+    log_s = s.log()
+    lse = m + log_s
+    entropy = log_s - shifted_dot / s if want_entropy else None
+    if keep_probs:
+        probs.div_(s[:, None])
+    return lse, label - lse, entropy, probs if keep_probs else None
+
+
 class _ChunkedLogprobs(torch.autograd.Function):
     """Per-token log-probs (and entropies) of ``labels`` under ``softmax(hidden @ weight.T + bias)``, by row chunks.
 
@@ -90,18 +115,19 @@ class _ChunkedLogprobs(torch.autograd.Function):
         for start in range(0, n_rows, chunk_size):
             rows = slice(start, start + chunk_size)
             z = _chunk_logits(hidden[rows], weight, bias, temperature)  # (n, V)
-            chunk_lse = torch.logsumexp(z, dim=-1)  # (n,)
-            lse[rows] = chunk_lse
-            logps[rows] = z.gather(1, safe[rows, None]).squeeze(1) - chunk_lse
             if "argmax" in stat_names:
                 stats_out["argmax"][rows] = z.argmax(-1)
             if "mean_logit" in stat_names:
                 stats_out["mean_logit"][rows] = z.mean(-1)
+            if "log_sum_sq" in stat_names:  # log sum_v p_v^2 = logsumexp(2 z) - 2 lse
+                stats_out["log_sum_sq"][rows] = torch.logsumexp(2 * z, dim=-1)
+            chunk_lse, logps[rows], chunk_entropy, _ = _consume_logits(z, safe[rows], want_entropy, keep_probs=False)
+            del z
+            lse[rows] = chunk_lse
             if "log_sum_sq" in stat_names:
-                stats_out["log_sum_sq"][rows] = torch.logsumexp(2 * z, dim=-1) - 2 * chunk_lse
-            if want_entropy:  # H = lse - sum_v p_v z_v
-                p = (z - chunk_lse[:, None]).exp_()
-                entropy[rows] = chunk_lse - (p * z).sum(-1)
+                stats_out["log_sum_sq"][rows] -= 2 * chunk_lse
+            if want_entropy:
+                entropy[rows] = chunk_entropy
         logps.masked_fill_(~valid, 0.0)
         ctx.save_for_backward(hidden, weight, bias, safe, valid, lse, entropy)
         ctx.temperature, ctx.chunk_size, ctx.want_entropy = temperature, chunk_size, want_entropy
@@ -127,14 +153,15 @@ class _ChunkedLogprobs(torch.autograd.Function):
             rows = slice(start, start + ctx.chunk_size)
             h = hidden[rows]  # (n, H)
             logp = _chunk_logits(h, weight, bias, ctx.temperature).sub_(lse[rows, None])  # (n, V): log p
-            p = logp.exp()
             c = coef[rows, None]  # (n, 1)
             if grad_entropy is not None and ctx.want_entropy:  # dz = -p * (c + g_H * (log p + H)), then + c at the label
+                p = logp.exp()
                 g_ent = grad_entropy[rows, None].to(acc)
                 grad_z = logp.add_(entropy[rows, None]).mul_(g_ent).add_(c).mul_(p).neg_()
+                del p
             else:
-                grad_z = p.mul_(c).neg_()
-            del p, logp
+                grad_z = logp.exp_().mul_(c).neg_()
+            del logp
             grad_z.scatter_add_(1, safe[rows, None], c)
             if ctx.temperature != 1.0:
                 grad_z.div_(ctx.temperature)
@@ -428,23 +455,20 @@ class _ChunkedNLL(torch.autograd.Function):
             rows = slice(start, start + chunk_size)
             h = hidden[rows]
             z = _chunk_logits(h, weight, bias, 1.0)  # (n, V)
-            chunk_lse = torch.logsumexp(z, dim=-1)  # (n,)
-            chunk_logp = z.gather(1, safe[rows, None]).squeeze(1) - chunk_lse  # (n,)
-            logps[rows] = chunk_logp
             if "argmax" in stat_names:
                 stats_out["argmax"][rows] = z.argmax(-1)
-            if "entropy" in stat_names or want_grad:
-                logp = z.sub_(chunk_lse[:, None])  # (n, V): z is consumed
-                p = logp.exp()
-                if "entropy" in stat_names:
-                    stats_out["entropy"][rows] = -(p * logp).sum(-1)
-                del logp, z
+            _, chunk_logp, chunk_entropy, p = _consume_logits(z, safe[rows], "entropy" in stat_names, keep_probs=want_grad)  # z is consumed
+            del z
+            logps[rows] = chunk_logp
+            if "entropy" in stat_names:
+                stats_out["entropy"][rows] = chunk_entropy
             w = valid[rows].to(acc)  # (n,): the token weights
             if dft:  # DFT (arXiv:2508.05629): weight each token by its detached probability
                 w = w * chunk_logp.exp()
             loss += -(w * chunk_logp).sum()
             if want_grad:  # d loss / dz = w * (p - onehot)
                 grad_z = p.mul_(w[:, None])
+                del p
                 grad_z.scatter_add_(1, safe[rows, None], -w[:, None])
                 grad_z = grad_z.to(h.dtype)
                 if need_hidden:
@@ -463,7 +487,7 @@ class _ChunkedNLL(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight, grad_bias = ctx.grads
         ctx.grads = None
-        scale = lambda g: None if g is None else g * grad_loss.to(g.dtype)  # noqa: E731
+        scale = lambda g: None if g is None else g.mul_(grad_loss.to(g.dtype))  # noqa: E731  (in place: the buffers are ours, no copy)
         return scale(grad_hidden), scale(grad_weight), scale(grad_bias), None, None, None, None, None, None, None
 
 
