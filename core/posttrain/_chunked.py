@@ -353,7 +353,7 @@ def lm_head_of(model) -> torch.nn.Linear | None:
 
     None (score from the model's own logits) when the model has no output embeddings, the head is not
     a plain ``nn.Linear`` (a PEFT adapter or ``modules_to_save`` wrapper on the head, a custom head),
-    the model is FSDP-sharded (FSDP wrappers, DTensor weights), or the model post-processes its logits
+    the model is sharded (FSDP wrappers, DTensor weights, DeepSpeed ZeRO-3), or the model post-processes its logits
     (``final_logit_softcapping``, ``logit_scale``, ``logits_scaling``, ``output_multiplier``,
     ``lm_head_multiplier``).
 
@@ -365,8 +365,8 @@ def lm_head_of(model) -> torch.nn.Linear | None:
     head = get_head() if callable(get_head) else None
     if sharded or type(head) is not torch.nn.Linear or head.weight.dim() != 2 or head.weight.numel() == 0:
         return None
-    if type(head.weight).__name__ == "DTensor" or type(head.weight.data).__name__ == "DTensor":
-        return None
+    if type(head.weight).__name__ == "DTensor" or type(head.weight.data).__name__ == "DTensor" or hasattr(head.weight, "ds_id"):
+        return None  # sharded: FSDP2 DTensor, DeepSpeed ZeRO-3 (the weight is gathered only inside the head's own forward)
     config = getattr(base, "config", None)
     configs = [config] + [getattr(config, "get_text_config", lambda: None)()] if config is not None else []
     for cfg in configs:
