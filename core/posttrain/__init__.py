@@ -87,6 +87,14 @@ _LAZY = {
     "SamplingParams": "posttrain._rollout:SamplingParams",
     "RolloutBatch": "posttrain._rollout:RolloutBatch",
     "get_rollout_backend": "posttrain._rollout:get_rollout_backend",
+    # chunked log-probs and losses from hidden states and the LM head (issue 10; no (B, T, V) logits)
+    "TokenScores": "posttrain._chunked:TokenScores",
+    "TokenStates": "posttrain._chunked:TokenStates",
+    "causal_lm_states": "posttrain._chunked:causal_lm_states",
+    "chunked_token_logprobs": "posttrain._chunked:chunked_token_logprobs",
+    "chunked_nll_loss": "posttrain._chunked:chunked_nll_loss",
+    "chunked_distillation_divergence": "posttrain._chunked:chunked_distillation_divergence",
+    "lm_head_of": "posttrain._chunked:lm_head_of",
 }
 
 __all__ = [

@@ -38,6 +38,7 @@ class TrainingConfig:
     model_init_kwargs: dict | None = field(default=None, metadata=_help("Keyword arguments for from_pretrained when the model is given by name (e.g. {'dtype': 'bfloat16'})."))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations in backward to save memory (slower)."))
     trust_remote_code: bool = field(default=False, metadata=_help("Allow models and tokenizers loaded by name to run code from their repository (TRL's trust_remote_code)."))
+    logprob_chunk_size: int | None = field(default=256, metadata=_help("Rows (tokens) per chunk when log-probs, entropies and losses are computed from the hidden states and the LM head, never materializing the (B, T, V) logits (posttrain.causal_lm_states); 0 or None: the model's own full logits."))
 
     # > Parameters that control PEFT (used when the trainer gets no peft_config)
     use_peft: bool = field(default=False, metadata=_help("Train a LoRA adapter instead of all weights."))
@@ -200,6 +201,8 @@ class TrainingConfig:
             self.eval_steps = self.logging_steps
         if isinstance(self.report_to, str):
             self.report_to = [] if self.report_to in ("none", "") else [self.report_to]
+        if self.logprob_chunk_size is not None and (isinstance(self.logprob_chunk_size, bool) or not isinstance(self.logprob_chunk_size, int) or self.logprob_chunk_size < 0):
+            raise ConfigError(f"logprob_chunk_size={self.logprob_chunk_size!r} is invalid: use a positive number of rows per chunk, or 0/None for the unchunked logits.")
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ConfigError(f"save_total_limit={self.save_total_limit} is invalid: use None or >= 1.")
         self._check_trainingarguments_fields()

@@ -1,6 +1,6 @@
 """DPO trainer: contrast the policy's and a frozen reference's log-probs of chosen and rejected completions.
 
-Per pair ``i`` (sums over completion tokens only, ``selective_log_softmax``)::
+Per pair ``i`` (sums over completion tokens only, chunked from the hidden states: ``causal_lm_states``)::
 
     lr_c = log pi(y_c | x) - log pi_ref(y_c | x)        lr_r = log pi(y_r | x) - log pi_ref(y_r | x)
     s_c, s_r = f'(lr_c), f'(lr_r)                       # f-DPO scores; identity for reverse_kl
@@ -38,12 +38,11 @@ from posttrain import (
     adapter_disabled,
     as_config,
     build_reference_model,
+    causal_lm_states,
     disable_dropout,
-    entropy_from_logits,
     is_peft_model,
     pad,
     prompt_completion_boundary,
-    selective_log_softmax,
     sync_reference_model,
 )
 from posttrain_dpo.config import DPOConfig
@@ -690,22 +689,24 @@ class DPOTrainer(TrainerSurface):
             kwargs["logits_to_keep"] = input_ids.shape[1] - start + 1
         if with_stats and self.aux_loss_enabled:
             kwargs["output_router_logits"] = True
-        outputs = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
-        logits = outputs.logits[:, :-1]  # (2B, T', V)
+        # hidden states and the LM head, logprob_chunk_size tokens at a time: no (2B, T', V) logits
+        outputs, states = causal_lm_states(model, chunk_size=self.args.logprob_chunk_size, input_ids=input_ids,
+                                           attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
         labels = input_ids[:, start:]  # (2B, T')
-        mask = completion_mask[:, start:].to(logits.dtype)  # (2B, T')
-        per_token = selective_log_softmax(logits, labels) * mask  # (2B, T')
+        stats = (("mean_logit", "argmax") + (("log_sum_sq",) if self.args.use_weighting else ())) if with_stats else ()
+        scores = states[:, :-1].score(labels, return_entropy=with_stats, entropy_grad=False, stats=stats)  # (2B, T') each
+        mask = completion_mask[:, start:].to(scores.logps.dtype)  # (2B, T')
+        per_token = scores.logps * mask  # (2B, T')
         out = {"per_token": per_token, "mask": mask, "logps": self._sum_logps(per_token, mask)}
         if with_stats:
             if kwargs.get("output_router_logits") and getattr(outputs, "aux_loss", None) is not None:
                 out["aux_loss"] = outputs.aux_loss
             with torch.no_grad():
-                logits = logits.detach()
-                out["mean_logits"] = logits.mean(-1)  # (2B, T')
-                out["entropy"] = entropy_from_logits(logits)  # (2B, T')
-                out["is_top1"] = logits.argmax(-1) == labels  # (2B, T')
+                out["mean_logits"] = scores.stats["mean_logit"]  # (2B, T')
+                out["entropy"] = scores.entropy  # (2B, T')
+                out["is_top1"] = scores.stats["argmax"] == labels  # (2B, T')
                 if self.args.use_weighting:  # WPO Eq. 2: log p(y_t) - log sum_v p(v)^2, averaged over the completion
-                    log_sum_sq = torch.logsumexp(2 * logits.float(), -1) - 2 * torch.logsumexp(logits.float(), -1)  # (2B, T')
+                    log_sum_sq = scores.stats["log_sum_sq"]  # (2B, T')
                     aligned = ((per_token.detach() - log_sum_sq) * mask).sum(1) / mask.sum(1).clamp(min=1)  # (2B,)
                     out["wpo_weights"] = torch.prod(torch.stack(torch.exp(aligned).chunk(2)), 0)  # (B,): w_c * w_r
         return out

@@ -38,12 +38,11 @@ from posttrain import (
     adapter_disabled,
     as_config,
     build_reference_model,
+    causal_lm_states,
     disable_dropout,
-    entropy_from_logits,
     is_peft_model,
     pad,
     prompt_completion_boundary,
-    selective_log_softmax,
     sync_reference_model,
 )
 from posttrain_kto.config import KTOConfig
@@ -473,24 +472,24 @@ class KTOTrainer(TrainerSurface):
         return batch["input_ids"].shape[0]  # examples
 
     @staticmethod
-    def _sequence_logps(model, input_ids, attention_mask, completion_mask, with_stats: bool = False, **model_kwargs):
+    def _sequence_logps(model, input_ids, attention_mask, completion_mask, with_stats: bool = False, chunk_size: int | None = None, **model_kwargs):
         """Return the summed completion log-probs (B,) and, if asked, token statistics and the model output.
 
         The statistics are sums over completion tokens (for exact means): ``entropy``, ``logits``
-        (the per-token mean over the vocabulary, per example) and ``tokens`` (per example).
+        (the per-token mean over the vocabulary, per example) and ``tokens`` (per example). With
+        ``chunk_size`` (``logprob_chunk_size``) everything comes from the hidden states and the LM head,
+        ``chunk_size`` tokens at a time, never the (B, T, V) logits.
         """
-        output = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
-        logits = output.logits[:, :-1]  # (B, T-1, V)
-        mask = completion_mask[:, 1:].to(logits.dtype)  # (B, T-1)
-        per_token = selective_log_softmax(logits, input_ids[:, 1:])  # (B, T-1)
-        logps = (per_token * mask).sum(-1).float()  # (B,)
+        output, states = causal_lm_states(model, chunk_size=chunk_size, input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **model_kwargs)
+        scores = states[:, :-1].score(input_ids[:, 1:], return_entropy=with_stats, entropy_grad=False, stats=("mean_logit",) if with_stats else ())  # (B, T-1)
+        mask = completion_mask[:, 1:].to(scores.logps.dtype)  # (B, T-1)
+        logps = (scores.logps * mask).sum(-1).float()  # (B,)
         if not with_stats:
             return logps, None
         with torch.no_grad():
-            detached = logits.detach()
             stats = {
-                "entropy": (entropy_from_logits(detached) * mask).sum().float(),
-                "logits": (detached.mean(-1) * mask).sum(-1).float(),  # (B,)
+                "entropy": (scores.entropy * mask).sum().float(),
+                "logits": (scores.stats["mean_logit"] * mask).sum(-1).float(),  # (B,)
                 "tokens": mask.sum(-1).float(),  # (B,)
                 "output": output,
             }
@@ -506,17 +505,18 @@ class KTOTrainer(TrainerSurface):
         """Return the reference log-probs of the completions and of the KL sequences (None without KL)."""
         ref = self.ref_model if self.ref_model is not None else self.loop.accelerator.unwrap_model(self.model)
         with self._reference_context():
-            ref_logps, _ = self._sequence_logps(ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])  # (B,)
+            ref_logps, _ = self._sequence_logps(ref, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], chunk_size=self.args.logprob_chunk_size)  # (B,)
             ref_kl_logps = None
             if self.calculate_kl:
-                ref_kl_logps, _ = self._sequence_logps(ref, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])  # (B,)
+                ref_kl_logps, _ = self._sequence_logps(ref, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"], chunk_size=self.args.logprob_chunk_size)  # (B,)
         return ref_logps, ref_kl_logps
 
     def _losses(self, model, batch: dict):
         """Return the per-example weighted losses (B,), the implied rewards (B,), the aux loss (or None) and the batch sums of :data:`_STATS`."""
         args = self.args
         extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        logps, tok = self._sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], with_stats=True, **extra)  # (B,)
+        logps, tok = self._sequence_logps(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], with_stats=True,
+                                         chunk_size=args.logprob_chunk_size, **extra)  # (B,)
         if "ref_logps" in batch:
             ref_logps, ref_kl_logps = batch["ref_logps"], batch.get("ref_KL_logps")
         else:
@@ -528,7 +528,7 @@ class KTOTrainer(TrainerSurface):
         chosen, rejected = labels.float(), (~labels).float()
         with torch.no_grad():
             if self.calculate_kl:
-                kl_logps, _ = self._sequence_logps(model, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"])  # (B,)
+                kl_logps, _ = self._sequence_logps(model, batch["KL_input_ids"], batch["KL_attention_mask"], batch["KL_completion_mask"], chunk_size=args.logprob_chunk_size)  # (B,)
                 kl = (kl_logps - ref_kl_logps).mean()
             else:
                 kl = torch.zeros((), device=logps.device)

@@ -48,13 +48,12 @@ from posttrain import (
     as_config,
     build_reference_model,
     build_reward_functions,
+    causal_lm_states,
     compute_rewards,
     disable_dropout,
-    entropy_from_logits,
     gather_across_processes,
     is_peft_model,
     resolve_dtype,
-    selective_log_softmax,
     sync_reference_model,
     tokenize_prompt,
 )
@@ -121,27 +120,28 @@ def compute_rloo_advantages(
 
 
 # Copied from posttrain_grpo.trainer._forward
-def _forward(model, batch: dict, temperature: float, *, compute_entropy: bool = True, entropy_grad: bool = False, router_aux_loss: bool = False):
+def _forward(model, batch: dict, temperature: float, *, compute_entropy: bool = True, entropy_grad: bool = False, router_aux_loss: bool = False,
+             chunk_size: int | None = None):
     """Return ``(logps (B, C), entropies (B, C) or None, router aux loss or None)`` of the completion tokens at ``temperature``.
 
     ``entropy_grad`` keeps the entropies in the graph (an entropy bonus trains them); otherwise they
-    are computed from detached logits (a metric, or a mask).
+    are detached (a metric, or a mask). With ``chunk_size`` (``logprob_chunk_size``) they come from the
+    hidden states and the LM head, ``chunk_size`` tokens at a time, never the (B, C, V) logits.
     """
     input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)  # (B, P+C)
     attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)  # (B, P+C)
     num_completion = batch["completion_ids"].shape[1]
     extra = {"output_router_logits": True} if router_aux_loss else {}
-    outputs = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=num_completion + 1, **extra)
-    logits = outputs.logits[:, :-1] / temperature  # (B, C, V): position t predicts completion token t
-    logps = selective_log_softmax(logits, batch["completion_ids"])  # (B, C)
-    entropies = entropy_from_logits(logits if entropy_grad else logits.detach()) if compute_entropy else None  # (B, C)
-    return logps, entropies, (getattr(outputs, "aux_loss", None) if router_aux_loss else None)
+    outputs, states = causal_lm_states(model, chunk_size=chunk_size, input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=num_completion + 1, **extra)
+    # position t of states[:, :-1] predicts completion token t
+    scores = states[:, :-1].score(batch["completion_ids"], temperature=temperature, return_entropy=compute_entropy, entropy_grad=entropy_grad)
+    return scores.logps, scores.entropy, (getattr(outputs, "aux_loss", None) if router_aux_loss else None)  # (B, C), (B, C) or None
 
 
 # Copied from posttrain_grpo.trainer.per_token_logps_and_entropies
-def per_token_logps_and_entropies(model, batch: dict, temperature: float, compute_entropy: bool = True):
-    """Return ``(logps (B, C), entropies (B, C) or None)`` of the completion tokens at ``temperature``."""
-    logps, entropies, _ = _forward(model, batch, temperature, compute_entropy=compute_entropy)
+def per_token_logps_and_entropies(model, batch: dict, temperature: float, compute_entropy: bool = True, chunk_size: int | None = None):
+    """Return ``(logps (B, C), entropies (B, C) or None)`` of the completion tokens at ``temperature`` (``chunk_size``: see ``_forward``)."""
+    logps, entropies, _ = _forward(model, batch, temperature, compute_entropy=compute_entropy, chunk_size=chunk_size)
     return logps, entropies
 
 
@@ -631,7 +631,7 @@ class RLOOTrainer(TrainerSurface):
             if need_old and sampler_is_old_policy:
                 batch["old_per_token_logps"] = sampling_logps.float()  # (b, C)
             elif need_old:  # policy log-probs at generation time (ratio denominator)
-                old, _ = per_token_logps_and_entropies(self.model, on_device, args.temperature, compute_entropy=False)
+                old, _ = per_token_logps_and_entropies(self.model, on_device, args.temperature, compute_entropy=False, chunk_size=args.logprob_chunk_size)
                 batch["old_per_token_logps"] = old.float().cpu()
             if args.beta != 0.0:
                 batch["ref_per_token_logps"] = self._ref_logps(on_device).float().cpu()
@@ -640,9 +640,9 @@ class RLOOTrainer(TrainerSurface):
     # Copied from posttrain_grpo.trainer.GRPOTrainer._ref_logps
     def _ref_logps(self, batch: dict) -> torch.Tensor:
         if self.ref_model is not None:
-            return per_token_logps_and_entropies(self.ref_model, batch, self.args.temperature, compute_entropy=False)[0]
+            return per_token_logps_and_entropies(self.ref_model, batch, self.args.temperature, compute_entropy=False, chunk_size=self.args.logprob_chunk_size)[0]
         with adapter_disabled(self.model, self.loop.accelerator):  # PEFT: the base model is the reference
-            return per_token_logps_and_entropies(self.model, batch, self.args.temperature, compute_entropy=False)[0]
+            return per_token_logps_and_entropies(self.model, batch, self.args.temperature, compute_entropy=False, chunk_size=self.args.logprob_chunk_size)[0]
 
     def _rollout_metrics(self, rollout: RolloutBatch, rewards_per_func: torch.Tensor, is_std_zero: torch.Tensor, micro_batches: list[dict], num_generations: int) -> dict:
         metrics = self._reward_and_length_metrics(rollout, rewards_per_func, is_std_zero, num_generations)
@@ -683,7 +683,7 @@ class RLOOTrainer(TrainerSurface):
         """Return the micro-batch's share of the step loss and its metrics (no host syncs)."""
         args = self.args
         mask = batch["completion_mask"].float()  # (B, C)
-        per_token_logps, entropies, aux_loss = _forward(model, batch, args.temperature, router_aux_loss=self.aux_loss_enabled)  # (B, C), (B, C)
+        per_token_logps, entropies, aux_loss = _forward(model, batch, args.temperature, router_aux_loss=self.aux_loss_enabled, chunk_size=args.logprob_chunk_size)  # (B, C), (B, C)
         advantages = batch["advantages"]  # (B,)
         # with one iteration on the trained model's own samples, old == current (detached): no extra forward
         old_per_token_logps = batch.get("old_per_token_logps", per_token_logps.detach())  # (B, C)

@@ -22,13 +22,13 @@ from posttrain import (
     BEMA,
     BEMASaver,
     ConfigError,
+    TokenStates,
     TrainerSurface,
     TrainingLoop,
     as_config,
-    entropy_from_logits,
+    causal_lm_states,
     is_peft_model,
     prompt_completion_boundary,
-    selective_log_softmax,
 )
 from posttrain_sft.config import SFTConfig
 
@@ -586,27 +586,23 @@ class SFTTrainer(TrainerSurface):
         at = positions + self._logit_offset  # prompt-tuning adapters prepend virtual tokens to the sequence
         inputs = self._model_inputs(batch)
         offload = torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()) if self.args.activation_offloading and torch.is_grad_enabled() else contextlib.nullcontext()
+        targets = batch["labels"][:, positions + 1]  # (B, K)
+        mask = targets != IGNORE_INDEX  # (B, K)
         with offload:
             if self.compute_loss_func is not None:  # the user's loss gets the model's own full outputs
                 outputs = model(**inputs)
-                logits = outputs.logits[:, at]  # (B, K, V)
-            elif self._use_logits_to_keep:
-                outputs = model(**inputs, logits_to_keep=at)
-                logits = outputs.logits  # (B, K, V)
-            else:
-                outputs = model(**inputs)
-                logits = outputs.logits[:, at]  # (B, K, V)
-            logits = logits.float()
-            targets = batch["labels"][:, positions + 1]  # (B, K)
-            mask = targets != IGNORE_INDEX  # (B, K)
-            logps = selective_log_softmax(logits, targets.clamp(min=0))  # (B, K)
-            if self.compute_loss_func is not None:
                 loss = self.compute_loss_func(outputs, batch["labels"], num_items_in_batch=num_items_in_batch)
+                with torch.no_grad():
+                    _, scores = TokenStates(outputs.logits[:, at]).nll_loss(targets, stats=("argmax", "entropy"))  # (B, K)
             else:
-                per_token_loss = -logps
-                if self.args.loss_type == "dft":  # DFT, arXiv:2508.05629: weight each token by its (detached) probability
-                    per_token_loss = per_token_loss * logps.detach().exp()
-                loss = (per_token_loss * mask).sum() / torch.as_tensor(num_items_in_batch).clamp(min=1)
+                # hidden states and the LM head, logprob_chunk_size tokens at a time: no (B, K, V) logits (nor their gradient)
+                kwargs = {"logits_to_keep": at} if self._use_logits_to_keep else {}
+                outputs, states = causal_lm_states(model, chunk_size=self.args.logprob_chunk_size, **inputs, **kwargs)
+                if not self._use_logits_to_keep:
+                    states = states[:, at]  # (B, K, .)
+                # DFT, arXiv:2508.05629: each token's NLL weighted by its (detached) probability
+                loss_sum, scores = states.nll_loss(targets, dft=self.args.loss_type == "dft", stats=("argmax", "entropy"))  # (B, K)
+                loss = loss_sum / torch.as_tensor(num_items_in_batch).clamp(min=1)
         metrics = {}
         if self.aux_loss_enabled:  # the MoE load-balancing loss of this micro-batch, weighted by its share of the step's tokens
             aux = outputs.aux_loss
@@ -614,8 +610,8 @@ class SFTTrainer(TrainerSurface):
             metrics["aux_loss"] = aux.detach().float()
         with torch.no_grad():
             num_labels = mask.sum().clamp(min=1)
-            metrics["mean_token_accuracy"] = ((logits.argmax(dim=-1) == targets) & mask).sum() / num_labels
-            metrics["entropy"] = (entropy_from_logits(logits) * mask).sum() / num_labels
+            metrics["mean_token_accuracy"] = ((scores.stats["argmax"] == targets) & mask).sum() / num_labels
+            metrics["entropy"] = (scores.entropy * mask).sum() / num_labels
         return loss, metrics
 
     def _model_inputs(self, batch: dict[str, Any]) -> dict[str, Any]:
