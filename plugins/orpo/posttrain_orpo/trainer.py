@@ -8,7 +8,8 @@ For a prompt x with chosen response y_w and rejected response y_l, with
 
 as TRL 1.16's ``trl.experimental.orpo``: ``L_NLL`` is the mean next-token NLL over every non-padding
 token of the chosen sequences (prompt included, as TRL), ``log(1 - p)`` is computed stably
-(``log1mexp``), and there is no reference model. Heavy module: imports torch.
+(``log1mexp``), and there is no reference model. Log-probs are computed chunk by chunk from the hidden
+states (``TrainingConfig.logprob_chunk_size``): no full (2B, T, V) logits. Heavy module: imports torch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from posttrain import ConfigError, TrainerSurface, TrainingLoop, as_config, disable_dropout, pad, selective_log_softmax
+from posttrain import ConfigError, TrainerSurface, TrainingLoop, as_config, causal_lm_states, disable_dropout, pad
 
 from posttrain_orpo.config import ORPOConfig
 
@@ -272,19 +273,23 @@ class ORPOTrainer(TrainerSurface):
 
     # ------------------------------------------------------------------ the loss
     def concatenated_forward(self, model, batch: dict) -> dict[str, torch.Tensor]:
-        """One forward over chosen + rejected; return mean response log-probs (2B,), the chosen NLL and logit means."""
+        """One forward over chosen + rejected; return mean response log-probs (2B,), the chosen NLL and logit means.
+
+        Log-probs come from the hidden states and the LM head, ``logprob_chunk_size`` tokens at a time
+        (``posttrain.causal_lm_states``): no (2B, T, V) logits are materialized. One scoring pass serves
+        both terms: every non-padding token is scored, the response mask picks the odds-ratio tokens.
+        """
         input_ids, attention_mask = batch["input_ids"], batch["attention_mask"]
         n = input_ids.shape[0] // 2
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]  # (2B, T-1, V)
-        labels = batch["labels"][:, 1:]  # (2B, T-1)
-        keep = labels != -100
-        per_token = selective_log_softmax(logits, labels.clamp(min=0)) * keep  # (2B, T-1)
-        logps = per_token.sum(-1) / keep.sum(-1)  # (2B,)
-        nll_labels = input_ids[:n, 1:].masked_fill(attention_mask[:n, 1:] == 0, -100)  # (B, T-1): prompt + response, as TRL
-        nll = F.cross_entropy(logits[:n].flatten(0, 1), nll_labels.flatten(), ignore_index=-100)
-        with torch.no_grad():
-            logit_means = logits[:n].detach().mean(), logits[n:].detach().mean()
-        return {"logps": logps, "nll": nll, "logits_chosen": logit_means[0], "logits_rejected": logit_means[1]}
+        _, states = causal_lm_states(model, chunk_size=self.args.logprob_chunk_size, input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)  # (2B, T-1): prompt + response, as TRL's NLL
+        scores = states[:, :-1].score(targets, stats=("mean_logit",))  # logps (2B, T-1), 0 on padding
+        response = batch["labels"][:, 1:] != -100  # (2B, T-1)
+        logps = (scores.logps * response).sum(-1) / response.sum(-1)  # (2B,)
+        valid = targets[:n] != -100
+        nll = -(scores.logps[:n] * valid).sum() / valid.sum()
+        mean_logit = scores.stats["mean_logit"]  # (2B, T-1), every position (TRL averages the padding's logits too)
+        return {"logps": logps, "nll": nll, "logits_chosen": mean_logit[:n].mean(), "logits_rejected": mean_logit[n:].mean()}
 
     def compute_loss(self, model, batch: dict, num_items_in_batch):
         out = self.concatenated_forward(model, batch)
