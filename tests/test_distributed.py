@@ -15,6 +15,15 @@ pytest.importorskip("posttrain_sft")
 pytestmark = pytest.mark.distributed
 
 
+def _free_port() -> str:
+    """A TCP port nobody listens on now (a fixed port collides when two test runs share the machine)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
+
+
 def _env():
     return dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", DS_BUILD_OPS="0")
 
@@ -57,7 +66,7 @@ def _run(cmd):
 def test_sft_on_two_processes_matches_one_process_with_the_same_global_batch(tiny_model_dir, sft_data, tmp_path):
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
     _run([sys.executable, *_train_args(tiny_model_dir, sft_data, one, 8)])
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29541",
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
           *_train_args(tiny_model_dir, sft_data, two, 4)])
     assert json.load(open(os.path.join(two, "run_manifest.json")))["world_size"] == 2
     assert _losses(one) == pytest.approx(_losses(two), rel=1e-5)
@@ -71,7 +80,7 @@ def test_sft_under_deepspeed_zero2_matches_one_process(tiny_model_dir, sft_data,
     ds_config.write_text(json.dumps({"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}))
     one, ds = str(tmp_path / "one"), str(tmp_path / "ds")
     _run([sys.executable, *_train_args(tiny_model_dir, sft_data, one, 8)])
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29543",
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
           *_train_args(tiny_model_dir, sft_data, ds, 4, ["--deepspeed", str(ds_config)])])
     assert _losses(one) == pytest.approx(_losses(ds), rel=1e-4)
     _assert_same_weights(one, ds, rtol=1e-3, atol=1e-4)
@@ -82,7 +91,7 @@ def test_online_rl_on_two_processes_gathers_batch_statistics_and_trains(method, 
     pytest.importorskip(f"posttrain_{method}")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = str(tmp_path / method)
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29545",
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", _free_port(),
           "-m", "posttrain", "train", method, "--config", os.path.join(root, "examples", f"{method}.yaml"),
           "--model_name_or_path", tiny_model_dir, "--dataset_name", os.path.join(root, "examples", "data", "prompts_arith.jsonl"),
           "--output_dir", out, "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true", *extra])
