@@ -10,6 +10,8 @@ SPEC = MethodSpec(
     family="sft",
     trainer="posttrain_example_method.trainer:TokenDropoutSFTTrainer",
     config="posttrain_example_method.config:TokenDropoutSFTConfig",
+    # The diagnostics read metrics by role (posttrain.SignalRole): declare which of yours mean what.
+    signals={"token_accuracy": "token_accuracy"},
     papers=("Bowman et al. 2016, Generating Sentences from a Continuous Space (word dropout), arXiv:1511.06349",),
     presets={
         "word_dropout": Preset(

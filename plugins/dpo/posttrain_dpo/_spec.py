@@ -10,6 +10,7 @@ SPEC = MethodSpec(
     family="preference",
     trainer="posttrain_dpo.trainer:DPOTrainer",
     config="posttrain_dpo.config:DPOConfig",
+    signals={"preference_margin": "rewards/margins", "preference_accuracy": "rewards/accuracies"},  # roles the diagnostics read
     papers=(
         "Rafailov et al. 2023, Direct Preference Optimization: Your Language Model is Secretly a Reward Model, arXiv:2305.18290",
         "Zhao et al. 2023, SLiC-HF: Sequence Likelihood Calibration with Human Feedback, arXiv:2305.10425",

@@ -10,6 +10,7 @@ SPEC = MethodSpec(
     family="preference",
     trainer="posttrain_kto.trainer:KTOTrainer",
     config="posttrain_kto.config:KTOConfig",
+    signals={"preference_margin": "rewards/margins", "kl": "kl"},  # roles the diagnostics read (kl: the batch KL reference point)
     papers=(
         "Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization, arXiv:2402.01306",
         "D'Oosterlinck et al. 2024, Anchored Preference Optimization and Contrastive Revisions, arXiv:2408.06266",

@@ -10,6 +10,7 @@ SPEC = MethodSpec(
     family="reward",
     trainer="posttrain_reward.trainer:RewardTrainer",
     config="posttrain_reward.config:RewardConfig",
+    signals={"preference_margin": "margin", "preference_accuracy": "accuracy"},  # roles the diagnostics read
     papers=(
         "Ouyang et al. 2022, Training language models to follow instructions with human feedback (InstructGPT), arXiv:2203.02155",
         "Touvron et al. 2023, Llama 2: Open Foundation and Fine-Tuned Chat Models, arXiv:2307.09288",

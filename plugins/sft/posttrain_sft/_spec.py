@@ -15,6 +15,7 @@ SPEC = MethodSpec(
     family="sft",
     trainer="posttrain_sft.trainer:SFTTrainer",
     config="posttrain_sft.config:SFTConfig",
+    signals={"token_accuracy": "mean_token_accuracy"},  # roles the diagnostics read
     papers=(_DFT, _PACKING),
     presets={
         "dft": Preset(
