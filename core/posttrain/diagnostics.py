@@ -616,16 +616,17 @@ def diagnose(output_dir: str) -> dict:
 
     losses = _finite(r.get("loss") for r in train_rows)
     loss_trend = trend(losses)
-    edge = max(1, min(window, len(losses) // 2))
-    loss_start = sum(losses[:edge]) / edge if losses else 0.0
-    loss_end = sum(losses[-edge:]) / edge if losses else 0.0
+    head, tail = max(1, len(losses) // 5), max(1, len(losses) // 2)  # the first fifth against the second half
+    loss_start = sum(losses[:head]) / head if losses else 0.0
+    loss_end = sum(losses[-tail:]) / tail if losses else 0.0
     evidence.update({"loss_first_mean": _round(loss_start), "loss_last_mean": _round(loss_end)})
     if "non_finite_loss" in by_code:
         verdict, reason = "diverged", "the loss or gradient norm became non-finite"
     elif len(train_rows) < min(window, 5):
         verdict, reason = "too short to tell", f"only {len(train_rows)} logged training steps (need {min(window, 5)})"
-    elif loss_trend is not None and loss_trend["t"] > t_min and loss_start > 1e-3 and loss_end > 1.5 * loss_start:
-        verdict, reason = "diverged", f"the training loss rose from {loss_start:.4g} to {loss_end:.4g} (mean of the first and last {edge} logged steps)"
+    elif not signals.get("reward") and loss_trend is not None and loss_start > 1e-3 and loss_end > 1.5 * loss_start:
+        # (online RL losses carry the KL penalty and may rise in a healthy run: only offline losses count here)
+        verdict, reason = "diverged", f"the training loss rose from {loss_start:.4g} (first {head} logged steps) to {loss_end:.4g} (last {tail})"
     elif active & {"entropy_collapse", "reward_std_collapse"} or (objective_name != "loss" and falling(recent)):
         codes = sorted(active & {"entropy_collapse", "reward_std_collapse"})
         verdict, reason = "collapsing", (", ".join(codes) if codes else f"{objective_name} is falling") + " in the last window"
