@@ -54,6 +54,44 @@ def _grpo(out, reward, **overrides):
     return str(out)
 
 
+def _lengths(completion_ids, *, centered):
+    lengths = [float(len(c)) for c in completion_ids]
+    mean = sum(lengths) / len(lengths)
+    return [n - mean for n in lengths] if centered else lengths
+
+
+def _longer_is_better(completion_ids, **kwargs):
+    """Exploitable reward: longer completions score more."""
+    return _lengths(completion_ids, centered=False)
+
+
+def _longer_is_better_centered(completion_ids, **kwargs):
+    """Favors longer completions, but its batch mean is always 0: no reward gain to show for it."""
+    return _lengths(completion_ids, centered=True)
+
+
+def _grpo_after_sft(out, reward, **overrides):
+    """A tiny model first taught (SFT) to answer briefly and emit EOS, then GRPO with a length-biased reward."""
+    from datasets import Dataset
+
+    from posttrain.methods.sft import SFTConfig, SFTTrainer
+    from posttrain.testing.tiny_model import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_model(tok)
+    prompts = [f"what is {i} + {i}" for i in range(16)]
+    sft = SFTConfig(output_dir=str(out) + "_sft", max_steps=30, per_device_train_batch_size=16, learning_rate=3e-3, logging_steps=5, save_strategy="no",
+                    disable_tqdm=True, gradient_checkpointing=False, lr_scheduler_type="constant")
+    SFTTrainer(model=model, args=sft, train_dataset=Dataset.from_dict({"prompt": prompts, "completion": [f" {2 * i}" for i in range(16)]}), processing_class=tok).train()
+    from posttrain.methods.grpo import GRPOConfig, GRPOTrainer
+
+    values = dict(output_dir=str(out), per_device_train_batch_size=16, num_generations=8, max_completion_length=16, max_steps=20, learning_rate=1e-3,
+                  logging_steps=1, save_strategy="no", disable_tqdm=True, report_to="none", diagnostics_window=10)
+    values.update(overrides)
+    GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(**values), train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok).train()
+    return str(out)
+
+
 def _sums(pairs):
     from datasets import Dataset
 
@@ -79,6 +117,10 @@ RUNS = {
     "plateaued": lambda out: _grpo(out, _noise_reward(0), learning_rate=1e-3, max_steps=15),
     # a constant reward: every group has zero std
     "collapsing": lambda out: _grpo(out, _constant, max_steps=8),
+    # a reward that favors longer completions but never rises: the length drifts
+    "length_drift": lambda out: _grpo_after_sft(out, _longer_is_better_centered),
+    # "longer = more reward": the reward rises only because completions grow
+    "length_hacking": lambda out: _grpo_after_sft(out, _longer_is_better),
     # a huge learning rate on the exploitable reward: entropy collapses to ~0
     "entropy": lambda out: _grpo(out, _low_tokens, learning_rate=2e-1),
     # the exploitable reward with a KL penalty and a high learning rate: reward up, KL runs away
@@ -123,7 +165,7 @@ def _recorded(output_dir):
 @pytest.mark.parametrize(
     "run, verdict",
     [("improving", "improving"), ("plateaued", "plateaued"), ("collapsing", "collapsing"), ("entropy", "collapsing"),
-     ("over-optimizing", "over-optimizing"), ("drifting", "drifting"), ("diverged", "diverged"), ("diverged_sft", "diverged"),
+     ("over-optimizing", "over-optimizing"), ("drifting", "drifting"), ("length_drift", "drifting"), ("length_hacking", "over-optimizing"), ("diverged", "diverged"), ("diverged_sft", "diverged"),
      ("overfit_sft", "over-optimizing"), ("too short", "too short to tell")],
 )
 def test_diagnose_gives_the_verdict_of_each_recorded_run(runs, run, verdict):
@@ -220,11 +262,7 @@ def test_dpo_on_four_pairs_fires_preference_saturation_and_logs_events_to_tensor
     tok = build_tokenizer()
     args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=16, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, eval_strategy="steps",
                      eval_steps=4, save_strategy="no", disable_tqdm=True, diagnostics_window=6, lr_scheduler_type="constant", gradient_checkpointing=False,
-                     report_to="tensorboard", logging_dir=str(tmp_path / "tb")) if "logging_dir" in DPOConfig.__dataclass_fields__ else None
-    if args is None:
-        args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=16, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, eval_strategy="steps",
-                         eval_steps=4, save_strategy="no", disable_tqdm=True, diagnostics_window=6, lr_scheduler_type="constant", gradient_checkpointing=False,
-                         report_to="tensorboard")
+                     report_to="tensorboard")
     held_out = pairs([(a, b) for a in range(5, 9) for b in range(5, 9)], [-1, 3])
     DPOTrainer(model=build_model(tok), args=args, train_dataset=pairs([(1, 2), (3, 4)], [1, 2]), eval_dataset=held_out, processing_class=tok).train()
     event = _recorded(args.output_dir)["preference_saturation"][-1]["evidence"]
@@ -243,26 +281,36 @@ def test_dpo_on_four_pairs_fires_preference_saturation_and_logs_events_to_tensor
     assert "diagnostics/preference_saturation" in tags, sorted(tags)
 
 
-def test_zero_learning_rate_in_a_real_run(runs, tmp_path):
+def test_zero_learning_rate_in_a_real_run(tmp_path):
     out = _sft(tmp_path, _sums([(0, 1), (1, 2), (2, 3), (3, 4)]), max_steps=3, learning_rate=0.0)
     assert "zero_learning_rate" in _recorded(out)
 
 
-def test_length_drift_on_a_recorded_series():
-    # Not provoked in a run: a random tiny model almost never emits EOS, so its completions always
-    # fill max_completion_length and cannot drift. The rule on a series of rows instead.
+def test_length_biased_reward_without_gain_fires_length_drift(runs):
+    event = _recorded(runs("length_drift"))["length_drift"][-1]["evidence"]
+    assert event["relative_change"] > 0.3 and event["completion_length_t"] > 2 and abs(event["reward_t"]) < 2
+
+
+def test_longer_is_more_reward_fires_reward_hacking_on_length(runs):
+    by_code = _recorded(runs("length_hacking"))
+    hacking = by_code["reward_hacking"][-1]
+    assert hacking["evidence"]["reward_t"] > 2 and hacking["evidence"]["completion_length_t"] > 2 and "length" in hacking["message"]
+    assert "length_drift" not in by_code  # the length grows with the reward: hacking, not drift
+
+
+def test_length_drift_rule_needs_no_reward_gain():
     rows = [{"step": i, "loss": 0.0, "reward": 0.5 + 0.01 * (-1) ** i, "completions/mean_length": 10 + 2 * i} for i in range(1, 11)]
     signals = {"reward": "reward", "completion_length": "completions/mean_length"}
     (event,) = [e for e in check_history(rows, signals=signals, window=10) if e.code == "length_drift"]
     assert event.evidence["relative_change"] > 0.3 and "dr_grpo" in event.action
     rows_with_gain = [dict(r, reward=0.1 * r["step"]) for r in rows]
-    assert "length_drift" not in {e.code for e in check_history(rows_with_gain, signals=signals, window=10)}
-    assert "reward_hacking" in {e.code for e in check_history(rows_with_gain, signals=signals, window=10)}
+    codes = {e.code for e in check_history(rows_with_gain, signals=signals, window=10)}
+    assert "length_drift" not in codes and "reward_hacking" in codes
 
 
 def test_every_code_is_provoked_by_a_test_in_this_file():
     text = open(__file__).read()
-    assert all(f'"{code}"' in text for code in CODES), [c for c in CODES if f'"{code}"' not in text]
+    assert all(f'"{code}"' in text for code in CODES), [code for code in CODES if f'"{code}"' not in text]
 
 
 def test_cli_prints_the_verdict_as_text_and_json(runs):
