@@ -278,7 +278,8 @@ def test_dpo_on_four_pairs_fires_preference_saturation_and_logs_events_to_tensor
         acc = EventAccumulator(f)
         acc.Reload()
         tags |= set(acc.Tags().get("scalars", [])) | set(acc.Tags().get("tensors", []))
-    assert "diagnostics/preference_saturation" in tags, sorted(tags)
+    assert "diagnostics/preference_saturation" in tags, sorted(tags)  # the scalar (severity level)
+    assert any(t.startswith("diagnostics/preference_saturation/message") for t in tags), sorted(tags)  # the text
 
 
 def test_zero_learning_rate_in_a_real_run(tmp_path):

@@ -554,6 +554,14 @@ class TrainingLoop:
         self.control = self.callbacks.call("on_log", self.args, self.state, self.control, logs=dict(metrics), **self._callback_objects())
 
 
+    def _log_diagnostic(self, values: dict, step: int) -> None:
+        """Send a diagnostic event to the trackers: numbers to all, text only to trackers that take text (MLflow, Aim, ... drop or reject it)."""
+        self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+        texts = {k: v for k, v in values.items() if isinstance(v, str)}
+        for tracker in self.accelerator.trackers if texts else ():
+            if tracker.name in ("tensorboard", "wandb", "comet_ml"):
+                tracker.log(texts, step=step)
+
     def _truncate_metrics_log(self, step: int) -> None:
         """After a resume, drop logged lines beyond ``step`` (they belong to the interrupted run)."""
         path = os.path.join(self.args.output_dir, "metrics.jsonl")
@@ -793,7 +801,7 @@ class TrainingLoop:
             flat = {k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers(args.run_name or os.path.basename(os.path.abspath(args.output_dir)), config=flat)
             self._trackers_started = True
-            self.diagnostics.tracker_log = lambda values, step: accelerator.log(values, step=step)  # diagnostic events as scalars + text
+            self.diagnostics.tracker_log = self._log_diagnostic  # diagnostic events as scalars + text
         if self.is_main_process and not args.disable_tqdm:
             from tqdm.auto import tqdm
 
