@@ -53,12 +53,12 @@ def test_kl_blowup_compares_with_recent_values():
 
 def test_plugin_writes_jsonl_and_prints_each_code_once_then_rate_limited(tmp_path):
     stream = io.StringIO()
-    diag = Diagnostics(str(tmp_path), repeat_every=3, stream=stream)
+    diag = Diagnostics(str(tmp_path), repeat_every=3, stream=stream, signals={"group_reward_zero_std": "frac_reward_zero_std"})
     for step in range(1, 6):
         diag.on_log(step=step, metrics={"loss": 1.0, "frac_reward_zero_std": 1.0})
     lines = [json.loads(line) for line in open(tmp_path / "diagnostics.jsonl")]
     assert [line["step"] for line in lines] == [1, 2, 3, 4, 5]
-    assert {"code", "step", "message", "evidence", "action"} <= set(lines[0])
+    assert {"code", "step", "message", "evidence", "action", "severity"} <= set(lines[0])
     assert stream.getvalue().count("reward_std_collapse") == 2  # at the 1st and the 4th logging step
 
 
@@ -69,3 +69,46 @@ def test_training_run_records_a_zero_learning_rate_diagnostic(register_method, t
     trainer.train()
     assert "zero_learning_rate" in codes(trainer.loop.diagnostics.events)
     assert (tmp_path / "diagnostics.jsonl").exists()
+
+
+def test_without_declared_signals_the_method_metrics_are_not_read(tmp_path):
+    diag = Diagnostics(str(tmp_path))
+    diag.on_log(step=1, metrics={"loss": 1.0, "frac_reward_zero_std": 1.0, "clip_ratio/region_mean": 0.9})
+    assert diag.events == []
+
+
+def test_trend_fits_slope_noise_and_t():
+    from posttrain.diagnostics import trend
+
+    line = trend([1.0, 2.0, 3.0, 4.0])
+    assert line["slope"] == pytest.approx(1.0) and line["noise"] == pytest.approx(0.0, abs=1e-12) and line["t"] == math.inf
+    flat = trend([0.0, 1.0, 0.0, 1.0, 0.0, 1.0])
+    assert abs(flat["t"]) < 2 and flat["noise"] > 0.4  # alternating: no trend, large scatter
+    # independent reference: numpy's least squares
+    import numpy as np
+
+    ys = [0.3, 0.1, 0.5, 0.4, 0.9, 0.7]
+    slope, intercept = np.polyfit(range(6), ys, 1)
+    resid = np.array(ys) - (slope * np.arange(6) + intercept)
+    se = np.sqrt((resid**2).sum() / 4) / np.sqrt(((np.arange(6) - 2.5) ** 2).sum())
+    got = trend(ys)
+    assert got["slope"] == pytest.approx(slope) and got["t"] == pytest.approx(slope / se)
+
+
+def test_spec_signals_are_validated_and_accept_signal_roles():
+    from posttrain import MethodSpec, SignalRole, SpecError
+
+    base = dict(name="m", maturity="stable", plugin_api="1.1", summary="x", trainer="a.b:C", config="a.b:D")
+    assert MethodSpec(**base, signals={SignalRole.REWARD: "r"}).signals == {"reward": "r"}
+    assert MethodSpec(**base).signals == {}  # optional: third-party specs without it still load
+    with pytest.raises(SpecError, match="unknown role 'rewardz'"):
+        MethodSpec(**base, signals={"rewardz": "r"})
+
+
+def test_thresholds_are_checked_by_name():
+    from posttrain import ConfigError, TrainingConfig
+
+    with pytest.raises(ConfigError, match="Did you mean 'memory_headroom'"):
+        TrainingConfig(diagnostics_thresholds={"memory_headrom": 0.1})
+    with pytest.raises(ConfigError, match="diagnostics_window=2"):
+        TrainingConfig(diagnostics_window=2)

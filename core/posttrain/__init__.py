@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from posttrain._spec import DATA_FORMATS, MethodSpec, Preset, SpecError
+from posttrain._spec import DATA_FORMATS, SIGNAL_ROLES, MethodSpec, Preset, SignalRole, SpecError
 from posttrain.config import ConfigError, TrainingConfig, as_config, closest_field_names, config_fields
 
 #: Version of the plugin contract ("MAJOR.MINOR"). A plugin built for another major, or for a
@@ -110,7 +110,18 @@ __all__ = [
     "closest_field_names",
     "config_fields",
     *sorted(_LAZY),
+    # diagnostics (issue 9): the signal roles a spec declares, and the verdict of a run
+    "SIGNAL_ROLES",
+    "SignalRole",
+    "diagnose",
 ]
+
+
+def diagnose(output_dir: str) -> dict:
+    """Return the verdict of the run in ``output_dir`` (see :func:`posttrain.diagnostics.diagnose`)."""
+    from posttrain.diagnostics import diagnose as _diagnose
+
+    return _diagnose(output_dir)
 
 
 def __getattr__(name: str) -> Any:

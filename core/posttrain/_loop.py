@@ -149,7 +149,9 @@ class TrainingLoop:
         from posttrain.diagnostics import Diagnostics
 
         #: structured training diagnostics (diagnostics.jsonl), fed by the on_log hook like any plugin
-        self.diagnostics = Diagnostics(args.output_dir, is_main_process=self.accelerator.is_main_process)
+        spec = getattr(self.activation.info, "spec", None)
+        self.diagnostics = Diagnostics(args.output_dir, is_main_process=self.accelerator.is_main_process, signals=getattr(spec, "signals", None),
+                                       window=args.diagnostics_window, thresholds=args.diagnostics_thresholds)
         self.plugin_manager.register(self.diagnostics, name="posttrain.diagnostics")
         self.state = TrainingState()
         self.control = TrainerControl()
@@ -554,6 +556,14 @@ class TrainingLoop:
         self.control = self.callbacks.call("on_log", self.args, self.state, self.control, logs=dict(metrics), **self._callback_objects())
 
 
+    def _log_diagnostic(self, values: dict, step: int) -> None:
+        """Send a diagnostic event to the trackers: numbers to all, text only to trackers that take text (MLflow, Aim, ... drop or reject it)."""
+        self.accelerator.log({k: v for k, v in values.items() if isinstance(v, (int, float))}, step=step)
+        texts = {k: v for k, v in values.items() if isinstance(v, str)}
+        for tracker in self.accelerator.trackers if texts else ():
+            if tracker.name in ("tensorboard", "wandb", "comet_ml"):
+                tracker.log(texts, step=step)
+
     def _truncate_metrics_log(self, step: int) -> None:
         """After a resume, drop logged lines beyond ``step`` (they belong to the interrupted run)."""
         path = os.path.join(self.args.output_dir, "metrics.jsonl")
@@ -766,6 +776,9 @@ class TrainingLoop:
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
         self.model.train()
         self.manifest = self._build_manifest()
+        self.manifest.update(max_steps=run.max_steps, train_rows=len(dataset), signals=dict(self.diagnostics.signals))
+        self.diagnostics.context = {"per_device_train_batch_size": args.per_device_train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
+                                    "train_rows": len(dataset), "max_steps": run.max_steps}
         self._reset_state(run.max_steps)
 
         resume = args.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
@@ -790,6 +803,7 @@ class TrainingLoop:
             flat = {k: v for k, v in args.to_dict().items() if isinstance(v, (int, float, str, bool))}
             accelerator.init_trackers(args.run_name or os.path.basename(os.path.abspath(args.output_dir)), config=flat)
             self._trackers_started = True
+            self.diagnostics.tracker_log = self._log_diagnostic  # diagnostic events as scalars + text
         if self.is_main_process and not args.disable_tqdm:
             from tqdm.auto import tqdm
 
@@ -824,7 +838,9 @@ class TrainingLoop:
         run.window = run.batches[start : start + run.gas]
         micro = [method.collate(_rows(run.dataset, idx)) for idx in run.window]
         if callable(getattr(method, "prepare_step", None)):
+            started = time.perf_counter()
             micro = method.prepare_step(micro, self.state)
+            run.prepare_seconds += time.perf_counter() - started
         return micro
 
     def _optimizer_step(self, method, micro: list[dict], run: "_Run") -> tuple[torch.Tensor, Any, float]:
@@ -931,6 +947,9 @@ class TrainingLoop:
             **dict(zip(keys, values[1:])),
             "steps_per_second": len(run.window_losses) / max(now - run.last_log_time, 1e-9),
         }
+        if run.prepare_seconds > 0:  # online methods: the share of wall time spent in prepare_step (generation)
+            logged["prepare_step_fraction"] = min(1.0, run.prepare_seconds / max(now - run.last_log_time, 1e-9))
+            run.prepare_seconds = 0.0
         if self.state.num_input_tokens_seen > run.tokens_at_last_log:
             logged["tokens_per_second"] = (self.state.num_input_tokens_seen - run.tokens_at_last_log) / max(now - run.last_log_time, 1e-9)
             logged["num_tokens"] = float(self.state.num_input_tokens_seen)
@@ -981,7 +1000,7 @@ class TrainingLoop:
         runtime = time.perf_counter() - run.start_time
         training_loss = run.losses_sum / run.losses_n if run.losses_n else float("nan")
         steps_run = self.state.global_step - run.start_step
-        standard = {"loss", "learning_rate", "grad_norm", "epoch", "steps_per_second", "tokens_per_second"}
+        standard = {"loss", "learning_rate", "grad_norm", "epoch", "steps_per_second", "tokens_per_second", "prepare_step_fraction"}
         last_window = {k: v for k, v in run.last_window.items() if k not in standard}
         summary = {
             **last_window,  # the method's metrics of the last logged window (as TRL's summary row carries them)
@@ -998,6 +1017,7 @@ class TrainingLoop:
         if args.report_to and self._trackers_started:
             accelerator.end_training()
             self._trackers_started = False
+            self.diagnostics.tracker_log = None
         return TrainOutput(self.state.global_step, training_loss, {**run.final_metrics, **summary})
 
     def _last_logged_step_has_eval(self) -> bool:
@@ -1046,6 +1066,7 @@ class _Run:
     tokens_at_last_log: int = 0
     final_metrics: dict = field(default_factory=dict)
     last_window: dict = field(default_factory=dict)  # the last logged training row
+    prepare_seconds: float = 0.0  # wall time in method.prepare_step since the last log
 
 
 def _from_pretrained(auto_class, name: str, what: str, **kwargs):

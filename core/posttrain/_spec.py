@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Mapping
 
-__all__ = ["MethodSpec", "Preset", "SpecError", "MATURITIES", "DATA_FORMATS"]
+__all__ = ["MethodSpec", "Preset", "SpecError", "MATURITIES", "DATA_FORMATS", "SignalRole", "SIGNAL_ROLES"]
 
 #: The two maturity levels a method can declare.
 MATURITIES = ("stable", "experimental")
@@ -27,6 +28,33 @@ DATA_FORMATS = (
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 _API_RE = re.compile(r"^\d+\.\d+$")
 _DOTTED_RE = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")
+
+
+class SignalRole(str, Enum):
+    """What a logged metric means, so the diagnostics can reason about it (*contract*, see STABILITY.md).
+
+    A spec maps roles to its own metric names (``signals={SignalRole.REWARD: "reward"}``, or plain
+    strings ``{"reward": "reward"}``); :mod:`posttrain.diagnostics` reads only roles, never a
+    method's metric names. The evaluation counterpart of a role's metric is ``eval_<metric>``.
+    New roles may be added in a minor release; a role is never renamed.
+    """
+
+    REWARD = "reward"  #: mean training reward of the step's completions (higher is better)
+    GROUP_REWARD_ZERO_STD = "group_reward_zero_std"  #: fraction of prompt groups whose rewards are all equal
+    KL = "kl"  #: KL divergence of the policy to the reference model (nats/token)
+    ENTROPY = "entropy"  #: policy entropy over sampled completion tokens (nats/token)
+    CLIP_FRACTION = "clip_fraction"  #: fraction of tokens outside the PPO-style clip region
+    COMPLETION_LENGTH = "completion_length"  #: mean completion length (tokens)
+    TRUNCATION = "truncation"  #: fraction of completions that hit max_completion_length
+    PREFERENCE_MARGIN = "preference_margin"  #: mean (chosen - rejected) reward margin
+    PREFERENCE_ACCURACY = "preference_accuracy"  #: fraction of pairs ranked correctly
+    TEACHER_DIVERGENCE = "teacher_divergence"  #: divergence of the student to a teacher (distillation)
+    TOKEN_ACCURACY = "token_accuracy"  #: fraction of target tokens predicted correctly (SFT)
+    GENERATION_TIME_FRACTION = "generation_time_fraction"  #: fraction of a step's wall time spent generating
+
+
+#: The role names, in declaration order.
+SIGNAL_ROLES = tuple(role.value for role in SignalRole)
 
 
 class SpecError(ValueError):
@@ -81,6 +109,9 @@ class MethodSpec:
         tiny_run: Config overrides that make a few-step run on a tiny model meaningful and fast
             (e.g. ``{"reward_funcs": ["accuracy"], "max_completion_length": 8}``); the
             conformance suite applies them over its own small defaults (plugin API 1.2).
+        signals: :class:`SignalRole` (or its string value) -> the method's metric name with that
+            meaning; the diagnostics read these roles (optional: a spec without it loads and gets
+            the checks of the loop's own metrics: loss, grad_norm, learning_rate, eval_loss).
     """
 
     name: str
@@ -95,6 +126,7 @@ class MethodSpec:
     requires: tuple[str, ...] = ()
     data_format: str = ""
     tiny_run: Mapping[str, Any] = field(default_factory=dict)
+    signals: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Coerce friendly inputs (lists, plain override dicts) into the frozen forms.
@@ -107,6 +139,9 @@ class MethodSpec:
             presets[key] = value
         object.__setattr__(self, "presets", presets)
         object.__setattr__(self, "tiny_run", dict(self.tiny_run))
+        if isinstance(self.signals, Mapping):
+            signals = {(key.value if isinstance(key, SignalRole) else key): value for key, value in self.signals.items()}
+            object.__setattr__(self, "signals", signals)
         self.validate()
 
     def validate(self) -> None:
@@ -153,6 +188,16 @@ class MethodSpec:
                     f"MethodSpec(name={self.name!r}) preset name {key!r} is invalid: use "
                     "lowercase letters, digits and underscores."
                 )
+
+        if not isinstance(self.signals, Mapping):
+            raise SpecError(f"MethodSpec(name={self.name!r}).signals is a {type(self.signals).__name__}: use a dict {{role: metric_name}}.")
+        for role, metric in self.signals.items():
+            if role not in SIGNAL_ROLES:
+                raise SpecError(
+                    f"MethodSpec(name={self.name!r}).signals has unknown role {role!r}: use one of {', '.join(SIGNAL_ROLES)} (posttrain.SignalRole)."
+                )
+            if not isinstance(metric, str) or not metric:
+                raise SpecError(f"MethodSpec(name={self.name!r}).signals[{role!r}]={metric!r} is invalid: give the logged metric's name.")
 
     @property
     def api_major_minor(self) -> tuple[int, int]:

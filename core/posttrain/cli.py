@@ -585,6 +585,17 @@ def _cmd_snapshot(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
+def _cmd_diagnose(args: argparse.Namespace, registry: Registry) -> int:
+    from posttrain.diagnostics import diagnose, format_report
+
+    try:
+        report = diagnose(args.output_dir)
+    except FileNotFoundError as exc:
+        raise UsageError(str(exc)) from None
+    print(json.dumps(report, indent=2, sort_keys=True) if args.format == "json" else format_report(report))
+    return 0
+
+
 # -- entry point ------------------------------------------------------------------------------
 
 
@@ -639,6 +650,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--core", action="store_true", help="The core's surface: posttrain.__all__, TrainingConfig and the plugin API.")
     p.add_argument("--write", action="store_true", help="Rewrite the snapshot (refused when the version bump is too small).")
     p.set_defaults(handler=_cmd_snapshot)
+
+    p = sub.add_parser("diagnose", help="Judge a finished or running run: verdict, evidence and top actions.", allow_abbrev=False)
+    p.add_argument("output_dir", metavar="OUTPUT_DIR", help="The run's output_dir (holds metrics.jsonl, diagnostics.jsonl, run_manifest.json).")
+    p.add_argument("--format", choices=("text", "json"), default="text", help="Output format (default: text; json follows schema 1, see STABILITY.md).")
+    p.set_defaults(handler=_cmd_diagnose)
     return parser
 
 

@@ -79,6 +79,8 @@ class TrainingConfig:
     report_to: list[str] | str = field(default="none", metadata=_help("Trackers: 'none', 'all', or names such as tensorboard, wandb, mlflow, trackio."))
     eval_strategy: str = field(default="no", metadata=_help("'no', 'steps' (every eval_steps) or 'epoch'. An eval dataset is always scored at the end."))
     eval_steps: int | None = field(default=None, metadata=_help("Evaluate every N steps when eval_strategy='steps' (default: logging_steps)."))
+    diagnostics_window: int = field(default=20, metadata=_help("Logged training steps a trend diagnostic looks back over (reward plateau, length drift, ...); see docs/diagnostics.md."))
+    diagnostics_thresholds: dict | None = field(default=None, metadata=_help("Overrides of the diagnostics' thresholds by name (e.g. {'memory_headroom': 0.3}); names in docs/diagnostics.md."))
     disable_tqdm: bool = field(default=False, metadata=_help("Hide the progress bar."))
 
     # > Parameters that control checkpoints
@@ -206,6 +208,30 @@ class TrainingConfig:
         if self.save_total_limit is not None and self.save_total_limit < 1:
             raise ConfigError(f"save_total_limit={self.save_total_limit} is invalid: use None or >= 1.")
         self._check_trainingarguments_fields()
+        self._check_diagnostics_fields()
+
+    def _check_diagnostics_fields(self) -> None:
+        if self.diagnostics_window < 3:
+            raise ConfigError(f"diagnostics_window={self.diagnostics_window} is invalid: a trend needs at least 3 logged steps.")
+        if isinstance(self.diagnostics_thresholds, str) and self.diagnostics_thresholds.strip().startswith("{"):
+            import json
+
+            try:
+                self.diagnostics_thresholds = json.loads(self.diagnostics_thresholds)
+            except json.JSONDecodeError as exc:
+                raise ConfigError(f"diagnostics_thresholds={self.diagnostics_thresholds!r} is not valid JSON ({exc.msg}): give a dict.") from None
+        if self.diagnostics_thresholds is not None:
+            from posttrain.diagnostics import DEFAULT_THRESHOLDS
+
+            if not isinstance(self.diagnostics_thresholds, dict):
+                raise ConfigError(f"diagnostics_thresholds={self.diagnostics_thresholds!r} is invalid: give a dict of threshold name -> number.")
+            for name, value in self.diagnostics_thresholds.items():
+                if name not in DEFAULT_THRESHOLDS:
+                    close = difflib.get_close_matches(str(name), list(DEFAULT_THRESHOLDS), n=1)
+                    hint = f" Did you mean {close[0]!r}?" if close else f" Known: {', '.join(DEFAULT_THRESHOLDS)}."
+                    raise ConfigError(f"diagnostics_thresholds has unknown threshold {name!r}.{hint}")
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not value >= 0:
+                    raise ConfigError(f"diagnostics_thresholds[{name!r}]={value!r} is invalid: give a number >= 0.")
 
     def _check_trainingarguments_fields(self) -> None:
         """Validate the transformers.TrainingArguments fields and say once which accepted ones do nothing here."""

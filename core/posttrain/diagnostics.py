@@ -1,13 +1,26 @@
-"""Training diagnostics: structured events a person or a program can act on.
+"""Training diagnostics: structured events a person or a program can act on, and a run verdict.
 
 Every run registers a :class:`Diagnostics` plugin on the loop's plugin manager. On each logging
-step (the ``on_log`` hook) it checks the logged metrics and emits :class:`Event` objects: a
-stable ``code``, a message, the evidence (the metric values that triggered it) and a suggested
-action. Events are printed once per code (then at most every ``repeat_every`` logging steps) and
-appended to ``output_dir/diagnostics.jsonl`` for programs and agents. Other plugins can add
-their own checks through the same ``on_log`` hook.
+step (the ``on_log`` hook) it checks the history of logged metrics and emits :class:`Event`
+objects: a stable ``code``, a ``severity`` (``info``, ``warning`` or ``error``), a message, the
+evidence (the numbers that triggered it) and an action naming config fields. Events are printed
+once per code (then at most every ``repeat_every`` logging steps), appended to
+``output_dir/diagnostics.jsonl`` and logged to the run's trackers. Other plugins add their own
+checks through the same ``on_log`` hook.
 
-Codes (stable; see STABILITY.md):
+The checks never name a method's metrics: a method's spec declares which of its metrics mean
+reward, KL, entropy, ... (``MethodSpec.signals``, roles in :class:`posttrain.SignalRole`), and
+the checks read those roles plus the loop's own metrics (``loss``, ``grad_norm``,
+``learning_rate``, ``epoch``, ``eval_loss``). Trend checks fit a line to the last
+``diagnostics_window`` logged steps and call a trend real only when its slope is
+``trend_t`` standard errors away from 0 (the noise estimate is the residual spread).
+
+:func:`diagnose` reads a finished or running run's files (``metrics.jsonl``,
+``diagnostics.jsonl``, ``run_manifest.json``) and returns a verdict with evidence and actions
+(JSON schema 1, see STABILITY.md and docs/diagnostics.md); ``posttrain diagnose OUTPUT_DIR``
+prints it.
+
+Codes (stable; see STABILITY.md and docs/diagnostics.md):
     non_finite_loss        the loss or grad_norm is NaN or infinite
     grad_norm_spike        grad_norm is far above its recent median
     reward_std_collapse    most prompt groups have identical rewards (no learning signal)
@@ -15,6 +28,16 @@ Codes (stable; see STABILITY.md):
     kl_blowup              the KL to the reference is large and growing
     completions_truncated  most completions hit max_completion_length
     zero_learning_rate     the learning rate is 0 while training (schedule/warm-up mistake)
+    memory_headroom        memory use is low: a larger micro-batch with less accumulation fits
+    memory_pressure        memory use is near the limit: a smaller micro-batch is safer
+    throughput_bound       generation takes most of an online step
+    reward_plateau         the reward has not improved over the window
+    reward_hacking         the reward rises while KL or completion length run away, or held-out reward falls
+    entropy_collapse       policy entropy has fallen toward 0
+    length_drift           completion length moves steadily without reward gain
+    preference_saturation  preference margins keep growing while held-out accuracy stalls
+    eval_divergence        training loss falls while evaluation loss rises (overfitting)
+    data_repeated          a small dataset is repeated for many epochs
 """
 
 from __future__ import annotations
@@ -29,7 +52,52 @@ from dataclasses import asdict, dataclass, field
 
 from posttrain.hookspecs import hookimpl
 
-__all__ = ["Event", "Diagnostics", "check_metrics"]
+__all__ = ["Event", "Diagnostics", "check_metrics", "check_history", "diagnose", "format_report", "trend", "measure_memory",
+           "DEFAULT_THRESHOLDS", "CODES", "VERDICTS", "SCHEMA_VERSION"]
+
+#: Version of the JSON that :func:`diagnose` returns (``"schema"``); bumped only on a breaking change.
+SCHEMA_VERSION = 1
+
+#: Every code this module emits, with its severity.
+CODES = {
+    "non_finite_loss": "error", "grad_norm_spike": "warning", "reward_std_collapse": "warning", "high_clip_ratio": "warning",
+    "kl_blowup": "warning", "completions_truncated": "warning", "zero_learning_rate": "warning", "memory_headroom": "info",
+    "memory_pressure": "warning", "throughput_bound": "info", "reward_plateau": "warning", "reward_hacking": "warning",
+    "entropy_collapse": "warning", "length_drift": "warning", "preference_saturation": "warning", "eval_divergence": "warning",
+    "data_repeated": "info",
+}
+
+#: The verdicts of :func:`diagnose`, from the most to the least severe.
+VERDICTS = ("diverged", "collapsing", "over-optimizing", "drifting", "plateaued", "improving", "too short to tell")
+
+#: Thresholds of the checks; override any of them with ``TrainingConfig.diagnostics_thresholds``.
+DEFAULT_THRESHOLDS = {
+    "trend_t": 2.0,  # |slope| / its standard error above which a trend counts as real
+    "grad_norm_spike": 10.0,  # grad_norm / recent median
+    "reward_std_collapse": 0.9,  # mean fraction of zero-std groups over the last few steps
+    "high_clip_ratio": 0.3,  # fraction of clipped tokens
+    "kl_blowup": 1.0,  # KL (nats/token) above which a doubling is reported
+    "completions_truncated": 0.5,  # fraction of truncated completions
+    "memory_headroom": 0.5,  # peak memory / available below which a larger micro-batch is suggested
+    "memory_pressure": 0.9,  # peak memory / available above which a smaller micro-batch is suggested
+    "throughput_bound": 0.6,  # fraction of step time spent generating
+    "entropy_collapse": 0.1,  # entropy / the run's first entropy below which entropy has collapsed
+    "length_drift": 0.3,  # relative change of completion length over the window
+    "reward_hacking_kl": 1.0,  # KL (nats/token) a rising reward may not drive the policy past
+    "preference_saturation": 0.15,  # train accuracy - held-out accuracy above which accuracy has stalled
+    "eval_divergence": 0.02,  # relative rise of eval loss above its best value
+    "data_repeated_epochs": 4.0,  # epochs over a small dataset before data_repeated is reported
+    "data_repeated_rows": 1000.0,  # datasets smaller than this many rows count as small
+}
+
+# The pre-1.2 default of check_metrics (TRL's online-RL metric names); the loop never uses it:
+# it passes the method's declared signals.
+_LEGACY_SIGNALS = {
+    "group_reward_zero_std": "frac_reward_zero_std", "reward": "reward", "clip_fraction": "clip_ratio/region_mean", "kl": "kl",
+    "truncation": "completions/clipped_ratio",
+}
+_EVAL_CODES = ("reward_hacking", "preference_saturation", "eval_divergence")
+_RECENT = 5  # steps averaged by the level checks (collapse, throughput)
 
 
 @dataclass(frozen=True)
@@ -40,104 +108,574 @@ class Event:
     step: int  #: optimizer step at which it was detected
     message: str  #: what is wrong, for people
     evidence: dict = field(default_factory=dict)  #: metric name -> value that triggered it
-    action: str = ""  #: what to try
+    action: str = ""  #: what to try, naming config fields
+    severity: str = "warning"  #: ``info``, ``warning`` or ``error``
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        return json.dumps(asdict(self), sort_keys=True, default=_json_number)
+
+
+def _json_number(value):
+    return float(value)
+
+
+def _num(value):
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 def _value(metrics: dict, *names: str):
     for name in names:
-        value = metrics.get(name)
-        if isinstance(value, (int, float)):
-            return float(value)
+        value = _num(metrics.get(name))
+        if value is not None:
+            return value
     return None
 
 
-def check_metrics(step: int, metrics: dict, grad_norm_history=(), kl_history=()) -> list[Event]:
-    """Return the events that ``metrics`` (one logging step) triggers; pure, for reuse and tests.
+def _finite(values) -> list[float]:
+    return [v for v in (_num(x) for x in values) if v is not None and math.isfinite(v)]
+
+
+def trend(values) -> dict | None:
+    """Least-squares line through ``values`` (one per logged step): slope, its standard error, t and the noise.
+
+    Returns None with fewer than 3 values. ``noise`` is the residual standard deviation (the
+    step-to-step scatter around the line), ``change`` the fitted rise over the window, and ``t``
+    the slope in standard errors (0 for a constant series, +-inf for a perfect non-flat line).
+    """
+    ys = _finite(values)
+    n = len(ys)
+    if n < 3:
+        return None
+    x_mean, y_mean = (n - 1) / 2, sum(ys) / n
+    sxx = sum((i - x_mean) ** 2 for i in range(n))
+    slope = sum((i - x_mean) * (y - y_mean) for i, y in enumerate(ys)) / sxx
+    residuals = [y - (y_mean + slope * (i - x_mean)) for i, y in enumerate(ys)]
+    noise = math.sqrt(sum(r * r for r in residuals) / (n - 2))
+    se = noise / math.sqrt(sxx)
+    scale = max(abs(y_mean), 1e-12)
+    if se <= 1e-12 * scale:
+        t = 0.0 if abs(slope) <= 1e-12 * scale else math.copysign(math.inf, slope)
+    else:
+        t = slope / se
+    return {"slope": slope, "stderr": se, "t": t, "noise": noise, "change": slope * (n - 1), "first": ys[0], "last": ys[-1],
+            "mean": y_mean, "n": n}
+
+
+def _round(value, digits: int = 4):
+    if isinstance(value, float) and math.isfinite(value):
+        return float(f"{value:.{digits}g}")
+    return value
+
+
+def _trend_evidence(prefix: str, tr: dict) -> dict:
+    return {f"{prefix}_slope_per_step": _round(tr["slope"]), f"{prefix}_noise": _round(tr["noise"]), f"{prefix}_t": _round(tr["t"], 3),
+            f"{prefix}_change_over_window": _round(tr["change"]), f"{prefix}_window_steps": tr["n"]}
+
+
+def measure_memory() -> dict | None:
+    """Peak memory of this process against what it may use: the accelerator's when torch uses one, else RSS against RAM.
+
+    Returns ``{"device", "peak_bytes", "limit_bytes", "fraction"}`` or None when it cannot be
+    measured (no /proc on this OS). On CUDA: ``torch.cuda.max_memory_reserved`` against the
+    device's total memory. On CPU: the peak resident set size against the current RSS plus the
+    system's available memory (``MemAvailable`` of /proc/meminfo).
+    """
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        index = torch.cuda.current_device()
+        peak, total = torch.cuda.max_memory_reserved(index), torch.cuda.get_device_properties(index).total_memory
+        return {"device": f"cuda:{index}", "peak_bytes": int(peak), "limit_bytes": int(total), "fraction": peak / total}
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # kilobytes on Linux
+        with open("/proc/self/statm") as fh:
+            rss = int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: line.split()[1] for line in fh}
+        available = int(info["MemAvailable"]) * 1024
+    except (ImportError, OSError, KeyError, ValueError, IndexError):
+        return None
+    limit = rss + available
+    return {"device": "cpu", "peak_bytes": int(peak), "limit_bytes": int(limit), "fraction": peak / limit}
+
+
+def _gb(n: int) -> float:
+    return round(n / 2**30, 2)
+
+
+def _memory_events(step: int, memory: dict | None, context: dict, th: dict) -> list[Event]:
+    if not memory:
+        return []
+    bs, ga = int(context.get("per_device_train_batch_size") or 0), int(context.get("gradient_accumulation_steps") or 1)
+    fraction = memory["fraction"]
+    evidence = {"device": memory["device"], "peak_gb": _gb(memory["peak_bytes"]), "limit_gb": _gb(memory["limit_bytes"]),
+                "fraction_used": _round(fraction, 3), "per_device_train_batch_size": bs, "gradient_accumulation_steps": ga}
+    if fraction >= th["memory_pressure"] and bs > 1:
+        new_bs, new_ga = (bs // 2, ga * 2) if bs % 2 == 0 else (1, ga * bs)
+        return [Event("memory_pressure", step, f"peak memory is {fraction:.0%} of what this process may use ({evidence['peak_gb']} of {evidence['limit_gb']} GB on {memory['device']}).",
+                      {**evidence, "suggested_per_device_train_batch_size": new_bs, "suggested_gradient_accumulation_steps": new_ga},
+                      f"set per_device_train_batch_size={new_bs} and gradient_accumulation_steps={new_ga} (same effective batch), or gradient_checkpointing=True.",
+                      CODES["memory_pressure"])]
+    if fraction < th["memory_headroom"] and ga > 1 and bs >= 1:
+        # Assume memory grows at most linearly with the micro-batch; keep the effective batch (bs * ga).
+        k = 1
+        while ga % (k * 2) == 0 and fraction * k * 2 <= th["memory_pressure"] * 0.9:
+            k *= 2
+        if k > 1:
+            return [Event("memory_headroom", step, f"peak memory is only {fraction:.0%} of what this process may use ({evidence['peak_gb']} of {evidence['limit_gb']} GB on {memory['device']}).",
+                          {**evidence, "suggested_per_device_train_batch_size": bs * k, "suggested_gradient_accumulation_steps": ga // k},
+                          f"set per_device_train_batch_size={bs * k} and gradient_accumulation_steps={ga // k}: the same effective batch in fewer, larger micro-batches (faster).",
+                          CODES["memory_headroom"])]
+    return []
+
+
+def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, window: int = 20, context=None, memory=None,
+                  first_entropy=None) -> list[Event]:
+    """Return the events the latest training row triggers, given the rows before it; pure, used online and offline.
 
     Args:
-        step: The optimizer step.
-        metrics: The logged metrics (name -> float).
-        grad_norm_history: Recent grad_norm values (for spike detection).
-        kl_history: Recent KL values (for growth detection).
+        train_rows: Logged training rows (``metrics.jsonl`` rows with ``loss``), oldest first; the
+            last one is the step being checked.
+        eval_rows: Logged evaluation rows (``eval_*`` keys) up to now, oldest first.
+        signals: The method's ``{role: metric_name}`` (``MethodSpec.signals``).
+        thresholds: Overrides of :data:`DEFAULT_THRESHOLDS`.
+        window: Logged steps a trend check looks back over.
+        context: Run facts: ``per_device_train_batch_size``, ``gradient_accumulation_steps``,
+            ``train_rows`` (dataset size), ``max_steps``.
+        memory: A :func:`measure_memory` result to check, or None.
+        first_entropy: The run's first logged entropy (default: the oldest row's).
     """
-    events = []
-    loss, grad_norm = _value(metrics, "loss"), _value(metrics, "grad_norm")
+    rows = list(train_rows)
+    if not rows:
+        return []
+    signals, context = dict(signals or {}), dict(context or {})
+    th = {**DEFAULT_THRESHOLDS, **(thresholds or {})}
+    now = rows[-1]
+    step = int(now.get("step", len(rows)))
+    recent = rows[-window:]
+
+    def metric(role):
+        return signals.get(role)
+
+    def latest(role):
+        name = metric(role)
+        return _value(now, name) if name else None
+
+    def series(role_or_name, rows_=recent, *, raw=False):
+        name = role_or_name if raw else metric(role_or_name)
+        return _finite(r.get(name) for r in rows_) if name else []
+
+    def trend_of(role, *, raw=False):
+        values = series(role, raw=raw)
+        return trend(values) if len(values) >= window else None
+
+    events: list[Event] = []
+    add = events.append
+    t_min = th["trend_t"]
+
+    # -- single-step checks (the seven of posttrain 1.1) ----------------------------------------
+    loss, grad_norm = _value(now, "loss"), _value(now, "grad_norm")
     bad = {k: v for k, v in (("loss", loss), ("grad_norm", grad_norm)) if v is not None and not math.isfinite(v)}
     if bad:
-        events.append(Event("non_finite_loss", step, "the loss or gradient norm is not finite; the update is corrupt.", bad,
-                            "lower learning_rate, keep max_grad_norm > 0, train in float32 or bf16 (not fp16), and check the data for empty or overlong rows."))
-    if grad_norm is not None and math.isfinite(grad_norm) and len(grad_norm_history) >= 5:
-        median = statistics.median(grad_norm_history)
-        if median > 0 and grad_norm > 10 * median:
-            events.append(Event("grad_norm_spike", step, f"grad_norm {grad_norm:.3g} is {grad_norm / median:.0f}x its recent median {median:.3g}.",
-                                {"grad_norm": grad_norm, "recent_median": median}, "lower learning_rate or max_grad_norm; look for outlier batches."))
-    zero_std = _value(metrics, "frac_reward_zero_std")
-    if zero_std is not None and zero_std >= 0.9:
-        events.append(Event("reward_std_collapse", step, f"{zero_std:.0%} of prompt groups got identical rewards, so their advantages are 0 and they teach nothing.",
-                            {"frac_reward_zero_std": zero_std, "reward": _value(metrics, "reward")},
-                            "raise num_generations or temperature, use easier/harder prompts, or give the reward function partial credit."))
-    clip = _value(metrics, "clip_ratio/region_mean")
-    if clip is not None and clip >= 0.3:
-        events.append(Event("high_clip_ratio", step, f"{clip:.0%} of tokens are clipped: the policy moves too far per rollout.",
-                            {"clip_ratio/region_mean": clip}, "lower learning_rate or num_iterations, or raise epsilon."))
-    kl = _value(metrics, "kl")
-    if kl is not None and math.isfinite(kl) and kl > 1.0 and kl_history and kl > 2 * max(kl_history):
-        events.append(Event("kl_blowup", step, f"KL to the reference jumped to {kl:.3g} (recent max {max(kl_history):.3g}).",
-                            {"kl": kl, "recent_max": max(kl_history)}, "raise beta, lower learning_rate, or check the reward for exploits."))
-    truncated = _value(metrics, "completions/clipped_ratio", "clipped_ratio")
-    if truncated is not None and truncated >= 0.5:
-        events.append(Event("completions_truncated", step, f"{truncated:.0%} of completions hit max_completion_length.",
-                            {"completions/clipped_ratio": truncated}, "raise max_completion_length, or set mask_truncated_completions=True."))
-    lr = _value(metrics, "learning_rate")
+        add(Event("non_finite_loss", step, "the loss or gradient norm is not finite; the update is corrupt.", bad,
+                  "lower learning_rate, keep max_grad_norm > 0, train in float32 or bf16 (not fp16), and check the data for empty or overlong rows.",
+                  CODES["non_finite_loss"]))
+    history = _finite(r.get("grad_norm") for r in rows[:-1][-20:])
+    if grad_norm is not None and math.isfinite(grad_norm) and len(history) >= 5:
+        median = statistics.median(history)
+        if median > 0 and grad_norm > th["grad_norm_spike"] * median:
+            add(Event("grad_norm_spike", step, f"grad_norm {grad_norm:.3g} is {grad_norm / median:.0f}x its recent median {median:.3g}.",
+                      {"grad_norm": grad_norm, "recent_median": median}, "lower learning_rate or max_grad_norm; look for outlier batches.",
+                      CODES["grad_norm_spike"]))
+    reward_trend = trend_of("reward")
+    reward_rising = reward_trend is not None and reward_trend["t"] > t_min
+    zero_std = series("group_reward_zero_std", rows[-_RECENT:])
+    if zero_std and latest("group_reward_zero_std") is not None and sum(zero_std) / len(zero_std) >= th["reward_std_collapse"]:
+        mean_zero = sum(zero_std) / len(zero_std)
+        add(Event("reward_std_collapse", step, f"{mean_zero:.0%} of prompt groups got identical rewards over the last {len(zero_std)} logged steps, so their advantages are 0 and they teach nothing.",
+                  {metric("group_reward_zero_std"): latest("group_reward_zero_std"), "recent_mean": _round(mean_zero), "reward": latest("reward")},
+                  "raise num_generations or temperature, use easier/harder prompts, or give the reward function partial credit.",
+                  CODES["reward_std_collapse"]))
+    clip = latest("clip_fraction")
+    if clip is not None and clip >= th["high_clip_ratio"]:
+        clips = series("clip_fraction")
+        share = sum(c >= th["high_clip_ratio"] for c in clips) / len(clips)
+        add(Event("high_clip_ratio", step, f"{clip:.0%} of tokens are clipped: the policy moves too far per rollout (clip ratio out of range in {share:.0%} of the last {len(clips)} logged updates).",
+                  {metric("clip_fraction"): clip, "share_of_recent_updates": _round(share), "recent_updates": len(clips)},
+                  "lower learning_rate or num_iterations, or raise epsilon.", CODES["high_clip_ratio"]))
+    kl = latest("kl")
+    kl_history = series("kl", rows[:-1][-20:])
+    if kl is not None and math.isfinite(kl) and kl > th["kl_blowup"] and kl_history and kl > 2 * max(kl_history):
+        add(Event("kl_blowup", step, f"KL to the reference jumped to {kl:.3g} (recent max {max(kl_history):.3g}).",
+                  {metric("kl"): kl, "recent_max": max(kl_history)}, "raise beta, lower learning_rate, or check the reward for exploits.",
+                  CODES["kl_blowup"]))
+    truncated = latest("truncation")
+    if truncated is not None and truncated >= th["completions_truncated"]:
+        # A warning only when it may hold learning back: the reward is known not to rise (or the method has none).
+        # While the reward rises, or before a full window tells, it is info.
+        stalled = reward_trend is not None and not reward_rising
+        severity = CODES["completions_truncated"] if stalled or not metric("reward") else "info"
+        note = " (the reward still rises)." if reward_rising else ("." if stalled or not metric("reward") else " (too early to tell whether it hurts the reward).")
+        add(Event("completions_truncated", step, f"{truncated:.0%} of completions hit max_completion_length" + note,
+                  {metric("truncation"): truncated, "reward_rising": reward_rising}, "raise max_completion_length, or set mask_truncated_completions=True.",
+                  severity))
+    lr = _value(now, "learning_rate")
     if lr is not None and lr == 0.0 and step > 1:
-        events.append(Event("zero_learning_rate", step, "the learning rate is 0: the model is not being updated.", {"learning_rate": lr},
-                            "check learning_rate, warmup_steps/warmup_ratio and lr_scheduler_type."))
+        add(Event("zero_learning_rate", step, "the learning rate is 0: the model is not being updated.", {"learning_rate": lr},
+                  "check learning_rate, warmup_steps/warmup_ratio and lr_scheduler_type.", CODES["zero_learning_rate"]))
+
+    # -- resources ---------------------------------------------------------------------------
+    events.extend(_memory_events(step, memory, context, th))
+    gen = series("generation_time_fraction", rows[-_RECENT:])
+    if len(gen) >= 3 and sum(gen) / len(gen) >= th["throughput_bound"]:
+        share = sum(gen) / len(gen)
+        add(Event("throughput_bound", step, f"generation takes {share:.0%} of each training step (mean of the last {len(gen)} logged steps).",
+                  {metric("generation_time_fraction"): _round(share, 3), "steps_per_second": _value(now, "steps_per_second")},
+                  "generate with vLLM (use_vllm=True, vllm_mode='colocate' or 'server'), lower max_completion_length, or reuse each generation for several updates (num_iterations > 1).",
+                  CODES["throughput_bound"]))
+
+    # -- trends over the window ----------------------------------------------------------------
+    if reward_trend is not None and abs(reward_trend["t"]) < t_min:
+        add(Event("reward_plateau", step, f"the reward has not improved over the last {reward_trend['n']} logged steps "
+                  f"(slope {reward_trend['slope']:.3g}/step against noise {reward_trend['noise']:.3g}, t={reward_trend['t']:.2f}).",
+                  {metric("reward"): latest("reward"), **_trend_evidence("reward", reward_trend)},
+                  "stop here if the reward is good enough (max_steps); otherwise raise learning_rate or num_generations, or make the reward give partial credit.",
+                  CODES["reward_plateau"]))
+    if reward_rising:
+        reasons, evidence = [], {metric("reward"): latest("reward"), **_trend_evidence("reward", reward_trend)}
+        kl_trend = trend_of("kl")
+        if kl_trend is not None and kl_trend["t"] > t_min and kl_trend["last"] > th["reward_hacking_kl"]:
+            reasons.append(f"KL to the reference rose to {kl_trend['last']:.3g}")
+            evidence.update(_trend_evidence("kl", kl_trend))
+        length_trend = trend_of("completion_length")
+        if length_trend is not None and length_trend["t"] > t_min and length_trend["first"] > 0 and length_trend["change"] / length_trend["first"] > th["length_drift"]:
+            reasons.append(f"completion length grew {length_trend['change'] / length_trend['first']:.0%}")
+            evidence.update(_trend_evidence("completion_length", length_trend))
+        eval_rewards = series("eval_" + metric("reward"), list(eval_rows), raw=True) if metric("reward") else []
+        if len(eval_rewards) >= 2 and eval_rewards[-1] < max(eval_rewards[:-1]) - max(reward_trend["noise"], 1e-9):
+            reasons.append(f"held-out reward fell from {max(eval_rewards[:-1]):.3g} to {eval_rewards[-1]:.3g}")
+            evidence.update({"eval_reward_best": max(eval_rewards[:-1]), "eval_reward_last": eval_rewards[-1]})
+        if reasons:
+            add(Event("reward_hacking", step, "the training reward rises while " + " and ".join(reasons) + ": the policy may be exploiting the reward.",
+                      evidence, "raise beta (KL penalty), add a length penalty or cap max_completion_length, check the reward function for exploits, and compare with a held-out reward (eval_dataset).",
+                      CODES["reward_hacking"]))
+    entropy = latest("entropy")
+    if entropy is not None:
+        first = first_entropy if first_entropy is not None else (series("entropy", rows) or [None])[0]
+        recent_entropy = series("entropy", rows[-_RECENT:])
+        level = sum(recent_entropy) / len(recent_entropy)
+        if first and first > 0 and len(rows) >= 3 and level < th["entropy_collapse"] * first:
+            add(Event("entropy_collapse", step, f"policy entropy fell to {level:.3g} from {first:.3g} at the start: the policy is becoming deterministic and stops exploring.",
+                      {metric("entropy"): entropy, "recent_mean": _round(level), "first": _round(first), "ratio": _round(level / first, 3)},
+                      "lower learning_rate, raise temperature, add an entropy bonus (entropy_coef > 0) or raise beta.", CODES["entropy_collapse"]))
+    length_trend = trend_of("completion_length")
+    if length_trend is not None and not reward_rising and length_trend["first"] > 0:
+        relative = length_trend["change"] / length_trend["first"]
+        if abs(length_trend["t"]) > t_min and abs(relative) > th["length_drift"]:
+            direction = "grew" if relative > 0 else "shrank"
+            add(Event("length_drift", step, f"completion length {direction} {abs(relative):.0%} over the last {length_trend['n']} logged steps without a reward gain.",
+                      {metric("completion_length"): latest("completion_length"), "relative_change": _round(relative, 3), **_trend_evidence("completion_length", length_trend),
+                       **({"reward_t": _round(reward_trend["t"], 3)} if reward_trend else {})},
+                      "check the reward for a length bias; use a length-normalized loss_type (e.g. 'dr_grpo'), set max_completion_length, or add a length penalty.",
+                      CODES["length_drift"]))
+    accuracy_name = metric("preference_accuracy")
+    margin_trend = trend_of("preference_margin")
+    eval_accuracy = series("eval_" + accuracy_name, list(eval_rows), raw=True) if accuracy_name else []
+    if margin_trend is not None and margin_trend["t"] > t_min and eval_accuracy:
+        train_accuracy = series("preference_accuracy", rows[-_RECENT:])
+        train_level = sum(train_accuracy) / len(train_accuracy) if train_accuracy else None
+        stalled = len(eval_accuracy) < 2 or eval_accuracy[-1] <= max(eval_accuracy[:-1]) + 0.01
+        if train_level is not None and train_level - eval_accuracy[-1] > th["preference_saturation"] and stalled:
+            add(Event("preference_saturation", step, f"the preference margin keeps growing ({margin_trend['slope']:.3g}/step) and training accuracy is {train_level:.0%}, "
+                      f"but held-out accuracy stalls at {eval_accuracy[-1]:.0%}: the model memorizes the training pairs.",
+                      {"train_accuracy": _round(train_level), "eval_accuracy": eval_accuracy[-1], **_trend_evidence("margin", margin_trend)},
+                      "stop earlier (max_steps / num_train_epochs), raise beta or label_smoothing, or add more preference pairs.", CODES["preference_saturation"]))
+    eval_losses = _finite(r.get("eval_loss") for r in eval_rows)
+    if len(eval_losses) >= 3:
+        best = min(eval_losses)
+        best_at = eval_losses.index(best)
+        rising = eval_losses[-1] > best + th["eval_divergence"] * max(abs(best), 1e-9) and eval_losses[-1] >= eval_losses[-2] and best_at < len(eval_losses) - 1
+        loss_trend = trend(series("loss", rows[-max(window, 3):], raw=True))
+        if rising and loss_trend is not None and loss_trend["t"] < -t_min:
+            add(Event("eval_divergence", step, f"training loss falls ({loss_trend['slope']:.3g}/step) while evaluation loss rose from its best {best:.4g} to {eval_losses[-1]:.4g}: the model overfits.",
+                      {"eval_loss_best": best, "eval_loss_last": eval_losses[-1], "evaluations": len(eval_losses), **_trend_evidence("loss", loss_trend)},
+                      "stop at the best evaluation (load_best_model_at_end=True with matching eval_strategy/save_strategy), lower num_train_epochs or learning_rate, or add data.",
+                      CODES["eval_divergence"]))
+    epoch, dataset_rows = _value(now, "epoch"), _num(context.get("train_rows"))
+    if epoch is not None and dataset_rows is not None and epoch >= th["data_repeated_epochs"] and dataset_rows < th["data_repeated_rows"]:
+        add(Event("data_repeated", step, f"the {int(dataset_rows)}-row dataset has been repeated {epoch:.1f} times: the model may memorize it.",
+                  {"epoch": _round(epoch), "train_rows": int(dataset_rows)},
+                  "add data or lower num_train_epochs / max_steps; watch eval_loss with an eval_dataset and eval_strategy='steps'.", CODES["data_repeated"]))
     return events
 
 
+def check_metrics(step: int, metrics: dict, grad_norm_history=(), kl_history=(), *, signals=None, thresholds=None) -> list[Event]:
+    """Return the events that ``metrics`` (one logging step) triggers; pure, for reuse and tests.
+
+    The single-step form of :func:`check_history` (no trends): the history is the given
+    grad_norm and KL values. ``signals`` defaults to TRL's online-RL metric names (the
+    behaviour of posttrain 1.1); pass a method's ``MethodSpec.signals`` otherwise.
+    """
+    signals = _LEGACY_SIGNALS if signals is None else signals
+    kl_name = signals.get("kl", "kl")
+    past = [{"step": step - 1, "grad_norm": g} for g in grad_norm_history] + [{"step": step - 1, kl_name: k} for k in kl_history]
+    return check_history(past + [{"step": step, **metrics}], signals=signals, thresholds=thresholds, window=10**9)
+
+
+def _is_eval_row(metrics: dict) -> bool:
+    return "loss" not in metrics and any(k.startswith("eval_") for k in metrics)
+
+
 class Diagnostics:
-    """The built-in diagnostics plugin: checks each logging step's metrics and reports events.
+    """The built-in diagnostics plugin: checks the logged history at each logging step and reports events.
 
     Args:
         output_dir: Where ``diagnostics.jsonl`` is written (main process only).
-        is_main_process: Only the main process prints and writes.
-        repeat_every: Print an already-reported code again at most every N logging steps.
+        is_main_process: Only the main process prints, writes and logs to trackers.
+        repeat_every: Print an already-reported code again at most every N logging steps (and
+            measure memory every N logging steps).
         stream: Where events are printed (default stderr).
+        signals: The method's ``{role: metric_name}`` (``MethodSpec.signals``).
+        window: Logged steps a trend check looks back over (``diagnostics_window``).
+        thresholds: Overrides of :data:`DEFAULT_THRESHOLDS` (``diagnostics_thresholds``).
     """
 
-    def __init__(self, output_dir: str, *, is_main_process: bool = True, repeat_every: int = 50, stream=None) -> None:
+    def __init__(self, output_dir: str, *, is_main_process: bool = True, repeat_every: int = 50, stream=None, signals=None, window: int = 20,
+                 thresholds=None) -> None:
         self.output_dir = output_dir
         self.is_main_process = is_main_process
         self.repeat_every = repeat_every
         self.stream = stream
+        self.signals = dict(signals or {})
+        self.window = window
+        self.thresholds = dict(thresholds or {})
+        #: run facts the loop fills in at the start of training (batch sizes, dataset rows, ...)
+        self.context: dict = {}
+        #: ``tracker_log(values, step)`` while the run's trackers are started (set by the loop), else None
+        self.tracker_log = None
         self.events: list[Event] = []
-        self._grad_norms: deque = deque(maxlen=20)
-        self._kls: deque = deque(maxlen=20)
+        self._rows: deque = deque(maxlen=max(4 * window, 100))
+        self._eval_rows: list = []
+        self._first_entropy = None
         self._last_printed: dict[str, int] = {}
         self._calls = 0
 
     @hookimpl
     def on_log(self, step, metrics):
-        """Check the logged metrics, then record and report the events they trigger."""
-        if "loss" not in metrics:  # evaluation logs are not training signals
+        """Check the logged history, then record and report the events the latest row triggers."""
+        if _is_eval_row(metrics):
+            self._eval_rows.append({"step": step, **metrics})
+            if not self._rows:
+                return
+            events = [e for e in self._check(step) if e.code in _EVAL_CODES]
+        elif "loss" in metrics:
+            self._calls += 1
+            self._rows.append({"step": step, **metrics})
+            entropy_name = self.signals.get("entropy")
+            if self._first_entropy is None and entropy_name and _num(metrics.get(entropy_name)) is not None:
+                self._first_entropy = float(metrics[entropy_name])
+            measure = self._calls == 1 or self._calls % self.repeat_every == 0
+            events = self._check(step, memory=measure_memory() if measure else None)
+        else:
             return
-        self._calls += 1
-        events = check_metrics(step, metrics, tuple(self._grad_norms), tuple(self._kls))
-        grad_norm, kl = _value(metrics, "grad_norm"), _value(metrics, "kl")
-        if grad_norm is not None and math.isfinite(grad_norm):
-            self._grad_norms.append(grad_norm)
-        if kl is not None and math.isfinite(kl):
-            self._kls.append(kl)
         for event in events:
-            self.events.append(event)
-            if not self.is_main_process:
-                continue
-            with open(os.path.join(self.output_dir, "diagnostics.jsonl"), "a") as fh:
-                fh.write(event.to_json() + "\n")
-            last = self._last_printed.get(event.code)
-            if last is None or self._calls - last >= self.repeat_every:
-                self._last_printed[event.code] = self._calls
-                print(f"[posttrain diagnostic] step {step} {event.code}: {event.message} Try: {event.action}", file=self.stream or sys.stderr)
+            self._report(event)
+
+    def _check(self, step, memory=None) -> list[Event]:
+        return check_history(self._rows, self._eval_rows, signals=self.signals, thresholds=self.thresholds, window=self.window,
+                             context=self.context, memory=memory, first_entropy=self._first_entropy)
+
+    def _report(self, event: Event) -> None:
+        self.events.append(event)
+        if not self.is_main_process:
+            return
+        with open(os.path.join(self.output_dir, "diagnostics.jsonl"), "a") as fh:
+            fh.write(event.to_json() + "\n")
+        if self.tracker_log is not None:
+            level = {"info": 1.0, "warning": 2.0, "error": 3.0}.get(event.severity, 2.0)
+            self.tracker_log({f"diagnostics/{event.code}": level, f"diagnostics/{event.code}/message": f"{event.message} Try: {event.action}"}, event.step)
+        last = self._last_printed.get(event.code)
+        if last is None or self._calls - last >= self.repeat_every:
+            self._last_printed[event.code] = self._calls
+            print(f"[posttrain diagnostic] step {event.step} {event.severity} {event.code}: {event.message} Try: {event.action}", file=self.stream or sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------- offline
+def _read_jsonl(path: str) -> list[dict]:
+    rows = []
+    if os.path.isfile(path):
+        with open(path) as fh:
+            for line in fh:
+                line = line.strip()
+                if line:
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError:  # a line being written by a running run
+                        continue
+    return rows
+
+
+def _signals_of(manifest: dict) -> dict:
+    if isinstance(manifest.get("signals"), dict):
+        return manifest["signals"]
+    method = manifest.get("method")
+    if not method:
+        return {}
+    try:  # older manifests: ask the installed plugin's spec
+        from posttrain._registry import Registry
+
+        spec = Registry().get_info(method).spec
+        return dict(getattr(spec, "signals", {}) or {})
+    except Exception:
+        return {}
+
+
+def diagnose(output_dir: str) -> dict:
+    """Read a run's ``metrics.jsonl``, ``diagnostics.jsonl`` and ``run_manifest.json`` and return its verdict (JSON schema 1).
+
+    The trend checks are replayed over the logged rows (so a run logged before these checks
+    existed is judged too), merged with the events the run recorded (memory, ...). Returns a dict:
+    ``schema``, ``output_dir``, ``method``, ``verdict`` (one of :data:`VERDICTS`), ``reason``,
+    ``steps_logged``, ``last_step``, ``max_steps``, ``finished``, ``evidence`` (numbers), ``events``
+    (one entry per code: ``code``, ``severity``, ``count``, ``first_step``, ``last_step``,
+    ``message``, ``evidence``, ``action``) and ``actions`` (the top three, most severe first).
+
+    Raises:
+        FileNotFoundError: ``output_dir`` has no ``metrics.jsonl``.
+    """
+    metrics_path = os.path.join(output_dir, "metrics.jsonl")
+    if not os.path.isfile(metrics_path):
+        raise FileNotFoundError(f"{output_dir!r} has no metrics.jsonl: give the output_dir of a posttrain run (one that logged at least one step).")
+    manifest = {}
+    manifest_path = os.path.join(output_dir, "run_manifest.json")
+    if os.path.isfile(manifest_path):
+        with open(manifest_path) as fh:
+            manifest = json.load(fh)
+    config = manifest.get("config") or {}
+    signals = _signals_of(manifest)
+    window = int(config.get("diagnostics_window") or 20)
+    thresholds = {**DEFAULT_THRESHOLDS, **(config.get("diagnostics_thresholds") or {})}
+    context = {"per_device_train_batch_size": config.get("per_device_train_batch_size"),
+               "gradient_accumulation_steps": config.get("gradient_accumulation_steps"), "train_rows": manifest.get("train_rows")}
+
+    rows = _read_jsonl(metrics_path)
+    train_rows, eval_rows, events = [], [], []
+    first_entropy = None
+    entropy_name = signals.get("entropy")
+    for row in rows:
+        if _is_eval_row(row):
+            eval_rows.append(row)
+            if train_rows:
+                events += [e for e in check_history(train_rows, eval_rows, signals=signals, thresholds=thresholds, window=window, context=context,
+                                                    first_entropy=first_entropy) if e.code in _EVAL_CODES]
+        elif "loss" in row:
+            train_rows.append(row)
+            if first_entropy is None and entropy_name and _num(row.get(entropy_name)) is not None:
+                first_entropy = float(row[entropy_name])
+            events += check_history(train_rows[-4 * window:], eval_rows, signals=signals, thresholds=thresholds, window=window, context=context,
+                                    first_entropy=first_entropy)
+    replayed = {e.code for e in events}
+    for recorded in _read_jsonl(os.path.join(output_dir, "diagnostics.jsonl")):
+        code = recorded.get("code")
+        if code and code not in replayed:  # only what replay cannot recompute (memory, third-party checks)
+            events.append(Event(code, int(recorded.get("step", 0)), recorded.get("message", ""), recorded.get("evidence") or {},
+                                recorded.get("action", ""), recorded.get("severity", CODES.get(code, "warning"))))
+
+    last_step = int(train_rows[-1]["step"]) if train_rows else 0
+    max_steps = manifest.get("max_steps")
+    recent_from = int(train_rows[-window]["step"]) if len(train_rows) >= window else (int(train_rows[0]["step"]) if train_rows else 0)
+    by_code: dict[str, dict] = {}
+    for e in events:
+        entry = by_code.setdefault(e.code, {"code": e.code, "severity": e.severity, "count": 0, "first_step": e.step})
+        entry.update(count=entry["count"] + 1, last_step=e.step, message=e.message, evidence=e.evidence, action=e.action,
+                     severity=e.severity if entry["severity"] != "error" else "error")  # the latest occurrence's, errors stay
+    active = {c for c, entry in by_code.items() if entry["last_step"] >= recent_from and entry["severity"] != "info"}
+
+    evidence = {"train_rows_logged": len(train_rows), "eval_rows_logged": len(eval_rows), "window": window}
+    objective_name, sign = None, 1.0
+    for role in ("reward", "preference_accuracy", "preference_margin", "token_accuracy"):
+        if signals.get(role) and _finite(r.get(signals[role]) for r in train_rows):
+            objective_name = signals[role]
+            break
+    if objective_name is None:
+        objective_name, sign = "loss", -1.0
+    values = _finite(r.get(objective_name) for r in train_rows)
+    whole = trend(values)
+    recent = trend(values[-window:])
+    for label, tr in (("run", whole), ("recent", recent)):
+        if tr is not None:
+            evidence.update({f"{objective_name}_{label}_{k}": _round(tr[k], 4) for k in ("first", "last", "slope", "noise", "t")})
+    t_min = thresholds["trend_t"]
+
+    def rising(tr):
+        return tr is not None and sign * tr["t"] > t_min
+
+    def falling(tr):
+        return tr is not None and sign * tr["t"] < -t_min
+
+    losses = _finite(r.get("loss") for r in train_rows)
+    loss_trend = trend(losses)
+    head, tail = max(1, len(losses) // 5), max(1, len(losses) // 2)  # the first fifth against the second half
+    loss_start = sum(losses[:head]) / head if losses else 0.0
+    loss_end = sum(losses[-tail:]) / tail if losses else 0.0
+    evidence.update({"loss_first_mean": _round(loss_start), "loss_last_mean": _round(loss_end)})
+    if "non_finite_loss" in by_code:
+        verdict, reason = "diverged", "the loss or gradient norm became non-finite"
+    elif len(train_rows) < min(window, 5):
+        verdict, reason = "too short to tell", f"only {len(train_rows)} logged training steps (need {min(window, 5)})"
+    elif not signals.get("reward") and loss_trend is not None and loss_start > 1e-3 and loss_end > 1.5 * loss_start:
+        # (online RL losses carry the KL penalty and may rise in a healthy run: only offline losses count here)
+        verdict, reason = "diverged", f"the training loss rose from {loss_start:.4g} (first {head} logged steps) to {loss_end:.4g} (last {tail})"
+    elif active & {"entropy_collapse", "reward_std_collapse"} or (objective_name != "loss" and falling(recent)):
+        codes = sorted(active & {"entropy_collapse", "reward_std_collapse"})
+        verdict, reason = "collapsing", (", ".join(codes) if codes else f"{objective_name} is falling") + " in the last window"
+    elif active & {"reward_hacking", "preference_saturation", "eval_divergence"}:
+        verdict, reason = "over-optimizing", ", ".join(sorted(active & {"reward_hacking", "preference_saturation", "eval_divergence"}))
+    elif active & {"length_drift", "kl_blowup"}:
+        verdict, reason = "drifting", ", ".join(sorted(active & {"length_drift", "kl_blowup"}))
+    elif "reward_plateau" in active or (recent is not None and not rising(recent) and not rising(whole)):
+        verdict, reason = "plateaued", f"{objective_name} has not improved over the last {min(window, len(values))} logged steps"
+    elif rising(whole) or rising(recent):
+        verdict, reason = "improving", f"{objective_name} improves (t={sign * (recent or whole)['t']:.2f} over the last window)"
+    else:
+        verdict, reason = "plateaued", f"no significant trend in {objective_name}"
+
+    order = {"error": 0, "warning": 1, "info": 2}
+    entries = sorted(by_code.values(), key=lambda e: (order.get(e["severity"], 1), -e["last_step"]))
+    actions = []
+    for entry in entries:
+        if entry["action"] and entry["action"] not in actions:
+            actions.append(f"{entry['code']}: {entry['action']}")
+    return {
+        "schema": SCHEMA_VERSION,
+        "output_dir": os.path.abspath(output_dir),
+        "method": manifest.get("method"),
+        "verdict": verdict,
+        "reason": reason,
+        "steps_logged": len(train_rows),
+        "last_step": last_step,
+        "max_steps": max_steps,
+        "finished": bool(max_steps) and last_step >= int(max_steps),
+        "objective": objective_name,
+        "evidence": evidence,
+        "events": entries,
+        "actions": actions[:3],
+    }
+
+
+def format_report(report: dict) -> str:
+    """Render a :func:`diagnose` result for people."""
+    state = "finished" if report["finished"] else f"step {report['last_step']}" + (f" of {report['max_steps']}" if report["max_steps"] else "")
+    lines = [f"{report['output_dir']} ({report['method'] or 'unknown method'}, {state}, {report['steps_logged']} logged steps)",
+             f"verdict: {report['verdict'].upper()} - {report['reason']}", "evidence:"]
+    lines += [f"  {k} = {v}" for k, v in report["evidence"].items()]
+    if report["events"]:
+        lines.append("diagnostics:")
+        for e in report["events"]:
+            steps = f"step {e['first_step']}" + (f"-{e['last_step']}" if e["last_step"] != e["first_step"] else "")
+            lines.append(f"  [{e['severity']}] {e['code']} x{e['count']} ({steps}): {e['message']}")
+    if report["actions"]:
+        lines.append("top actions:")
+        lines += [f"  {i}. {a}" for i, a in enumerate(report["actions"], 1)]
+    return "\n".join(lines)

@@ -12,6 +12,8 @@ SPEC = MethodSpec(
     config="posttrain_example_method.config:TokenDropoutSFTConfig",
     data_format="text",
     tiny_run={},  # a few steps on a tiny model (the conformance suite)
+    # The diagnostics read metrics by role (posttrain.SignalRole): declare which of yours mean what.
+    signals={"token_accuracy": "token_accuracy"},
     papers=("Bowman et al. 2016, Generating Sentences from a Continuous Space (word dropout), arXiv:1511.06349",),
     presets={
         "word_dropout": Preset(

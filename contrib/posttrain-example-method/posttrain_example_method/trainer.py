@@ -88,5 +88,7 @@ class TokenDropoutSFTTrainer(TrainerSurface):
         labels = batch["labels"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)  # (B, T-1)
         nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
         dropped = ((batch["input_ids"] != batch["labels"]) & (batch["attention_mask"] == 1)).float().mean()
-        return nll / num_items_in_batch, {"token_dropout_rate": dropped.detach()}
+        targets = labels != -100  # (B, T-1)
+        accuracy = ((logits[:, :-1].argmax(-1) == labels) & targets).sum() / targets.sum().clamp(min=1)  # the spec's token_accuracy signal
+        return nll / num_items_in_batch, {"token_dropout_rate": dropped.detach(), "token_accuracy": accuracy.detach().float()}
 

@@ -25,7 +25,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-__all__ = ["make_tiny_datasets"]
+__all__ = ["make_tiny_datasets", "warning_events"]
 
 
 def make_tiny_datasets(n: int = 16, seed: int = 0) -> dict:
@@ -136,3 +136,16 @@ def clean_gate(monkeypatch):
     _reset_default_registry()
     yield
     _reset_default_registry()
+
+
+def warning_events(output_dir: str) -> list[dict]:
+    """The warning- and error-level events a run wrote to ``output_dir/diagnostics.jsonl`` (for no-false-alarm asserts)."""
+    import json
+    import os
+
+    path = os.path.join(output_dir, "diagnostics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as fh:
+        events = [json.loads(line) for line in fh if line.strip()]
+    return [e for e in events if e.get("severity", "warning") in ("warning", "error")]

@@ -12,6 +12,7 @@ SPEC = MethodSpec(
     config="posttrain_dpo.config:DPOConfig",
     data_format="preference",
     tiny_run={"max_length": 32},  # a few steps on a tiny model (the conformance suite)
+    signals={"preference_margin": "rewards/margins", "preference_accuracy": "rewards/accuracies"},  # roles the diagnostics read
     papers=(
         "Block and Zhang 2025, EMA Without the Lag: Bias-Corrected Iterate Averaging Schemes (BEMA), arXiv:2508.00180",
         "Rafailov et al. 2023, Direct Preference Optimization: Your Language Model is Secretly a Reward Model, arXiv:2305.18290",

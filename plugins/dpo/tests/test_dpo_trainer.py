@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dpo_helpers import make_ours, read_metrics
+from posttrain.testing import warning_events
 
 METRICS = {"rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies", "logps/chosen", "logps/rejected", "logits/chosen", "logits/rejected"}
 
@@ -161,3 +162,4 @@ def test_learning_raises_held_out_preference_accuracy_and_margin(tiny_tokenizer,
     assert after["eval_rewards/accuracies"] >= before["eval_rewards/accuracies"] + 0.5
     assert after["eval_rewards/margins"] > before["eval_rewards/margins"] + 0.2
     assert after["eval_loss"] < before["eval_loss"] - 0.02
+    assert warning_events(trainer.args.output_dir) == []  # a healthy run raises no false alarm

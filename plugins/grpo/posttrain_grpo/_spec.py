@@ -12,6 +12,16 @@ SPEC = MethodSpec(
     config="posttrain_grpo.config:GRPOConfig",
     data_format="prompt_only",
     tiny_run={"reward_funcs": ["posttrain.testing.rewards:digit_fraction_reward"], "num_generations": 2, "max_completion_length": 8},  # a few steps on a tiny model (the conformance suite)
+    signals={  # what the diagnostics may read (posttrain.SignalRole -> this method's metric name)
+        "reward": "reward",
+        "group_reward_zero_std": "frac_reward_zero_std",
+        "kl": "kl",
+        "entropy": "entropy",
+        "clip_fraction": "clip_ratio/region_mean",
+        "completion_length": "completions/mean_length",
+        "truncation": "completions/clipped_ratio",
+        "generation_time_fraction": "prepare_step_fraction",  # logged by the loop: prepare_step generates
+    },
     papers=(
         "Shao et al. 2024, DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models, arXiv:2402.03300",
         "DeepSeek-AI 2025, DeepSeek-R1: Incentivizing Reasoning Capability in LLMs via Reinforcement Learning, arXiv:2501.12948",

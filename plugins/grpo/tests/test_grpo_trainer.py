@@ -13,6 +13,7 @@ from posttrain import ConfigError
 from posttrain.rewards import RewardFunctionError
 from posttrain_grpo.config import GRPOConfig
 from posttrain_grpo.trainer import GRPOTrainer
+from posttrain.testing import warning_events
 
 
 def _config(tmp_path, **overrides) -> GRPOConfig:
@@ -65,6 +66,7 @@ def test_reward_rises_on_a_verifiable_task(tiny_tokenizer, tmp_path):
     before, after = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"GRPO learning: mean reward first 5 steps {before:.3f} -> last 5 steps {after:.3f}")
     assert after > before + 0.15
+    assert warning_events(args.output_dir) == []  # a healthy run raises no false alarm
 
 
 @pytest.mark.parametrize("loss_type", ["dapo", "dr_grpo", "bnpo", "grpo", "cispo", "luspo"])

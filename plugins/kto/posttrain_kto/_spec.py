@@ -12,6 +12,7 @@ SPEC = MethodSpec(
     config="posttrain_kto.config:KTOConfig",
     data_format="unpaired_preference",
     tiny_run={"max_length": 32},  # a few steps on a tiny model (the conformance suite)
+    signals={"preference_margin": "rewards/margins", "kl": "kl"},  # roles the diagnostics read (kl: the batch KL reference point)
     papers=(
         "Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization, arXiv:2402.01306",
         "D'Oosterlinck et al. 2024, Anchored Preference Optimization and Contrastive Revisions, arXiv:2408.06266",

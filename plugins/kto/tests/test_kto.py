@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from posttrain import ConfigError
+from posttrain.testing import warning_events
 
 CONFIG = dict(report_to="none", disable_tqdm=True, logging_steps=1, save_strategy="no")
 
@@ -252,6 +253,7 @@ def test_learns_to_reward_desirable_completions_on_held_out_prompts(tmp_path, po
     )
     assert after["eval_rewards/margins"] > before["eval_rewards/margins"] + 0.05  # reward units: beta * log-ratio
     assert acc_after >= 0.9 and after["eval_loss"] < before["eval_loss"] - 0.005
+    assert warning_events(trainer.args.output_dir) == []  # a healthy run raises no false alarm
 
 
 # ---------------------------------------------------------------------------- validation errors

@@ -12,6 +12,7 @@ SPEC = MethodSpec(
     config="posttrain_reward.config:RewardConfig",
     data_format="preference",
     tiny_run={"max_length": 32},  # a few steps on a tiny model (the conformance suite)
+    signals={"preference_margin": "margin", "preference_accuracy": "accuracy"},  # roles the diagnostics read
     papers=(
         "Ouyang et al. 2022, Training language models to follow instructions with human feedback (InstructGPT), arXiv:2203.02155",
         "Touvron et al. 2023, Llama 2: Open Foundation and Fine-Tuned Chat Models, arXiv:2307.09288",

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from posttrain import ConfigError
+from posttrain.testing import warning_events
 
 CONFIG = dict(report_to="none", disable_tqdm=True, logging_steps=1, save_strategy="no")
 
@@ -170,6 +171,7 @@ def test_learns_to_prefer_the_marker_word_on_held_out_pairs(tmp_path, reward_mod
     print(f"held-out accuracy {before['eval_accuracy']:.3f} -> {after['eval_accuracy']:.3f}; margin {before['eval_margin']:.3f} -> {after['eval_margin']:.3f}")
     assert after["eval_accuracy"] > 0.9 and after["eval_accuracy"] > before["eval_accuracy"] + 0.2
     assert after["eval_margin"] > before["eval_margin"] + 1.0
+    assert warning_events(trainer.args.output_dir) == []  # a healthy run raises no false alarm
 
 
 def test_saved_model_scores_text_with_plain_transformers(tmp_path, reward_model, tiny_tokenizer, tiny_datasets):

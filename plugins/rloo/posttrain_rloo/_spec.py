@@ -12,6 +12,16 @@ SPEC = MethodSpec(
     config="posttrain_rloo.config:RLOOConfig",
     data_format="prompt_only",
     tiny_run={"reward_funcs": ["posttrain.testing.rewards:digit_fraction_reward"], "num_generations": 2, "max_completion_length": 8},  # a few steps on a tiny model (the conformance suite)
+    signals={  # what the diagnostics may read (posttrain.SignalRole -> this method's metric name)
+        "reward": "reward",
+        "group_reward_zero_std": "frac_reward_zero_std",
+        "kl": "kl",
+        "entropy": "entropy",
+        "clip_fraction": "clip_ratio/region_mean",
+        "completion_length": "completions/mean_length",
+        "truncation": "completions/clipped_ratio",
+        "generation_time_fraction": "prepare_step_fraction",  # logged by the loop: prepare_step generates
+    },
     papers=(
         "Ahmadian et al. 2024, Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs, arXiv:2402.14740",
         "Kool et al. 2019, Buy 4 REINFORCE Samples, Get a Baseline for Free!, ICLR 2019 workshop",

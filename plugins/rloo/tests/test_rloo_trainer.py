@@ -13,6 +13,7 @@ from posttrain import ConfigError
 from posttrain.rewards import RewardFunctionError
 from posttrain_rloo.config import RLOOConfig
 from posttrain_rloo.trainer import RLOOTrainer
+from posttrain.testing import warning_events
 
 
 def _config(tmp_path, **overrides) -> RLOOConfig:
@@ -64,6 +65,7 @@ def test_reward_rises_on_a_verifiable_task(tiny_tokenizer, tmp_path):
     rewards = [m["reward"] for m in _metrics(args.output_dir)]
     before, after = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     print(f"RLOO learning: mean reward first 5 steps {before:.3f} -> last 5 steps {after:.3f}")
+    assert warning_events(args.output_dir) == []  # a healthy run raises no false alarm
     assert after > before + 0.15
 
 

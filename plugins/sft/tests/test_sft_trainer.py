@@ -13,6 +13,7 @@ from datasets import Dataset
 
 from posttrain_sft import SFTTrainer
 from posttrain_sft.trainer import pack_bfd
+from posttrain.testing import warning_events
 
 
 def _uneven_texts(n: int = 8) -> Dataset:
@@ -169,6 +170,7 @@ def test_training_learns_arithmetic(tiny_tokenizer, make_config):
     after = trainer.train().metrics["eval_loss"]
     print(f"held-out completion loss: before {before:.3f}, after {after:.3f}")
     assert after < 0.7 * before
+    assert warning_events(args.output_dir) == []  # a healthy run raises no false alarm
 
 
 def test_example_config_runs_from_the_cli(tiny_model_dir, tmp_path):

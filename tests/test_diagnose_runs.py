@@ -1,0 +1,327 @@
+"""Diagnostics provoked in real tiny runs, and the verdict of `posttrain diagnose` on each kind of run.
+
+Every run below is a real trainer on a tiny model from posttrain.testing (a few steps, logging
+every step), with a crafted provocation; each test asserts which codes fire, with their evidence,
+and the verdict ``diagnose(output_dir)`` gives. The runs are built once per module (~25 s in all).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+
+from posttrain.diagnostics import CODES, check_history, diagnose
+
+pytestmark = pytest.mark.slow  # ~30 s of tiny real runs
+
+
+def _low_tokens(completion_ids, **kwargs):
+    """Exploitable verifiable reward: the fraction of completion tokens with a low id."""
+    return [sum(3 <= t < 67 for t in c) / max(1, len(c)) for c in completion_ids]
+
+
+def _constant(completion_ids, **kwargs):
+    return [1.0] * len(completion_ids)
+
+
+def _noise_reward(seed):
+    rng = random.Random(seed)
+
+    def noise(completion_ids, **kwargs):
+        """A reward with nothing to learn: uniform noise."""
+        return [rng.random() for _ in completion_ids]
+
+    return noise
+
+
+def _grpo(out, reward, **overrides):
+    from datasets import Dataset
+
+    from posttrain.methods.grpo import GRPOConfig, GRPOTrainer
+    from posttrain.testing.tiny_model import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    values = dict(output_dir=str(out), per_device_train_batch_size=16, num_generations=8, max_completion_length=8, max_steps=20, learning_rate=3e-2,
+                  logging_steps=1, save_strategy="no", disable_tqdm=True, report_to="none", diagnostics_window=10)
+    values.update(overrides)
+    prompts = Dataset.from_dict({"prompt": [f"what is {i} + {i}" for i in range(16)]})
+    GRPOTrainer(model=build_model(tok), reward_funcs=reward, args=GRPOConfig(**values), train_dataset=prompts, processing_class=tok).train()
+    return str(out)
+
+
+def _lengths(completion_ids, *, centered):
+    lengths = [float(len(c)) for c in completion_ids]
+    mean = sum(lengths) / len(lengths)
+    return [n - mean for n in lengths] if centered else lengths
+
+
+def _longer_is_better(completion_ids, **kwargs):
+    """Exploitable reward: longer completions score more."""
+    return _lengths(completion_ids, centered=False)
+
+
+def _longer_is_better_centered(completion_ids, **kwargs):
+    """Favors longer completions, but its batch mean is always 0: no reward gain to show for it."""
+    return _lengths(completion_ids, centered=True)
+
+
+def _grpo_after_sft(out, reward, **overrides):
+    """A tiny model first taught (SFT) to answer briefly and emit EOS, then GRPO with a length-biased reward."""
+    from datasets import Dataset
+
+    from posttrain.methods.sft import SFTConfig, SFTTrainer
+    from posttrain.testing.tiny_model import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    model = build_model(tok)
+    prompts = [f"what is {i} + {i}" for i in range(16)]
+    sft = SFTConfig(output_dir=str(out) + "_sft", max_steps=30, per_device_train_batch_size=16, learning_rate=3e-3, logging_steps=5, save_strategy="no",
+                    disable_tqdm=True, gradient_checkpointing=False, lr_scheduler_type="constant")
+    SFTTrainer(model=model, args=sft, train_dataset=Dataset.from_dict({"prompt": prompts, "completion": [f" {2 * i}" for i in range(16)]}), processing_class=tok).train()
+    from posttrain.methods.grpo import GRPOConfig, GRPOTrainer
+
+    values = dict(output_dir=str(out), per_device_train_batch_size=16, num_generations=8, max_completion_length=16, max_steps=20, learning_rate=1e-3,
+                  logging_steps=1, save_strategy="no", disable_tqdm=True, report_to="none", diagnostics_window=10)
+    values.update(overrides)
+    GRPOTrainer(model=model, reward_funcs=reward, args=GRPOConfig(**values), train_dataset=Dataset.from_dict({"prompt": prompts}), processing_class=tok).train()
+    return str(out)
+
+
+def _sums(pairs):
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": [f"what is {a} + {b} =" for a, b in pairs], "completion": [f" {a + b}" for a, b in pairs]})
+
+
+def _sft(out, train, eval_dataset=None, **overrides):
+    from posttrain.methods.sft import SFTConfig, SFTTrainer
+    from posttrain.testing.tiny_model import build_model, build_tokenizer
+
+    tok = build_tokenizer()
+    values = dict(output_dir=str(out), per_device_train_batch_size=4, logging_steps=1, save_strategy="no", disable_tqdm=True, diagnostics_window=6,
+                  lr_scheduler_type="constant", gradient_checkpointing=False)
+    values.update(overrides)
+    SFTTrainer(model=build_model(tok), args=SFTConfig(**values), train_dataset=train, eval_dataset=eval_dataset, processing_class=tok).train()
+    return str(out)
+
+
+RUNS = {
+    # a verifiable reward the tiny model can learn: the reward rises (the GRPO learning test's setup)
+    "improving": lambda out: _grpo(out, _low_tokens, max_steps=30, diagnostics_thresholds={"throughput_bound": 0.3}),
+    # a noise reward: nothing to learn, the reward stays flat; truncation is then a warning
+    "plateaued": lambda out: _grpo(out, _noise_reward(0), learning_rate=1e-3, max_steps=15),
+    # a constant reward: every group has zero std
+    "collapsing": lambda out: _grpo(out, _constant, max_steps=8),
+    # a reward that favors longer completions but never rises: the length drifts
+    "length_drift": lambda out: _grpo_after_sft(out, _longer_is_better_centered),
+    # "longer = more reward": the reward rises only because completions grow
+    "length_hacking": lambda out: _grpo_after_sft(out, _longer_is_better),
+    # a huge learning rate on the exploitable reward: entropy collapses to ~0
+    "entropy": lambda out: _grpo(out, _low_tokens, learning_rate=2e-1),
+    # the exploitable reward with a KL penalty and a high learning rate: reward up, KL runs away
+    "over-optimizing": lambda out: _grpo(out, _low_tokens, beta=0.04, learning_rate=1e-1),
+    # a noise reward with a KL penalty and a high learning rate: the policy drifts off the reference without gain
+    "drifting": lambda out: _grpo(out, _noise_reward(0), beta=0.04, learning_rate=1e-1),
+    # learning_rate=1.0 with two updates per generation: clipped ratios, KL jump, then NaN
+    "diverged": lambda out: _grpo(out, _low_tokens, learning_rate=1.0, num_iterations=2, beta=0.04, max_steps=8),
+    # SFT with learning_rate=1.0 and no clipping: the loss rises; a memory_pressure threshold below the measured use
+    "diverged_sft": lambda out: _sft(out, _sums([(a, b) for a in range(6) for b in range(6)][:32]), max_steps=12, learning_rate=1.0, max_grad_norm=0.0,
+                                     diagnostics_thresholds={"memory_pressure": 0.001}),
+    # 4 training rows for 40 epochs, evaluated on other sums: train loss down, eval loss up
+    "overfit_sft": lambda out: _sft(out, _sums([(0, 0), (0, 1), (0, 2), (0, 3)]), _sums([(a, b) for a in range(5, 9) for b in range(5, 9)]), max_steps=40,
+                                    learning_rate=1e-2, logging_steps=2, eval_strategy="steps", eval_steps=4, diagnostics_thresholds={"grad_norm_spike": 5.0}),
+    # two steps
+    "too short": lambda out: _grpo(out, _low_tokens, max_steps=2),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Each provoked run, built on first use: name -> output_dir."""
+    built = {}
+
+    def get(name):
+        if name not in built:
+            built[name] = RUNS[name](tmp_path_factory.mktemp(name.replace(" ", "_").replace("-", "_")))
+        return built[name]
+
+    return get
+
+
+def _recorded(output_dir):
+    with open(os.path.join(output_dir, "diagnostics.jsonl")) as fh:
+        events = [json.loads(line) for line in fh if line.strip()]
+    by_code = {}
+    for e in events:
+        by_code.setdefault(e["code"], []).append(e)
+    return by_code
+
+
+@pytest.mark.parametrize(
+    "run, verdict",
+    [("improving", "improving"), ("plateaued", "plateaued"), ("collapsing", "collapsing"), ("entropy", "collapsing"),
+     ("over-optimizing", "over-optimizing"), ("drifting", "drifting"), ("length_drift", "drifting"), ("length_hacking", "over-optimizing"), ("diverged", "diverged"), ("diverged_sft", "diverged"),
+     ("overfit_sft", "over-optimizing"), ("too short", "too short to tell")],
+)
+def test_diagnose_gives_the_verdict_of_each_recorded_run(runs, run, verdict):
+    report = diagnose(runs(run))
+    assert report["schema"] == 1 and report["verdict"] == verdict, (report["verdict"], report["reason"])
+    assert report["finished"] and report["steps_logged"] >= 2 and report["reason"]
+    if verdict not in ("improving", "too short to tell"):
+        assert report["actions"], report
+
+
+def test_improving_run_has_only_info_events_and_a_significant_reward_trend(runs):
+    out = runs("improving")
+    by_code = _recorded(out)
+    assert {e["severity"] for events in by_code.values() for e in events} == {"info"}
+    (throughput,) = by_code["throughput_bound"][-1:]
+    assert throughput["evidence"]["prepare_step_fraction"] >= 0.3 and "use_vllm=True" in throughput["action"]
+    assert diagnose(out)["evidence"]["reward_run_t"] > 2
+
+
+def test_plateaued_run_reports_the_slope_and_its_noise_and_truncation(runs):
+    by_code = _recorded(runs("plateaued"))
+    plateau = by_code["reward_plateau"][-1]
+    assert abs(plateau["evidence"]["reward_t"]) < 2 and plateau["evidence"]["reward_noise"] > 0 and plateau["evidence"]["reward_window_steps"] == 10
+    assert by_code["completions_truncated"][-1]["severity"] == "warning" and "max_completion_length" in by_code["completions_truncated"][-1]["action"]
+
+
+def test_constant_reward_fires_reward_std_collapse(runs):
+    event = _recorded(runs("collapsing"))["reward_std_collapse"][-1]
+    assert event["evidence"]["frac_reward_zero_std"] == 1.0 and event["evidence"]["recent_mean"] == 1.0 and "num_generations" in event["action"]
+
+
+def test_huge_learning_rate_fires_entropy_collapse(runs):
+    event = _recorded(runs("entropy"))["entropy_collapse"][-1]
+    assert event["evidence"]["ratio"] < 0.1 and event["evidence"]["first"] > 6 and "temperature" in event["action"]
+
+
+def test_exploitable_reward_with_kl_fires_reward_hacking_and_kl_blowup(runs):
+    by_code = _recorded(runs("over-optimizing"))
+    hacking = by_code["reward_hacking"][-1]
+    assert hacking["evidence"]["reward_t"] > 2 and hacking["evidence"]["kl_t"] > 2 and "beta" in hacking["action"]
+    assert "kl_blowup" in by_code
+
+
+def test_noise_reward_with_kl_drifts(runs):
+    by_code = _recorded(runs("drifting"))
+    assert by_code["kl_blowup"][-1]["evidence"]["kl"] > 2 * by_code["kl_blowup"][-1]["evidence"]["recent_max"]
+    assert "reward_hacking" not in by_code and "reward_plateau" in by_code
+
+
+def test_learning_rate_one_fires_clip_kl_and_non_finite(runs):
+    by_code = _recorded(runs("diverged"))
+    assert {"high_clip_ratio", "kl_blowup", "non_finite_loss"} <= set(by_code)
+    clip = by_code["high_clip_ratio"][-1]["evidence"]
+    assert clip["clip_ratio/region_mean"] >= 0.3 and 0 < clip["share_of_recent_updates"] <= 1
+    assert by_code["non_finite_loss"][-1]["severity"] == "error"
+
+
+def test_memory_pressure_suggests_half_the_micro_batch_from_measured_memory(runs):
+    event = _recorded(runs("diverged_sft"))["memory_pressure"][0]
+    ev = event["evidence"]
+    assert ev["device"] == "cpu" and 0 < ev["peak_gb"] < ev["limit_gb"] and 0 < ev["fraction_used"] < 1
+    assert (ev["suggested_per_device_train_batch_size"], ev["suggested_gradient_accumulation_steps"]) == (2, 2)
+    assert "per_device_train_batch_size=2 and gradient_accumulation_steps=2" in event["action"]
+
+
+def test_memory_headroom_suggests_a_larger_micro_batch_with_less_accumulation(tmp_path):
+    out = _sft(tmp_path, _sums([(a, b) for a in range(4) for b in range(4)]), max_steps=2, learning_rate=1e-3, per_device_train_batch_size=2,
+               gradient_accumulation_steps=4)
+    event = _recorded(out)["memory_headroom"][0]
+    ev = event["evidence"]
+    assert ev["fraction_used"] < 0.5 and event["severity"] == "info"
+    k = ev["suggested_per_device_train_batch_size"] // 2
+    assert k in (2, 4) and ev["suggested_gradient_accumulation_steps"] * k == 4  # the effective batch (8) is kept
+
+
+def test_tiny_dataset_fires_eval_divergence_data_repeated_and_a_grad_norm_spike(runs):
+    by_code = _recorded(runs("overfit_sft"))
+    divergence = by_code["eval_divergence"][-1]["evidence"]
+    assert divergence["eval_loss_last"] > divergence["eval_loss_best"] and divergence["loss_t"] < -2
+    assert by_code["data_repeated"][-1]["evidence"]["train_rows"] == 4 and by_code["data_repeated"][-1]["evidence"]["epoch"] >= 4
+    spike = by_code["grad_norm_spike"][-1]["evidence"]
+    assert spike["grad_norm"] > 5 * spike["recent_median"]
+
+
+def test_dpo_on_four_pairs_fires_preference_saturation_and_logs_events_to_tensorboard(tmp_path):
+    from datasets import Dataset
+
+    from posttrain.methods.dpo import DPOConfig, DPOTrainer
+    from posttrain.testing.tiny_model import build_model, build_tokenizer
+
+    def pairs(sums, offsets):
+        return Dataset.from_list([{"prompt": f"what is {a} + {b} =", "chosen": f" {a + b}", "rejected": f" {a + b + o}"} for a, b in sums for o in offsets])
+
+    tok = build_tokenizer()
+    args = DPOConfig(output_dir=str(tmp_path / "dpo"), max_steps=16, per_device_train_batch_size=4, learning_rate=1e-2, logging_steps=1, eval_strategy="steps",
+                     eval_steps=4, save_strategy="no", disable_tqdm=True, diagnostics_window=6, lr_scheduler_type="constant", gradient_checkpointing=False,
+                     report_to="tensorboard")
+    held_out = pairs([(a, b) for a in range(5, 9) for b in range(5, 9)], [-1, 3])
+    DPOTrainer(model=build_model(tok), args=args, train_dataset=pairs([(1, 2), (3, 4)], [1, 2]), eval_dataset=held_out, processing_class=tok).train()
+    event = _recorded(args.output_dir)["preference_saturation"][-1]["evidence"]
+    assert event["train_accuracy"] == 1.0 and event["eval_accuracy"] <= 0.85 and event["margin_t"] > 2
+    assert diagnose(args.output_dir)["verdict"] == "over-optimizing"
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = [os.path.join(root, f) for root, _, names in os.walk(tmp_path) for f in names if f.startswith("events.out")]
+    assert files, "no tensorboard event file"
+    tags = set()
+    for f in files:
+        acc = EventAccumulator(f)
+        acc.Reload()
+        tags |= set(acc.Tags().get("scalars", [])) | set(acc.Tags().get("tensors", []))
+    assert "diagnostics/preference_saturation" in tags, sorted(tags)  # the scalar (severity level)
+    assert any(t.startswith("diagnostics/preference_saturation/message") for t in tags), sorted(tags)  # the text
+
+
+def test_zero_learning_rate_in_a_real_run(tmp_path):
+    out = _sft(tmp_path, _sums([(0, 1), (1, 2), (2, 3), (3, 4)]), max_steps=3, learning_rate=0.0)
+    assert "zero_learning_rate" in _recorded(out)
+
+
+def test_length_biased_reward_without_gain_fires_length_drift(runs):
+    event = _recorded(runs("length_drift"))["length_drift"][-1]["evidence"]
+    assert event["relative_change"] > 0.3 and event["completion_length_t"] > 2 and abs(event["reward_t"]) < 2
+
+
+def test_longer_is_more_reward_fires_reward_hacking_on_length(runs):
+    by_code = _recorded(runs("length_hacking"))
+    hacking = by_code["reward_hacking"][-1]
+    assert hacking["evidence"]["reward_t"] > 2 and hacking["evidence"]["completion_length_t"] > 2 and "length" in hacking["message"]
+    assert "length_drift" not in by_code  # the length grows with the reward: hacking, not drift
+
+
+def test_length_drift_rule_needs_no_reward_gain():
+    rows = [{"step": i, "loss": 0.0, "reward": 0.5 + 0.01 * (-1) ** i, "completions/mean_length": 10 + 2 * i} for i in range(1, 11)]
+    signals = {"reward": "reward", "completion_length": "completions/mean_length"}
+    (event,) = [e for e in check_history(rows, signals=signals, window=10) if e.code == "length_drift"]
+    assert event.evidence["relative_change"] > 0.3 and "dr_grpo" in event.action
+    rows_with_gain = [dict(r, reward=0.1 * r["step"]) for r in rows]
+    codes = {e.code for e in check_history(rows_with_gain, signals=signals, window=10)}
+    assert "length_drift" not in codes and "reward_hacking" in codes
+
+
+def test_every_code_is_provoked_by_a_test_in_this_file():
+    text = open(__file__).read()
+    assert all(f'"{code}"' in text for code in CODES), [code for code in CODES if f'"{code}"' not in text]
+
+
+def test_cli_prints_the_verdict_as_text_and_json(runs):
+    out = runs("collapsing")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    text = subprocess.run([sys.executable, "-m", "posttrain", "diagnose", out], capture_output=True, text=True, env=env)
+    assert text.returncode == 0 and "verdict: COLLAPSING" in text.stdout and "reward_std_collapse" in text.stdout
+    js = subprocess.run([sys.executable, "-m", "posttrain", "diagnose", out, "--format", "json"], capture_output=True, text=True, env=env)
+    report = json.loads(js.stdout)
+    assert report["schema"] == 1 and report["verdict"] == "collapsing" and report["method"] == "grpo"
+    assert {"code", "severity", "count", "first_step", "last_step", "message", "evidence", "action"} <= set(report["events"][0])
+    missing = subprocess.run([sys.executable, "-m", "posttrain", "diagnose", os.path.dirname(out) + "/nothing"], capture_output=True, text=True, env=env)
+    assert missing.returncode == 2 and "no metrics.jsonl" in missing.stderr
