@@ -61,6 +61,7 @@ def write_plugin(name: str, *, family: str = "sft", directory: str = ".") -> str
         "data_format": FAMILIES[family][0],
         "family_line": FAMILIES[family][1],
         "requirement": f"posttrain>={major}.{minor},<{int(major) + 1}",
+        "signals": '{"preference_margin": "rewards/margins", "preference_accuracy": "rewards/accuracies"}' if family == "preference" else "{}",
     }
     files = {
         "pyproject.toml": _PYPROJECT,
@@ -218,6 +219,7 @@ SPEC = MethodSpec(
     config="{{package}}.config:{{Camel}}Config",
     data_format="{{data_format}}",
     tiny_run={"max_length": 64},  # config overrides for the conformance suite's few-step tiny run
+    signals={{signals}},  # posttrain.SignalRole -> your metric name: what the diagnostics may read
     papers=(),  # "Authors year, Title, arXiv:XXXX.XXXXX" (check the id)
     presets={},  # name -> posttrain.Preset(summary=..., overrides={...}, paper="arXiv:...")
 )

@@ -12,6 +12,7 @@ SPEC = MethodSpec(
     config="posttrain_orpo.config:ORPOConfig",
     data_format="preference",
     tiny_run={"max_length": 32, "learning_rate": 1e-3},  # a few steps on a tiny model (the conformance suite)
+    signals={"preference_margin": "rewards/margins", "preference_accuracy": "rewards/accuracies"},  # roles the diagnostics read
     papers=("Hong, Lee and Thorne 2024, ORPO: Monolithic Preference Optimization without Reference Model, arXiv:2403.07691",),
     presets={
         "orpo": Preset(

@@ -19,7 +19,6 @@ SPEC = MethodSpec(
     tiny_run={},  # a few steps on a tiny model (the conformance suite)
     papers=(_DFT, _PACKING, "Block and Zhang 2025, EMA Without the Lag: Bias-Corrected Iterate Averaging Schemes (BEMA), arXiv:2508.00180"),
     signals={"token_accuracy": "mean_token_accuracy"},  # roles the diagnostics read
-    papers=(_DFT, _PACKING),
     presets={
         "dft": Preset(
             summary="Dynamic Fine-Tuning: scale each token's NLL by its (detached) probability.",
