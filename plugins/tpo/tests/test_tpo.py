@@ -270,3 +270,13 @@ def test_nll_is_cross_entropy_on_gold_tokens_only(tiny_tokenizer, policy, tmp_pa
     trainer.args.tpo_alpha = 0.5
     half = trainer.compute_loss(trainer.model, batch, 8)[0]
     assert (with_nll - half).item() == pytest.approx(0.5 * nll.item(), rel=1e-5)
+
+
+def test_evaluate_reports_trl_metric_names(tiny_tokenizer, policy, tmp_path):
+    from posttrain_tpo import TPOConfig, TPOTrainer
+
+    args = TPOConfig(output_dir=str(tmp_path), report_to="none", disable_tqdm=True, gradient_checkpointing=False, save_strategy="no", per_device_eval_batch_size=4)
+    trainer = TPOTrainer(model=copy.deepcopy(policy), args=args, train_dataset=triples(4), eval_dataset={"a": triples(4, seed=2)}, processing_class=tiny_tokenizer)
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_a_loss"]) and "eval_a_rewards/margins" in metrics and "eval_a_entropy" in metrics, sorted(metrics)
+    assert trainer.evaluate(eval_dataset=triples(4, seed=3))["eval_loss"] > 0
