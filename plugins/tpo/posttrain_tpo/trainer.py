@@ -258,7 +258,9 @@ class TPOTrainer(TrainerSurface):
         if isinstance(dataset, dict):
             raise ConfigError(f"{name} is a dict of datasets {sorted(dataset)}: pass one dataset (e.g. dataset['train']); only eval_dataset may be a dict.")
         if isinstance(dataset, IterableDataset):
-            limit = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps if name == "train_dataset" and args.max_steps > 0 else None
+            limit = None
+            if name == "train_dataset" and args.max_steps > 0:  # no more rows than max_steps can consume
+                limit = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * self.loop.accelerator.num_processes
             rows = [dict(r) for r in itertools.islice(dataset, limit)]
         elif hasattr(dataset, "to_list"):
             rows = dataset.to_list()

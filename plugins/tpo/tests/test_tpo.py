@@ -280,3 +280,10 @@ def test_evaluate_reports_trl_metric_names(tiny_tokenizer, policy, tmp_path):
     metrics = trainer.evaluate()
     assert math.isfinite(metrics["eval_a_loss"]) and "eval_a_rewards/margins" in metrics and "eval_a_entropy" in metrics, sorted(metrics)
     assert trainer.evaluate(eval_dataset=triples(4, seed=3))["eval_loss"] > 0
+
+
+def test_iterable_and_list_inputs_give_the_same_rows(tiny_tokenizer, policy, tmp_path):
+    data = triples(4)
+    rows = _ours(tiny_tokenizer, policy, tmp_path, data).train_dataset
+    assert _ours(tiny_tokenizer, policy, tmp_path, data.to_iterable_dataset()).train_dataset == rows
+    assert _ours(tiny_tokenizer, policy, tmp_path, data.to_list()).train_dataset == rows
