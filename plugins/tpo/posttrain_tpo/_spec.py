@@ -1,0 +1,36 @@
+"""The TPO method spec and its paper presets (light: imports nothing but posttrain)."""
+
+from posttrain import API_VERSION, MethodSpec, Preset
+
+_PAPER = "arXiv:2405.16681"
+
+SPEC = MethodSpec(
+    name="tpo",
+    maturity="experimental",
+    plugin_api=API_VERSION,
+    summary="TPO / TPO-L: a reference-free chosen-vs-rejected preference loss plus the NLL of a gold 'reference' response, in one stage.",
+    family="preference",
+    trainer="posttrain_tpo.trainer:TPOTrainer",
+    config="posttrain_tpo.config:TPOConfig",
+    # The shared tiny datasets have no 'reference' column, so the conformance run trains the
+    # preference term alone (tpo_alpha=0: the gold response is not needed); the plugin's own
+    # tests cover the NLL term on triples.
+    data_format="preference",
+    tiny_run={"max_length": 32, "learning_rate": 1e-3, "beta": 0.1, "tpo_alpha": 0.0},
+    papers=(
+        "Saeidi, Verma, RRV, Rasul and Baral 2024 (rev. 2025), Triple Preference Optimization: Achieving Better Alignment "
+        "using a Single Step Optimization, arXiv:2405.16681",
+    ),
+    presets={
+        "tpo": Preset(
+            summary="TPO as TRL 1.16 ships it: sigmoid loss, beta 0.01, NLL weight tpo_alpha 1.0 on the gold response, learning rate 5e-7.",
+            overrides={"loss_type": "sigmoid", "beta": 0.01, "tpo_alpha": 1.0, "learning_rate": 5e-7, "max_length": 1024},
+            paper=_PAPER,
+        ),
+        "tpo_l": Preset(
+            summary="TPO-L (length-normalized, target margin): loss_type 'tpo-l', beta 0.01, gamma 0.5, tpo_alpha 1.0, learning rate 5e-7.",
+            overrides={"loss_type": "tpo-l", "beta": 0.01, "tpo_l_gamma": 0.5, "tpo_alpha": 1.0, "learning_rate": 5e-7, "max_length": 1024},
+            paper=_PAPER,
+        ),
+    },
+)

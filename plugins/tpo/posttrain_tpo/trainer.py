@@ -1,0 +1,380 @@
+"""TPO and TPO-L: Triple Preference Optimization (Saeidi et al., arXiv:2405.16681), on the core loop.
+
+Each row holds a prompt x, a chosen response y_w, a rejected response y_l and a gold response y_ref.
+With ``s(y) = sum_t log pi(y_t | x, y_<t)`` over the response's tokens (``loss_type`` 'sigmoid'/'hinge')
+or ``s(y) = (1/|y|) sum_t ...`` (the length-normalized mean, 'ipo'/'tpo-l') and ``d = s(y_w) - s(y_l)``:
+
+    sigmoid: -(1 - eps) log sigmoid(beta d) - eps log sigmoid(-beta d)
+    hinge:   relu(1 - beta d)
+    ipo:     (d - 1 / (2 beta))^2
+    tpo-l:   the sigmoid loss with d replaced by d - gamma / beta
+    L = mean over pairs + tpo_alpha * NLL(y_ref)
+
+``NLL(y_ref)`` is the mean next-token NLL over the gold responses' tokens of the micro-batch, as TRL
+1.16's ``trl.experimental.tpo``. There is no reference *model*: "reference" is the gold response.
+One forward pass scores chosen, rejected and gold (batch 3B; 2B with ``tpo_alpha=0``, which skips the
+gold rows as TRL). Heavy module: imports torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from datasets import IterableDataset
+
+from posttrain import (
+    ConfigError,
+    TrainerSurface,
+    TrainingLoop,
+    as_config,
+    disable_dropout,
+    entropy_from_logits,
+    pad,
+    prompt_completion_boundary,
+    selective_log_softmax,
+)
+
+from posttrain_tpo.config import TPOConfig
+
+__all__ = ["TPOTrainer", "tpo_losses", "tokenize_triple", "concatenated_logps"]
+
+_FORMATS = (
+    "TPO takes rows {'prompt', 'chosen', 'rejected', 'reference'} as strings or as {'role', 'content'} message lists "
+    "(the 'reference' is the gold response), or {'chosen', 'rejected', 'reference'} full texts/conversations (the prefix "
+    "shared by chosen and rejected becomes the prompt), or pre-tokenized {'prompt_ids', 'chosen_ids', 'rejected_ids', 'reference_ids'}"
+)
+_TOKEN_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "reference_ids")
+
+
+def tpo_losses(args: TPOConfig, chosen: torch.Tensor, rejected: torch.Tensor) -> torch.Tensor:
+    """Return the per-pair preference losses (B,) of ``args.loss_type`` from the scores ``s(y_w)``, ``s(y_l)`` (B,)."""
+    delta = chosen - rejected
+    beta, eps = args.beta, args.label_smoothing
+    if args.loss_type == "sigmoid":
+        return -F.logsigmoid(beta * delta) * (1 - eps) - F.logsigmoid(-beta * delta) * eps
+    if args.loss_type == "hinge":
+        return torch.relu(1 - beta * delta)
+    if args.loss_type == "ipo":  # IPO's Eq. 17, beta being its tau
+        return (delta - 1 / (2 * beta)) ** 2
+    if args.loss_type == "tpo-l":  # the target margin gamma, in log-prob units gamma / beta
+        shifted = delta - args.tpo_l_gamma / beta
+        return -F.logsigmoid(beta * shifted) * (1 - eps) - F.logsigmoid(-beta * shifted) * eps
+    raise ConfigError(f"loss_type={args.loss_type!r} is invalid: use 'sigmoid', 'hinge', 'ipo' or 'tpo-l'.")
+
+
+def concatenated_logps(model, batch: dict) -> dict[str, torch.Tensor]:
+    """One forward over the batch's rows; return per-token log-probs of the response tokens and their statistics.
+
+    Returns ``per_token`` (N, T-1, zero off the responses), ``mask`` (N, T-1, the response tokens),
+    and, detached, ``mean_logits`` (N, T-1: each position's mean logit), ``entropy`` (N, T-1) and
+    ``is_top1`` (N, T-1: the argmax is the next token). N is 3B (chosen, rejected, gold) or 2B.
+    """
+    input_ids = batch["input_ids"]
+    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]  # (N, T-1, V)
+    labels = input_ids[:, 1:]  # (N, T-1)
+    mask = batch["completion_mask"][:, 1:].to(logits.dtype)  # (N, T-1)
+    per_token = selective_log_softmax(logits, labels) * mask  # (N, T-1)
+    with torch.no_grad():
+        detached = logits.detach()
+        stats = {"mean_logits": detached.mean(-1), "entropy": entropy_from_logits(detached), "is_top1": detached.argmax(-1) == labels}
+    return {"per_token": per_token, "mask": mask, **stats}
+
+
+# ---------------------------------------------------------------------------------------------- data
+# Copied from posttrain_dpo.trainer._is_messages
+def _is_messages(value: Any) -> bool:
+    """A non-empty list of message dicts (tool-call turns may have no 'content')."""
+    return isinstance(value, list) and len(value) > 0 and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+# Copied from posttrain_dpo.trainer.extract_prompt
+def extract_prompt(chosen, rejected) -> tuple[Any, Any, Any]:
+    """Return ``(prompt, chosen, rejected)``: the longest shared prefix (messages or characters) becomes the prompt.
+
+    For text, a space just before the split point stays with the completions (as in TRL).
+    """
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    if isinstance(chosen, str) and n > 0 and chosen[n - 1] == " ":
+        n -= 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+# Copied from posttrain_dpo.trainer._chat_kwargs
+def _chat_kwargs(row: dict, default_tools: list | None) -> dict:
+    """Keyword arguments of ``apply_chat_template`` for one row: its ``tools`` (else the config's) and ``chat_template_kwargs``."""
+    tools = row.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    return {"tools": tools if tools is not None else default_tools, **(row.get("chat_template_kwargs") or {})}
+
+
+# Copied from posttrain_dpo.trainer._render
+def _render(tokenizer, messages: list, kwargs: dict, add_generation_prompt: bool = False) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _check_row(row: dict, index: int, name: str, keys: tuple[str, ...]) -> bool:
+    """Raise naming the row and column when a value is not text/messages; return whether the row is conversational."""
+    conversational = _is_messages(row["chosen"])
+    for key in (k for k in keys if row.get(k) is not None):
+        value = row[key]
+        ok = _is_messages(value) or (key == "prompt" and value == []) if conversational else isinstance(value, str)
+        if not ok:
+            kind = "a list of {'role', 'content'} messages" if conversational else "a string"
+            raise ConfigError(
+                f"{name} row {index}, column {key!r}: expected {kind} (like the row's 'chosen'), got {type(value).__name__} "
+                f"{str(value)[:80]!r}. Fix or drop this row; {_FORMATS}."
+            )
+    return conversational
+
+
+def tokenize_triple(row: dict, tokenizer, conversational: bool, responses: tuple[str, ...]) -> tuple[dict, bool]:
+    """Return ``({"prompt_ids", "<response>_ids"...}, clean)`` for one validated row with an explicit prompt.
+
+    As TRL 1.16's TPO: the prompt (with the generation prompt, for conversations) and each
+    ``prompt + response`` are tokenized separately (an EOS appended to text responses), and the
+    responses start where the prompt's tokens and all full sequences stop agreeing. ``clean`` is False
+    when that boundary cut the tokenized prompt short (the caller warns once).
+    """
+    full = {}
+    if conversational:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ConfigError("the dataset is conversational but the tokenizer has no chat template: set tokenizer.chat_template, or give the rows as strings.")
+        kwargs = _chat_kwargs(row, None)
+        prompt_ids = _render(tokenizer, row["prompt"], kwargs, add_generation_prompt=True)
+        for key in responses:
+            full[key] = _render(tokenizer, row["prompt"] + row[key], kwargs)
+    else:
+        eos = tokenizer.eos_token or ""
+        prompt_ids = list(tokenizer(row["prompt"])["input_ids"])
+        for key in responses:
+            text = row[key] if row[key].endswith(eos) else row[key] + eos
+            full[key] = list(tokenizer(row["prompt"] + text)["input_ids"])
+    n = min(prompt_completion_boundary(prompt_ids, ids) for ids in full.values())
+    item = {"prompt_ids": prompt_ids[:n], **{f"{key}_ids": ids[n:] for key, ids in full.items()}}
+    return item, n == len(prompt_ids)
+
+
+# ------------------------------------------------------------------------------------------- trainer
+class TPOTrainer(TrainerSurface):
+    """Train a causal LM with TPO / TPO-L on (prompt, chosen, rejected, gold reference) rows; TRL 1.16's ``TPOTrainer`` signature.
+
+    Metrics (TRL's names, means over the micro-batch): ``rewards/chosen``, ``rewards/rejected`` (beta
+    times the scores), ``rewards/accuracies``, ``rewards/margins``, ``logps/chosen``, ``logps/rejected``,
+    ``logits/chosen``, ``logits/rejected``, ``entropy`` (over every response token, gold included),
+    ``mean_token_accuracy`` (chosen tokens); the loop adds ``num_tokens``.
+
+    Args:
+        model: A causal LM, a ``PeftModel``, or a Hub id / local directory.
+        args: A :class:`TPOConfig` (or a dict / TRL ``TPOConfig``).
+        data_collator: Optional collator of processed rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``,
+            ``reference_ids``) into ``input_ids``/``attention_mask``/``completion_mask`` laid out chosen,
+            rejected, gold (TRL's ``DataCollatorForTriplePreference`` works); it must truncate itself.
+        train_dataset: Rows (see the module docstring); a ``datasets.Dataset``, an ``IterableDataset`` or a list of dicts.
+        eval_dataset: Rows of the same shape, or a dict of them (metrics ``eval_<name>_...``).
+        processing_class: The tokenizer (loaded with the model when omitted).
+        compute_metrics: Not supported (the loop reports the loss and TPO's metrics on eval sets).
+        callbacks: ``transformers.TrainerCallback`` objects.
+        optimizers: Must be ``(None, None)``: set ``optim``/``lr_scheduler_type`` in the config.
+        peft_config: Optional PEFT config (the adapter is trained).
+        allow_experimental: Python opt-in for this experimental method.
+
+    Raises:
+        posttrain.ConfigError: invalid data (row and column named), no row left after truncation, or an
+            argument that cannot be honoured (named, with the alternative).
+    """
+
+    def __init__(
+        self,
+        model=None,
+        args: TPOConfig | None = None,
+        data_collator=None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        compute_metrics=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+        *,
+        allow_experimental: bool = False,
+    ) -> None:
+        name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
+        self.args = args = as_config(args, TPOConfig, default_output_dir=f"{str(name).rstrip('/').split('/')[-1]}-TPO" if name else None)
+        # The maturity gate runs first: TrainingLoop refuses an experimental method without an opt-in.
+        self.loop = TrainingLoop(args, method="tpo", allow_experimental=allow_experimental, callbacks=callbacks)
+        if compute_metrics is not None:
+            raise ConfigError("compute_metrics= is not supported by posttrain's TPO: read the logged eval metrics (eval_rewards/..., eval_loss).")
+        if optimizers is not None and any(part is not None for part in optimizers):
+            raise ConfigError("optimizers=(optimizer, scheduler) cannot be honoured: set optim, learning_rate, weight_decay and lr_scheduler_type in the config.")
+        if train_dataset is None:
+            raise ConfigError("`train_dataset` is required: pass train_dataset=... (a datasets.Dataset, an IterableDataset or a list of dicts).")
+        self.model, self.processing_class = self.loop.load_model(model, processing_class=processing_class, peft_config=peft_config)
+        if args.disable_dropout:
+            disable_dropout(self.model)
+        self.tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
+        if self.tokenizer.pad_token is None:  # as TRL: EOS pads, and the model's configs agree
+            if self.tokenizer.eos_token is None:
+                raise ConfigError("the tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token to one of its tokens.")
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.pad_token_id = self.tokenizer.pad_token_id
+        config = getattr(self.model, "config", None)
+        if config is not None:
+            (config.get_text_config() if hasattr(config, "get_text_config") else config).pad_token_id = self.pad_token_id
+        self.responses = ("chosen", "rejected", "reference") if args.tpo_alpha != 0.0 else ("chosen", "rejected")
+        self.data_collator = data_collator
+        self._warned = set()
+        self.train_dataset = self.process_dataset(train_dataset, "train_dataset")
+        if isinstance(eval_dataset, dict):
+            self.eval_dataset = {key: self.process_dataset(part, f"eval_dataset[{key!r}]") for key, part in eval_dataset.items()}
+        else:
+            self.eval_dataset = self.process_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+        self.loop.setup(self.model, method=self)  # checks this object against posttrain.MethodProtocol
+
+    # train(), evaluate(), save_model(), state, callbacks: posttrain.TrainerSurface, delegated to self.loop.
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message + " Shown once; it likely applies to other rows too.", stacklevel=4)
+
+    # ------------------------------------------------------------------ data
+    def process_dataset(self, dataset, name: str) -> list[dict]:
+        """Validate and tokenize rows into ``prompt_ids``/``chosen_ids``/``rejected_ids`` (+ ``reference_ids``); also used by ``evaluate(eval_dataset=...)``.
+
+        Raises:
+            ConfigError: an empty dataset, missing columns, an invalid row (named by index), or no row left.
+        """
+        args = self.args
+        if isinstance(dataset, dict):
+            raise ConfigError(f"{name} is a dict of datasets {sorted(dataset)}: pass one dataset (e.g. dataset['train']); only eval_dataset may be a dict.")
+        if isinstance(dataset, IterableDataset):
+            limit = None
+            if name == "train_dataset" and args.max_steps > 0:  # no more rows than max_steps can consume
+                limit = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps * self.loop.accelerator.num_processes
+            rows = [dict(r) for r in itertools.islice(dataset, limit)]
+        elif hasattr(dataset, "to_list"):
+            rows = dataset.to_list()
+        else:
+            rows = [dict(r) if isinstance(r, dict) else r for r in dataset]
+        if not rows:
+            raise ConfigError(f"{name} is empty: give the trainer at least one (prompt, chosen, rejected, reference) row.")
+        keys = self.responses
+        out = []
+        for index, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise ConfigError(f"{name} row {index} is a {type(row).__name__}, not a dict of columns; {_FORMATS}.")
+            token_keys = ("prompt_ids",) + tuple(f"{k}_ids" for k in keys)
+            if all(row.get(k) is not None for k in token_keys):  # already tokenized
+                item = {k: list(row[k]) for k in token_keys}
+            else:
+                missing = [k for k in keys if row.get(k) is None]
+                if missing:
+                    hint = " Unpaired prompt/completion/label rows belong to the 'kto' method." if "label" in row else ""
+                    if missing == ["reference"]:
+                        hint += " Without gold responses, set tpo_alpha=0.0 (no NLL term) or use the 'cpo'/'dpo' methods."
+                    raise ConfigError(f"{name} row {index}: column {missing[0]!r} is missing (columns: {sorted(row)}); {_FORMATS}.{hint}")
+                conversational = _check_row(row, index, name, ("prompt",) + keys)
+                if row.get("prompt") is None:
+                    prompt, row["chosen"], row["rejected"] = extract_prompt(row["chosen"], row["rejected"])
+                    if "reference" in keys:
+                        if row["reference"][: len(prompt)] != prompt:
+                            raise ConfigError(
+                                f"{name} row {index}, column 'reference': it does not start with the prompt shared by 'chosen' and "
+                                f"'rejected' ({str(prompt)[:60]!r}); give an explicit 'prompt' column, or start the reference with that prompt."
+                            )
+                        row["reference"] = row["reference"][len(prompt):]
+                    row["prompt"] = prompt
+                    if conversational and (not row["chosen"] or not row["rejected"]):
+                        raise ConfigError(f"{name} row {index}: 'chosen' and 'rejected' are identical conversations or one contains the other; there is nothing to prefer.")
+                item, clean = tokenize_triple(row, self.tokenizer, conversational, keys)
+                if not clean:
+                    self._warn_once(
+                        "boundary",
+                        f"{name} row {index}: the tokenized prompt is not a prefix of the tokenized prompt + response (the chat template "
+                        "renders the prompt alone differently, or tokens merge across the boundary); the responses start where they "
+                        "diverge (as in TRL).",
+                    )
+            if args.max_length is not None and args.truncation_mode == "keep_start" and len(item["prompt_ids"]) >= args.max_length:
+                self._warn_once(
+                    "empty",
+                    f"{name} row {index}: the prompt alone fills max_length={args.max_length}, so no response token is left; such rows are "
+                    "dropped (TRL keeps them: they add a constant to the loss, and the NLL is NaN when a whole batch is such rows). Raise max_length.",
+                )
+                continue
+            out.append(item)
+        if not out:
+            raise ConfigError(f"every prompt of {name} has >= max_length={args.max_length} tokens, so no row is left: raise max_length or use truncation_mode='keep_end'.")
+        return out
+
+    def collate(self, rows: list[dict]) -> dict:
+        """Return ``input_ids``/``attention_mask``/``completion_mask`` (3B or 2B, T): chosen rows, rejected rows, then gold rows."""
+        if self.data_collator is not None:
+            batch = dict(self.data_collator(rows))
+            batch.setdefault("num_tokens", int(batch["attention_mask"].sum()))
+            return batch
+        seqs, masks = [], []
+        for key in self.responses:
+            for r in rows:
+                seqs.append(list(r["prompt_ids"]) + list(r[f"{key}_ids"]))
+                masks.append([0] * len(r["prompt_ids"]) + [1] * len(r[f"{key}_ids"]))
+        if self.args.max_length is not None:
+            cut = slice(None, self.args.max_length) if self.args.truncation_mode == "keep_start" else slice(-self.args.max_length, None)
+            seqs, masks = [s[cut] for s in seqs], [m[cut] for m in masks]
+        input_ids = pad([torch.tensor(s, dtype=torch.long) for s in seqs], padding_value=self.pad_token_id)  # (3B, T)
+        attention_mask = pad([torch.ones(len(s), dtype=torch.long) for s in seqs], padding_value=0)  # (3B, T)
+        completion_mask = pad([torch.tensor(m, dtype=torch.long) for m in masks], padding_value=0)  # (3B, T)
+        multiple = self.args.pad_to_multiple_of
+        if multiple and input_ids.shape[1] % multiple:
+            extra = multiple - input_ids.shape[1] % multiple
+            input_ids = F.pad(input_ids, (0, extra), value=self.pad_token_id)
+            attention_mask, completion_mask = F.pad(attention_mask, (0, extra)), F.pad(completion_mask, (0, extra))
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask, "num_tokens": int(attention_mask.sum())}
+
+    def count_items(self, batch: dict) -> int:
+        return batch["input_ids"].shape[0] // len(self.responses)  # rows (pairs)
+
+    # ------------------------------------------------------------------ the loss
+    def compute_loss(self, model, batch: dict, num_items_in_batch):
+        args = self.args
+        out = concatenated_logps(model, batch)
+        per_token, mask = out["per_token"], out["mask"]  # (N, T-1)
+        n_branches = len(self.responses)
+        logps = per_token.sum(1)  # (N,)
+        if args.loss_type in ("ipo", "tpo-l"):  # length-normalized scores (TPO-L's, and TRL's IPO)
+            logps = logps / mask.sum(1).clamp(min=1)
+        chosen, rejected = logps.chunk(n_branches)[:2]  # (B,), (B,)
+        losses = tpo_losses(args, chosen, rejected)  # (B,)
+        loss = losses.sum() / num_items_in_batch
+        if n_branches == 3:
+            # The gold NLL is a token mean over the micro-batch (as TRL); weighting it by the micro-batch's share
+            # of the step's rows makes the step's loss TRL's mean of micro-batch losses when micro-batches are equal.
+            gold_per_token, gold_mask = per_token.chunk(3)[2], mask.chunk(3)[2]
+            nll = -gold_per_token.sum() / gold_mask.sum()
+            loss = loss + args.tpo_alpha * nll * (self.count_items(batch) / num_items_in_batch)
+        with torch.no_grad():
+            chosen_mask, rejected_mask = mask.chunk(n_branches)[:2]
+            chosen_logits, rejected_logits = out["mean_logits"].chunk(n_branches)[:2]
+            chosen_rewards, rejected_rewards = args.beta * chosen.detach(), args.beta * rejected.detach()
+            metrics = {
+                "entropy": (out["entropy"] * mask).sum() / mask.sum().clamp(min=1),
+                "logits/chosen": (chosen_logits * chosen_mask).sum() / chosen_mask.sum().clamp(min=1),
+                "logits/rejected": (rejected_logits * rejected_mask).sum() / rejected_mask.sum().clamp(min=1),
+                "mean_token_accuracy": (out["is_top1"].chunk(n_branches)[0] * chosen_mask).sum() / chosen_mask.sum().clamp(min=1),
+                "rewards/chosen": chosen_rewards.mean(),
+                "rewards/rejected": rejected_rewards.mean(),
+                "rewards/accuracies": (chosen_rewards > rejected_rewards).float().mean(),
+                "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+                "logps/chosen": chosen.detach().mean(),
+                "logps/rejected": rejected.detach().mean(),
+            }
+        return loss, metrics
