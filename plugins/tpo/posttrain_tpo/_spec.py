@@ -17,6 +17,7 @@ SPEC = MethodSpec(
     # tests cover the NLL term on triples.
     data_format="preference",
     tiny_run={"max_length": 32, "learning_rate": 1e-3, "beta": 0.1, "tpo_alpha": 0.0},
+    signals={"preference_margin": "rewards/margins", "preference_accuracy": "rewards/accuracies", "token_accuracy": "mean_token_accuracy"},  # roles the diagnostics read
     papers=(
         "Saeidi, Verma, RRV, Rasul and Baral 2024 (rev. 2025), Triple Preference Optimization: Achieving Better Alignment "
         "using a Single Step Optimization, arXiv:2405.16681",

@@ -32,11 +32,10 @@ from posttrain import (
     TrainerSurface,
     TrainingLoop,
     as_config,
+    causal_lm_states,
     disable_dropout,
-    entropy_from_logits,
     pad,
     prompt_completion_boundary,
-    selective_log_softmax,
 )
 
 from posttrain_tpo.config import TPOConfig
@@ -67,7 +66,7 @@ def tpo_losses(args: TPOConfig, chosen: torch.Tensor, rejected: torch.Tensor) ->
     raise ConfigError(f"loss_type={args.loss_type!r} is invalid: use 'sigmoid', 'hinge', 'ipo' or 'tpo-l'.")
 
 
-def concatenated_logps(model, batch: dict) -> dict[str, torch.Tensor]:
+def concatenated_logps(model, batch: dict, chunk_size: int | None = 256) -> dict[str, torch.Tensor]:
     """One forward over the batch's rows; return per-token log-probs of the response tokens and their statistics.
 
     Returns ``per_token`` (N, T-1, zero off the responses), ``mask`` (N, T-1, the response tokens),
@@ -75,13 +74,13 @@ def concatenated_logps(model, batch: dict) -> dict[str, torch.Tensor]:
     ``is_top1`` (N, T-1: the argmax is the next token). N is 3B (chosen, rejected, gold) or 2B.
     """
     input_ids = batch["input_ids"]
-    logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]  # (N, T-1, V)
+    # hidden states and the LM head, chunk_size tokens at a time (posttrain.causal_lm_states): no (N, T-1, V) logits
+    _, states = causal_lm_states(model, chunk_size=chunk_size, input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False)
     labels = input_ids[:, 1:]  # (N, T-1)
-    mask = batch["completion_mask"][:, 1:].to(logits.dtype)  # (N, T-1)
-    per_token = selective_log_softmax(logits, labels) * mask  # (N, T-1)
-    with torch.no_grad():
-        detached = logits.detach()
-        stats = {"mean_logits": detached.mean(-1), "entropy": entropy_from_logits(detached), "is_top1": detached.argmax(-1) == labels}
+    scores = states[:, :-1].score(labels, return_entropy=True, entropy_grad=False, stats=("mean_logit", "argmax"))  # (N, T-1) each
+    mask = batch["completion_mask"][:, 1:].to(scores.logps.dtype)  # (N, T-1)
+    per_token = scores.logps * mask  # (N, T-1)
+    stats = {"mean_logits": scores.stats["mean_logit"], "entropy": scores.entropy.detach(), "is_top1": scores.stats["argmax"] == labels}
     return {"per_token": per_token, "mask": mask, **stats}
 
 
@@ -346,7 +345,7 @@ class TPOTrainer(TrainerSurface):
     # ------------------------------------------------------------------ the loss
     def compute_loss(self, model, batch: dict, num_items_in_batch):
         args = self.args
-        out = concatenated_logps(model, batch)
+        out = concatenated_logps(model, batch, chunk_size=self.args.logprob_chunk_size)
         per_token, mask = out["per_token"], out["mask"]  # (N, T-1)
         n_branches = len(self.responses)
         logps = per_token.sum(1)  # (N,)
