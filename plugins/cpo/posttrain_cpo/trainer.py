@@ -255,10 +255,11 @@ class CPOTrainer(TrainerSurface):
     ) -> None:
         name = model if isinstance(model, str) else getattr(getattr(model, "config", None), "_name_or_path", None)
         self.args = args = as_config(args, CPOConfig, default_output_dir=f"{str(name).rstrip('/').split('/')[-1]}-CPO" if name else None)
+        # The maturity gate first: an experimental method without the opt-in is refused before anything else.
+        self.loop = TrainingLoop(args, method="cpo", allow_experimental=allow_experimental, callbacks=callbacks)
         if train_dataset is None:
             raise ConfigError("`train_dataset` is required: pass train_dataset=... (a datasets.Dataset, an IterableDataset or a list of dicts).")
         self._refuse_unsupported(data_collator, model_init, optimizers, preprocess_logits_for_metrics, compute_metrics)
-        self.loop = TrainingLoop(args, method="cpo", allow_experimental=allow_experimental, callbacks=callbacks)
         self.model, self.processing_class = self.loop.load_model(model, processing_class=processing_class, peft_config=peft_config)
         if args.disable_dropout:
             disable_dropout(self.model)

@@ -87,8 +87,8 @@ def test_bad_rows_are_named_with_the_fix(rows, message, tiny_model_dir, tmp_path
 
 def test_prompts_longer_than_max_length_drop_pairs_or_fail(tiny_model_dir, tmp_path):
     long = {**GOOD, "prompt": "please think step by step what is the sum " * 4}
-    with pytest.warns(UserWarning, match="1 of 2 pairs dropped: their prompt alone fills max_length=8"):
-        trainer = _trainer(tiny_model_dir, tmp_path, [GOOD, long], max_length=8)
+    with pytest.warns(UserWarning, match="1 of 2 pairs dropped: their prompt alone fills max_length=12"):
+        trainer = _trainer(tiny_model_dir, tmp_path, [GOOD, long], max_length=12)
     assert len(trainer.train_dataset) == 1
-    with pytest.raises(ConfigError, match="every prompt of train_dataset has >= max_length=8 tokens"):
-        _trainer(tiny_model_dir, tmp_path, [long], max_length=8)
+    with pytest.raises(ConfigError, match="every prompt of train_dataset has >= max_length=12 tokens"):
+        _trainer(tiny_model_dir, tmp_path, [long], max_length=12)
