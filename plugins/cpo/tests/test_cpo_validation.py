@@ -92,3 +92,29 @@ def test_prompts_longer_than_max_length_drop_pairs_or_fail(tiny_model_dir, tmp_p
     assert len(trainer.train_dataset) == 1
     with pytest.raises(ConfigError, match="every prompt of train_dataset has >= max_length=12 tokens"):
         _trainer(tiny_model_dir, tmp_path, [long], max_length=12)
+
+
+def test_every_trl_cpo_config_field_exists_with_trls_default(tmp_path):
+    """Users swap imports: each field TRL 1.16's CPOConfig adds to TrainingArguments is ours too, with the same default."""
+    import dataclasses
+    import warnings
+
+    from transformers import TrainingArguments
+
+    from posttrain_cpo.config import CPOConfig
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from trl.experimental.cpo import CPOConfig as TRLCPOConfig
+    base = {f.name for f in dataclasses.fields(TrainingArguments)}
+    ours = {f.name: f for f in dataclasses.fields(CPOConfig)}
+    checked = []
+    for f in dataclasses.fields(TRLCPOConfig):
+        if f.name in base and f.name not in ("learning_rate", "gradient_checkpointing", "logging_steps"):
+            continue  # plain TrainingArguments fields: posttrain.TrainingConfig's business
+        assert f.name in ours, f"TRL's CPOConfig.{f.name} is missing"
+        trl_default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        our_default = ours[f.name].default_factory() if ours[f.name].default_factory is not dataclasses.MISSING else ours[f.name].default
+        assert our_default == trl_default, f"{f.name}: ours {our_default!r} != TRL {trl_default!r}"
+        checked.append(f.name)
+    assert {"beta", "loss_type", "cpo_alpha", "simpo_gamma", "alpha", "label_smoothing", "max_length"} <= set(checked)
