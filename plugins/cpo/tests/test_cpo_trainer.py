@@ -101,3 +101,21 @@ def test_unsupported_trl_arguments_are_refused_with_the_alternative(kwargs, mess
     with pytest.raises(ConfigError) as info:
         CPOTrainer(model=tiny_model_dir, args=CPOConfig(output_dir=str(tmp_path)), train_dataset=pref_data["preference"], **kwargs)
     assert message in str(info.value)
+
+
+def test_cli_trains_with_the_allow_experimental_flag(tiny_model_dir, tmp_path):
+    import json
+    import pathlib
+
+    from posttrain import Registry
+    from posttrain.cli import main
+
+    data = pathlib.Path(__file__).resolve().parents[3] / "examples" / "data" / "dpo_arithmetic.jsonl"
+    out = tmp_path / "out"
+    code = main(["train", "cpo", "--allow-experimental", "cpo", "--preset", "simpo", "--model_name_or_path", tiny_model_dir,
+                 "--dataset_name", str(data), "--output_dir", str(out), "--max_steps", "2", "--learning_rate", "1e-3",
+                 "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true", "--gradient_checkpointing", "false"], registry=Registry())
+    assert code == 0
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "loss" in r][:2] == [1, 2] and "rewards/margins" in rows[0]
+    assert json.load(open(out / "run_manifest.json"))["method"] == "cpo"
