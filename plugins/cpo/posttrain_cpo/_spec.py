@@ -12,6 +12,7 @@ SPEC = MethodSpec(
     config="posttrain_cpo.config:CPOConfig",
     data_format="preference",
     tiny_run={"max_length": 32},  # config overrides for the conformance suite's few-step tiny run
+    signals={"preference_margin": "rewards/margins", "preference_accuracy": "rewards/accuracies"},  # roles the diagnostics read
     papers=(
         "Xu et al. 2024, Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in Machine Translation (CPO), arXiv:2401.08417",
         "Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward, arXiv:2405.14734",

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from posttrain import ConfigError, TrainerSurface, TrainingLoop, as_config, disable_dropout, pad, selective_log_softmax
+from posttrain import ConfigError, TrainerSurface, TrainingLoop, as_config, causal_lm_states, disable_dropout, pad
 from posttrain_cpo.config import CPOConfig
 
 __all__ = ["CPOTrainer", "cpo_pair_losses", "extract_prompt", "tokenize_row"]
@@ -393,11 +393,13 @@ class CPOTrainer(TrainerSurface):
             and vocabulary (no gradient).
         """
         input_ids = batch["input_ids"]
-        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False).logits[:, :-1]  # (2B, T-1, V)
-        mask = batch["completion_mask"][:, 1:].to(logits.dtype)  # (2B, T-1)
-        per_token = selective_log_softmax(logits, input_ids[:, 1:]) * mask  # (2B, T-1)
-        with torch.no_grad():
-            mean_logits = (logits.detach().mean(-1) * mask).sum(1) / mask.sum(1).clamp(min=1)  # (2B,)
+        # hidden states and the LM head, logprob_chunk_size tokens at a time (posttrain.causal_lm_states): no (2B, T-1, V) logits
+        _, states = causal_lm_states(model, chunk_size=self.args.logprob_chunk_size, input_ids=input_ids,
+                                     attention_mask=batch["attention_mask"], use_cache=False)
+        scores = states[:, :-1].score(input_ids[:, 1:], stats=("mean_logit",))  # (2B, T-1) each
+        mask = batch["completion_mask"][:, 1:].to(scores.logps.dtype)  # (2B, T-1)
+        per_token = scores.logps * mask  # (2B, T-1)
+        mean_logits = (scores.stats["mean_logit"] * mask).sum(1) / mask.sum(1).clamp(min=1)  # (2B,), no gradient
         return {"per_token": per_token, "mask": mask, "logps": per_token.sum(1), "mean_logits": mean_logits}
 
     def compute_loss(self, model, batch: dict, num_items_in_batch):
