@@ -112,7 +112,7 @@ def _sft(out, train, eval_dataset=None, **overrides):
 
 RUNS = {
     # a verifiable reward the tiny model can learn: the reward rises (the GRPO learning test's setup)
-    "improving": lambda out: _grpo(out, _low_tokens, max_steps=30, diagnostics_thresholds={"throughput_bound": 0.3}),
+    "improving": lambda out: _grpo(out, _low_tokens, max_steps=20, diagnostics_thresholds={"throughput_bound": 0.3}),
     # a noise reward: nothing to learn, the reward stays flat; truncation is then a warning
     "plateaued": lambda out: _grpo(out, _noise_reward(0), learning_rate=1e-3, max_steps=15),
     # a constant reward: every group has zero std

@@ -132,7 +132,7 @@ def test_posttrain_new_writes_a_plugin_that_passes_conformance_and_learns(fresh_
     root = tmp_path / f"posttrain-lab-{family}"
     assert str(root) in made.stdout
     for rel in ("pyproject.toml", "README.md", f"docs/{name}.md", f"posttrain_{name}/_spec.py", f"posttrain_{name}/config.py",
-                f"posttrain_{name}/trainer.py", "tests/test_conformance.py", "tests/test_learning.py"):
+                f"posttrain_{name}/trainer.py", f"tests/test_{name}_conformance.py", f"tests/test_{name}_learning.py"):
         assert (root / rel).is_file(), rel
     again = _run([str(venv / "bin" / "posttrain"), "new", name, "--dir", str(tmp_path)], ok=False)
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
@@ -145,7 +145,7 @@ def test_posttrain_new_writes_a_plugin_that_passes_conformance_and_learns(fresh_
             out = _run([env_python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], ok=False, cwd=root)
         else:  # the shipped pytest plugin, from anywhere, plus the learning test
             out = _run([env_python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "posttrain.conformance", "--posttrain-method", name,
-                        "tests/test_learning.py"], ok=False, cwd=root)
+                        f"tests/test_{name}_learning.py"], ok=False, cwd=root)
         assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
         passed = int(re.search(r"(\d+) passed", out.stdout).group(1))
         assert passed >= 12, out.stdout[-2000:]  # the whole suite ran, not an empty selection

@@ -71,8 +71,8 @@ def write_plugin(name: str, *, family: str = "sft", directory: str = ".") -> str
         f"{values['package']}/_spec.py": _SPEC,
         f"{values['package']}/config.py": _CONFIG_SFT if family == "sft" else _CONFIG_PREF,
         f"{values['package']}/trainer.py": _TRAINER_SFT if family == "sft" else _TRAINER_PREF,
-        "tests/test_conformance.py": _TEST_CONFORMANCE,
-        "tests/test_learning.py": _TEST_LEARNING_SFT if family == "sft" else _TEST_LEARNING_PREF,
+        f"tests/test_{name}_conformance.py": _TEST_CONFORMANCE,
+        f"tests/test_{name}_learning.py": _TEST_LEARNING_SFT if family == "sft" else _TEST_LEARNING_PREF,
     }
     for rel, template in files.items():
         path = os.path.join(root, rel)
@@ -145,7 +145,7 @@ from posttrain.experimental.{{name}} import {{Camel}}Config, {{Camel}}Trainer
 - `{{package}}/_spec.py`: the method's spec (light: imports nothing heavy).
 - `{{package}}/config.py`: `{{Camel}}Config`, a `posttrain.TrainingConfig` subclass.
 - `{{package}}/trainer.py`: `{{Camel}}Trainer`, on posttrain's public API only.
-- `tests/test_conformance.py`: posttrain's conformance suite against this method
+- `tests/test_{{name}}_conformance.py`: posttrain's conformance suite against this method
   (same as `pytest -p posttrain.conformance --posttrain-method {{name}}`).
 - `docs/{{name}}.md`: the method page (formulas, paper -> config table, departures).
 

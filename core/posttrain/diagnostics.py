@@ -68,7 +68,7 @@ CODES = {
 }
 
 #: The verdicts of :func:`diagnose`, from the most to the least severe.
-VERDICTS = ("diverged", "collapsing", "over-optimizing", "drifting", "plateaued", "improving", "too short to tell")
+VERDICTS = ("diverged", "over-optimizing", "drifting", "collapsing", "plateaued", "improving", "too short to tell")
 
 #: Thresholds of the checks; override any of them with ``TrainingConfig.diagnostics_thresholds``.
 DEFAULT_THRESHOLDS = {
@@ -290,13 +290,16 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
                       CODES["grad_norm_spike"]))
     reward_trend = trend_of("reward")
     reward_rising = reward_trend is not None and reward_trend["t"] > t_min
+    # While the reward still rises significantly, a more deterministic policy and identical group rewards
+    # are learning converging on what is rewarded, not a collapse: info, not warning.
+    converged = reward_rising
     zero_std = series("group_reward_zero_std", rows[-_RECENT:])
     if zero_std and latest("group_reward_zero_std") is not None and sum(zero_std) / len(zero_std) >= th["reward_std_collapse"]:
         mean_zero = sum(zero_std) / len(zero_std)
         add(Event("reward_std_collapse", step, f"{mean_zero:.0%} of prompt groups got identical rewards over the last {len(zero_std)} logged steps, so their advantages are 0 and they teach nothing.",
                   {metric("group_reward_zero_std"): latest("group_reward_zero_std"), "recent_mean": _round(mean_zero), "reward": latest("reward")},
                   "raise num_generations or temperature, use easier/harder prompts, or give the reward function partial credit.",
-                  CODES["reward_std_collapse"]))
+                  "info" if converged else CODES["reward_std_collapse"]))
     clip = latest("clip_fraction")
     if clip is not None and clip >= th["high_clip_ratio"]:
         clips = series("clip_fraction")
@@ -368,7 +371,8 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
         if first and first > 0 and len(rows) >= 3 and level < th["entropy_collapse"] * first:
             add(Event("entropy_collapse", step, f"policy entropy fell to {level:.3g} from {first:.3g} at the start: the policy is becoming deterministic and stops exploring.",
                       {metric("entropy"): entropy, "recent_mean": _round(level), "first": _round(first), "ratio": _round(level / first, 3)},
-                      "lower learning_rate, raise temperature, add an entropy bonus (entropy_coef > 0) or raise beta.", CODES["entropy_collapse"]))
+                      "lower learning_rate, raise temperature, add an entropy bonus (entropy_coef > 0) or raise beta.",
+                      "info" if converged else CODES["entropy_collapse"]))
     length_trend = trend_of("completion_length")
     if length_trend is not None and not reward_rising and length_trend["first"] > 0:
         relative = length_trend["change"] / length_trend["first"]
@@ -627,13 +631,15 @@ def diagnose(output_dir: str) -> dict:
     elif not signals.get("reward") and loss_trend is not None and loss_start > 1e-3 and loss_end > 1.5 * loss_start:
         # (online RL losses carry the KL penalty and may rise in a healthy run: only offline losses count here)
         verdict, reason = "diverged", f"the training loss rose from {loss_start:.4g} (first {head} logged steps) to {loss_end:.4g} (last {tail})"
-    elif active & {"entropy_collapse", "reward_std_collapse"} or (objective_name != "loss" and falling(recent)):
-        codes = sorted(active & {"entropy_collapse", "reward_std_collapse"})
-        verdict, reason = "collapsing", (", ".join(codes) if codes else f"{objective_name} is falling") + " in the last window"
+    # over-optimizing and drifting come before collapsing: a hacked reward saturates, and then the groups'
+    # rewards agree and the entropy falls; the cause is what the user must act on
     elif active & {"reward_hacking", "preference_saturation", "eval_divergence"}:
         verdict, reason = "over-optimizing", ", ".join(sorted(active & {"reward_hacking", "preference_saturation", "eval_divergence"}))
     elif active & {"length_drift", "kl_blowup"}:
         verdict, reason = "drifting", ", ".join(sorted(active & {"length_drift", "kl_blowup"}))
+    elif active & {"entropy_collapse", "reward_std_collapse"} or (objective_name != "loss" and falling(recent)):
+        codes = sorted(active & {"entropy_collapse", "reward_std_collapse"})
+        verdict, reason = "collapsing", (", ".join(codes) if codes else f"{objective_name} is falling") + " in the last window"
     elif "reward_plateau" in active or (recent is not None and not rising(recent) and not rising(whole)):
         verdict, reason = "plateaued", f"{objective_name} has not improved over the last {min(window, len(values))} logged steps"
     elif rising(whole) or rising(recent):

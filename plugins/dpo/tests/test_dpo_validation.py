@@ -166,7 +166,7 @@ def test_conversational_prompt_ends_with_the_generation_prompt(tiny_tokenizer, t
 def test_every_preset_builds_a_valid_config():
     from posttrain_dpo._spec import SPEC
 
-    assert len(SPEC.presets) == 19
+    assert len(SPEC.presets) == 20  # 19 paper variants + bema_ref (2.1.0)
     for name, preset in SPEC.presets.items():
         assert preset.paper and "arXiv" in preset.paper, name
         _config(**preset.overrides)
