@@ -10,7 +10,7 @@ import pytest
 from datasets import Dataset
 
 import posttrain
-from posttrain.testing import make_tiny_datasets
+from posttrain.testing import make_tiny_datasets, warning_events
 
 WORDS = ["cat", "dog", "tree", "blue", "house", "river", "green", "stone"]
 
@@ -35,3 +35,4 @@ def test_heldout_objective_falls_and_accuracy_rises(preset, tiny_model, tiny_tok
           f"accuracy {before['eval_rewards/accuracies']} -> {after['eval_rewards/accuracies']}")
     assert after["eval_loss"] < 0.5 * before["eval_loss"], f"held-out loss {before['eval_loss']:.3f} -> {after['eval_loss']:.3f}"
     assert after["eval_rewards/accuracies"] > before["eval_rewards/accuracies"], f"held-out accuracy {before['eval_rewards/accuracies']} -> {after['eval_rewards/accuracies']}"
+    assert warning_events(args.output_dir) == []  # a healthy run raises no false alarm

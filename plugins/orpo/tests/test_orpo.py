@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import posttrain
-from posttrain.testing import make_tiny_datasets
+from posttrain.testing import make_tiny_datasets, warning_events
 
 
 @pytest.fixture(autouse=True)
@@ -152,3 +152,4 @@ def test_learns_a_generalizable_preference_on_heldout_prompts(tiny_tokenizer, tm
     print(f"held-out odds-ratio loss {or_before:.3f} -> {or_after:.3f}, accuracy {acc_before:.2f} -> {acc_after:.2f}")
     assert or_after < 0.5 * or_before and acc_after == 1.0
     assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+    assert warning_events(trainer.args.output_dir) == []  # a healthy run raises no false alarm

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import posttrain
-from posttrain.testing import make_tiny_datasets
+from posttrain.testing import make_tiny_datasets, warning_events
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -241,6 +241,7 @@ def test_learns_on_heldout_prompts(tiny_tokenizer, tmp_path):
     loss_after, acc_after = score()
     print(f"held-out TPO loss {loss_before:.3f} -> {loss_after:.3f}, accuracy {acc_before:.2f} -> {acc_after:.2f}")
     assert loss_after < 0.5 * loss_before and acc_after == 1.0
+    assert warning_events(trainer.args.output_dir) == []  # a healthy run raises no false alarm
 
 
 def test_example_yaml_trains_through_the_cli(tiny_model_dir, tmp_path, monkeypatch):
