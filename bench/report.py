@@ -1,5 +1,9 @@
 """Render ``bench/results/latest.json`` to ``docs/benchmarks.md``: ``python -m bench.report [JSON] [--out MD]``.
 
+``python -m bench.report --merge A.json B.json ... [--json OUT]`` first merges the results files of separate runs
+(e.g. ``--set real`` and ``--set tiny`` run one after the other) into one (default ``bench/results/latest.json``),
+then renders it: results in the order given, per-set settings and notes kept, the commands and wall times added up.
+
 The doc is produced from measurements only; edit the text here, never the generated file.
 """
 
@@ -203,11 +207,44 @@ def render_to_doc(json_path: str, doc_path: str = DOC) -> str:
     return os.path.relpath(doc_path, ROOT)
 
 
+def merge(paths: list[str]) -> dict:
+    """One report from several results files of ``python -m bench`` (first file's machine and versions)."""
+    reports = []
+    for path in paths:
+        with open(path) as fh:
+            reports.append(json.load(fh))
+    if not reports:
+        raise SystemExit("--merge: give at least one results file")
+    out = dict(reports[0])
+    names = [r["name"] for rep in reports for r in rep["results"]]
+    duplicated = sorted({n for n in names if names.count(n) > 1})
+    if duplicated:
+        raise SystemExit(f"--merge: workloads measured in more than one file: {', '.join(duplicated)}; merge files of disjoint runs")
+    out["results"] = [r for rep in reports for r in rep["results"]]
+    out["set_settings"] = {k: v for rep in reports for k, v in (rep.get("set_settings") or {}).items()}
+    out["notes"] = [n for rep in reports for n in rep.get("notes", [])]
+    out["cli"] = next((rep["cli"] for rep in reversed(reports) if rep.get("cli")), None)
+    out["command"] = " && ".join(rep["command"] for rep in reports)
+    out["total_wall_s"] = round(sum(rep.get("total_wall_s", 0) for rep in reports), 1)
+    out["date"] = " / ".join(rep.get("date", "?") for rep in reports)
+    out["merged_from"] = [os.path.relpath(p, ROOT) for p in paths]
+    threads = {rep.get("settings", {}).get("threads") for rep in reports}
+    if len(threads) > 1:
+        out["notes"].append(f"merged runs used different thread counts: {sorted(threads, key=str)}")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
     p.add_argument("json", nargs="?", default=os.path.join(HERE, "results", "latest.json"))
     p.add_argument("--out", default=DOC)
+    p.add_argument("--merge", nargs="+", metavar="RESULTS_JSON", help="merge these results files into JSON first")
     a = p.parse_args(argv)
+    if a.merge:
+        from bench.workloads import write_json
+
+        write_json(a.json, merge(a.merge))
+        print(f"wrote {os.path.relpath(a.json, ROOT)} from {len(a.merge)} files")
     print(f"wrote {render_to_doc(a.json, a.out)}")
     return 0
 

@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -76,3 +78,27 @@ def test_set_defaults_and_whole_run_table():
     table = "\n".join(_whole_run_section({"results": [row]}, GOALS))
     line = next(x for x in table.splitlines() if x.startswith("| sft-qwen3-151k"))
     assert "0.70 (0.60–0.90) ✅ (≤ 0.8)" in line and "0.60 (0.50–0.70) ❌ (≤ 0.5)" in line and "1.00 / 1.43 / n/a" in line
+
+
+def test_report_merge_joins_disjoint_runs_and_refuses_overlaps(tmp_path):
+    sys.path.insert(0, ROOT)
+    try:
+        from bench.report import merge
+    finally:
+        sys.path.remove(ROOT)
+
+    def report(set_name, names, threads, wall):
+        return {"machine": {"cpu": "x"}, "versions": {}, "command": f"python -m bench --set {set_name}", "settings": {"threads": threads},
+                "set_settings": {set_name: {"steps": 1}}, "results": [{"name": n, "set": set_name} for n in names],
+                "notes": [f"{set_name} note"], "cli": None, "total_wall_s": wall, "date": set_name}
+
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(report("real", ["sft-qwen3-151k"], 1, 10.0)))
+    b.write_text(json.dumps(report("tiny", ["sft-tiny", "dpo-tiny"], 1, 2.5)))
+    merged = merge([str(a), str(b)])
+    assert [r["name"] for r in merged["results"]] == ["sft-qwen3-151k", "sft-tiny", "dpo-tiny"]
+    assert set(merged["set_settings"]) == {"real", "tiny"} and merged["total_wall_s"] == 12.5
+    assert merged["notes"] == ["real note", "tiny note"] and " && " in merged["command"]
+    b.write_text(json.dumps(report("tiny", ["sft-qwen3-151k"], 2, 1.0)))
+    with pytest.raises(SystemExit, match="sft-qwen3-151k"):
+        merge([str(a), str(b)])
