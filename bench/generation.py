@@ -8,6 +8,10 @@ benchmark models with each way of decoding, in one process, options interleaved 
 * ``hf_generate_static``: the same with ``cache_implementation="static"``.
 * ``hf_generate_no_scores``: ``model.generate`` without scores (no log-probs: the floor of generate).
 * ``lean``: the transformers backend's decode loop (``TransformersBackend``, what posttrain runs).
+* ``lean_compiled``: the same loop with the model's forward under ``torch.compile(dynamic=True)`` (inductor's
+  CPU backend; the compile itself happens in the warm-up and is reported as ``first_call_s``).
+* ``hf_continuous_batching``: transformers' continuous batching (``model.generate_batch``: paged KV cache,
+  a scheduler; ``ContinuousBatchingConfig(return_logprobs=True)`` for the sampling log-probs).
 
 Prints medians (min-max) and the peak memory each option adds (``torch.profiler``-free: RSS
 high-water via ``resource`` is process-wide, so the added memory is measured as the bytes of the
@@ -55,7 +59,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--options", default="hf_generate_scores,hf_generate_static,hf_generate_no_scores,lean")
+    p.add_argument("--options", default="hf_generate_scores,hf_generate_static,hf_generate_no_scores,lean,lean_compiled,hf_continuous_batching")
     p.add_argument("--out", default=OUT)
     a = p.parse_args(argv)
     import torch
@@ -90,7 +94,27 @@ def main(argv=None) -> int:
                     torch.log_softmax(torch.stack(out.scores, 1).float(), -1).gather(-1, gen[..., None])
             return out.sequences.shape[1] - width
 
+        def continuous_batching():
+            from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+            cfg = GenerationConfig(max_new_tokens=a.max_tokens, min_new_tokens=a.max_tokens, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                                   num_return_sequences=a.n, pad_token_id=pad_id, eos_token_id=[0])
+            with torch.no_grad():
+                out = model.generate_batch(prompts, generation_config=cfg, continuous_batching_config=ContinuousBatchingConfig(return_logprobs=True),
+                                           progress_bar=False)
+            assert len(out) == len(expanded) and all(len(o.logprobs) == len(o.generated_tokens) for o in out.values()), "no sampling log-probs"
+            return max(len(o.generated_tokens) for o in out.values())
+
+        compiled_backend = None
+        if "lean_compiled" in a.options:
+            compiled_model = torch.compile(model, dynamic=True)
+            compiled_backend = TransformersBackend(model, tok)
+            # the bench swaps the model the decode loop calls for its compiled wrapper (weights shared)
+            compiled_backend._decode_chunk = lambda _m, *rest, **kw: TransformersBackend._decode_chunk(compiled_backend, compiled_model, *rest, **kw)
+
         options = {
+            "lean_compiled": lambda: max(map(len, compiled_backend.generate(prompts, sampling).completion_ids)),
+            "hf_continuous_batching": continuous_batching,
             "hf_generate_scores": lambda: hf(False, True),
             "hf_generate_static": lambda: hf(True, True),
             "hf_generate_no_scores": lambda: hf(False, False),
@@ -98,8 +122,11 @@ def main(argv=None) -> int:
         }
         chosen = [o for o in a.options.split(",") if o]
         times = {o: [] for o in chosen}
-        for o in chosen:  # warm-up (and a static cache's allocation)
+        first_call = {}
+        for o in chosen:  # warm-up (a static cache's allocation, torch.compile's compilation)
+            t = time.perf_counter()
             options[o]()
+            first_call[o] = time.perf_counter() - t
         for _ in range(a.repeats):
             for o in chosen:
                 t = time.perf_counter()
@@ -107,16 +134,17 @@ def main(argv=None) -> int:
                 times[o].append(time.perf_counter() - t)
                 assert n_tok == a.max_tokens, (o, n_tok)
         rows = len(expanded)
-        entry = {o: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "all_s": v} for o, v in times.items()}
+        entry = {o: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "all_s": v, "first_call_s": first_call[o]}
+                 for o, v in times.items()}
         entry["scores_bytes_kept"] = {"hf_generate_scores": 2 * rows * a.max_tokens * vocab * 4, "hf_generate_static": 2 * rows * a.max_tokens * vocab * 4,
-                                      "hf_generate_no_scores": 0, "lean": 0}
+                                      "hf_generate_no_scores": 0, "lean": 0, "lean_compiled": 0, "hf_continuous_batching": 0}
         entry["rows"], entry["params"] = rows, sum(p.numel() for p in model.parameters())
         results["by_vocab"][str(vocab)] = entry
         base = entry.get("hf_generate_scores", {}).get("median_s")
         for o in chosen:
             e = entry[o]
             rel = f", {e['median_s'] / base:.2f}x hf_generate_scores" if base else ""
-            print(f"vocab {vocab:>6}  {o:<22} {e['median_s']:.3f}s ({e['min_s']:.3f}-{e['max_s']:.3f}){rel}", flush=True)
+            print(f"vocab {vocab:>6}  {o:<22} {e['median_s']:.3f}s ({e['min_s']:.3f}-{e['max_s']:.3f}){rel}; first call {e['first_call_s']:.2f}s", flush=True)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out, "w") as fh:
         json.dump(results, fh, indent=2)

@@ -56,6 +56,7 @@ def render(report: dict) -> str:
         "",
         *_whole_run_section(report, goals),
         *_generation_section(),
+        *_preference_section(),
         "## Step time, throughput, memory (steady state)",
         "",
         "| workload | params | tokens/step | posttrain step s (min–max) | TRL step s (min–max) | bare step s (min–max) | posttrain/TRL (goal ≤ "
@@ -196,6 +197,13 @@ def _generation_section() -> list[str]:
             out.append(f"| {vocab} | `{option}` | {e['median_s']:.3f} ({e['min_s']:.3f}–{e['max_s']:.3f}) | {rel} | "
                        f"{'n/a' if kept is None else f'{kept / 2**20:.0f}'} |")
     return out + [""]
+
+
+def _preference_section() -> list[str]:
+    """The offline preference plugins against DPO (``python -m bench.preference``), if measured."""
+    from bench.preference import section
+
+    return section()
 
 
 def render_to_doc(json_path: str, doc_path: str = DOC) -> str:

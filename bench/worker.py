@@ -77,6 +77,30 @@ def current_rss_mb() -> float:
 
 
 # ====================================================================== posttrain
+#: the experimental offline-preference plugins (issue 11), timed against posttrain's DPO on the same rows
+#: (``python -m bench.preference``): name -> (plugin, Config/Trainer prefix, config overrides)
+WAVE1 = {
+    "orpo": ("orpo", "ORPO", {}),
+    "cpo": ("cpo", "CPO", {"loss_type": "sigmoid"}),
+    "simpo": ("cpo", "CPO", {"loss_type": "simpo", "cpo_alpha": 0.0}),
+    "tpo": ("tpo", "TPO", {}),
+    "bco": ("bco", "BCO", {}),
+}
+
+
+def _wave1_trainer(a, ds, common: dict):
+    """An experimental preference trainer (opted in here, as ``--allow-experimental`` does on the CLI)."""
+    import importlib
+
+    import posttrain
+
+    plugin, prefix, overrides = WAVE1[a.method]
+    posttrain.activate(plugin, allow_experimental=True)
+    module = importlib.import_module(f"posttrain.experimental.{plugin}")
+    config = getattr(module, f"{prefix}Config")(max_length=4 * a.seq_len, beta=DPO_BETA, **overrides, **common)
+    return getattr(module, f"{prefix}Trainer")(model=a.model_dir, args=config, train_dataset=ds)
+
+
 def run_posttrain(a, rows, stamps: _Stamps, out_dir: str) -> dict:
     from datasets import Dataset
 
@@ -121,6 +145,8 @@ def run_posttrain(a, rows, stamps: _Stamps, out_dir: str) -> dict:
             extra["rollout_backend"] = "vllm"
         cfg = Config(num_generations=a.num_generations, max_completion_length=a.completion_len, temperature=1.0, **extra, **common)
         trainer = Trainer(model=a.model_dir, reward_funcs=[reward_num_words], args=cfg, train_dataset=ds)
+    elif a.method in WAVE1:
+        trainer = _wave1_trainer(a, ds, common)
     else:
         raise SystemExit(f"unknown method {a.method}")
 

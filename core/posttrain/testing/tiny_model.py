@@ -125,7 +125,14 @@ def build_reward_model(tokenizer=None, *, arch: str = "qwen2", hidden_size: int 
 
 
 def save_tiny_model(out_dir: str, *, arch: str = "qwen2", hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> str:
-    """Write a tiny model + tokenizer to ``out_dir`` (safetensors) and return the path."""
+    """Write a tiny model + tokenizer to ``out_dir`` (safetensors) and return the path.
+
+    ``AutoTokenizer.from_pretrained(out_dir)`` (what a trainer given the path uses) reloads the tokenizer
+    as transformers' ``Qwen2Tokenizer`` (for ``arch="qwen2"``/``"qwen3"``), whose pre-tokenizer splits
+    digits one by one: "what is 1 + 1 =" is 6 tokens in-process and 8 after the reload. Compare token
+    streams with the reloaded tokenizer (or pass ``processing_class=``), or reload it verbatim with
+    ``transformers.PreTrainedTokenizerFast.from_pretrained(out_dir)``.
+    """
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, arch=arch, hidden_size=hidden_size, num_layers=num_layers, seed=seed)
     model.save_pretrained(out_dir)
