@@ -325,3 +325,38 @@ def test_method_loss_and_gradient_chunked_equal_unchunked(method, tok, tmp_path)
     got = next(r[metric] for r in logs if metric in r)
     exp = next(r[metric] for r in ref_logs if metric in r)
     assert got == pytest.approx(exp, rel=1e-4, abs=1e-6)
+
+
+def test_undeclared_logit_postprocessing_is_caught_by_the_probe(tok):
+    """A forward that rescales its logits without saying so in the config: the probe position catches it, the
+    forward reruns unchunked (exact scores), one warning, and that model is scored from its logits from then on."""
+    import warnings
+
+    model = _model(tok)
+    forward = model.forward
+
+    def scaled_forward(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        out.logits = out.logits * 0.5 + 0.1  # e.g. a remote-code model's logit scale and offset
+        return out
+
+    model.forward = scaled_forward
+    assert lm_head_of(model) is not None  # nothing in the config tells
+    ids, mask = _batch(tok)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        states, scores, grads = _model_logps_and_grads(model, ids, mask, 4)
+        again, _, _ = _model_logps_and_grads(model, ids, mask, 4)
+    messages = [str(w.message) for w in caught if "changes the LM head's logits" in str(w.message)]
+    assert len(messages) == 1 and "logprob_chunk_size=0" in messages[0]
+    assert not states.is_chunked and not again.is_chunked
+    _, ref_scores, ref_grads = _model_logps_and_grads(model, ids, mask, 0)
+    _close(scores.logps, ref_scores.logps, what="logps")
+    for name in grads:
+        _close(grads[name], ref_grads[name], what=name)
+    # a plain model passes the probe silently and returns the first position's logits only
+    plain = _model(tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outputs, states = causal_lm_states(plain, chunk_size=4, input_ids=ids, attention_mask=mask)
+    assert states.is_chunked and outputs.logits.shape == (ids.shape[0], 1, len(tok))

@@ -21,6 +21,8 @@ Every result equals the unchunked computation (``tests/test_chunked.py``, relati
 from __future__ import annotations
 
 import math
+import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Collection, NamedTuple
 
@@ -381,11 +383,16 @@ def causal_lm_states(model, *, chunk_size: int | None, **model_kwargs) -> tuple[
     """Run ``model(**model_kwargs)`` without computing its logits; return ``(outputs, TokenStates)``.
 
     A forward pre-hook on the LM head (:func:`lm_head_of`) keeps the hidden states it would project
-    and hands it zero rows instead, so the model's whole forward (DDP, PEFT, prompt-learning adapters,
-    ``logits_to_keep``) runs as usual and ``outputs.logits`` is empty. The head's output on those
-    zero rows tells the dtype it computes in (autocast, a float32 head), which the chunked scoring
-    reproduces. With ``chunk_size`` 0/None, or a head it cannot reproduce, it runs the model as is and
-    the states are the model's logits (``outputs.logits`` is then the real logits).
+    and hands it only the first position instead, so the model's whole forward (DDP, PEFT,
+    prompt-learning adapters, ``logits_to_keep``) runs as usual and ``outputs.logits`` holds that one
+    position, ``(B, 1, V)``. The head's output tells the dtype it computes in (autocast, a float32
+    head), which the chunked scoring reproduces. That position is also a probe: if the model's logits
+    there differ from the head's own projection (a forward that post-processes its logits in a way
+    :func:`lm_head_of` cannot see from the config: a custom scale, softcap or bias), the chunked
+    scores would be wrong, so the forward is run again unchunked, a warning says so once, and that
+    model is scored from its own logits from then on. With ``chunk_size`` 0/None, or a head it
+    cannot reproduce, it runs the model as is and the states are the model's logits
+    (``outputs.logits`` is then the real logits).
 
     Args:
         model: A causal LM (possibly wrapped), called with ``model_kwargs``.
@@ -399,6 +406,8 @@ def causal_lm_states(model, *, chunk_size: int | None, **model_kwargs) -> tuple[
         RuntimeError: The LM head was called more than once in one forward (set ``logprob_chunk_size=0``).
     """
     head = lm_head_of(model) if chunk_size else None
+    if head is not None and head in _POSTPROCESSED_HEADS:
+        head = None
     if head is None:
         outputs = model(**model_kwargs)
         return outputs, TokenStates(outputs.logits)
@@ -409,10 +418,11 @@ def causal_lm_states(model, *, chunk_size: int | None, **model_kwargs) -> tuple[
             raise RuntimeError(f"{type(module).__name__} LM head called twice in one forward; posttrain cannot chunk this model's log-probs: set logprob_chunk_size=0.")
         hidden = args[0]
         captured["hidden"] = hidden
-        return (hidden[..., :0, :],) + tuple(args[1:])
+        return (hidden[..., :1, :],) + tuple(args[1:])  # one position: the probe (and the dtype)
 
     def keep_dtype(module, args, output):
         captured["dtype"] = output.dtype
+        captured["head_logits"] = output.detach()
 
     handles = [head.register_forward_pre_hook(keep_hidden), head.register_forward_hook(keep_dtype)]
     try:
@@ -422,8 +432,34 @@ def causal_lm_states(model, *, chunk_size: int | None, **model_kwargs) -> tuple[
             handle.remove()
     if "hidden" not in captured:
         raise RuntimeError(f"{type(_unwrap(model)[0]).__name__}'s forward never called its LM head; set logprob_chunk_size=0.")
+    if not _logits_are_the_heads(getattr(outputs, "logits", None), captured.get("head_logits")):
+        _POSTPROCESSED_HEADS.add(head)
+        warnings.warn(
+            f"{type(_unwrap(model)[0]).__name__}'s forward changes the LM head's logits (a scale, softcap or offset its config does not "
+            "declare), so posttrain's chunked log-probs cannot reproduce them: this model is scored from its full logits from now on "
+            "(the memory saving of logprob_chunk_size is lost; set logprob_chunk_size=0 to skip this check).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        del outputs, captured
+        outputs = model(**model_kwargs)
+        return outputs, TokenStates(outputs.logits)
     states = TokenStates(captured["hidden"], head.weight, head.bias, captured.get("dtype"), int(chunk_size))
     return outputs, states
+
+
+#: LM heads whose model was seen post-processing their logits (scored from the full logits from then on)
+_POSTPROCESSED_HEADS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+
+
+def _logits_are_the_heads(logits, head_logits) -> bool:
+    """Whether the model returned its LM head's output at the probe position unchanged (up to a dtype cast)."""
+    if logits is None or head_logits is None or head_logits.numel() == 0:
+        return True  # nothing to compare: no logits returned, or an empty sequence
+    if logits.shape != head_logits.shape:
+        return False
+    a, b = logits.detach().float(), head_logits.float()
+    return bool(torch.allclose(a, b, rtol=1e-3, atol=1e-5 * (1.0 + float(b.abs().max()))))
 
 
 # ----------------------------------------------------------------------------- SFT: NLL / DFT with gradients formed in the forward
