@@ -389,3 +389,14 @@ def test_invalid_config_class_is_status_error_in_list_info_doctor_and_train(make
     assert message in err and err.count("\n") == 1 and "Traceback" not in err
     assert config_module  # imported for the check (a light module), the trainer never was
     assert f"{package}.trainer" not in sys.modules
+
+
+def test_new_class_prefix_names_the_classes_and_a_bad_one_is_one_line(tmp_path, capsys):
+    assert main(["new", "lab_bco", "--family", "preference", "--dir", str(tmp_path), "--class-prefix", "BCO"], registry=Registry(entry_points=[])) == 0
+    package = tmp_path / "posttrain-lab-bco" / "posttrain_lab_bco"
+    assert "class BCOTrainer(TrainerSurface)" in (package / "trainer.py").read_text()
+    assert 'config="posttrain_lab_bco.config:BCOConfig"' in (package / "_spec.py").read_text()
+    capsys.readouterr()
+    assert main(["new", "other", "--dir", str(tmp_path), "--class-prefix", "bco"], registry=Registry(entry_points=[])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--class-prefix 'bco' is invalid" in err[0] and not (tmp_path / "posttrain-other").exists()

@@ -128,9 +128,12 @@ def test_posttrain_new_writes_a_plugin_that_passes_conformance_and_learns(fresh_
     venv = fresh_venv
     _pip(venv, "install", "-q", "--find-links", str(wheels), "posttrain")
     name = f"lab_{family}"
-    made = _run([str(venv / "bin" / "posttrain"), "new", name, "--family", family, "--dir", str(tmp_path)])
+    prefix = ["--class-prefix", "LabPO"] if family == "preference" else []  # TRL-style acronym class names
+    made = _run([str(venv / "bin" / "posttrain"), "new", name, "--family", family, "--dir", str(tmp_path), *prefix])
     root = tmp_path / f"posttrain-lab-{family}"
     assert str(root) in made.stdout
+    trainer_class = "LabPOTrainer" if prefix else "LabSftTrainer"
+    assert f"class {trainer_class}(TrainerSurface)" in (root / f"posttrain_{name}" / "trainer.py").read_text()
     for rel in ("pyproject.toml", "README.md", f"docs/{name}.md", f"posttrain_{name}/_spec.py", f"posttrain_{name}/config.py",
                 f"posttrain_{name}/trainer.py", f"tests/test_{name}_conformance.py", f"tests/test_{name}_learning.py"):
         assert (root / rel).is_file(), rel

@@ -30,21 +30,29 @@ def _camel(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_"))
 
 
-def write_plugin(name: str, *, family: str = "sft", directory: str = ".") -> str:
+_CLASS_PREFIX_RE = re.compile(r"^[A-Z][A-Za-z0-9]*$")
+
+
+def write_plugin(name: str, *, family: str = "sft", directory: str = ".", class_prefix: str | None = None) -> str:
     """Write the plugin ``posttrain-<name>`` into ``directory`` and return its folder.
 
     Args:
         name: Method id (lowercase letters, digits, underscores), e.g. ``"my_method"``.
         family: ``"sft"`` or ``"preference"`` (see :data:`FAMILIES`).
         directory: The parent folder; ``<directory>/posttrain-<name>`` must not exist or be empty.
+        class_prefix: The classes are ``<prefix>Config`` and ``<prefix>Trainer``; default: the name
+            in CamelCase (``my_method`` -> ``MyMethod``). TRL spells acronyms in capitals
+            (``class_prefix="BCO"`` -> ``BCOConfig``, ``BCOTrainer``).
 
     Raises:
-        ValueError: an invalid name or family, or a non-empty target folder.
+        ValueError: an invalid name, class prefix or family, or a non-empty target folder.
     """
     import posttrain
 
     if not _NAME_RE.match(name or ""):
         raise ValueError(f"method name {name!r} is invalid: use lowercase letters, digits and underscores, starting with a letter (e.g. 'my_method').")
+    if class_prefix is not None and not _CLASS_PREFIX_RE.match(class_prefix):
+        raise ValueError(f"--class-prefix {class_prefix!r} is invalid: use a Python class name start, a capital letter then letters or digits (e.g. 'BCO').")
     if family not in FAMILIES:
         raise ValueError(f"--family {family!r} is unknown: use one of {', '.join(FAMILIES)}.")
     dist = "posttrain-" + name.replace("_", "-")
@@ -56,7 +64,7 @@ def write_plugin(name: str, *, family: str = "sft", directory: str = ".") -> str
         "name": name,
         "dist": dist,
         "package": f"posttrain_{name}",
-        "Camel": _camel(name),
+        "Camel": class_prefix or _camel(name),
         "family": family,
         "data_format": FAMILIES[family][0],
         "family_line": FAMILIES[family][1],

@@ -547,7 +547,7 @@ def _cmd_new(args: argparse.Namespace, registry: Registry) -> int:
     from posttrain._scaffold import write_plugin
 
     try:
-        root = write_plugin(args.name, family=args.family, directory=args.dir)
+        root = write_plugin(args.name, family=args.family, directory=args.dir, class_prefix=args.class_prefix)
     except ValueError as exc:
         raise UsageError(str(exc)) from exc
     print(f"wrote {root} ({args.family} template, experimental 0.1.0). Next:")
@@ -643,6 +643,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="Method id: lowercase letters, digits, underscores (the distribution is posttrain-NAME).")
     p.add_argument("--family", default="sft", choices=("sft", "preference"), help="Template: sft (prompt/completion NLL) or preference (pairwise logistic loss).")
     p.add_argument("--dir", default=".", help="Parent folder of the new posttrain-NAME/ (default: the current folder).")
+    p.add_argument("--class-prefix", default=None, metavar="PREFIX",
+                   help="Classes PREFIXConfig and PREFIXTrainer (default: NAME in CamelCase; TRL spells acronyms in capitals, e.g. BCO).")
     p.set_defaults(handler=_cmd_new)
 
     p = sub.add_parser("snapshot", help="Check (or --write) a stable plugin's or the core's API snapshot (semver by test).", allow_abbrev=False)
