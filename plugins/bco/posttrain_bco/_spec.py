@@ -16,15 +16,15 @@ SPEC = MethodSpec(
     papers=("Jung, Han, Nam and On 2024, Binary Classifier Optimization for Large Language Model Alignment, arXiv:2404.04656",),
     presets={
         "bco": Preset(
-            summary="BCO with the reward shift (Eq. 6-7): beta=0.1 (TRL's default and the paper's main setting), no UDM.",
+            summary="BCO with the reward shift (the running mean of the implied rewards): beta=0.1 (TRL's default), no UDM.",
             overrides={"beta": 0.1},
-            paper="Jung et al. 2024, arXiv:2404.04656 (Sec. 3.2-3.3)",
+            paper="Jung et al. 2024, arXiv:2404.04656 (binary classifier loss with reward shift)",
         ),
         "bco_udm": Preset(
-            summary="BCO with underlying distribution matching (Sec. 3.4): density-ratio weights clamped to [0.5, 10] "
+            summary="BCO with underlying distribution matching: density-ratio weights clamped to [0.5, 10] "
             "from a classifier on prompt embeddings (needs udm_embedding_model or an embedding_func).",
             overrides={"beta": 0.1, "prompt_sample_size": 1024, "min_density_ratio": 0.5, "max_density_ratio": 10.0},
-            paper="Jung et al. 2024, arXiv:2404.04656 (Sec. 3.4, Eq. 9-10)",
+            paper="Jung et al. 2024, arXiv:2404.04656 (underlying distribution matching)",
         ),
     },
 )

@@ -52,6 +52,13 @@ def _unpaired(n: int, seed: int = 1):
 
 
 # ---------------------------------------------------------------------------- data
+def test_importable_from_the_experimental_namespace():
+    from posttrain.experimental.bco import BCOConfig, BCOTrainer
+    from posttrain_bco import BCOConfig as Config, BCOTrainer as Trainer
+
+    assert (BCOConfig, BCOTrainer) == (Config, Trainer)
+
+
 def test_paired_rows_are_unpaired_and_an_implicit_prompt_is_extracted(tmp_path, policy, tiny_tokenizer):
     pairs = make_tiny_datasets(4)["preference"].to_list()
     explicit = _trainer(tmp_path / "a", policy, tiny_tokenizer, pairs).train_dataset
