@@ -640,7 +640,7 @@ class BCOTrainer(TrainerSurface):
     def compute_loss(self, model, batch: dict, num_items_in_batch):
         losses, _, s = self._losses(model, batch, update=model.training)
         loss = losses.sum() / num_items_in_batch
-        metrics = {"delta": torch.tensor(self.running.mean)}
+        metrics = {"delta": torch.tensor(self.running.mean, device=loss.device)}
         # A class mean is logged for micro-batches that hold the class (TRL stores its sums only then). With
         # several processes the sums are global; a class absent everywhere then counts as 0.
         single = self.loop.accelerator.num_processes == 1 or not model.training
