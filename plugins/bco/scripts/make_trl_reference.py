@@ -77,9 +77,22 @@ CONFIGS = {
     "truncation": {"rows": "standard", "args": {"beta": 0.1, "max_length": 10}, "ref_model": True, "udm": False},
     # a prompt longer than TRL's budget: TRL's answer[:negative] keeps completion tokens past max_length (a bug, not matched)
     "prompt_over_budget": {"rows": "standard", "args": {"beta": 0.1, "max_length": 8}, "ref_model": True, "udm": False},
+    # a tokenizer with a BOS token (prepended to every prompt) and a length budget
+    "bos": {"rows": "standard", "args": {"beta": 0.1, "max_length": 11}, "ref_model": True, "udm": False, "bos": True},
     "udm": {"rows": "standard", "args": {"beta": 0.1, "prompt_sample_size": 6, "min_density_ratio": 0.05}, "ref_model": True, "udm": True},
     "udm_clamped": {"rows": "standard", "args": {"beta": 1.0, "prompt_sample_size": 4, "min_density_ratio": 0.9, "max_density_ratio": 1.1}, "ref_model": True, "udm": True},
 }
+
+
+def tokenizer_for(spec: dict, tokenizer):
+    """The config's tokenizer: the tiny one, or a copy whose BOS token is ``<|im_start|>`` (``"bos": True``)."""
+    if not spec.get("bos"):
+        return tokenizer
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.bos_token = "<|im_start|>"
+    return tokenizer
 
 
 def embedding_matrix(tokenizer):
@@ -142,6 +155,7 @@ def _child(out_path: str) -> None:
     tensor_keys = ("completion_input_ids", "completion_attention_mask", "completion_labels", "embedding_input_ids", "embedding_attention_mask")
     for name, spec in CONFIGS.items():
         rows = ROWS[spec["rows"]]()
+        tok = tokenizer_for(spec, tokenizer)
         args = BCOConfig(output_dir=os.path.join(tempfile.gettempdir(), f"bco-ref-{name}"), per_device_train_batch_size=BATCH, per_device_eval_batch_size=BATCH,
                          bf16=False, use_cpu=True, report_to="none", gradient_checkpointing=False, disable_tqdm=True, remove_unused_columns=False,
                          **spec["args"])
@@ -162,7 +176,7 @@ def _child(out_path: str) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer = BCOTrainer(model=copy.deepcopy(policy0), ref_model=copy.deepcopy(ref0) if spec["ref_model"] else None, args=args,
-                                 train_dataset=Dataset.from_list(rows), processing_class=tokenizer, **kwargs)
+                                 train_dataset=Dataset.from_list(rows), processing_class=tok, **kwargs)
         if spec["udm"]:
             np.random.choice = choice
         trainer.get_train_dataloader()  # precomputes the reference log-probs when asked

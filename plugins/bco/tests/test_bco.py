@@ -236,3 +236,15 @@ def test_learns_to_classify_heldout_completions(tmp_path, tiny_tokenizer):
     logged = [row for row in trainer.state.log_history if "loss" in row and "train_loss" not in row]
     assert TRL_METRICS <= set(logged[-1]), set(logged[-1])
     assert warning_events(trainer.args.output_dir) == []  # a healthy run raises no false alarm
+
+
+def test_precomputed_reference_log_probs_equal_the_live_reference_for_eval_too(tmp_path, policy, tiny_tokenizer):
+    rows = _unpaired(4, seed=6)
+    live = _trainer(tmp_path / "live", policy, tiny_tokenizer, rows, eval_dataset=rows)
+    pre = _trainer(tmp_path / "pre", policy, tiny_tokenizer, rows, eval_dataset=rows, precompute_ref_log_probs=True)
+    assert pre.ref_model is None and "ref_logps" in pre.eval_dataset.column_names and "ref_logps" in pre.train_dataset.column_names
+    a, b = live.evaluate(), pre.evaluate()
+    assert set(a) == set(b)
+    for key in a:
+        if key.startswith("eval_") and isinstance(a[key], float) and "runtime" not in key and "per_second" not in key:
+            assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key

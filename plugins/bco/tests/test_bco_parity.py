@@ -67,7 +67,7 @@ def _ours(name, models, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return BCOTrainer(model=copy.deepcopy(policy), ref_model=copy.deepcopy(ref) if spec["ref_model"] else None, args=args,
-                          train_dataset=gen.ROWS[spec["rows"]](), processing_class=tokenizer, **kwargs)
+                          train_dataset=gen.ROWS[spec["rows"]](), processing_class=gen.tokenizer_for(spec, tokenizer), **kwargs)
 
 
 def _close(ours: float, theirs: float, rel: float, what: str, abs_: float = 0.0) -> None:
