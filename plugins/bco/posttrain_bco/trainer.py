@@ -379,8 +379,8 @@ class BCOTrainer(TrainerSurface):
                 )
         if (embedding_func is None) != (embedding_tokenizer is None) and args.udm_embedding_model is None:
             raise ConfigError("UDM needs both embedding_func= and embedding_tokenizer= (TRL's arguments), or udm_embedding_model in the config: pass both, or neither.")
-        if args.udm_embedding_model is not None and embedding_func is not None:
-            raise ConfigError("udm_embedding_model is set and embedding_func= is given: UDM uses one embedding; drop one of them.")
+        if args.udm_embedding_model is not None and (embedding_func is not None or embedding_tokenizer is not None):
+            raise ConfigError("udm_embedding_model is set and embedding_func=/embedding_tokenizer= are given: UDM uses one embedding; drop one of them.")
         self.compute_metrics = None
         if model is not None and not isinstance(model, str) and args.model_init_kwargs is not None and not isinstance(ref_model, str):
             warnings.warn("args.model_init_kwargs are ignored: the model (and the reference) are already built; they apply to models given by name.", stacklevel=2)

