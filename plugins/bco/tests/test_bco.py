@@ -250,3 +250,23 @@ def test_precomputed_reference_log_probs_equal_the_live_reference_for_eval_too(t
     for key in a:
         if key.startswith("eval_") and isinstance(a[key], float) and "runtime" not in key and "per_second" not in key:
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-7), key
+
+
+def test_uninformative_embeddings_give_density_ratio_one_without_trls_pad_filter(tmp_path, policy, tiny_tokenizer):
+    """All-zero prompt embeddings: the balanced classifier is p = 1/2 everywhere, so the density ratio is 1 and the loss equals
+    BCO without UDM. TRL 1.13 filters rows whose embedding *mean* equals the pad token id (0 here: every row), which leaves
+    fewer weights than undesirable losses; posttrain predicts each row directly (see docs/methods/bco.md)."""
+    assert tiny_tokenizer.pad_token_id == 0
+    rows = _unpaired(4, seed=8)
+
+    def zeros(input_ids, attention_mask):
+        return torch.zeros(input_ids.shape[0], 16)
+
+    udm = _trainer(tmp_path / "udm", policy, tiny_tokenizer, rows, embedding_func=zeros, embedding_tokenizer=tiny_tokenizer, min_density_ratio=0.1)
+    plain = _trainer(tmp_path / "plain", policy, tiny_tokenizer, rows)
+    batch = udm.collate([udm.train_dataset[i] for i in range(8)])
+    assert udm._udm_weights(batch).tolist() == pytest.approx([1.0] * 8, abs=1e-7)
+    udm.model.train(), plain.model.train()
+    a = udm.compute_loss(udm.model, batch, 8)[0].item()
+    b = plain.compute_loss(plain.model, plain.collate([plain.train_dataset[i] for i in range(8)]), 8)[0].item()
+    assert a == pytest.approx(b, rel=1e-6)
