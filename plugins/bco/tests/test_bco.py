@@ -34,7 +34,7 @@ def policy(tiny_tokenizer):
 def _trainer(tmp_path, model, tokenizer, data, **cfg):
     from posttrain_bco import BCOConfig, BCOTrainer
 
-    kwargs = {k: cfg.pop(k) for k in ("ref_model", "embedding_func", "embedding_tokenizer", "eval_dataset") if k in cfg}
+    kwargs = {k: cfg.pop(k) for k in ("ref_model", "embedding_func", "embedding_tokenizer", "eval_dataset", "peft_config") if k in cfg}
     cfg = {"per_device_train_batch_size": 8, "report_to": "none", "disable_tqdm": True, "gradient_checkpointing": False, "save_strategy": "no", **cfg}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -270,3 +270,17 @@ def test_uninformative_embeddings_give_density_ratio_one_without_trls_pad_filter
     a = udm.compute_loss(udm.model, batch, 8)[0].item()
     b = plain.compute_loss(plain.model, plain.collate([plain.train_dataset[i] for i in range(8)]), 8)[0].item()
     assert a == pytest.approx(b, rel=1e-6)
+
+
+def test_peft_reference_is_the_adapter_disabled_policy(tmp_path, policy, tiny_tokenizer):
+    from peft import LoraConfig
+
+    trainer = _trainer(tmp_path, policy, tiny_tokenizer, _unpaired(4, seed=9),
+                       peft_config=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    assert trainer.ref_model is None
+    batch = trainer.collate([trainer.train_dataset[i] for i in range(8)])
+    ref_logps = trainer._reference_logps(batch)
+    base_logps, _ = trainer._sequence_logps(policy, batch)
+    policy_logps, _ = trainer._sequence_logps(trainer.model, batch)
+    torch.testing.assert_close(ref_logps, base_logps.detach())
+    assert not torch.allclose(policy_logps, base_logps)  # the adapter is active outside the reference context
