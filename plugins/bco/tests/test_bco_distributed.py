@@ -12,6 +12,7 @@ import pytest
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
+pytestmark = pytest.mark.distributed  # registered in the repository's pytest config
 
 
 def _free_port() -> str:
