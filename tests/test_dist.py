@@ -83,7 +83,9 @@ def _incompatible_plugin_wheel(tmp_path, wheels) -> str:
 
     root = write_plugin("future_method", directory=str(tmp_path))
     spec = os.path.join(root, "posttrain_future_method", "_spec.py")
-    text = open(spec).read().replace("plugin_api=API_VERSION", 'plugin_api="2.0"')
+    original = open(spec).read()
+    text = re.sub(r'plugin_api="\d+\.\d+"', 'plugin_api="2.0"', original)
+    assert text != original, "the generated spec declares no literal plugin_api"
     open(spec, "w").write(text)
     pyproject = os.path.join(root, "pyproject.toml")
     text = re.sub(r'"posttrain>=[^"]+"', '"posttrain>=2.0,<3"', open(pyproject).read())

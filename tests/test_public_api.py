@@ -32,9 +32,20 @@ def test_every_public_name_resolves():
         assert getattr(posttrain, name) is not None, name
 
 
-def test_plugin_api_is_1_2():
-    # 1.2 added MethodSpec.data_format / tiny_run (the conformance kit); 1.1 plugins still load
-    assert posttrain.API_VERSION == "1.2"
+def test_plugin_api_is_1_3():
+    # 1.2 added MethodSpec.data_format / tiny_run (the conformance kit); 1.3 the "triple_preference" format and
+    # TrainingLoop.load_model(quantization_config=); 1.1 and 1.2 plugins still load
+    assert posttrain.API_VERSION == "1.3"
+    assert "triple_preference" in posttrain.DATA_FORMATS
+
+
+def test_plugins_declare_a_literal_plugin_api():
+    """``plugin_api=API_VERSION`` would claim whatever core runs, and the gate could never refuse the plugin."""
+    specs = sorted((ROOT / "plugins").glob("*/posttrain_*/_spec.py")) + sorted((ROOT / "contrib").glob("*/posttrain_*/_spec.py"))
+    assert len(specs) >= 10
+    for path in specs:
+        text = path.read_text()
+        assert re.search(r'plugin_api="\d+\.\d+"', text) and "API_VERSION" not in text, f"{path.relative_to(ROOT)}: declare plugin_api as a literal"
 
 
 def test_what_a_plugin_author_needs_is_public():

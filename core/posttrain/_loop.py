@@ -250,18 +250,25 @@ class TrainingLoop:
     def device(self) -> torch.device:
         return self.accelerator.device
 
-    def load_model(self, model, *, processing_class=None, peft_config=None, auto_class=None, before_peft=None):
+    def load_model(self, model, *, processing_class=None, peft_config=None, auto_class=None, before_peft=None, quantization_config=None):
         """Return ``(model, processing_class)``: load by name if needed, apply PEFT and gradient checkpointing.
 
         Args:
             model: A model object, or a Hub id / local directory (then ``args.model_init_kwargs``
                 are passed to ``from_pretrained``; ``None`` falls back to ``args.model_name_or_path``).
-            processing_class: Tokenizer; loaded from the model's path when None.
+            processing_class: Tokenizer; loaded from the model's path when None (at the
+                ``revision`` of ``args.model_init_kwargs``, if it names one).
             peft_config: A ``peft.PeftConfig``; when None and ``args.use_peft``, a LoRA config is
                 built from the ``lora_*`` fields.
             auto_class: The transformers auto class (default ``AutoModelForCausalLM``).
             before_peft: ``(model, tokenizer) -> (model, tokenizer)`` run before PEFT wraps the model
                 (e.g. to add tokens of a new chat template and resize the embeddings).
+            quantization_config: A transformers quantization config (TRL trainers' argument of that
+                name) passed to ``from_pretrained`` for a model given by name (plugin API 1.3).
+
+        Raises:
+            ConfigError: no model; ``quantization_config`` with a model object, or also in
+                ``args.model_init_kwargs``; a tokenizer without pad and eos tokens.
         """
         import transformers
 
@@ -270,6 +277,11 @@ class TrainingLoop:
         model = model if model is not None else args.model_name_or_path
         if model is None:
             raise ConfigError("no model given: pass model=... to the trainer or set model_name_or_path.")
+        if quantization_config is not None and not isinstance(model, str):
+            raise ConfigError(
+                "quantization_config= applies only to a model given by name (it is used when loading): pass the model as a "
+                "Hub id or directory, or quantize it yourself and omit quantization_config."
+            )
         if isinstance(model, str):
             name = model
             kwargs = dict(args.model_init_kwargs or {})
@@ -278,9 +290,14 @@ class TrainingLoop:
                 dtype = getattr(torch, dtype)
             if args.trust_remote_code:
                 kwargs.setdefault("trust_remote_code", True)
+            if quantization_config is not None:
+                if "quantization_config" in kwargs:
+                    raise ConfigError("quantization_config is set both as a trainer argument and in args.model_init_kwargs: set it in one place (preferably the trainer argument).")
+                kwargs["quantization_config"] = quantization_config
             model = _from_pretrained(auto_class, name, "model", dtype=dtype or torch.float32, **kwargs)
             if processing_class is None:
-                processing_class = _from_pretrained(transformers.AutoTokenizer, name, "tokenizer", trust_remote_code=args.trust_remote_code)
+                revision = {"revision": kwargs["revision"]} if kwargs.get("revision") else {}  # the tokenizer of the same revision
+                processing_class = _from_pretrained(transformers.AutoTokenizer, name, "tokenizer", trust_remote_code=args.trust_remote_code, **revision)
         elif processing_class is None:
             name = getattr(model.config, "_name_or_path", None)
             if not name:

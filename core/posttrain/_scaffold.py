@@ -69,6 +69,7 @@ def write_plugin(name: str, *, family: str = "sft", directory: str = ".", class_
         "data_format": FAMILIES[family][0],
         "family_line": FAMILIES[family][1],
         "requirement": f"posttrain>={major}.{minor},<{int(major) + 1}",
+        "plugin_api": f"{major}.{minor}",
         "signals": '{"preference_margin": "rewards/margins", "preference_accuracy": "rewards/accuracies"}' if family == "preference" else "{}",
     }
     files = {
@@ -215,12 +216,12 @@ def __getattr__(name: str):
 _SPEC = '''
 """The {{name}} method spec (light: imports nothing but posttrain)."""
 
-from posttrain import API_VERSION, MethodSpec
+from posttrain import MethodSpec
 
 SPEC = MethodSpec(
     name="{{name}}",
     maturity="experimental",  # "stable" needs version >= 1.0 and a committed api_snapshot.json
-    plugin_api=API_VERSION,
+    plugin_api="{{plugin_api}}",  # the plugin API it is written against (a literal; raise it with the pyproject requirement)
     summary="{{family_line}}",
     family="{{family}}",
     trainer="{{package}}.trainer:{{Camel}}Trainer",

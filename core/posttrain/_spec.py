@@ -13,7 +13,7 @@ __all__ = ["MethodSpec", "Preset", "SpecError", "MATURITIES", "DATA_FORMATS", "S
 MATURITIES = ("stable", "experimental")
 
 #: TRL's dataset formats, by the names ``posttrain.testing.make_tiny_datasets`` uses; a method's
-#: :attr:`MethodSpec.data_format` is one of them (plugin API 1.2).
+#: :attr:`MethodSpec.data_format` is one of them (plugin API 1.2; ``triple_preference`` 1.3).
 DATA_FORMATS = (
     "text",
     "messages",
@@ -23,6 +23,7 @@ DATA_FORMATS = (
     "conversational_preference",
     "unpaired_preference",
     "prompt_only",
+    "triple_preference",  # plugin API 1.3: prompt/chosen/rejected plus a gold "reference" response (TRL's TPO data)
 )
 
 _NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")

@@ -1,11 +1,11 @@
 """The method's spec (light: imports nothing but posttrain)."""
 
-from posttrain import API_VERSION, MethodSpec, Preset
+from posttrain import MethodSpec, Preset
 
 SPEC = MethodSpec(
     name="example_method",
     maturity="experimental",
-    plugin_api=API_VERSION,
+    plugin_api="1.2",  # the plugin API it is written against: a literal, so the gate can refuse a core without it
     summary="SFT on plain text with input token dropout (example third-party plugin).",
     family="sft",
     trainer="posttrain_example_method.trainer:TokenDropoutSFTTrainer",

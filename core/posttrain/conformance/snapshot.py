@@ -194,7 +194,7 @@ def _members(cls: type, names: list[str]) -> dict[str, Any]:
 def core_surface() -> dict[str, Any]:
     """Return the core's public surface: ``posttrain.__all__``, ``TrainingConfig`` and the plugin API."""
     import posttrain
-    from posttrain import MethodProtocol, MethodSpec, OptionalMethodMembers, Preset, TrainerSurface, TrainingConfig
+    from posttrain import DATA_FORMATS, MethodProtocol, MethodSpec, OptionalMethodMembers, Preset, TrainerSurface, TrainingConfig, TrainingLoop
 
     exports = {}
     for name in sorted(posttrain.__all__):
@@ -219,6 +219,10 @@ def core_surface() -> dict[str, Any]:
             "MethodSpec": {f.name: {"type": _type_name(f.type), "default": _field_default(f)} for f in dataclasses.fields(MethodSpec)},
             "Preset": {f.name: {"type": _type_name(f.type), "default": _field_default(f)} for f in dataclasses.fields(Preset)},
             "TrainerSurface": _members(TrainerSurface, surface_names),
+            # what plugins call on the loop (since 1.3): e.g. load_model(..., quantization_config=)
+            "TrainingLoop": _members(TrainingLoop, sorted(n for n in vars(TrainingLoop) if not n.startswith("_"))),
+            # a format a plugin's data_format may name; removing one breaks those plugins (since 1.3)
+            "DATA_FORMATS": {name: "format" for name in DATA_FORMATS},
         },
     }
 

@@ -8,7 +8,8 @@ Fixtures:
     tiny_model: a fresh random tiny Qwen2 causal LM (function-scoped, float32).
     tiny_model_dir: a directory with a saved tiny model + tokenizer (session-scoped, read-only).
     tiny_datasets: ``{"text", "messages", "prompt_completion", "conversational_prompt_completion",
-        "preference", "conversational_preference", "unpaired_preference", "prompt_only"}`` -> Dataset.
+        "preference", "conversational_preference", "unpaired_preference", "prompt_only",
+        "triple_preference"}`` -> Dataset.
     isolated_registry: a fresh empty ``posttrain.Registry`` (no installed plugins).
     register_method: ``register_method(spec, distribution=..., version=...)`` makes a spec visible
         to the default registry until the test ends.
@@ -66,6 +67,14 @@ def make_tiny_datasets(n: int = 16, seed: int = 0) -> dict:
             }
         ),
         "prompt_only": Dataset.from_dict({"prompt": [q + " =" for q, _, _ in rows], "solution": [a for _, a, _ in rows]}),
+        "triple_preference": Dataset.from_dict(  # TRL's TPO rows: the gold response is the correct sum, spelled out
+            {
+                "prompt": [q + " =" for q, _, _ in rows],
+                "chosen": [" " + a for _, a, _ in rows],
+                "rejected": [" " + r for _, _, r in rows],
+                "reference": [f" {a}, because {q.removeprefix('what is ')} = {a}" for q, a, _ in rows],
+            }
+        ),
     }
 
 

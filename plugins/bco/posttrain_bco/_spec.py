@@ -1,11 +1,11 @@
 """The BCO method spec and its paper presets (light: imports nothing but posttrain)."""
 
-from posttrain import API_VERSION, MethodSpec, Preset
+from posttrain import MethodSpec, Preset
 
 SPEC = MethodSpec(
     name="bco",
     maturity="experimental",
-    plugin_api=API_VERSION,
+    plugin_api="1.3",  # the plugin API it is written against (1.3: TrainingLoop.load_model(quantization_config=))
     summary="BCO: a binary classifier (logit = implied reward minus a running mean) on unpaired thumbs-up/down data, optional density-ratio weights (UDM).",
     family="preference",
     trainer="posttrain_bco.trainer:BCOTrainer",

@@ -1,11 +1,11 @@
 """The CPO family's spec: CPO, SimPO, AlphaPO (light: imports nothing but posttrain)."""
 
-from posttrain import API_VERSION, MethodSpec, Preset
+from posttrain import MethodSpec, Preset
 
 SPEC = MethodSpec(
     name="cpo",
     maturity="experimental",  # "stable" needs version >= 1.0 and a committed api_snapshot.json
-    plugin_api=API_VERSION,
+    plugin_api="1.2",  # the plugin API it is written against: a literal, so the gate can refuse a core without it
     summary="Reference-free preference optimization: CPO (preference loss + NLL), SimPO (length-normalized, margin) and AlphaPO (reward shape).",
     family="preference",
     trainer="posttrain_cpo.trainer:CPOTrainer",

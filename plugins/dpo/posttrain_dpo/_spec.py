@@ -1,11 +1,11 @@
 """The DPO method's spec (light: imports nothing but posttrain)."""
 
-from posttrain import API_VERSION, MethodSpec, Preset
+from posttrain import MethodSpec, Preset
 
 SPEC = MethodSpec(
     name="dpo",
     maturity="stable",
-    plugin_api=API_VERSION,
+    plugin_api="1.2",  # the plugin API it is written against: a literal, so the gate can refuse a core without it
     summary="Direct Preference Optimization on prompt/chosen/rejected pairs, with 15 loss types (IPO, SLiC, EXO, NCA, APO, ...) and a frozen reference.",
     family="preference",
     trainer="posttrain_dpo.trainer:DPOTrainer",

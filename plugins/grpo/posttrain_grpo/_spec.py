@@ -1,11 +1,11 @@
 """The GRPO method spec and its paper presets (light: imports nothing but posttrain)."""
 
-from posttrain import API_VERSION, MethodSpec, Preset
+from posttrain import MethodSpec, Preset
 
 SPEC = MethodSpec(
     name="grpo",
     maturity="stable",
-    plugin_api=API_VERSION,
+    plugin_api="1.2",  # the plugin API it is written against: a literal, so the gate can refuse a core without it
     summary="Group Relative Policy Optimization: online RL from reward functions with group-normalized advantages.",
     family="online-rl",
     trainer="posttrain_grpo.trainer:GRPOTrainer",

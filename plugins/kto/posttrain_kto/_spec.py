@@ -1,11 +1,11 @@
 """The KTO method's spec (light: imports nothing but posttrain)."""
 
-from posttrain import API_VERSION, MethodSpec, Preset
+from posttrain import MethodSpec, Preset
 
 SPEC = MethodSpec(
     name="kto",
     maturity="stable",
-    plugin_api=API_VERSION,
+    plugin_api="1.2",  # the plugin API it is written against: a literal, so the gate can refuse a core without it
     summary="KTO: prospect-theoretic loss on unpaired desirable/undesirable completions against a frozen reference.",
     family="preference",
     trainer="posttrain_kto.trainer:KTOTrainer",

@@ -1,11 +1,11 @@
 """The ORPO method spec and its paper preset (light: imports nothing but posttrain)."""
 
-from posttrain import API_VERSION, MethodSpec, Preset
+from posttrain import MethodSpec, Preset
 
 SPEC = MethodSpec(
     name="orpo",
     maturity="experimental",
-    plugin_api=API_VERSION,
+    plugin_api="1.2",  # the plugin API it is written against: a literal, so the gate can refuse a core without it
     summary="ORPO: NLL on the chosen response plus an odds-ratio preference term, in one stage and without a reference model.",
     family="preference",
     trainer="posttrain_orpo.trainer:ORPOTrainer",

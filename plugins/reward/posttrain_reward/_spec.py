@@ -1,11 +1,11 @@
 """The reward method's spec (light: imports nothing but posttrain)."""
 
-from posttrain import API_VERSION, MethodSpec, Preset
+from posttrain import MethodSpec, Preset
 
 SPEC = MethodSpec(
     name="reward",
     maturity="stable",
-    plugin_api=API_VERSION,
+    plugin_api="1.2",  # the plugin API it is written against: a literal, so the gate can refuse a core without it
     summary="Outcome reward model: Bradley-Terry loss on chosen/rejected pairs (sequence-classification head).",
     family="reward",
     trainer="posttrain_reward.trainer:RewardTrainer",

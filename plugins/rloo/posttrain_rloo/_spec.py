@@ -1,11 +1,11 @@
 """The RLOO method spec and its paper presets (light: imports nothing but posttrain)."""
 
-from posttrain import API_VERSION, MethodSpec, Preset
+from posttrain import MethodSpec, Preset
 
 SPEC = MethodSpec(
     name="rloo",
     maturity="stable",
-    plugin_api=API_VERSION,
+    plugin_api="1.2",  # the plugin API it is written against: a literal, so the gate can refuse a core without it
     summary="REINFORCE Leave-One-Out: online RL from reward functions with a leave-one-out baseline and a KL penalty in the reward.",
     family="online-rl",
     trainer="posttrain_rloo.trainer:RLOOTrainer",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from posttrain import API_VERSION, MethodSpec, Preset
+from posttrain import MethodSpec, Preset
 
 _DFT = "Wu et al., On the Generalization of SFT: A Reinforcement Learning Perspective with Reward Rectification (DFT), arXiv:2508.05629"
 _PACKING = "Ding et al., Fewer Truncations Improve Language Modeling, arXiv:2404.10830 (best-fit packing)"
@@ -10,7 +10,7 @@ _PACKING = "Ding et al., Fewer Truncations Improve Language Modeling, arXiv:2404
 SPEC = MethodSpec(
     name="sft",
     maturity="stable",
-    plugin_api=API_VERSION,
+    plugin_api="1.2",  # the plugin API it is written against: a literal, so the gate can refuse a core without it
     summary="Supervised fine-tuning: token NLL (or DFT) on text, chat or prompt/completion data, with packing.",
     family="sft",
     trainer="posttrain_sft.trainer:SFTTrainer",

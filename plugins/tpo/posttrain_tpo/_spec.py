@@ -1,22 +1,21 @@
 """The TPO method spec and its paper presets (light: imports nothing but posttrain)."""
 
-from posttrain import API_VERSION, MethodSpec, Preset
+from posttrain import MethodSpec, Preset
 
 _PAPER = "arXiv:2405.16681"
 
 SPEC = MethodSpec(
     name="tpo",
     maturity="experimental",
-    plugin_api=API_VERSION,
+    plugin_api="1.3",  # the plugin API it is written against (1.3: the "triple_preference" tiny data format)
     summary="TPO / TPO-L: a reference-free chosen-vs-rejected preference loss plus the NLL of a gold 'reference' response, in one stage.",
     family="preference",
     trainer="posttrain_tpo.trainer:TPOTrainer",
     config="posttrain_tpo.config:TPOConfig",
-    # The shared tiny datasets have no 'reference' column, so the conformance run trains the
-    # preference term alone (tpo_alpha=0: the gold response is not needed); the plugin's own
-    # tests cover the NLL term on triples.
-    data_format="preference",
-    tiny_run={"max_length": 32, "learning_rate": 1e-3, "beta": 0.1, "tpo_alpha": 0.0},
+    # TRL's TPO rows (prompt/chosen/rejected + a gold 'reference'): the conformance run trains both
+    # terms, the preference loss and the gold response's NLL (tpo_alpha at its default 1.0)
+    data_format="triple_preference",
+    tiny_run={"max_length": 48, "learning_rate": 1e-3, "beta": 0.1},
     signals={"preference_margin": "rewards/margins", "preference_accuracy": "rewards/accuracies", "token_accuracy": "mean_token_accuracy"},  # roles the diagnostics read
     papers=(
         "Saeidi, Verma, RRV, Rasul and Baral 2024 (rev. 2025), Triple Preference Optimization: Achieving Better Alignment "
