@@ -187,3 +187,27 @@ def test_kill_during_save_leaves_previous_checkpoint_loadable_and_resume_matches
     subprocess.run([sys.executable, SCRIPT, tiny_model_dir, json.dumps({**cfg, "output_dir": ref_out})], check=True, env=_env(), capture_output=True)
     assert step_losses(out) == step_losses(ref_out)
     assert not [n for n in os.listdir(out) if n.startswith("tmp-")]
+
+
+def test_load_model_quantization_config_and_revision_go_to_from_pretrained(toy, tiny_model, tiny_model_dir, tmp_path, monkeypatch):
+    """Plugin API 1.3: TRL's quantization_config trainer argument reaches from_pretrained of a named model; the
+    tokenizer is loaded at the model's revision; a model object or a second quantization_config is one line."""
+    import transformers
+
+    from posttrain import TrainingLoop
+
+    calls = []
+    original = {cls: cls.from_pretrained for cls in (transformers.AutoModelForCausalLM, transformers.AutoTokenizer)}
+    for cls, load in original.items():
+        monkeypatch.setattr(cls, "from_pretrained", lambda name, _load=load, _cls=cls, **kw: calls.append((_cls.__name__, kw)) or _load(name, **{k: v for k, v in kw.items() if k not in ("quantization_config", "revision")}))
+    marker = object()
+    loop = TrainingLoop(ToyConfig(output_dir=str(tmp_path), model_init_kwargs={"revision": "v1"}), method="toy_lm")
+    loop.load_model(tiny_model_dir, quantization_config=marker)
+    (model_name, model_kw), (tok_name, tok_kw) = calls
+    assert model_name == "AutoModelForCausalLM" and model_kw["quantization_config"] is marker and model_kw["revision"] == "v1"
+    assert tok_name == "AutoTokenizer" and tok_kw["revision"] == "v1"
+    with pytest.raises(ConfigError, match="quantization_config= applies only to a model given by name"):
+        loop.load_model(tiny_model, quantization_config=marker)
+    both = TrainingLoop(ToyConfig(output_dir=str(tmp_path / "b"), model_init_kwargs={"quantization_config": marker}), method="toy_lm")
+    with pytest.raises(ConfigError, match="set both as a trainer argument and in args.model_init_kwargs"):
+        both.load_model(tiny_model_dir, quantization_config=marker)
