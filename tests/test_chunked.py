@@ -360,3 +360,17 @@ def test_undeclared_logit_postprocessing_is_caught_by_the_probe(tok):
         warnings.simplefilter("error")
         outputs, states = causal_lm_states(plain, chunk_size=4, input_ids=ids, attention_mask=mask)
     assert states.is_chunked and outputs.logits.shape == (ids.shape[0], 1, len(tok))
+
+
+def test_probe_of_a_diverged_model_neither_raises_nor_falls_back(tok):
+    """NaN/inf logits (a run at lr=1 diverging) compare as themselves: no error, no warning, still chunked."""
+    import warnings
+
+    model = _model(tok)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
+    ids, mask = _batch(tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        outputs, states = causal_lm_states(model, chunk_size=4, input_ids=ids, attention_mask=mask)
+    assert states.is_chunked and torch.isnan(outputs.logits).all()
