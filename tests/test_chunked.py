@@ -359,7 +359,9 @@ def test_undeclared_logit_postprocessing_is_caught_by_the_probe(tok):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         outputs, states = causal_lm_states(plain, chunk_size=4, input_ids=ids, attention_mask=mask)
-    assert states.is_chunked and outputs.logits.shape == (ids.shape[0], 1, len(tok))
+        assert states.is_chunked and outputs.logits.shape == (ids.shape[0], 1, len(tok))
+        outputs, states = causal_lm_states(plain, chunk_size=4, input_ids=ids, attention_mask=mask)
+    assert states.is_chunked and outputs.logits.shape == (ids.shape[0], 0, len(tok))  # verified once: no probe, no sync after
 
 
 def test_probe_of_a_diverged_model_neither_raises_nor_falls_back(tok):

@@ -383,16 +383,17 @@ def causal_lm_states(model, *, chunk_size: int | None, **model_kwargs) -> tuple[
     """Run ``model(**model_kwargs)`` without computing its logits; return ``(outputs, TokenStates)``.
 
     A forward pre-hook on the LM head (:func:`lm_head_of`) keeps the hidden states it would project
-    and hands it only the first position instead, so the model's whole forward (DDP, PEFT,
-    prompt-learning adapters, ``logits_to_keep``) runs as usual and ``outputs.logits`` holds that one
-    position, ``(B, 1, V)``. The head's output tells the dtype it computes in (autocast, a float32
-    head), which the chunked scoring reproduces. That position is also a probe: if the model's logits
-    there differ from the head's own projection (a forward that post-processes its logits in a way
-    :func:`lm_head_of` cannot see from the config: a custom scale, softcap or bias), the chunked
-    scores would be wrong, so the forward is run again unchunked, a warning says so once, and that
-    model is scored from its own logits from then on. With ``chunk_size`` 0/None, or a head it
-    cannot reproduce, it runs the model as is and the states are the model's logits
-    (``outputs.logits`` is then the real logits).
+    and hands it zero rows instead, so the model's whole forward (DDP, PEFT, prompt-learning
+    adapters, ``logits_to_keep``) runs as usual and ``outputs.logits`` is empty. The head's output
+    tells the dtype it computes in (autocast, a float32 head), which the chunked scoring reproduces.
+    The first forward of each head hands it one position instead (``outputs.logits`` is then
+    ``(B, 1, V)``), a probe: if the model's logits there differ from the head's own projection (a
+    forward that post-processes its logits in a way :func:`lm_head_of` cannot see from the config: a
+    custom scale, softcap or bias), the chunked scores would be wrong, so the forward is run again
+    unchunked, a warning says so once, and that model is scored from its own logits from then on.
+    The verdict is kept per head, so later forwards add no comparison (nor its host sync). With
+    ``chunk_size`` 0/None, or a head it cannot reproduce, it runs the model as is and the states are
+    the model's logits (``outputs.logits`` is then the real logits).
 
     Args:
         model: A causal LM (possibly wrapped), called with ``model_kwargs``.
@@ -408,6 +409,7 @@ def causal_lm_states(model, *, chunk_size: int | None, **model_kwargs) -> tuple[
     head = lm_head_of(model) if chunk_size else None
     if head is not None and head in _POSTPROCESSED_HEADS:
         head = None
+    probe = head is not None and head not in _VERIFIED_HEADS  # the first forward of each head only: no host sync after that
     if head is None:
         outputs = model(**model_kwargs)
         return outputs, TokenStates(outputs.logits)
@@ -418,11 +420,12 @@ def causal_lm_states(model, *, chunk_size: int | None, **model_kwargs) -> tuple[
             raise RuntimeError(f"{type(module).__name__} LM head called twice in one forward; posttrain cannot chunk this model's log-probs: set logprob_chunk_size=0.")
         hidden = args[0]
         captured["hidden"] = hidden
-        return (hidden[..., :1, :],) + tuple(args[1:])  # one position: the probe (and the dtype)
+        return (hidden[..., : 1 if probe else 0, :],) + tuple(args[1:])  # the probe position, or nothing
 
     def keep_dtype(module, args, output):
         captured["dtype"] = output.dtype
-        captured["head_logits"] = output.detach()
+        if probe:
+            captured["head_logits"] = output.detach()
 
     handles = [head.register_forward_pre_hook(keep_hidden), head.register_forward_hook(keep_dtype)]
     try:
@@ -432,7 +435,9 @@ def causal_lm_states(model, *, chunk_size: int | None, **model_kwargs) -> tuple[
             handle.remove()
     if "hidden" not in captured:
         raise RuntimeError(f"{type(_unwrap(model)[0]).__name__}'s forward never called its LM head; set logprob_chunk_size=0.")
-    if not _logits_are_the_heads(getattr(outputs, "logits", None), captured.get("head_logits")):
+    if probe and _logits_are_the_heads(getattr(outputs, "logits", None), captured.get("head_logits")):
+        _VERIFIED_HEADS.add(head)
+    elif probe:
         _POSTPROCESSED_HEADS.add(head)
         warnings.warn(
             f"{type(_unwrap(model)[0]).__name__}'s forward changes the LM head's logits (a scale, softcap or offset its config does not "
@@ -450,6 +455,8 @@ def causal_lm_states(model, *, chunk_size: int | None, **model_kwargs) -> tuple[
 
 #: LM heads whose model was seen post-processing their logits (scored from the full logits from then on)
 _POSTPROCESSED_HEADS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+#: LM heads whose model returned the head's own logits at the probe position (not probed again)
+_VERIFIED_HEADS: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 def _logits_are_the_heads(logits, head_logits) -> bool:
