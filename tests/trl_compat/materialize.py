@@ -35,8 +35,14 @@ TRAINERS = {
     "kto": ("tests/test_kto_trainer.py", "posttrain.methods.kto", "KTOConfig", "KTOTrainer"),
     "grpo": ("tests/test_grpo_trainer.py", "posttrain.methods.grpo", "GRPOConfig", "GRPOTrainer"),
     "rloo": ("tests/test_rloo_trainer.py", "posttrain.methods.rloo", "RLOOConfig", "RLOOTrainer"),
+    # experimental trainers: TRL ships them under trl.experimental, we under posttrain.experimental (the opt-in)
+    "orpo": ("tests/experimental/test_orpo_trainer.py", "posttrain.experimental.orpo", "ORPOConfig", "ORPOTrainer"),
+    "cpo": ("tests/experimental/test_cpo_trainer.py", "posttrain.experimental.cpo", "CPOConfig", "CPOTrainer"),
+    "tpo": ("tests/experimental/test_tpo_trainer.py", "posttrain.experimental.tpo", "TPOConfig", "TPOTrainer"),
 }
-SUPPORT_FILES = ["tests/__init__.py", "tests/conftest.py", "tests/testing_utils.py", "tests/testing_constants.py"]
+#: trainer -> the trl module its test file imports the config and trainer from (default ``trl``)
+TRL_MODULES = {name: "trl.experimental." + name for name in ("orpo", "cpo", "tpo")}
+SUPPORT_FILES = ["tests/__init__.py", "tests/experimental/__init__.py", "tests/conftest.py", "tests/testing_utils.py", "tests/testing_constants.py"]
 TARGETS = ("trl", "posttrain")
 
 NO_SOURCE_MESSAGE = (
@@ -103,13 +109,15 @@ def find_source() -> TRLSource | None:
     return src if src.read(TRAINERS["sft"][0]) is not None else None
 
 
-_IMPORT_RE = re.compile(r"^from trl import (?P<names>[A-Za-z_, ]+)$", re.MULTILINE)
-
-
 def rewrite_imports(text: str, trainer: str) -> str:
-    """Swap ``from trl import XConfig, XTrainer`` for posttrain's gate; every other line stays as is."""
+    """Swap ``from trl import XConfig, XTrainer`` for posttrain's gate; every other line stays as is.
+
+    For an experimental trainer the line is ``from trl.experimental.<name> import ...`` (see :data:`TRL_MODULES`).
+    """
     _, module, config_cls, trainer_cls = TRAINERS[trainer]
     wanted = {config_cls, trainer_cls}
+    trl_module = TRL_MODULES.get(trainer, "trl")
+    import_re = re.compile(rf"^from {re.escape(trl_module)} import (?P<names>[A-Za-z_, ]+)$", re.MULTILINE)
 
     def repl(match: re.Match) -> str:
         names = [n.strip() for n in match.group("names").split(",") if n.strip()]
@@ -117,14 +125,14 @@ def rewrite_imports(text: str, trainer: str) -> str:
         rest = [n for n in names if n not in wanted]
         lines = []
         if rest:
-            lines.append(f"from trl import {', '.join(rest)}")
+            lines.append(f"from {trl_module} import {', '.join(rest)}")
         if ours:
             lines.append(f"from {module} import {', '.join(ours)}  # trl_compat: swapped from trl")
         return "\n".join(lines)
 
-    new, count = _IMPORT_RE.subn(repl, text)
+    new, count = import_re.subn(repl, text)
     if count == 0 or module not in new:
-        raise RuntimeError(f"could not find `from trl import {config_cls}, {trainer_cls}` in the {trainer} test file")
+        raise RuntimeError(f"could not find `from {trl_module} import {config_cls}, {trainer_cls}` in the {trainer} test file")
     return new
 
 
@@ -239,6 +247,7 @@ def materialize(source: TRLSource, targets=TARGETS, trainers=None, log=print) ->
             text = source.read(rel)
             if text and rel.endswith(".py"):
                 text = stub_missing_trl_imports(text, log=log if target == targets[0] else _quiet, filename=rel)
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_text(text if text is not None else "")
         for rel in data_files:
             blob = source.read_bytes(rel)
@@ -254,6 +263,7 @@ def materialize(source: TRLSource, targets=TARGETS, trainers=None, log=print) ->
             text = stub_missing_trl_imports(text, log=log if target == targets[0] else _quiet, filename=rel)
             if target == "posttrain":
                 text = rewrite_imports(text, trainer)
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
             (root / rel).write_text(text)
     manifest = {
         "source": source.describe(),

@@ -163,12 +163,15 @@ def print_table(report: dict, baseline=None, log=print) -> None:
 
 
 def write_baseline(report: dict) -> None:
+    """Store TRL's passing ids for the trainers in ``report``; trainers not run keep their stored ids."""
+    passed = dict(load_baseline() or {})
+    passed.update({t: sorted(d["passed"]) for t, d in report["trainers"].items()})
     data = {
         "about": "Test ids of TRL's own trainer tests that pass against the installed trl on this machine "
         "(measured by `python -m tests.trl_compat.run --target trl --write-baseline`).",
         "trl_installed": report["trl_installed"],
         "trl_source": report["trl_source"],
-        "passed": {t: sorted(d["passed"]) for t, d in report["trainers"].items()},
+        "passed": {t: passed[t] for t in TRAINERS if t in passed},
     }
     BASELINE_FILE.write_text(json.dumps(data, indent=1) + "\n")
 

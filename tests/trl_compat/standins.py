@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 #: Bump when the stand-ins change, so stale caches are rebuilt.
-BUILDER_VERSION = "3"
+BUILDER_VERSION = "4"
 
 TINY = dict(hidden_size=8, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=32)
 
@@ -71,6 +71,7 @@ TOKENIZERS = {
     "deepseekv3": TokSpec("deepseekv3", eos="<｜end▁of▁sentence｜>", pad="<｜end▁of▁sentence｜>", bos="<｜begin▁of▁sentence｜>", add_bos=True, plain=["<think>", "</think>"]),
     "nemotron_3_nano": TokSpec("nemotron_3_nano", eos="<|im_end|>", pad="<|endoftext|>", special=["<|endoftext|>"], plain=["<think>", "</think>", "<tool_call>", "</tool_call>"]),
     "gpt_neox": TokSpec(None, eos="<|endoftext|>", pad=None, bos="<|endoftext|>"),
+    "t5": TokSpec(None, eos="</s>", pad="<pad>", unk="<unk>"),
 }
 
 MISTRAL_TEMPLATE = (
@@ -125,6 +126,8 @@ MODELS: list[ModelSpec] = [
         moe_intermediate_size=32, moe_shared_expert_intermediate_size=32, use_mamba_kernels=False,
     ),
     _m("tiny-GPTNeoXForCausalLM", "GPTNeoXForCausalLM", "gpt_neox", "float16", **TINY),
+    # encoder-decoder (TRL's ORPO/CPO/BCO tests train it with is_encoder_decoder=True)
+    _m("tiny-T5ForConditionalGeneration", "T5ForConditionalGeneration", "t5", "float32", d_model=16, d_kv=4, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=4),
     # sequence classification (reward models)
     _m("tiny-Qwen2ForSequenceClassification-2.5", "Qwen2ForSequenceClassification", "qwen2_5", **{**TINY, "hidden_size": 16}, num_labels=1),
     _m("tiny-Qwen3ForSequenceClassification", "Qwen3ForSequenceClassification", "qwen3", **{**TINY, "hidden_size": 16}, num_labels=1),
@@ -252,6 +255,8 @@ def _build_model(spec: ModelSpec, tok, remote_pkg: Path | None = None):
     else:
         cls = getattr(transformers, spec.arch)
         config = cls.config_class(**kwargs)
+        if getattr(config, "is_encoder_decoder", False):  # T5 starts decoding from the pad token
+            config.decoder_start_token_id = ids["pad_token_id"]
         if getattr(config, "layer_types", None) is not None and "num_hidden_layers" in spec.config:
             config.layer_types = list(config.layer_types)[: spec.config["num_hidden_layers"]]
     config.architectures = [spec.arch]
