@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from posttrain._errors import CheckpointError, CheckpointNotFoundError, DataError, DataNotFoundError, PosttrainError
 from posttrain._spec import DATA_FORMATS, SIGNAL_ROLES, MethodSpec, Preset, SignalRole, SpecError
 from posttrain.config import ConfigError, TrainingConfig, as_config, closest_field_names, config_fields
 
@@ -99,7 +100,12 @@ _LAZY = {
 
 __all__ = [
     "API_VERSION",
+    "CheckpointError",
+    "CheckpointNotFoundError",
     "ConfigError",
+    "DataError",
+    "DataNotFoundError",
+    "PosttrainError",
     "DATA_FORMATS",
     "MethodSpec",
     "Preset",

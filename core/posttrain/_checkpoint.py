@@ -44,6 +44,8 @@ import shutil
 import numpy as np
 import torch
 
+from posttrain._errors import CheckpointError, CheckpointNotFoundError
+
 __all__ = ["find_latest_checkpoint", "list_checkpoints", "save_checkpoint", "load_checkpoint", "CHECKPOINT_PREFIX"]
 
 CHECKPOINT_PREFIX = "checkpoint-"
@@ -308,6 +310,25 @@ def _verify_dcp_metadata(checkpoint_dir: str) -> None:
                 ) from exc
 
 
+def _check_same_method(loop, checkpoint_dir: str) -> None:
+    """Refuse a checkpoint whose manifest names another method (its method state and optimizer would not fit)."""
+    manifest_file = os.path.join(checkpoint_dir, "run_manifest.json")
+    if not os.path.isfile(manifest_file):
+        return  # posttrain 1.0 checkpoints carry no manifest
+    try:
+        with open(manifest_file) as fh:
+            saved = json.load(fh).get("method")
+    except (OSError, ValueError, AttributeError):
+        return
+    current = (getattr(loop, "manifest", None) or {}).get("method") or getattr(loop, "method_name", None)
+    if saved and current and saved != current:
+        raise CheckpointError(
+            f"resume_from_checkpoint={checkpoint_dir!r} was written by method {saved!r}, but this run trains {current!r}: "
+            f"resume it with `posttrain train {saved} ...`, or start this run from its weights with "
+            f"--model_name_or_path {checkpoint_dir} and no resume_from_checkpoint."
+        )
+
+
 def load_checkpoint(loop, method, checkpoint_dir: str) -> dict:
     """Restore model, optimizer, scheduler, RNG, method state and counters from ``checkpoint_dir``.
 
@@ -315,14 +336,21 @@ def load_checkpoint(loop, method, checkpoint_dir: str) -> dict:
         The checkpoint's trainer state dict.
 
     Raises:
-        FileNotFoundError: ``checkpoint_dir`` is not a complete checkpoint.
+        CheckpointNotFoundError: ``checkpoint_dir`` is not a complete checkpoint (a ``FileNotFoundError``).
+        CheckpointError: the checkpoint was written by another method.
     """
     state_file = os.path.join(checkpoint_dir, "trainer_state.json")
+    if not os.path.isdir(checkpoint_dir):
+        raise CheckpointNotFoundError(
+            f"resume_from_checkpoint={checkpoint_dir!r} does not exist: pass a checkpoint-<step> directory of this run, "
+            "or resume_from_checkpoint=true for the latest one in output_dir."
+        )
     if not os.path.isfile(state_file):
-        raise FileNotFoundError(
+        raise CheckpointNotFoundError(
             f"resume_from_checkpoint={checkpoint_dir!r} is not a complete checkpoint (no trainer_state.json); "
             "pass a checkpoint-<step> directory or resume_from_checkpoint=true for the latest one."
         )
+    _check_same_method(loop, checkpoint_dir)
     accelerator = loop.accelerator
     backend = _backend(accelerator)
     if _is_legacy_layout(checkpoint_dir):
@@ -335,7 +363,7 @@ def load_checkpoint(loop, method, checkpoint_dir: str) -> dict:
         elif backend == "deepspeed":
             if not os.path.isdir(os.path.join(checkpoint_dir, _DS_TAG)):
                 # the engine would only log a warning and train on from the current weights
-                raise FileNotFoundError(f"{checkpoint_dir!r} has no DeepSpeed state ({_DS_TAG}/): it was not saved under DeepSpeed.")
+                raise CheckpointError(f"{checkpoint_dir!r} has no DeepSpeed state ({_DS_TAG}/): it was not saved under DeepSpeed; resume it without DeepSpeed, or start from its weights with --model_name_or_path {checkpoint_dir}.")
             kwargs["load_module_strict"] = False  # as in 1.0: tied weights may be stored once
         elif backend == "fsdp":
             _verify_dcp_metadata(checkpoint_dir)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from posttrain._errors import DataError, DataNotFoundError
+
 __all__ = ["load_dataset_from_config", "load_dataset_by_name", "check_data_file"]
 
 _LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -27,30 +29,30 @@ def check_data_file(path: str) -> None:
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path} line {lineno}: invalid JSON ({exc.msg}): fix or delete the line.") from None
+                    raise DataError(f"{path} line {lineno}: invalid JSON ({exc.msg}): fix or delete the line.") from None
                 if not isinstance(row, dict):
-                    raise ValueError(f"{path} line {lineno}: a row must be a JSON object of column: value, got {line.strip()[:60]!r}: fix or delete the line.")
+                    raise DataError(f"{path} line {lineno}: a row must be a JSON object of column: value, got {line.strip()[:60]!r}: fix or delete the line.")
                 rows += 1
         if rows == 0:
-            raise ValueError(f"{path} has no rows: it is empty. Give one JSON object per line, e.g. {{\"text\": \"...\"}}.")
+            raise DataError(f"{path} has no rows: it is empty. Give one JSON object per line, e.g. {{\"text\": \"...\"}}.")
     elif ext == ".json":
         if os.path.getsize(path) == 0 or not _first_line(path):
-            raise ValueError(f"{path} has no rows: the file is empty.")
+            raise DataError(f"{path} has no rows: the file is empty.")
         with open(path, encoding="utf-8") as fh:
             try:
                 data = json.load(fh)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg}).") from None
+                raise DataError(f"{path} line {exc.lineno}: invalid JSON ({exc.msg}).") from None
         if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list):
             data = next(iter(data.values()))  # {"data": [rows]}, which datasets reads with field=
         if isinstance(data, list):
             if not data:
-                raise ValueError(f"{path} has no rows: the list is empty.")
+                raise DataError(f"{path} has no rows: the list is empty.")
             for index, row in enumerate(data):
                 if not isinstance(row, dict):
-                    raise ValueError(f"{path} row {index}: a row must be a JSON object of column: value, got {json.dumps(row)[:60]}: fix or delete the row.")
+                    raise DataError(f"{path} row {index}: a row must be a JSON object of column: value, got {json.dumps(row)[:60]}: fix or delete the row.")
     elif os.path.getsize(path) == 0:
-        raise ValueError(f"{path} has no rows: the file is empty.")
+        raise DataError(f"{path} has no rows: the file is empty.")
 
 
 def _first_line(path: str) -> str:
@@ -92,7 +94,7 @@ def load_dataset_by_name(name: str, split: str):
     if os.path.isfile(name):
         ext = os.path.splitext(name)[1].lower()
         if ext not in _LOCAL_BUILDERS:
-            raise ValueError(f"dataset_name={name!r}: unsupported file type {ext!r}; use one of {', '.join(_LOCAL_BUILDERS)}.")
+            raise DataError(f"dataset_name={name!r}: unsupported file type {ext!r}; use one of {', '.join(_LOCAL_BUILDERS)}.")
         check_data_file(name)
         dd = datasets.load_dataset(_LOCAL_BUILDERS[ext], data_files={"train": name})
     elif os.path.isdir(name):
@@ -111,14 +113,14 @@ def load_dataset_by_name(name: str, split: str):
                 split_name = stem.split("-")[0] if stem.split("-")[0] in ("train", "test", "validation", "eval") else "train"
                 files.setdefault(split_name, []).append(os.path.join(name, fname))
             if not files:
-                raise ValueError(f"dataset_name={name!r} is a directory with no .json/.jsonl/.parquet/.csv files and no saved dataset.")
+                raise DataError(f"dataset_name={name!r} is a directory with no .json/.jsonl/.parquet/.csv files and no saved dataset.")
             dd = datasets.load_dataset(builder, data_files=files)
     elif name.startswith((".", "/", "~")) or name.endswith(tuple(_LOCAL_BUILDERS)):
-        raise FileNotFoundError(f"dataset_name={name!r} looks like a local path but does not exist.")
+        raise DataNotFoundError(f"dataset_name={name!r} looks like a local path but does not exist: check the path, or give a Hub dataset id.")
     else:
         return datasets.load_dataset(name, split=split)
     if split not in dd:
-        raise ValueError(f"dataset_name={name!r} has no split {split!r}; available splits: {', '.join(dd)}. Set --dataset_split.")
+        raise DataError(f"dataset_name={name!r} has no split {split!r}; available splits: {', '.join(dd)}. Set --dataset_split.")
     return dd[split]
 
 
@@ -129,7 +131,7 @@ def load_dataset_from_config(config):
         ValueError: ``dataset_name`` is not set.
     """
     if not config.dataset_name:
-        raise ValueError("dataset_name is not set: pass --dataset_name (a Hub id or a local .json/.jsonl/.parquet file or directory).")
+        raise DataError("dataset_name is not set: pass --dataset_name (a Hub id or a local .json/.jsonl/.parquet file or directory).")
     train = load_dataset_by_name(config.dataset_name, config.dataset_split)
     evaluation = load_dataset_by_name(config.dataset_name, config.eval_dataset_split) if config.eval_dataset_split else None
     return train, evaluation

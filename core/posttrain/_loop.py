@@ -30,6 +30,7 @@ from transformers import TrainerControl, TrainerState
 
 from posttrain import API_VERSION, __version__
 from posttrain._checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain._errors import CheckpointNotFoundError
 from posttrain._protocol import check_method
 from posttrain._registry import ensure_activated
 from posttrain.config import ConfigError, TrainingConfig
@@ -802,7 +803,10 @@ class TrainingLoop:
         if resume is True or (isinstance(resume, str) and resume.lower() == "true"):
             resume = find_latest_checkpoint(args.output_dir)
             if resume is None:
-                raise FileNotFoundError(f"resume_from_checkpoint=true but {args.output_dir!r} holds no complete checkpoint.")
+                raise CheckpointNotFoundError(
+                    f"resume_from_checkpoint=true but output_dir {args.output_dir!r} holds no complete checkpoint: "
+                    "start without resume_from_checkpoint, or point output_dir at the run to resume."
+                )
         if resume:
             saved = TrainingState.from_dict(load_checkpoint(self, method, resume))
             if saved.max_steps != run.max_steps:

@@ -29,6 +29,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
 
+from posttrain._errors import PosttrainError
 from posttrain._spec import MethodSpec, SpecError
 
 __all__ = [
@@ -68,11 +69,11 @@ _VIA_LABELS = {
 }
 
 
-class MethodNotFoundError(LookupError):
+class MethodNotFoundError(PosttrainError, LookupError):
     """No installed method has the requested name; the message suggests close names and a package."""
 
 
-class MethodNotAllowedError(RuntimeError):
+class MethodNotAllowedError(PosttrainError, RuntimeError):
     """The method cannot be activated: experimental without opt-in, or not loadable (see its status)."""
 
 

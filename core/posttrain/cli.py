@@ -27,6 +27,7 @@ from posttrain._registry import (
     _import_path,
     default_registry,
 )
+from posttrain._errors import PosttrainError
 from posttrain.config import ConfigError, TrainingConfig, closest_field_names, config_fields
 
 __all__ = ["main", "build_parser", "build_config", "parse_field_args", "UsageError"]
@@ -40,7 +41,7 @@ _FALSE = ("false", "0", "no", "n", "off")
 _TRAIN_OPTIONS = {"--config": "config", "--preset": "preset", "--allow-experimental": "allow_experimental"}
 
 
-class UsageError(Exception):
+class UsageError(PosttrainError):
     """A user mistake on the command line; printed as one line, exit status 2."""
 
 
@@ -312,8 +313,30 @@ def _raw_allow_experimental(yaml_values: dict[str, Any], field_tokens: Sequence[
 # -- commands ---------------------------------------------------------------------------------
 
 
+def _code_allowed(registry: Registry, info: MethodInfo, opted_in: Sequence[str] = ()) -> bool:
+    """Return whether the gate lets ``info``'s code (beyond its spec) be imported now.
+
+    Stable methods: yes. Experimental ones: only with an opt-in (``--allow-experimental NAME``,
+    ``POSTTRAIN_ALLOW_EXPERIMENTAL``); nothing is imported to decide.
+    """
+    if not info.is_loadable:
+        return False
+    names = {name.replace("-", "_") for name in opted_in}
+    try:
+        registry.check_allowed(info.name, allow_experimental=info.name in names or "all" in names, via="cli")
+    except MethodNotAllowedError:
+        return False
+    return True
+
+
+def _opt_in_hint(name: str, command: str) -> str:
+    target = f"{command} {name}" if command != "doctor" else command
+    return f"`posttrain {target} --allow-experimental {name}` (or POSTTRAIN_ALLOW_EXPERIMENTAL={name})"
+
+
 def _cmd_list(args: argparse.Namespace, registry: Registry) -> int:
-    infos = [registry.check_config(info) for info in registry.list_methods()]
+    # tier 2 only (DESIGN.md section 3): entry points and spec modules, never a plugin's config or trainer
+    infos = registry.list_methods()
     if args.format == "json":
         payload = {"schema_version": 1, "methods": [info.to_dict(presets=args.presets) for info in infos]}
         print(json.dumps(payload, indent=2))
@@ -340,7 +363,10 @@ def _format_default(value: Any) -> str:
 
 
 def _cmd_info(args: argparse.Namespace, registry: Registry) -> int:
-    info = registry.check_config(registry.get_info(args.method))
+    info = registry.get_info(args.method)
+    allowed = _code_allowed(registry, info, getattr(args, "allow_experimental", None) or ())
+    if allowed:  # the config class is imported only once the gate lets the method's code run
+        info = registry.check_config(info)
     spec = info.spec
     print(f"{info.name}: {info.summary or '(no summary)'}")
     print(f"  status:       {info.status}" + (f" ({info.error})" if info.error else ""))
@@ -364,6 +390,10 @@ def _cmd_info(args: argparse.Namespace, registry: Registry) -> int:
             print(f"      paper: {preset.paper}")
     if not info.is_loadable:
         return 1
+    if not allowed:
+        print(f"  config fields: not shown: {info.name} is experimental, and showing its fields imports its code. "
+              f"Opt in to see them: {_opt_in_hint(info.name, 'info')}.")
+        return 0
     try:
         config_cls = _import_path(spec.config)
         fields = config_fields(config_cls)
@@ -381,7 +411,7 @@ def _cmd_info(args: argparse.Namespace, registry: Registry) -> int:
 def _cmd_train(args: argparse.Namespace, registry: Registry) -> int:
     options, field_tokens = _split_train_tokens(args.rest)
     if any(token in ("-h", "--help") for token in field_tokens):
-        return _cmd_info(argparse.Namespace(method=args.method), registry)
+        return _cmd_info(argparse.Namespace(method=args.method, allow_experimental=options["allow_experimental"]), registry)
     info = registry.get_info(args.method)
     yaml_values, env = _read_yaml(options["config"]) if options["config"] else ({}, {})
     for key, value in env.items():  # the shell's environment wins, like flags over YAML
@@ -414,6 +444,8 @@ def _cmd_train(args: argparse.Namespace, registry: Registry) -> int:
     try:
         train_dataset, eval_dataset = load_dataset_from_config(config)
     except (ValueError, FileNotFoundError) as exc:
+        if isinstance(exc, PosttrainError):
+            raise
         raise UsageError(" ".join(str(exc).split())) from None
     try:
         trainer = activation.trainer_cls(
@@ -421,10 +453,9 @@ def _cmd_train(args: argparse.Namespace, registry: Registry) -> int:
         )
     except (ValueError, ImportError) as exc:
         # bad data, a bad --reward_funcs path, ...: one line, unless the traceback is asked for
-        if os.environ.get("POSTTRAIN_DEBUG"):
+        if isinstance(exc, PosttrainError) or os.environ.get("POSTTRAIN_DEBUG", "").strip() not in ("", "0"):
             raise
-        kind = "" if isinstance(exc, ConfigError) else f"{type(exc).__name__}: "
-        raise UsageError(f"{kind}{exc} (set POSTTRAIN_DEBUG=1 for the traceback)") from None
+        raise UsageError(f"{type(exc).__name__}: {exc}") from exc
     trainer.train()
     return 0
 
@@ -470,14 +501,44 @@ def _cmd_env(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
-def _doctor_problems(info: MethodInfo) -> list[str]:
-    """Return what is wrong with one method, without importing its trainer."""
+def _module_exists(module_name: str) -> bool | None:
+    """Return whether ``module_name`` can be imported, importing none of its package's code.
+
+    ``find_spec("a.b.c")`` imports the package ``a.b``; when that package is not imported yet the
+    answer is None (unknown) instead, so a check never runs a plugin's ``__init__`` before the opt-in.
+    """
+    import importlib.util
+
+    parent = module_name.rpartition(".")[0]
+    if parent and parent not in sys.modules:
+        return None
+    try:
+        return importlib.util.find_spec(module_name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _doctor_problems(info: MethodInfo, code_allowed: bool = True) -> list[str]:
+    """Return what is wrong with one method, without importing its trainer.
+
+    With ``code_allowed=False`` (an experimental method without an opt-in) only what the spec and the
+    distribution say is checked: the config module is not imported.
+    """
     import importlib.util
 
     if info.spec is None or info.status not in ("ok", "experimental"):
         return [f"status {info.status}: {info.error}"]
     spec = info.spec
     problems = []
+    if not code_allowed:
+        for name in spec.requires:
+            if _module_exists(name) is False:
+                problems.append(f"requires {name!r}, which is not importable: pip install {name}")
+        for role, path in (("trainer", spec.trainer), ("config", spec.config)):
+            module_name = path.partition(":")[0]
+            if _module_exists(module_name) is False:
+                problems.append(f"{role} module {module_name!r} does not exist (spec.{role}={path!r})")
+        return problems
     for name in spec.requires:
         try:
             found = importlib.util.find_spec(name) is not None
@@ -520,8 +581,11 @@ def _cmd_doctor(args: argparse.Namespace, registry: Registry) -> int:
     if not infos:
         print("No posttrain methods installed.")
     for info in infos:
-        problems = _doctor_problems(registry.check_config(info))
+        allowed = _code_allowed(registry, info, args.allow_experimental or ())
+        problems = _doctor_problems(registry.check_config(info) if allowed else info, code_allowed=allowed or not info.is_loadable)
         label = f"{info.name} ({info.distribution} {info.version}, {info.maturity or '?'})"
+        if info.is_loadable and not allowed and not problems:
+            label += f": spec checked; its code is not imported before the opt-in ({_opt_in_hint(info.name, 'doctor')} checks its config)"
         print(("FAIL  " if problems else "ok    ") + label)
         for problem in problems:
             print(f"      - {problem}")
@@ -599,6 +663,14 @@ def _cmd_diagnose(args: argparse.Namespace, registry: Registry) -> int:
 # -- entry point ------------------------------------------------------------------------------
 
 
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line (a cause's message is kept when the error has none of its own)."""
+    text = " ".join(str(exc).split())
+    if not text and exc.__cause__ is not None:
+        text = " ".join(str(exc.__cause__).split())
+    return text or type(exc).__name__
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the ``posttrain`` argument parser."""
     parser = argparse.ArgumentParser(
@@ -617,6 +689,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="Show a method's spec, presets, papers and config fields.", allow_abbrev=False)
     p.add_argument("method", help="Method id (see `posttrain list`).")
+    p.add_argument("--allow-experimental", action="append", default=[], metavar="NAME",
+                   help="Opt in to an experimental method, so that its config fields (its code) are shown.")
     p.set_defaults(handler=_cmd_info)
 
     p = sub.add_parser(
@@ -637,6 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_env)
 
     p = sub.add_parser("doctor", help="Validate every installed plugin without importing trainers.", allow_abbrev=False)
+    p.add_argument("--allow-experimental", action="append", default=[], metavar="NAME",
+                   help="Also import and check the config of this experimental method (all: every one). Without it an "
+                        "experimental method's code is not imported.")
     p.set_defaults(handler=_cmd_doctor)
 
     p = sub.add_parser("new", help="Write a new method plugin (installable, passes the conformance suite).", allow_abbrev=False)
@@ -673,8 +750,10 @@ def main(argv: Sequence[str] | None = None, *, registry: Registry | None = None)
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args, registry if registry is not None else default_registry())
-    except (UsageError, ConfigError, MethodNotFoundError, MethodNotAllowedError) as exc:
-        print(f"posttrain {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+    except PosttrainError as exc:  # every error a user's input can cause (config, data, checkpoint, reward, gate)
+        if os.environ.get("POSTTRAIN_DEBUG", "").strip() not in ("", "0"):
+            raise
+        print(f"posttrain {args.command}: error: {_one_line(exc)} (POSTTRAIN_DEBUG=1 shows the traceback)", file=sys.stderr)
         return EXIT_USAGE
     except BrokenPipeError:  # `posttrain info dpo | head`: stop quietly, like other CLI tools
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -14,10 +14,12 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from posttrain._errors import PosttrainError
+
 __all__ = ["TrainingConfig", "config_fields", "closest_field_names", "ConfigError", "as_config"]
 
 
-class ConfigError(ValueError):
+class ConfigError(PosttrainError, ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 

@@ -23,6 +23,9 @@ This module imports no torch at import time (reward registration stays light).
 
 from __future__ import annotations
 
+from posttrain._errors import PosttrainError
+from posttrain.config import ConfigError
+
 import asyncio
 import concurrent.futures
 import importlib
@@ -50,7 +53,7 @@ __all__ = [
 ]
 
 
-class RewardFunctionError(RuntimeError):
+class RewardFunctionError(PosttrainError, RuntimeError):
     """A reward function raised, or returned something other than one number/None per completion."""
 
 
@@ -365,13 +368,13 @@ def _import_path(spec: str) -> Callable:
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
-        raise ValueError(
+        raise ConfigError(
             f"reward function {spec!r}: cannot import module {module_name!r} ({exc}). Use 'module:function' with the "
             "module importable from the current directory or installed."
         ) from exc
     func = getattr(module, attr, None)
     if func is None or not callable(func):
-        raise ValueError(f"reward function {spec!r}: module {module_name!r} has no callable named {attr!r}.")
+        raise ConfigError(f"reward function {spec!r}: module {module_name!r} has no callable named {attr!r}.")
     return func
 
 
@@ -409,7 +412,7 @@ def resolve_reward_functions(specs: Any, pm: Any = None) -> list[tuple[str, Call
             elif ":" in spec or "." in spec:
                 name, func = spec.split(":")[-1].split(".")[-1], _import_path(spec)
             else:
-                raise ValueError(
+                raise ConfigError(
                     f"Unknown reward function {spec!r}. Registered names: {', '.join(sorted(registry)) or '(none)'}; "
                     "or pass a callable, or an import path 'module:function'."
                 )
