@@ -66,3 +66,8 @@ def test_methods_index_is_generated_from_the_registry():
     expected = gen_methods.render(installed_methods())
     with open(os.path.join(ROOT, "docs", "methods.md")) as fh:
         assert fh.read() == expected, "docs/methods.md is stale: run `.venv/bin/python docs/gen_methods.py`"
+    with open(os.path.join(ROOT, "README.md")) as fh:
+        readme = fh.read()
+    assert readme == gen_methods.render_readme(readme, gen_methods.project_methods()), (
+        "the README's methods table is stale: run `.venv/bin/python docs/gen_methods.py`"
+    )
