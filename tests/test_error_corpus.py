@@ -158,3 +158,31 @@ def test_posttrain_debug_shows_the_traceback(tmp_path):
     assert quiet.returncode == 2 and "Traceback" not in quiet.stderr and len(quiet.stderr.strip().splitlines()) == 1, quiet.stderr
     loud = subprocess.run(argv, env=dict(env, POSTTRAIN_DEBUG="1"), capture_output=True, text=True, timeout=300)
     assert loud.returncode != 0 and "Traceback" in loud.stderr and "UsageError" in loud.stderr, loud.stderr
+
+
+def test_train_without_a_method_is_one_line_naming_the_fix(capsys):
+    assert main(["train"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "name a method: posttrain train METHOD" in err[0] and "rest" not in err[0]
+
+
+def test_train_method_help_starts_with_the_usage_line(capsys):
+    assert main(["train", "sft", "--help"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("usage: posttrain train sft [--config FILE.yaml] [--preset NAME] [--allow-experimental NAME]")
+    assert any(line.strip().startswith("--learning_rate") for line in out)
+
+
+def test_posttrain_warnings_print_as_one_line_without_a_source_line():
+    code = (
+        "import warnings\n"
+        "from posttrain._registry import ExperimentalMethodWarning\n"
+        "from posttrain.cli import _one_line_warnings\n"
+        "with _one_line_warnings():\n"
+        "    warnings.warn('method x is experimental:\\n  it may change', ExperimentalMethodWarning)\n"
+        "    warnings.warn('another library', UserWarning)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.splitlines()
+    assert lines[0] == "posttrain: warning: method x is experimental: it may change", proc.stderr
+    assert "UserWarning: another library" in proc.stderr  # other libraries' warnings keep Python's format

@@ -11,12 +11,14 @@ stderr and exit with status 2, without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import sys
 import types
 import typing
+import warnings
 from typing import Any, Mapping, Sequence
 
 from posttrain._registry import (
@@ -39,6 +41,9 @@ _TRUE = ("true", "1", "yes", "y", "on")
 _FALSE = ("false", "0", "no", "n", "off")
 #: ``posttrain train`` options that are not config fields.
 _TRAIN_OPTIONS = {"--config": "config", "--preset": "preset", "--allow-experimental": "allow_experimental"}
+
+
+_TRAIN_USAGE = "usage: posttrain train METHOD [--config FILE.yaml] [--preset NAME] [--allow-experimental NAME] [--FIELD VALUE ...]"
 
 
 class UsageError(PosttrainError):
@@ -409,8 +414,16 @@ def _cmd_info(args: argparse.Namespace, registry: Registry) -> int:
 
 
 def _cmd_train(args: argparse.Namespace, registry: Registry) -> int:
+    if not args.method:
+        raise UsageError("name a method: posttrain train METHOD [--config FILE.yaml] [--FIELD VALUE ...] (`posttrain list` shows the installed ones).")
     options, field_tokens = _split_train_tokens(args.rest)
     if any(token in ("-h", "--help") for token in field_tokens):
+        print(_TRAIN_USAGE.replace("METHOD", args.method, 1))
+        print("  --config FILE.yaml          YAML of field: value (an 'env:' mapping sets environment variables)")
+        print("  --preset NAME               a paper's settings (see presets below)")
+        print("  --allow-experimental NAME   opt in to an experimental method")
+        print("  --FIELD VALUE               any config field below; precedence: defaults < --preset < --config < flags")
+        print()
         return _cmd_info(argparse.Namespace(method=args.method, allow_experimental=options["allow_experimental"]), registry)
     info = registry.get_info(args.method)
     yaml_values, env = _read_yaml(options["config"]) if options["config"] else ({}, {})
@@ -663,6 +676,25 @@ def _cmd_diagnose(args: argparse.Namespace, registry: Registry) -> int:
 # -- entry point ------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _one_line_warnings():
+    """Print posttrain's own warnings (experimental opt-in, misbehaving plugin) as one line, without a source line."""
+    from posttrain._registry import ExperimentalMethodWarning, PluginWarning
+
+    original = warnings.formatwarning  # formatting only: code that records warnings still sees them
+
+    def format_warning(message, category, filename, lineno, line=None):
+        if issubclass(category, (ExperimentalMethodWarning, PluginWarning)):
+            return f"posttrain: warning: {' '.join(str(message).split())}\n"
+        return original(message, category, filename, lineno, line)
+
+    warnings.formatwarning = format_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = original
+
+
 def _one_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line (a cause's message is kept when the error has none of its own)."""
     text = " ".join(str(exc).split())
@@ -697,13 +729,13 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="Train with a method.",
         allow_abbrev=False,
-        usage="posttrain train METHOD [--config FILE.yaml] [--preset NAME] [--allow-experimental NAME] [--FIELD VALUE ...]",
+        usage=_TRAIN_USAGE.removeprefix("usage: "),
         description=(
             "Train with METHOD. Precedence: config defaults < --preset < --config YAML < --FIELD flags. "
             "`posttrain train METHOD --help` lists the method's fields."
         ),
     )
-    p.add_argument("method", help="Method id (see `posttrain list`).")
+    p.add_argument("method", nargs="?", help="Method id (see `posttrain list`).")
     p.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(handler=_cmd_train)
 
@@ -749,7 +781,8 @@ def main(argv: Sequence[str] | None = None, *, registry: Registry | None = None)
     """
     args = build_parser().parse_args(argv)
     try:
-        return args.handler(args, registry if registry is not None else default_registry())
+        with _one_line_warnings():
+            return args.handler(args, registry if registry is not None else default_registry())
     except PosttrainError as exc:  # every error a user's input can cause (config, data, checkpoint, reward, gate)
         if os.environ.get("POSTTRAIN_DEBUG", "").strip() not in ("", "0"):
             raise
