@@ -2,9 +2,11 @@
 
 The task: "reverse: c a f e" -> "e f a c" on letters a-h. The model (random weights, ~0.66M
 parameters, built in-process: no download) is scored on 200 held-out words it never saw, by
-greedy generation and exact match, before and after training. Runs in about a minute on 2 CPU
-cores. Writes to --output-dir: the trained model (loads with transformers), checkpoints,
-metrics.jsonl, run_manifest.json and loss_curve.png.
+greedy generation and exact match, before and after training. Runs in about a minute on 2 free
+CPU cores (torch uses OMP_NUM_THREADS threads when set, else one per core). Writes to --output-dir
+(replacing the demo's previous run there): the trained model (loads with transformers),
+checkpoints, metrics.jsonl, run_manifest.json and diagnose.png, the picture of the run that
+`posttrain diagnose OUTPUT_DIR --plot` draws.
 
     python examples/demo.py --output-dir outputs/demo
 """
@@ -12,7 +14,6 @@ metrics.jsonl, run_manifest.json and loss_curve.png.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import time
@@ -56,25 +57,6 @@ def score(model, tokenizer, heldout, batch_size: int = 100) -> float:
     return correct / len(heldout)
 
 
-def plot_loss(metrics_path: str, png_path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(line) for line in open(metrics_path) if line.strip()]
-    steps = [r["step"] for r in rows if "loss" in r]
-    losses = [r["loss"] for r in rows if "loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(steps, losses, marker=".")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("training loss (assistant tokens)")
-    ax.set_title("posttrain SFT demo: learning to reverse words")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(png_path, dpi=120)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="outputs/demo")
@@ -87,7 +69,10 @@ def main() -> int:
     from posttrain.methods.sft import SFTConfig, SFTTrainer
     from posttrain.testing.tiny_model import build_model, build_tokenizer
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    if not os.environ.get("OMP_NUM_THREADS"):  # the user's thread setting wins; else one thread per core
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+    print(f"torch threads: {torch.get_num_threads()} (OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}); "
+          f"expect about a minute on 2 free cores, longer when other processes share them")
     t0 = time.perf_counter()
     train, heldout = make_task()
     tokenizer = build_tokenizer()
@@ -111,13 +96,17 @@ def main() -> int:
         max_length=64,
         seed=0,
         gradient_checkpointing=False,  # a 0.66M-parameter model: recomputing activations only costs time (TRL's default is on)
+        overwrite_output_dir=True,  # the demo replaces its own previous run (one run per output_dir)
     )
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer)
+    train_start = time.perf_counter()
     result = trainer.train()
+    train_seconds = time.perf_counter() - train_start
     trained = trainer.loop.unwrapped_model()
     after = score(trained, tokenizer, heldout)
-    png = os.path.join(args.output_dir, "loss_curve.png")
-    plot_loss(os.path.join(args.output_dir, "metrics.jsonl"), png)
+    from posttrain import plot_run
+
+    png = plot_run(args.output_dir)  # the same picture as `posttrain diagnose OUTPUT_DIR --plot`
 
     from transformers import AutoModelForCausalLM
 
@@ -126,8 +115,10 @@ def main() -> int:
     elapsed = time.perf_counter() - t0
     print()
     print(f"held-out exact match BEFORE: {before:.1%}   AFTER: {after:.1%}   (reloaded from {args.output_dir}: {reloaded_score:.1%})")
-    print(f"final training loss {result.training_loss:.4f} after {result.global_step} steps; total demo time {elapsed:.0f} s")
-    print(f"model + tokenizer: {args.output_dir}   loss curve: {png}   metrics: {os.path.join(args.output_dir, 'metrics.jsonl')}")
+    print(f"final training loss {result.training_loss:.4f} after {result.global_step} steps "
+          f"({1000 * train_seconds / max(1, result.global_step):.0f} ms/step); total demo time {elapsed:.0f} s")
+    print(f"model + tokenizer: {args.output_dir}   picture of the run: {png}   metrics: {os.path.join(args.output_dir, 'metrics.jsonl')}")
+    print(f"verdict: `posttrain diagnose {args.output_dir}` (add --plot to redraw {os.path.basename(png)})")
     return 0 if after > before else 1
 
 

@@ -5,11 +5,20 @@ import inspect
 import pluggy
 import pytest
 
+import posttrain
 import posttrain._plugins
 from posttrain import hookimpl, hookspecs
 from posttrain._plugins import collect_registrations, get_plugin_manager
 
 HOOK_NAMES = ["on_log", "register_reward_functions", "register_rollout_backends"]
+
+
+@pytest.fixture(autouse=True)
+def fresh_shared_manager():
+    """Each test builds the process-wide manager anew (some patch the entry points it reads)."""
+    posttrain._plugins._reset_plugin_manager()
+    yield
+    posttrain._plugins._reset_plugin_manager()
 
 
 @pytest.fixture
@@ -143,3 +152,26 @@ def test_misspelled_hook_name_is_reported_and_skipped_while_other_plugins_load(m
 
 def test_get_plugin_manager_returns_a_fresh_manager_each_call():
     assert get_plugin_manager(load_entrypoints=False) is not get_plugin_manager(load_entrypoints=False)
+
+
+def test_the_shared_manager_is_one_per_process_so_run_time_registration_fires_in_training(tiny_model_dir, tmp_path):
+    """As docs/writing-a-plugin.md shows: register a hook module at run time; later runs call it."""
+    pytest.importorskip("posttrain_sft")
+    from datasets import Dataset
+
+    from posttrain.methods.sft import SFTConfig, SFTTrainer
+
+    assert get_plugin_manager() is get_plugin_manager()
+    seen = []
+
+    class LossPrinter:
+        @hookimpl
+        def on_log(self, step, metrics):
+            seen.append((step, "loss" in metrics))
+
+    posttrain.get_plugin_manager().register(LossPrinter(), name="loss-printer")
+    data = Dataset.from_dict({"text": ["a b c d e f", "g h i j k l"] * 4})
+    args = SFTConfig(output_dir=str(tmp_path / "out"), max_steps=2, logging_steps=1, per_device_train_batch_size=2,
+                     disable_tqdm=True, report_to=[], max_length=16)
+    SFTTrainer(model=str(tiny_model_dir), args=args, train_dataset=data).train()
+    assert (1, True) in seen and (2, True) in seen

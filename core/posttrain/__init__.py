@@ -96,6 +96,8 @@ _LAZY = {
     "chunked_nll_loss": "posttrain._chunked:chunked_nll_loss",
     "chunked_distillation_divergence": "posttrain._chunked:chunked_distillation_divergence",
     "lm_head_of": "posttrain._chunked:lm_head_of",
+    # the picture of a run (posttrain diagnose --plot)
+    "plot_run": "posttrain._plot:plot_run",
 }
 
 __all__ = [

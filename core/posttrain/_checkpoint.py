@@ -46,7 +46,7 @@ import torch
 
 from posttrain._errors import CheckpointError, CheckpointNotFoundError
 
-__all__ = ["find_latest_checkpoint", "list_checkpoints", "save_checkpoint", "load_checkpoint", "CHECKPOINT_PREFIX"]
+__all__ = ["existing_run", "describe_run", "remove_run", "read_manifest", "find_latest_checkpoint", "list_checkpoints", "save_checkpoint", "load_checkpoint", "CHECKPOINT_PREFIX"]
 
 CHECKPOINT_PREFIX = "checkpoint-"
 _TMP_PREFIX = "tmp-checkpoint-"
@@ -72,6 +72,64 @@ def find_latest_checkpoint(output_dir: str) -> str | None:
     """Return the newest complete checkpoint in ``output_dir``, or None when there is none."""
     checkpoints = list_checkpoints(output_dir)
     return checkpoints[-1] if checkpoints else None
+
+
+#: Files a run writes into its output_dir besides checkpoints and the final model.
+RUN_FILES = ("run_manifest.json", "metrics.jsonl", "diagnostics.jsonl")
+
+
+def read_manifest(directory: str) -> dict:
+    """Return ``directory``'s ``run_manifest.json`` (a run's output_dir or a checkpoint), or {} when absent or unreadable."""
+    try:
+        with open(os.path.join(directory, "run_manifest.json")) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def existing_run(output_dir: str) -> dict | None:
+    """Describe the run whose files are in ``output_dir`` (None when there are none).
+
+    A directory holds a run when it has a run manifest, a metrics log or a checkpoint. The result
+    has ``method``, ``run_id``, ``started_at``, ``checkpoints`` (paths) and ``files`` (what is there).
+    """
+    if not os.path.isdir(output_dir):
+        return None
+    files = [name for name in RUN_FILES if os.path.isfile(os.path.join(output_dir, name))]
+    checkpoints = list_checkpoints(output_dir)
+    if not files and not checkpoints:
+        return None
+    manifest = read_manifest(output_dir) or (read_manifest(checkpoints[-1]) if checkpoints else {})
+    return {"method": manifest.get("method"), "run_id": manifest.get("run_id"), "started_at": manifest.get("started_at"),
+            "checkpoints": checkpoints, "files": files}
+
+
+def describe_run(run: dict) -> str:
+    """One phrase describing :func:`existing_run`'s result, for messages."""
+    parts = [f"method {run['method']!r}" if run.get("method") else "an unknown method"]
+    if run.get("started_at"):
+        parts.append(f"started {run['started_at']}")
+    if run["checkpoints"]:
+        last = os.path.basename(run["checkpoints"][-1])
+        parts.append(f"{len(run['checkpoints'])} checkpoint(s), the newest {last}")
+    return ", ".join(parts)
+
+
+def remove_run(output_dir: str) -> list[str]:
+    """Delete the run files and checkpoints in ``output_dir`` (``overwrite_output_dir``); return what was removed."""
+    removed = []
+    for name in RUN_FILES:
+        path = os.path.join(output_dir, name)
+        if os.path.isfile(path):
+            os.remove(path)
+            removed.append(name)
+    for name in sorted(os.listdir(output_dir)):
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and (_CKPT_RE.match(name) or name.startswith(_TMP_PREFIX)):
+            shutil.rmtree(path)
+            removed.append(name)
+    return removed
 
 
 def _fsync_tree(path: str) -> None:
@@ -236,7 +294,7 @@ def save_checkpoint(loop, method, step: int) -> str | None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp_dir, final_dir)  # atomic on POSIX: the checkpoint appears complete or not at all
-        _rotate(args.output_dir, args.save_total_limit)
+        _rotate(args.output_dir, args.save_total_limit, run_id=loop.manifest.get("run_id"), keep=final_dir)
     accelerator.wait_for_everyone()
     return final_dir if accelerator.is_main_process else None
 
@@ -248,12 +306,18 @@ def _link_or_copy(src: str, dst: str) -> None:
         shutil.copyfile(src, dst)
 
 
-def _rotate(output_dir: str, limit: int | None) -> None:
+def _rotate(output_dir: str, limit: int | None, *, run_id: str | None = None, keep: str | None = None) -> None:
+    """Apply ``save_total_limit`` to the checkpoints of run ``run_id`` only, oldest first, never ``keep``.
+
+    A checkpoint another run wrote (another ``run_id`` in its manifest, or none) is never deleted:
+    rotation cannot lose anything but the writing run's own older checkpoints.
+    """
     if not limit:
         return
-    checkpoints = list_checkpoints(output_dir)
-    for path in checkpoints[: max(0, len(checkpoints) - limit)]:
-        shutil.rmtree(path, ignore_errors=True)
+    own = [path for path in list_checkpoints(output_dir) if read_manifest(path).get("run_id") == run_id and run_id]
+    for path in own[: max(0, len(own) - limit)]:
+        if keep is None or os.path.abspath(path) != os.path.abspath(keep):
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _is_legacy_layout(checkpoint_dir: str) -> bool:

@@ -22,6 +22,7 @@ import os
 import platform
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -29,7 +30,7 @@ import torch
 from transformers import TrainerControl, TrainerState
 
 from posttrain import API_VERSION, __version__
-from posttrain._checkpoint import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from posttrain._checkpoint import describe_run, existing_run, find_latest_checkpoint, load_checkpoint, read_manifest, remove_run, save_checkpoint
 from posttrain._errors import CheckpointNotFoundError
 from posttrain._protocol import check_method
 from posttrain._registry import ensure_activated
@@ -149,11 +150,11 @@ class TrainingLoop:
         self.plugin_manager = get_plugin_manager()
         from posttrain.diagnostics import Diagnostics
 
-        #: structured training diagnostics (diagnostics.jsonl), fed by the on_log hook like any plugin
+        #: structured training diagnostics (diagnostics.jsonl), fed every logged row like an on_log hook; it belongs
+        #: to this loop, so it is called directly rather than registered on the process-wide plugin manager
         spec = getattr(self.activation.info, "spec", None)
         self.diagnostics = Diagnostics(args.output_dir, is_main_process=self.accelerator.is_main_process, signals=getattr(spec, "signals", None),
                                        window=args.diagnostics_window, thresholds=args.diagnostics_thresholds)
-        self.plugin_manager.register(self.diagnostics, name="posttrain.diagnostics")
         self.state = TrainingState()
         self.control = TrainerControl()
         #: transformers ``TrainerCallback`` objects (``callbacks=`` of the trainer, ``add_callback``)
@@ -167,6 +168,7 @@ class TrainingLoop:
         #: user-built optimizer / scheduler (TRL's ``optimizers=``) and optimizer class + kwargs (``optimizer_cls_and_kwargs=``)
         self._given_optimizer, self._given_scheduler, self._optimizer_cls_and_kwargs = optimizer, scheduler, optimizer_cls_and_kwargs
         self._checked = False  # the method passed check_method
+        self.run_id: str | None = None  # set by train(): one run per output_dir (see _claim_output_dir)
         self._trackers_started = False
         self.model = None  # the prepared (possibly wrapped) model, set in setup()
         self.optimizer = None
@@ -539,6 +541,7 @@ class TrainingLoop:
             "core_api": API_VERSION,
             "experimental_allowed_via": self.activation.allowed_via,
             "config": {k: _json_safe(v) for k, v in self.args.to_dict().items()},
+            "config_sources": self._config_sources(),
             "versions": {
                 "posttrain": __version__,
                 "torch": torch.__version__,
@@ -551,6 +554,22 @@ class TrainingLoop:
             "distributed_type": str(self.accelerator.distributed_type.value),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
+
+    def _config_sources(self) -> dict:
+        """Field -> where its value came from: the CLI records default / yaml / preset NAME / flag; in Python, default or python."""
+        recorded = getattr(self.args, "_field_sources", None)
+        if recorded:
+            return dict(recorded)
+        out = {}
+        for item in dataclasses.fields(self.args):
+            default = item.default if item.default is not dataclasses.MISSING else (
+                item.default_factory() if item.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+            try:
+                same = getattr(self.args, item.name) == default
+            except Exception:  # a value that does not compare (an array): call it set
+                same = False
+            out[item.name] = "default" if same is True else "python"
+        return out
 
     def log(self, metrics: dict[str, float], step: int | None = None, *, summary: bool = False) -> None:
         """Record ``metrics`` everywhere: ``metrics.jsonl``, ``state.log_history``, trackers, hooks and callbacks' ``on_log``.
@@ -567,6 +586,7 @@ class TrainingLoop:
         if self.args.report_to and self._trackers_started:
             self.accelerator.log(metrics, step=step)
         if not summary:
+            self.diagnostics.on_log(step=step, metrics=dict(metrics))
             self.plugin_manager.hook.on_log(step=step, metrics=dict(metrics), output_dir=self.args.output_dir)
         epoch = self.state.epoch if self.state.epoch is not None else 0.0
         row = {**metrics, "epoch": round(epoch, 4), "step": step}
@@ -737,6 +757,51 @@ class TrainingLoop:
             check_method(method, plugin=self.method_name)
             self._checked = True
 
+    def _claim_output_dir(self, resume) -> str | None:
+        """Make ``output_dir`` this run's own (one run per directory); return the checkpoint to resume, if any.
+
+        A fresh run into a directory that holds another run's files is refused (one line naming the
+        fixes), unless ``overwrite_output_dir`` deletes them first. A resumed run keeps the run id of
+        its checkpoint, so rotation and ``diagnose`` see one run. Every process checks before any
+        writes (same files, same decision), then they synchronize.
+        """
+        from accelerate.utils import broadcast_object_list
+
+        args, accelerator = self.args, self.accelerator
+        if resume is True or (isinstance(resume, str) and resume.lower() == "true"):
+            resume = find_latest_checkpoint(args.output_dir)
+            if resume is None:
+                raise CheckpointNotFoundError(
+                    f"resume_from_checkpoint=true but output_dir {args.output_dir!r} holds no complete checkpoint: "
+                    "start without resume_from_checkpoint, or point output_dir at the run to resume."
+                )
+            accelerator.print(f"[posttrain] resume_from_checkpoint=true: the newest checkpoint of {args.output_dir} is {os.path.basename(resume)}")
+        run_id = None
+        previous = existing_run(args.output_dir)
+        if resume:
+            run_id = read_manifest(resume).get("run_id")
+            if previous is not None and previous["run_id"] and previous["run_id"] != run_id:
+                raise ConfigError(
+                    f"resume_from_checkpoint={resume!r} belongs to another run than the one in output_dir {args.output_dir!r} "
+                    f"({describe_run(previous)}): resume with output_dir set to the checkpoint's own run directory, or a new one."
+                )
+        else:
+            if previous is not None and not args.overwrite_output_dir:
+                raise ConfigError(
+                    f"output_dir {args.output_dir!r} already holds a run ({describe_run(previous)}): pass a new --output_dir, "
+                    "--overwrite_output_dir true to delete that run first, or --resume_from_checkpoint true to continue it."
+                )
+            accelerator.wait_for_everyone()  # every process has looked before the main one deletes anything
+            if previous is not None and self.is_main_process:
+                removed = remove_run(args.output_dir)
+                accelerator.print(f"[posttrain] overwrite_output_dir: removed the previous run's {', '.join(removed)} from {args.output_dir}")
+        ids = [run_id or uuid.uuid4().hex[:12]]
+        if accelerator.num_processes > 1:
+            broadcast_object_list(ids)  # one id for the run on every process
+        self.run_id = ids[0]
+        accelerator.wait_for_everyone()
+        return resume
+
     def _set_sync(self, sync: bool) -> None:
         # accelerate decides when DeepSpeed/optimizer wrappers really step from this flag; we set it
         # per micro-batch ourselves so an epoch's last, shorter accumulation window still steps.
@@ -780,6 +845,7 @@ class TrainingLoop:
         if dataset is None or len(dataset) == 0:
             raise ConfigError("train_dataset is empty: give the trainer at least one example.")
         os.makedirs(args.output_dir, exist_ok=True)
+        resume = self._claim_output_dir(args.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint)
         run = _Run(dataset=dataset, batch_size=batch_size or args.per_device_train_batch_size,
                    gas=micro_batches_per_step or args.gradient_accumulation_steps)
         batches_per_epoch = len(self._micro_batches(self._epoch_indices(len(dataset), 0), run.batch_size))
@@ -794,19 +860,11 @@ class TrainingLoop:
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
         self.model.train()
         self.manifest = self._build_manifest()
-        self.manifest.update(max_steps=run.max_steps, train_rows=len(dataset), signals=dict(self.diagnostics.signals))
+        self.manifest.update(run_id=self.run_id, max_steps=run.max_steps, train_rows=len(dataset), signals=dict(self.diagnostics.signals))
         self.diagnostics.context = {"per_device_train_batch_size": args.per_device_train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
                                     "train_rows": len(dataset), "max_steps": run.max_steps}
         self._reset_state(run.max_steps)
 
-        resume = args.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint
-        if resume is True or (isinstance(resume, str) and resume.lower() == "true"):
-            resume = find_latest_checkpoint(args.output_dir)
-            if resume is None:
-                raise CheckpointNotFoundError(
-                    f"resume_from_checkpoint=true but output_dir {args.output_dir!r} holds no complete checkpoint: "
-                    "start without resume_from_checkpoint, or point output_dir at the run to resume."
-                )
         if resume:
             saved = TrainingState.from_dict(load_checkpoint(self, method, resume))
             if saved.max_steps != run.max_steps:

@@ -19,19 +19,41 @@ PLUGIN_GROUP = "posttrain.plugins"
 DEFAULT_PLUGINS = ("posttrain._builtin_plugins",)
 
 
-def get_plugin_manager(*, load_entrypoints: bool = True) -> pluggy.PluginManager:
-    """Return a new plugin manager with the built-in plugins and every installed ``posttrain.plugins`` entry point.
+_MANAGER: pluggy.PluginManager | None = None  # the process-wide manager, built on first use
 
+
+def get_plugin_manager(*, load_entrypoints: bool = True) -> pluggy.PluginManager:
+    """Return the process's plugin manager: the built-in plugins and every installed ``posttrain.plugins`` entry point.
+
+    The manager is built once per process and shared by every trainer, reward lookup and rollout
+    backend lookup, so a hook module registered at run time
+    (``posttrain.get_plugin_manager().register(my_hooks)``) fires in every later training run.
     Each entry point is loaded in its own try/except: a broken plugin is reported with a warning
     naming it and the error, and the others still load. ``POSTTRAIN_DISABLE_PLUGINS=a,b`` skips
-    entry points by name before importing them.
+    entry points by name before importing them (read when the manager is built).
 
     Args:
-        load_entrypoints: Load installed third-party plugins (tests pass False for isolation).
+        load_entrypoints: Load installed third-party plugins. False returns a new, isolated
+            manager with only the built-ins (tests use it), never the shared one.
 
     Returns:
-        A fresh :class:`pluggy.PluginManager` (no module-level state is kept).
+        A :class:`pluggy.PluginManager`.
     """
+    global _MANAGER
+    if not load_entrypoints:
+        return _build(load_entrypoints=False)
+    if _MANAGER is None:
+        _MANAGER = _build(load_entrypoints=True)
+    return _MANAGER
+
+
+def _reset_plugin_manager() -> None:
+    """Forget the process-wide manager (tests only): the next call builds a new one."""
+    global _MANAGER
+    _MANAGER = None
+
+
+def _build(*, load_entrypoints: bool) -> pluggy.PluginManager:
     import importlib
 
     pm = pluggy.PluginManager("posttrain")

@@ -43,7 +43,7 @@ _FALSE = ("false", "0", "no", "n", "off")
 _TRAIN_OPTIONS = {"--config": "config", "--preset": "preset", "--allow-experimental": "allow_experimental"}
 
 
-_TRAIN_USAGE = "usage: posttrain train METHOD [--config FILE.yaml] [--preset NAME] [--allow-experimental NAME] [--FIELD VALUE ...]"
+_TRAIN_USAGE = "usage: posttrain train METHOD [--config FILE.yaml] [--preset NAME] [--allow-experimental NAME] [--print-config] [--FIELD VALUE ...]"
 
 
 class UsageError(PosttrainError):
@@ -216,8 +216,13 @@ def build_config(
     preset: str | None = None,
     yaml_values: Mapping[str, Any] | None = None,
     cli_values: Mapping[str, Any] | None = None,
+    sources: dict[str, str] | None = None,
 ) -> TrainingConfig:
-    """Build a config with precedence: dataclass defaults < preset overrides < YAML < command line.
+    """Build a config with precedence: dataclass defaults < YAML < preset overrides < command-line flags.
+
+    A preset is named on the command line, so it is the user's latest explicit choice: it applies in
+    full over the YAML file (``--config dpo.yaml --preset ipo`` trains IPO even though the YAML says
+    ``loss_type: sigmoid``); a flag still wins over the preset.
 
     Args:
         config_cls: The method's config dataclass.
@@ -225,6 +230,8 @@ def build_config(
         preset: Name of the preset to apply, or None.
         yaml_values: Field values from the YAML file (without its ``env`` section).
         cli_values: Field values from :func:`parse_field_args`.
+        sources: If given, filled with field name -> where its value came from (``"default"``,
+            ``"yaml"``, ``"preset NAME"`` or ``"flag"``) for every field of ``config_cls``.
 
     Returns:
         The config instance.
@@ -235,21 +242,26 @@ def build_config(
     hints = typing.get_type_hints(config_cls)
     names = {f.name for f in dataclasses.fields(config_cls)}
     merged: dict[str, Any] = {}
-    layers: list[tuple[str, Mapping[str, Any]]] = []
+    origin = {name: "default" for name in names}
+    layers: list[tuple[str, str, Mapping[str, Any]]] = [("the YAML file", "yaml", yaml_values or {})]
     if preset is not None:
         presets = presets or {}
         if preset not in presets:
             available = ", ".join(sorted(presets)) or "none"
             raise ConfigError(f"unknown preset {preset!r} for {config_cls.__name__}; available presets: {available}.")
-        layers.append((f"preset {preset!r}", presets[preset].overrides))
-    layers.append(("the YAML file", yaml_values or {}))
-    for source, layer in layers:
+        layers.append((f"preset {preset!r}", f"preset {preset}", presets[preset].overrides))
+    for source, label, layer in layers:
         for name, value in layer.items():
             if name not in names:
                 error = _unknown_field(config_cls, name, prefix="")
                 raise ConfigError(f"{source}: {error}")
             merged[name] = _coerce_value(name, hints.get(name, Any), value)
+            origin[name] = label
+    for name in cli_values or {}:
+        origin[name] = "flag"
     merged.update(cli_values or {})
+    if sources is not None:
+        sources.update(origin)
     try:
         return config_cls(**merged)
     except TypeError as exc:  # e.g. a required field without default
@@ -278,11 +290,15 @@ def _read_yaml(path: str) -> tuple[dict[str, Any], dict[str, str]]:
 
 def _split_train_tokens(tokens: Sequence[str]) -> tuple[dict[str, Any], list[str]]:
     """Separate ``--config``, ``--preset`` and ``--allow-experimental`` from config-field tokens."""
-    options: dict[str, Any] = {"config": None, "preset": None, "allow_experimental": []}
+    options: dict[str, Any] = {"config": None, "preset": None, "allow_experimental": [], "print_config": False}
     rest: list[str] = []
     i = 0
     while i < len(tokens):
         flag, has_value, inline = tokens[i].partition("=")
+        if flag == "--print-config" and not has_value:
+            options["print_config"] = True
+            i += 1
+            continue
         if flag not in _TRAIN_OPTIONS:
             rest.append(tokens[i])
             i += 1
@@ -422,7 +438,8 @@ def _cmd_train(args: argparse.Namespace, registry: Registry) -> int:
         print("  --config FILE.yaml          YAML of field: value (an 'env:' mapping sets environment variables)")
         print("  --preset NAME               a paper's settings (see presets below)")
         print("  --allow-experimental NAME   opt in to an experimental method")
-        print("  --FIELD VALUE               any config field below; precedence: defaults < --preset < --config < flags")
+        print("  --print-config              print the resolved config with each field's source, and stop")
+        print("  --FIELD VALUE               any config field below; precedence: defaults < --config < --preset < flags")
         print()
         return _cmd_info(argparse.Namespace(method=args.method, allow_experimental=options["allow_experimental"]), registry)
     info = registry.get_info(args.method)
@@ -440,15 +457,22 @@ def _cmd_train(args: argparse.Namespace, registry: Registry) -> int:
     if checked.status == "error":
         raise UsageError(f"posttrain method {info.name!r} cannot be used: {checked.error}")
     config_cls = _import_path(info.spec.config)
+    sources: dict[str, str] = {}
     config = build_config(
         config_cls,
         presets=info.spec.presets,
         preset=options["preset"],
         yaml_values=yaml_values,
         cli_values=parse_field_args(config_cls, field_tokens),
+        sources=sources,
     )
     if by_flag:
         config.allow_experimental = True
+        sources["allow_experimental"] = "flag"
+    config._field_sources = sources  # read by the loop into run_manifest.json ("config_sources")
+    if options["print_config"]:
+        _print_config(config, sources)
+        return 0
     activation = registry.activate(info.name, allow_experimental=config.allow_experimental, via="cli" if by_flag else "python")
     if not config.model_name_or_path:
         raise UsageError("model_name_or_path is not set: pass --model_name_or_path (a Hub id or a local directory).")
@@ -471,6 +495,17 @@ def _cmd_train(args: argparse.Namespace, registry: Registry) -> int:
         raise UsageError(f"{type(exc).__name__}: {exc}") from exc
     trainer.train()
     return 0
+
+
+def _print_config(config: TrainingConfig, sources: Mapping[str, str]) -> None:
+    """Print the resolved config as YAML, each field with where its value came from (default / yaml / preset NAME / flag)."""
+    import yaml
+
+    print(f"# {type(config).__name__}: the resolved config (precedence: default < yaml < preset < flag)")
+    for item in dataclasses.fields(config):
+        value = getattr(config, item.name)
+        text = yaml.safe_dump({item.name: value}, default_flow_style=True, width=10**6).strip()[1:-1]
+        print(f"{text}  # {sources.get(item.name, 'default')}")
 
 
 def _dist_version(name: str) -> str:
@@ -603,12 +638,12 @@ def _cmd_doctor(args: argparse.Namespace, registry: Registry) -> int:
         for problem in problems:
             print(f"      - {problem}")
         failed += bool(problems)
-    from posttrain._plugins import get_plugin_manager
+    from posttrain._plugins import _build
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            pm = get_plugin_manager()
+            pm = _build(load_entrypoints=True)  # a fresh build, so every load problem is reported now
         except Exception as exc:
             print(f"FAIL  hook plugins: {type(exc).__name__}: {exc}")
             return 1
@@ -645,6 +680,10 @@ def _cmd_snapshot(args: argparse.Namespace, registry: Registry) -> int:
         info = registry.get_info(args.method)
         if not info.is_loadable:
             raise UsageError(f"method {info.name!r} has status {info.status}: {info.error}")
+        if not args.write and info.version.split(".")[0].strip() in ("0", "v0"):
+            print(f"{info.name} ({info.distribution} {info.version}) is a 0.x distribution: exempt from the snapshot check "
+                  "(STABILITY.md: anything may change before 1.0); nothing to check. `--write` records one anyway.")
+            return 0
         from posttrain.conformance.tiny import run_metric_names
 
         print(f"running {info.name} for a few steps on a tiny model to record its metric names ...", file=sys.stderr)
@@ -670,6 +709,11 @@ def _cmd_diagnose(args: argparse.Namespace, registry: Registry) -> int:
     except FileNotFoundError as exc:
         raise UsageError(str(exc)) from None
     print(json.dumps(report, indent=2, sort_keys=True) if args.format == "json" else format_report(report))
+    if args.plot is not None:
+        from posttrain._plot import plot_run
+
+        path = plot_run(args.output_dir, args.plot or None)
+        print(f"plot: {path}", file=sys.stderr if args.format == "json" else sys.stdout)
     return 0
 
 
@@ -765,6 +809,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("diagnose", help="Judge a finished or running run: verdict, evidence and top actions.", allow_abbrev=False)
     p.add_argument("output_dir", metavar="OUTPUT_DIR", help="The run's output_dir (holds metrics.jsonl, diagnostics.jsonl, run_manifest.json).")
     p.add_argument("--format", choices=("text", "json"), default="text", help="Output format (default: text; json follows schema 1, see STABILITY.md).")
+    p.add_argument("--plot", nargs="?", const="", default=None, metavar="FILE.png",
+                   help="Also write a PNG of the run's curves by signal role, each diagnostic event marked, the verdict in the title "
+                        "(default file: OUTPUT_DIR/diagnose.png; needs matplotlib).")
     p.set_defaults(handler=_cmd_diagnose)
     return parser
 

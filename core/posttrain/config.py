@@ -88,8 +88,11 @@ class TrainingConfig:
     # > Parameters that control checkpoints
     save_strategy: str = field(default="steps", metadata=_help("'steps' (every save_steps), 'epoch', or 'no'. The final model is always saved to output_dir."))
     save_steps: int = field(default=500, metadata=_help("Save a checkpoint every N optimizer steps."))
-    save_total_limit: int | None = field(default=None, metadata=_help("Keep at most N checkpoints (oldest deleted first)."))
+    save_total_limit: int | None = field(default=None, metadata=_help("Keep at most N checkpoints of this run (its oldest deleted first; another run's are never touched)."))
     resume_from_checkpoint: str | bool | None = field(default=None, metadata=_help("Checkpoint directory to resume from, or true for the latest in output_dir."))
+    overwrite_output_dir: bool = field(default=False, metadata=_help(
+        "Start a fresh run in an output_dir that holds another run: delete that run's checkpoints, metrics.jsonl, "
+        "diagnostics.jsonl and manifest first. Without it such a start is refused (one run per directory)."))
     push_to_hub: bool = field(default=False, metadata=_help("Upload the final model to the Hub."))
     hub_model_id: str | None = field(default=None, metadata=_help("Repository id for push_to_hub (default: output_dir's name)."))
 

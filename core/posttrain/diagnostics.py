@@ -564,6 +564,12 @@ def diagnose(output_dir: str) -> dict:
                "gradient_accumulation_steps": config.get("gradient_accumulation_steps"), "train_rows": manifest.get("train_rows")}
 
     rows = _read_jsonl(metrics_path)
+    runs = _split_runs(rows)
+    rows = runs[-1] if runs else []
+    note = None
+    if len(runs) > 1:  # several runs appended to one file (posttrain < 1.4 allowed a fresh run into a used output_dir)
+        note = (f"metrics.jsonl holds {len(runs)} runs written into the same output_dir; only the last one "
+                f"(from step {rows[0].get('step', '?')}) is judged. Give each run its own output_dir.")
     train_rows, eval_rows, events = [], [], []
     first_entropy = None
     entropy_name = signals.get("entropy")
@@ -580,7 +586,7 @@ def diagnose(output_dir: str) -> dict:
             events += check_history(train_rows[-4 * window:], eval_rows, signals=signals, thresholds=thresholds, window=window, context=context,
                                     first_entropy=first_entropy)
     replayed = {e.code for e in events}
-    for recorded in _read_jsonl(os.path.join(output_dir, "diagnostics.jsonl")):
+    for recorded in [] if note else _read_jsonl(os.path.join(output_dir, "diagnostics.jsonl")):  # one run's events only
         code = recorded.get("code")
         if code and code not in replayed:  # only what replay cannot recompute (memory, third-party checks)
             events.append(Event(code, int(recorded.get("step", 0)), recorded.get("message", ""), recorded.get("evidence") or {},
@@ -667,14 +673,32 @@ def diagnose(output_dir: str) -> dict:
         "evidence": evidence,
         "events": entries,
         "actions": actions[:3],
+        "note": note,
     }
+
+
+def _split_runs(rows: list[dict]) -> list[list[dict]]:
+    """Split logged rows into runs: a step lower than the one before starts another run (a resumed run truncates its log, so within one run steps never go back)."""
+    runs: list[list[dict]] = []
+    previous = None
+    for row in rows:
+        step = _num(row.get("step"))
+        if not runs or (step is not None and previous is not None and step < previous):
+            runs.append([])
+        runs[-1].append(row)
+        if step is not None:
+            previous = step
+    return runs
 
 
 def format_report(report: dict) -> str:
     """Render a :func:`diagnose` result for people."""
     state = "finished" if report["finished"] else f"step {report['last_step']}" + (f" of {report['max_steps']}" if report["max_steps"] else "")
     lines = [f"{report['output_dir']} ({report['method'] or 'unknown method'}, {state}, {report['steps_logged']} logged steps)",
-             f"verdict: {report['verdict'].upper()} - {report['reason']}", "evidence:"]
+             f"verdict: {report['verdict'].upper()} - {report['reason']}"]
+    if report.get("note"):
+        lines.append(f"note: {report['note']}")
+    lines.append("evidence:")
     lines += [f"  {k} = {v}" for k, v in report["evidence"].items()]
     if report["events"]:
         lines.append("diagnostics:")
