@@ -169,6 +169,7 @@ class TrainingLoop:
         self._given_optimizer, self._given_scheduler, self._optimizer_cls_and_kwargs = optimizer, scheduler, optimizer_cls_and_kwargs
         self._checked = False  # the method passed check_method
         self.run_id: str | None = None  # set by train(): one run per output_dir (see _claim_output_dir)
+        self._wrote_output_dir = False  # this loop logged into output_dir (e.g. evaluate() before train())
         self._trackers_started = False
         self.model = None  # the prepared (possibly wrapped) model, set in setup()
         self.optimizer = None
@@ -583,6 +584,8 @@ class TrainingLoop:
             os.makedirs(self.args.output_dir, exist_ok=True)
             with open(os.path.join(self.args.output_dir, "metrics.jsonl"), "a") as fh:
                 fh.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.args.output_dir and not summary:
+            self._wrote_output_dir = True  # on every process, so they all judge the output_dir alike
         if self.args.report_to and self._trackers_started:
             self.accelerator.log(metrics, step=step)
         if not summary:
@@ -786,6 +789,13 @@ class TrainingLoop:
                     f"({describe_run(previous)}): resume with output_dir set to the checkpoint's own run directory, or a new one."
                 )
         else:
+            # this trainer's own files are not another run: a train() after evaluate(), or a second train()
+            mine = previous is not None and (
+                (self.run_id is not None and previous["run_id"] == self.run_id)
+                or (previous["run_id"] is None and not previous["checkpoints"] and self._wrote_output_dir)
+            )
+            if mine:
+                previous, run_id = None, self.run_id
             if previous is not None and not args.overwrite_output_dir:
                 raise ConfigError(
                     f"output_dir {args.output_dir!r} already holds a run ({describe_run(previous)}): pass a new --output_dir, "
