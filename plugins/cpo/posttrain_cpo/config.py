@@ -41,7 +41,10 @@ class CPOConfig(TrainingConfig):
     )
     max_completion_length: int | None = field(
         default=None,
-        metadata=_help("Accepted, no effect: TRL 1.16 uses it only for encoder-decoder models, which posttrain's CPO does not train."),
+        metadata=_help(
+            "Encoder-decoder models only (as TRL 1.16): maximum tokens of each completion (the decoder's labels); None = 128. "
+            "No effect on a decoder-only model (a warning when set), whose completions are cut by max_length."
+        ),
     )
     dataset_num_proc: int | None = field(
         default=None, metadata=_help("Accepted, no effect: rows are tokenized in the training process (one pass, before training).")
@@ -50,13 +53,17 @@ class CPOConfig(TrainingConfig):
     generate_during_eval: bool = field(
         default=False,
         metadata=_help(
-            "Accepted, no effect (a warning when True): TRL logged sampled completions to W&B/Comet tables during "
-            "evaluation; generate from the saved model (or a TrainerCallback) instead."
+            "Accepted, no effect (a warning when True): TRL logs sampled completions to W&B/Comet tables during "
+            "evaluation; generate from the saved model (or a TrainerCallback) instead. Refused, as by TRL, when neither "
+            "wandb nor comet_ml is installed."
         ),
     )
     is_encoder_decoder: bool | None = field(
         default=None,
-        metadata=_help("Whether the model is an encoder-decoder; only None or False is accepted (posttrain's CPO trains causal LMs)."),
+        metadata=_help(
+            "Whether the model is an encoder-decoder (T5, BART); None = read from the model's config.is_encoder_decoder. "
+            "A value the model contradicts is refused when the trainer is built."
+        ),
     )
 
     # > Parameters that control the training
@@ -118,17 +125,8 @@ class CPOConfig(TrainingConfig):
             raise ConfigError(f"cpo_alpha={self.cpo_alpha} is invalid: use a weight >= 0 (CPO: 1.0; 0.0 turns the NLL term off).")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"max_length={self.max_length} is invalid: use at least 2 tokens (a prompt token and a completion token), or None.")
-        if self.is_encoder_decoder:
-            raise ConfigError(
-                "is_encoder_decoder=True is not supported: posttrain's CPO trains causal LMs only (TRL's encoder-decoder path "
-                "is not implemented). Use a decoder-only model and leave is_encoder_decoder=None."
-            )
-        if self.max_completion_length is not None:
-            warnings.warn(
-                f"max_completion_length={self.max_completion_length} has no effect (as in TRL 1.16 for decoder-only models): "
-                "completions are truncated by max_length only.",
-                stacklevel=3,
-            )
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ConfigError(f"max_completion_length={self.max_completion_length} is invalid: use at least 1 token, or None (128 for encoder-decoder models).")
         if self.generate_during_eval:
             warnings.warn(
                 "generate_during_eval=True has no effect in posttrain: no completions are sampled during evaluation; generate "

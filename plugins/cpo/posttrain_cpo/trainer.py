@@ -19,6 +19,10 @@ micro-batches, like TRL). The pair losses are summed over pairs and divided by t
 so with ``cpo_alpha=0`` (SimPO, AlphaPO) per-device batch 8 x accumulation 1 equals 1 x 8 exactly.
 Formulas match TRL 1.16 ``trl.experimental.cpo.CPOTrainer.cpo_loss`` (the tests check each loss
 type and option against it on the same model and batch).
+
+Encoder-decoder models (T5, BART) are trained as TRL 1.16 trains them: the prompt is the encoder's
+input, each completion the decoder's labels (decoder inputs: the labels shifted right after
+``decoder_start_token_id``), and the log-probs are those of the completion tokens only.
 """
 
 from __future__ import annotations
@@ -34,7 +38,12 @@ import torch.nn.functional as F
 from posttrain import ConfigError, TrainerSurface, TrainingLoop, as_config, causal_lm_states, disable_dropout, pad
 from posttrain_cpo.config import CPOConfig
 
-__all__ = ["CPOTrainer", "cpo_pair_losses", "extract_prompt", "tokenize_row"]
+__all__ = ["CPOTrainer", "PaddingCollator", "concatenate_pair_batch", "cpo_pair_losses", "extract_prompt", "tokenize_encoder_decoder_row", "tokenize_row"]
+
+#: The processed columns (TRL 1.16's names) of a decoder-only and of an encoder-decoder model.
+DECODER_COLUMNS = ("prompt_input_ids", "prompt_attention_mask", "chosen_input_ids", "chosen_attention_mask", "chosen_labels",
+                   "rejected_input_ids", "rejected_attention_mask", "rejected_labels")
+ENCODER_DECODER_COLUMNS = ("prompt_input_ids", "prompt_attention_mask", "chosen_labels", "rejected_labels")
 
 _FORMATS = (
     "accepted formats: standard {'prompt': str, 'chosen': str, 'rejected': str}; conversational "
@@ -132,37 +141,192 @@ def _split_answer(tokenizer, prompt: str, answer: str) -> tuple[list[int], list[
 
 
 def tokenize_row(prompt: str, chosen: str, rejected: str, tokenizer, max_length: int | None) -> dict | None:
-    """Return ``{"chosen_ids", "chosen_prompt_len", "rejected_ids", "rejected_prompt_len"}`` for one pair of texts, or None.
+    """Return TRL 1.16's tokenized columns of one pair of texts for a decoder-only model, or None.
 
-    As TRL 1.16's CPO: text is tokenized without special tokens, the BOS token (if the tokenizer has
-    one) starts every prompt, an EOS ends every completion, and each completion is cut to
-    ``max_length - prompt length``. None when that leaves no completion token (the pair is dropped).
+    Columns (:data:`DECODER_COLUMNS`): ``prompt_input_ids``/``prompt_attention_mask``, and per side
+    ``<side>_input_ids`` (prompt + completion), ``<side>_attention_mask`` and ``<side>_labels`` (the
+    input ids with -100 on the prompt). As TRL 1.16's CPO: text is tokenized without special tokens,
+    the BOS token (if the tokenizer has one) starts every prompt, the EOS token (if any) ends every completion, and
+    each completion is cut to ``max_length - prompt length``. None when that leaves no completion
+    token (the pair is dropped).
 
     Raises:
         ValueError: the chosen and rejected prompts tokenize to sequences differing by more than one token.
     """
+    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     chosen_prompt, chosen_ids = _split_answer(tokenizer, prompt, chosen)
     rejected_prompt, rejected_ids = _split_answer(tokenizer, prompt, rejected)
     differing = sum(a != b for a, b in zip(chosen_prompt, rejected_prompt))
     if differing > 1 or abs(len(chosen_prompt) - len(rejected_prompt)) > 1:
         raise ValueError("the chosen and rejected prompts tokenize differently beyond the last token")
+    prompt_ids = prompt_ids[: min(len(chosen_prompt), len(rejected_prompt))]  # a last token merged into a completion is not the prompt's
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if bos is not None:
+        prompt_ids = prompt_ids if prompt_ids[:1] == [bos] else [bos] + prompt_ids
         chosen_prompt = chosen_prompt if chosen_prompt[:1] == [bos] else [bos] + chosen_prompt
         rejected_prompt = rejected_prompt if rejected_prompt[:1] == [bos] else [bos] + rejected_prompt
-    chosen_ids = chosen_ids if chosen_ids[-1:] == [eos] else chosen_ids + [eos]
-    rejected_ids = rejected_ids if rejected_ids[-1:] == [eos] else rejected_ids + [eos]
+    if eos is not None:
+        chosen_ids = chosen_ids if chosen_ids[-1:] == [eos] else chosen_ids + [eos]
+        rejected_ids = rejected_ids if rejected_ids[-1:] == [eos] else rejected_ids + [eos]
     if max_length is not None:
         chosen_ids = chosen_ids[: max(0, max_length - len(chosen_prompt))]
         rejected_ids = rejected_ids[: max(0, max_length - len(rejected_prompt))]
     if not chosen_ids or not rejected_ids:
         return None
-    return {
-        "chosen_ids": chosen_prompt + chosen_ids,
-        "chosen_prompt_len": len(chosen_prompt),
-        "rejected_ids": rejected_prompt + rejected_ids,
-        "rejected_prompt_len": len(rejected_prompt),
+    out = {"prompt_input_ids": prompt_ids, "prompt_attention_mask": [1] * len(prompt_ids)}
+    for side, head, tail in (("chosen", chosen_prompt, chosen_ids), ("rejected", rejected_prompt, rejected_ids)):
+        out[f"{side}_input_ids"] = head + tail
+        out[f"{side}_attention_mask"] = [1] * (len(head) + len(tail))
+        out[f"{side}_labels"] = [-100] * len(head) + tail
+    return out
+
+
+def tokenize_encoder_decoder_row(prompt: str, chosen: str, rejected: str, tokenizer, max_completion_length: int) -> dict | None:
+    """Return TRL 1.16's tokenized columns of one pair of texts for an encoder-decoder model, or None.
+
+    Columns (:data:`ENCODER_DECODER_COLUMNS`): the prompt is the encoder's input
+    (``prompt_input_ids``/``prompt_attention_mask``, tokenized with the tokenizer's special tokens and
+    not truncated, as TRL); each completion is tokenized alone with special tokens (T5's tokenizer
+    appends EOS), cut to ``max_completion_length`` tokens, and becomes the decoder's labels
+    (``chosen_labels``/``rejected_labels``). None when a completion has no token (the pair is dropped).
+
+    Raises:
+        ValueError: the prompt has no token (the encoder needs an input).
+    """
+    prompt_tokens = tokenizer(prompt, add_special_tokens=True)
+    if len(prompt_tokens["input_ids"]) == 0:
+        raise ValueError("the prompt has no token, and an encoder-decoder model needs an encoder input")
+    labels = {
+        side: list(tokenizer(text, truncation=True, max_length=max_completion_length, add_special_tokens=True)["input_ids"])
+        for side, text in (("chosen", chosen), ("rejected", rejected))
     }
+    if not labels["chosen"] or not labels["rejected"]:
+        return None
+    return {
+        "prompt_input_ids": list(prompt_tokens["input_ids"]),
+        "prompt_attention_mask": list(prompt_tokens["attention_mask"]),
+        "chosen_labels": labels["chosen"],
+        "rejected_labels": labels["rejected"],
+    }
+
+
+class PaddingCollator:
+    """Pad processed preference rows into TRL 1.16's batch (the layout of ``DPODataCollatorWithPadding``).
+
+    Every ``*_input_ids`` column becomes a tensor padded with ``pad_token_id``, ``*_attention_mask``
+    with 0 and ``*_labels`` with -100; other columns stay lists. Decoder-only: the prompt columns are
+    left-padded, the rest right-padded; encoder-decoder: all right-padded. The trainer turns this
+    batch into the model's (chosen rows first, then rejected) with :func:`concatenate_pair_batch`.
+    """
+
+    def __init__(self, pad_token_id: int, is_encoder_decoder: bool = False) -> None:
+        self.pad_token_id = pad_token_id
+        self.is_encoder_decoder = is_encoder_decoder
+
+    def __call__(self, rows: list[dict]) -> dict:
+        batch: dict[str, Any] = {}
+        for key in rows[0]:
+            values = [row[key] for row in rows]
+            if key.endswith("_input_ids"):
+                value = self.pad_token_id
+            elif key.endswith("_attention_mask"):
+                value = 0
+            elif key.endswith("_labels"):
+                value = -100
+            else:
+                batch[key] = values
+                continue
+            side = "left" if key.startswith("prompt_") and not self.is_encoder_decoder else "right"
+            batch[key] = pad([torch.tensor(v, dtype=torch.long) for v in values], padding_value=value, padding_side=side)
+        return batch
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(pad_token_id={self.pad_token_id}, is_encoder_decoder={self.is_encoder_decoder})"
+
+
+def concatenate_pair_batch(batch: dict, *, is_encoder_decoder: bool, padding_value: int) -> dict:
+    """Return the model's batch from a collated pair batch: chosen rows first, then rejected (TRL 1.16's ``concatenated_inputs``).
+
+    Decoder-only: ``input_ids``/``attention_mask``/``labels`` (2B, T) from the ``chosen_*`` and
+    ``rejected_*`` tensors, right-padded to the longer side with ``padding_value`` / 0 / -100.
+    Encoder-decoder: ``labels`` (2B, L) from ``chosen_labels``/``rejected_labels`` (padded with -100)
+    and the prompt twice, ``input_ids``/``attention_mask`` (2B, P).
+
+    Raises:
+        ConfigError: a column the model's batch needs is missing (a custom ``data_collator``).
+    """
+    needed = ENCODER_DECODER_COLUMNS if is_encoder_decoder else DECODER_COLUMNS[2:]
+    missing = [key for key in needed if not isinstance(batch.get(key), torch.Tensor)]
+    if missing:
+        raise ConfigError(
+            f"the data collator's batch has no tensor {missing[0]!r} (keys: {sorted(batch)}): a data_collator must return TRL's "
+            f"padded columns {', '.join(needed)} (the default collator does)."
+        )
+
+    def cat(key: str, value: int) -> torch.Tensor:
+        chosen, rejected = batch[f"chosen_{key}"], batch[f"rejected_{key}"]
+        width = max(chosen.shape[1], rejected.shape[1])
+        return torch.cat([F.pad(t, (0, width - t.shape[1]), value=value) for t in (chosen, rejected)])
+
+    if is_encoder_decoder:
+        return {"input_ids": batch["prompt_input_ids"].repeat(2, 1), "attention_mask": batch["prompt_attention_mask"].repeat(2, 1), "labels": cat("labels", -100)}
+    return {"input_ids": cat("input_ids", padding_value), "attention_mask": cat("attention_mask", 0), "labels": cat("labels", -100)}
+
+
+def encoder_decoder_auto_class(model, args):
+    """Return ``transformers.AutoModelForSeq2SeqLM`` when ``model`` names (Hub id or directory) an encoder-decoder model, else None."""
+    name = model if model is not None else args.model_name_or_path
+    if not isinstance(name, str):
+        return None
+    import transformers
+
+    revision = (args.model_init_kwargs or {}).get("revision")
+    try:
+        config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=args.trust_remote_code, **({"revision": revision} if revision else {}))
+    except Exception:  # noqa: BLE001 - loading the model itself reports the problem with its own message
+        return None
+    return transformers.AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else None
+
+
+def resolve_encoder_decoder(model, flag: bool | None) -> bool:
+    """Return whether ``model`` is an encoder-decoder, read from ``model.config.is_encoder_decoder`` and checked against ``flag``.
+
+    Raises:
+        ConfigError: ``flag`` (the config's ``is_encoder_decoder``) contradicts the model, or an
+            encoder-decoder model's config has no ``decoder_start_token_id`` or ``pad_token_id``.
+    """
+    config = getattr(model, "config", None)
+    actual = bool(getattr(config, "is_encoder_decoder", False))
+    if flag is not None and bool(flag) != actual:
+        kind = "an encoder-decoder" if actual else "a decoder-only"
+        raise ConfigError(
+            f"is_encoder_decoder={flag} contradicts the model: {type(model).__name__} is {kind} model (config.is_encoder_decoder={actual}); "
+            "leave is_encoder_decoder=None to read it from the model's config."
+        )
+    if actual:
+        for name in ("decoder_start_token_id", "pad_token_id"):
+            if getattr(config, name, None) is None:
+                raise ConfigError(f"the encoder-decoder model's config has no {name}: set model.config.{name} (T5 uses the pad token id) before building the trainer.")
+    return actual
+
+
+def _refuse_unsupported_arguments(model, args, model_init, optimizers) -> None:
+    """Raise a ConfigError naming each TRL argument or combination that cannot be honoured, and the alternative."""
+    if model_init is not None:
+        raise ConfigError("model_init= is not supported (no hyperparameter search): pass the model itself (or its Hub id) as model=.")
+    if optimizers is not None and any(part is not None for part in optimizers):
+        raise ConfigError(
+            "optimizers=(optimizer, scheduler) cannot be honoured: posttrain builds the optimizer and schedule itself "
+            "(they must follow resume and accumulation); set optim, optim_args, learning_rate, weight_decay, "
+            "lr_scheduler_type and lr_scheduler_kwargs in the config instead."
+        )
+    if args.model_init_kwargs is not None and model is not None and not isinstance(model, str):
+        raise ConfigError("model_init_kwargs is set but the model is already instantiated: pass the model by name (Hub id or directory), or leave model_init_kwargs=None.")
+    if args.generate_during_eval:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None and importlib.util.find_spec("comet_ml") is None:
+            raise ConfigError("generate_during_eval=True requires wandb or comet_ml to be installed (as TRL); set generate_during_eval=False.")
 
 
 # Copied from posttrain_dpo.trainer._is_iterable_dataset
@@ -204,13 +368,17 @@ def cpo_pair_losses(args: CPOConfig, chosen_logps: torch.Tensor, rejected_logps:
 
 # ---------------------------------------------------------------------------------------------- trainer
 class CPOTrainer(TrainerSurface):
-    """Train a causal LM with CPO, SimPO or AlphaPO on preference pairs (TRL 1.16's ``trl.experimental.cpo.CPOTrainer`` API).
+    """Train a causal LM or an encoder-decoder with CPO, SimPO or AlphaPO on preference pairs (TRL 1.16's ``trl.experimental.cpo.CPOTrainer`` API).
 
     Features (flags in :class:`CPOConfig`):
         - Data: ``prompt``/``chosen``/``rejected`` as strings or message lists (a ``tools`` column and
           ``chat_template_kwargs`` included); implicit prompts (only ``chosen``/``rejected``: the
           shared prefix becomes the prompt). ``datasets.Dataset``, ``IterableDataset`` (materialized
-          once) or a list of dicts. ``max_length`` cuts completions (the prompt is kept).
+          once) or a list of dicts. ``max_length`` cuts completions (the prompt is kept). The processed
+          ``train_dataset``/``eval_dataset`` have TRL's columns (``prompt_input_ids``,
+          ``chosen_input_ids``, ``chosen_attention_mask``, ``chosen_labels``, ...).
+        - Encoder-decoder models (``model.config.is_encoder_decoder``, e.g. T5): the prompt feeds the
+          encoder, the completions (cut to ``max_completion_length``, default 128) are the decoder's labels.
         - No reference model. Chosen and rejected go through the model in one forward pass (2B rows).
         - ``loss_type`` sigmoid / hinge / ipo / simpo / alphapo, ``cpo_alpha`` (NLL of the chosen
           completions), ``label_smoothing``, ``simpo_gamma``, ``alpha`` (AlphaPO reward shape).
@@ -220,20 +388,26 @@ class CPOTrainer(TrainerSurface):
     ``logits/chosen``, ``logits/rejected``, ``nll_loss``; the loop adds ``num_tokens``.
 
     Args:
-        model: A causal LM, a ``PeftModel``, or a Hub id / directory (loaded with ``args.model_init_kwargs``).
+        model: A causal LM or encoder-decoder, a ``PeftModel``, or a Hub id / directory (loaded with ``args.model_init_kwargs``).
         args: A :class:`CPOConfig`, a ``transformers.TrainingArguments`` or a dict of fields.
-        data_collator, model_init, preprocess_logits_for_metrics, compute_metrics: TRL's; must stay
-            None (a ``ConfigError`` names the alternative).
+        data_collator: Rows of the processed dataset -> TRL's padded batch (``chosen_input_ids``, ...,
+            see :class:`PaddingCollator`, the default); ``trainer.data_collator`` is the one used.
         train_dataset, eval_dataset: Preference data (``eval_dataset`` may be a dict / ``DatasetDict``).
         processing_class: The tokenizer (default: loaded from the model's path).
+        model_init: Must stay None (no hyperparameter search).
         callbacks: ``transformers.TrainerCallback`` objects.
         optimizers: Must stay ``(None, None)``: the optimizer and schedule come from the config.
+        preprocess_logits_for_metrics: ``f(predictions, labels)`` applied to each eval batch's predictions
+            before ``compute_metrics`` (as transformers).
         peft_config: A ``peft.PeftConfig`` to train an adapter (or set ``args.use_peft``).
+        compute_metrics: ``f(EvalPrediction) -> dict`` run at each evaluation; as TRL 1.16 the
+            predictions are each eval batch's ``logits/chosen`` and ``logits/rejected`` and the labels zeros.
         allow_experimental: Python opt-in for the maturity gate (``cpo`` is experimental).
 
     Raises:
-        posttrain.ConfigError: invalid data (row and column named), no pair left after truncation, or
-            an argument that cannot be honoured (named, with the alternative).
+        posttrain.ConfigError: invalid data (row and column named), no pair left after truncation,
+            ``is_encoder_decoder`` contradicting the model, or an argument that cannot be honoured
+            (named, with the alternative).
     """
 
     def __init__(
@@ -259,11 +433,29 @@ class CPOTrainer(TrainerSurface):
         self.loop = TrainingLoop(args, method="cpo", allow_experimental=allow_experimental, callbacks=callbacks)
         if train_dataset is None:
             raise ConfigError("`train_dataset` is required: pass train_dataset=... (a datasets.Dataset, an IterableDataset or a list of dicts).")
-        self._refuse_unsupported(data_collator, model_init, optimizers, preprocess_logits_for_metrics, compute_metrics)
-        self.model, self.processing_class = self.loop.load_model(model, processing_class=processing_class, peft_config=peft_config)
+        _refuse_unsupported_arguments(model, args, model_init, optimizers)
+        self.model, self.processing_class = self.loop.load_model(
+            model, processing_class=processing_class, peft_config=peft_config, auto_class=encoder_decoder_auto_class(model, args)
+        )
         if args.disable_dropout:
             disable_dropout(self.model)
         self._setup_tokenizer()
+        # read from the model (the config field may have been set after the config was built, as TRL's tests do)
+        self.is_encoder_decoder = resolve_encoder_decoder(self.model, args.is_encoder_decoder)
+        self.max_completion_length = args.max_completion_length
+        if self.is_encoder_decoder and self.max_completion_length is None:
+            self.max_completion_length = 128  # TRL 1.16's default for encoder-decoder models
+        elif not self.is_encoder_decoder and args.max_completion_length is not None:
+            warnings.warn(
+                f"max_completion_length={args.max_completion_length} has no effect for a decoder-only model (as in TRL 1.16): "
+                "completions are truncated by max_length only.",
+                stacklevel=2,
+            )
+        self.data_collator = data_collator if data_collator is not None else PaddingCollator(self.pad_token_id, self.is_encoder_decoder)
+        self.compute_metrics = compute_metrics
+        self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
+        if compute_metrics is not None:
+            self.evaluate_batches = self._evaluate_with_compute_metrics  # the loop's default evaluation has no predictions
         self.train_dataset = self.process_dataset(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):  # a dict or (Iterable)DatasetDict: metrics eval_<name>_<metric>
             self.eval_dataset = {key: self.process_dataset(part, f"eval_dataset[{key!r}]") for key, part in eval_dataset.items()}
@@ -272,25 +464,6 @@ class CPOTrainer(TrainerSurface):
         self.loop.setup(self.model, method=self)
 
     # ------------------------------------------------------------------ setup
-    @staticmethod
-    def _refuse_unsupported(data_collator, model_init, optimizers, preprocess_logits_for_metrics, compute_metrics) -> None:
-        """Raise a ConfigError naming each TRL argument that cannot be honoured, and the alternative."""
-        if data_collator is not None:
-            raise ConfigError("data_collator= is not supported by posttrain's CPO: batches are built by CPOTrainer.collate; pass data_collator=None.")
-        if model_init is not None:
-            raise ConfigError("model_init= is not supported (no hyperparameter search): pass the model itself (or its Hub id) as model=.")
-        if optimizers is not None and any(part is not None for part in optimizers):
-            raise ConfigError(
-                "optimizers=(optimizer, scheduler) cannot be honoured: posttrain builds the optimizer and schedule itself "
-                "(they must follow resume and accumulation); set optim, optim_args, learning_rate, weight_decay, "
-                "lr_scheduler_type and lr_scheduler_kwargs in the config instead."
-            )
-        if preprocess_logits_for_metrics is not None or compute_metrics is not None:
-            raise ConfigError(
-                "compute_metrics= / preprocess_logits_for_metrics= are not supported by posttrain's CPO (TRL passes them only "
-                "the two logits/* means): evaluate() already returns every CPO metric; pass None."
-            )
-
     def _setup_tokenizer(self) -> None:
         """Use the EOS token as padding when the tokenizer has none, and mirror the pad id onto the model's configs (TRL 1.16)."""
         tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
@@ -305,9 +478,11 @@ class CPOTrainer(TrainerSurface):
 
     # ------------------------------------------------------------------ data
     def process_dataset(self, dataset, name: str):
-        """Return ``dataset`` validated and tokenized for CPO: a ``datasets.Dataset`` of ``chosen_ids``/``rejected_ids`` (+ prompt lengths).
+        """Return ``dataset`` validated and tokenized for CPO: a ``datasets.Dataset`` with TRL 1.16's columns.
 
-        Also used by ``evaluate(eval_dataset=...)``.
+        :data:`DECODER_COLUMNS` for a decoder-only model, :data:`ENCODER_DECODER_COLUMNS` for an
+        encoder-decoder; rows that already have them are kept as they are. Also used by
+        ``evaluate(eval_dataset=...)``.
 
         Raises:
             ConfigError: an empty dataset, missing columns, an invalid row (named by index), or no
@@ -317,6 +492,9 @@ class CPOTrainer(TrainerSurface):
 
         rows = self._materialize(dataset, name)
         columns = sorted(rows[0])
+        processed = ENCODER_DECODER_COLUMNS if self.is_encoder_decoder else DECODER_COLUMNS
+        if set(processed) <= set(columns):  # already tokenized (TRL's columns)
+            return Dataset.from_list([{key: row[key] for key in processed} for row in rows])
         if not {"chosen", "rejected"} <= set(columns):
             hint = " Unpaired prompt/completion/label rows belong to the 'kto' method." if "label" in columns else ""
             raise ConfigError(f"{name} has columns {columns}, but CPO needs 'chosen' and 'rejected'; {_FORMATS}.{hint}")
@@ -334,15 +512,21 @@ class CPOTrainer(TrainerSurface):
             conversational = _check_row(row, index, name)
             texts = render_conversation(row, tokenizer) if conversational else (row["prompt"], row["chosen"], row["rejected"])
             try:
-                item = tokenize_row(*texts, tokenizer, self.args.max_length)
+                if self.is_encoder_decoder:
+                    item = tokenize_encoder_decoder_row(*texts, tokenizer, self.max_completion_length)
+                else:
+                    item = tokenize_row(*texts, tokenizer, self.args.max_length)
             except ValueError as exc:
-                raise ConfigError(f"{name} row {index}: {exc} (a tokenizer merge across the prompt boundary); check the row's 'prompt', 'chosen' and 'rejected' texts.") from None
+                raise ConfigError(f"{name} row {index}: {exc}; check the row's 'prompt', 'chosen' and 'rejected' texts.") from None
             if item is not None:
                 out.append(item)
         if not out:
+            if self.is_encoder_decoder:
+                raise ConfigError(f"every pair of {name} has a completion without tokens, so no pair is left: check the 'chosen' and 'rejected' texts.")
             raise ConfigError(f"every prompt of {name} has >= max_length={self.args.max_length} tokens, so no pair is left: raise max_length or shorten the prompts.")
         if len(out) < len(rows):
-            warnings.warn(f"{name}: {len(rows) - len(out)} of {len(rows)} pairs dropped: their prompt alone fills max_length={self.args.max_length}.", stacklevel=3)
+            why = "a completion has no token" if self.is_encoder_decoder else f"their prompt alone fills max_length={self.args.max_length}"
+            warnings.warn(f"{name}: {len(rows) - len(out)} of {len(rows)} pairs dropped: {why}.", stacklevel=3)
         return Dataset.from_list(out)
 
     # Copied from posttrain_dpo.trainer.DPOTrainer._materialize
@@ -369,49 +553,64 @@ class CPOTrainer(TrainerSurface):
 
     # ------------------------------------------------------------------ the method protocol
     def collate(self, rows: list[dict]) -> dict:
-        """Return ``input_ids``/``attention_mask``/``completion_mask`` (2B, T), right-padded: chosen rows first, then rejected."""
-        seqs, masks = [], []
-        for key in ("chosen", "rejected"):
-            for r in rows:
-                ids, n = list(r[f"{key}_ids"]), r[f"{key}_prompt_len"]
-                seqs.append(torch.tensor(ids, dtype=torch.long))
-                masks.append(torch.tensor([0] * n + [1] * (len(ids) - n), dtype=torch.long))
-        input_ids = pad(seqs, padding_value=self.pad_token_id)  # (2B, T)
-        attention_mask = pad([torch.ones_like(s) for s in seqs], padding_value=0)  # (2B, T)
-        completion_mask = pad(masks, padding_value=0)  # (2B, T)
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask, "num_tokens": int(attention_mask.sum())}
+        """Return the model's batch of ``rows``: ``self.data_collator(rows)`` concatenated, chosen rows first, then rejected.
+
+        ``input_ids``/``attention_mask`` (2B, T) (encoder-decoder: the prompts, twice), ``labels``
+        (2B, T) (-100 on prompts and padding; encoder-decoder: the completions) and ``num_tokens``.
+        """
+        batch = concatenate_pair_batch(self.data_collator(rows), is_encoder_decoder=self.is_encoder_decoder, padding_value=self.pad_token_id)
+        batch["num_tokens"] = int(batch["attention_mask"].sum()) + (int((batch["labels"] != -100).sum()) if self.is_encoder_decoder else 0)
+        return batch
 
     def count_items(self, batch: dict) -> int:
         return batch["input_ids"].shape[0] // 2  # pairs
 
+    def _decoder_input_ids(self, labels: torch.Tensor) -> torch.Tensor:
+        """The decoder's inputs for ``labels`` (2B, L): the model's ``prepare_decoder_input_ids_from_labels`` (T5, BART), else the
+        labels shifted right after ``decoder_start_token_id`` with -100 replaced by the pad id (TRL 1.16's ``_shift_right``)."""
+        prepare = getattr(self.model, "prepare_decoder_input_ids_from_labels", None)
+        if callable(prepare):
+            return prepare(labels=labels)
+        config = self.model.config
+        shifted = labels.new_full(labels.shape, config.decoder_start_token_id)
+        shifted[:, 1:] = labels[:, :-1]
+        return shifted.masked_fill(shifted == -100, config.pad_token_id)
+
     def concatenated_logps(self, model, batch: dict) -> dict[str, torch.Tensor]:
         """Run ``model`` once on the 2B rows; return per-token completion log-probs and what the loss and metrics need.
 
+        Decoder-only: the token at position t+1 is scored from position t; encoder-decoder: label t
+        from decoder position t (decoder inputs: the labels shifted right).
+
         Returns:
-            ``per_token`` (2B, T-1) log-probs of the completion tokens (0 elsewhere), ``mask`` (2B, T-1),
+            ``per_token`` (2B, T') log-probs of the completion tokens (0 elsewhere), ``mask`` (2B, T'),
             ``logps`` (2B,) their sum, ``mean_logits`` (2B,) the mean logit over completion positions
             and vocabulary (no gradient).
         """
-        input_ids = batch["input_ids"]
-        # hidden states and the LM head, logprob_chunk_size tokens at a time (posttrain.causal_lm_states): no (2B, T-1, V) logits
-        _, states = causal_lm_states(model, chunk_size=self.args.logprob_chunk_size, input_ids=input_ids,
-                                     attention_mask=batch["attention_mask"], use_cache=False)
-        scores = states[:, :-1].score(input_ids[:, 1:], stats=("mean_logit",))  # (2B, T-1) each
-        mask = batch["completion_mask"][:, 1:].to(scores.logps.dtype)  # (2B, T-1)
-        per_token = scores.logps * mask  # (2B, T-1)
+        labels = batch["labels"]
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+        if self.is_encoder_decoder:
+            inputs["decoder_input_ids"] = self._decoder_input_ids(labels)
+        # hidden states and the LM head, logprob_chunk_size tokens at a time (posttrain.causal_lm_states): no (2B, T, V) logits
+        _, states = causal_lm_states(model, chunk_size=self.args.logprob_chunk_size, **inputs)
+        if not self.is_encoder_decoder:
+            states, labels = states[:, :-1], labels[:, 1:]
+        scores = states.score(labels, stats=("mean_logit",))  # (2B, T') each
+        mask = (labels != -100).to(scores.logps.dtype)  # (2B, T')
+        per_token = scores.logps * mask  # (2B, T')
         mean_logits = (scores.stats["mean_logit"] * mask).sum(1) / mask.sum(1).clamp(min=1)  # (2B,), no gradient
         return {"per_token": per_token, "mask": mask, "logps": per_token.sum(1), "mean_logits": mean_logits}
 
     def compute_loss(self, model, batch: dict, num_items_in_batch):
         out = self.concatenated_logps(model, batch)
-        mask = out["mask"]  # (2B, T-1)
+        mask = out["mask"]  # (2B, T')
         lengths = mask.sum(1).clamp(min=1)  # (2B,)
         logps = out["logps"] / lengths if self.args.loss_type in ("ipo", "simpo") else out["logps"]  # (2B,)
         chosen_logps, rejected_logps = logps.chunk(2)  # (B,), (B,)
         losses, chosen_rewards, rejected_rewards = cpo_pair_losses(self.args, chosen_logps, rejected_logps)  # (B,) each
         n_pairs = self.count_items(batch)
         loss = losses.sum() / num_items_in_batch
-        chosen_mask = mask.chunk(2)[0]  # (B, T-1)
+        chosen_mask = mask.chunk(2)[0]  # (B, T')
         if self.args.cpo_alpha != 0:  # token mean over the micro-batch's chosen completions, weighted by its share of the step's pairs
             nll = -out["per_token"].chunk(2)[0].sum() / chosen_mask.sum().clamp(min=1)
             loss = loss + self.args.cpo_alpha * nll * (n_pairs / num_items_in_batch)
@@ -432,3 +631,43 @@ class CPOTrainer(TrainerSurface):
                 "nll_loss": nll.detach(),
             }
         return loss, metrics
+
+    @torch.no_grad()
+    def _evaluate_with_compute_metrics(self, model, batches) -> dict:
+        """Evaluation with ``compute_metrics``: the item-weighted means of ``compute_loss`` plus ``compute_metrics(EvalPrediction)``.
+
+        As TRL 1.16's ``prediction_step``: the predictions are each batch's ``logits/chosen`` and
+        ``logits/rejected`` (two numbers per batch, concatenated over batches and processes) and the
+        labels zeros of the same shape; ``preprocess_logits_for_metrics(predictions, labels)`` is
+        applied to each batch's pair first, as transformers does.
+        """
+        import numpy as np
+        from transformers import EvalPrediction
+
+        accelerator = self.loop.accelerator
+        totals: dict[str, torch.Tensor] = {}
+        weight = 0
+        predictions, labels = [], []
+        for batch in batches:
+            n = self.count_items(batch)
+            loss, metrics = self.compute_loss(model, batch, n)
+            for key, value in {"loss": loss, **metrics}.items():
+                totals[key] = totals.get(key, 0) + value.detach().float() * n
+            weight += n
+            logits = torch.stack([metrics["logits/chosen"], metrics["logits/rejected"]]).detach().float()  # (2,)
+            zeros = torch.zeros_like(logits)
+            if self.preprocess_logits_for_metrics is not None:
+                logits = self.preprocess_logits_for_metrics(logits, zeros)
+            predictions.append(np.atleast_1d(logits.cpu().numpy()))
+            labels.append(zeros.cpu().numpy())
+        keys = sorted(totals)
+        stacked = torch.stack([torch.as_tensor(totals[k], device=self.loop.device) for k in keys] + [torch.tensor(float(weight), device=self.loop.device)])
+        if accelerator.num_processes > 1:
+            stacked = accelerator.reduce(stacked, reduction="sum")
+            from accelerate.utils import gather_object
+
+            predictions, labels = gather_object(predictions), gather_object(labels)
+        result = {k: (stacked[i] / stacked[-1].clamp(min=1)).item() for i, k in enumerate(keys)}
+        extra = self.compute_metrics(EvalPrediction(predictions=np.concatenate(predictions), label_ids=np.concatenate(labels)))
+        result.update({k.removeprefix("eval_"): float(v) for k, v in (extra or {}).items()})
+        return result

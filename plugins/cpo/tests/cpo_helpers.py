@@ -34,3 +34,17 @@ def make_trl(tokenizer, policy, tmp_path, dataset, name="trl", **cfg):
 def read_metrics(output_dir):
     with open(os.path.join(output_dir, "metrics.jsonl")) as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def build_t5(tokenizer, seed=0, dtype=None):
+    """A tiny T5 (encoder-decoder) for ``tokenizer``'s vocabulary, decoding from the pad token (as T5 does); seeded weights."""
+    import torch
+    import transformers
+
+    pad_id, eos_id = tokenizer.pad_token_id, tokenizer.eos_token_id
+    config = transformers.T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4,
+                                   decoder_start_token_id=pad_id, pad_token_id=pad_id, eos_token_id=eos_id)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = transformers.T5ForConditionalGeneration(config)
+    return model.to(dtype) if dtype is not None else model

@@ -43,7 +43,7 @@ def _both(tokenizer, policy, tmp_path, dataset, **cfg):
     our_batch = ours.collate(ours.train_dataset)
     assert torch.equal(our_batch["input_ids"], concatenated["concatenated_input_ids"])
     assert torch.equal(our_batch["attention_mask"], concatenated["concatenated_attention_mask"])
-    assert torch.equal(our_batch["completion_mask"].bool(), concatenated["concatenated_labels"] != -100)
+    assert torch.equal(our_batch["labels"], concatenated["concatenated_labels"])
     return theirs, their_batch, ours, our_batch
 
 
@@ -93,7 +93,7 @@ def test_tokenization_of_every_format_matches_trl(fmt, tiny_tokenizer, cpo_polic
 def test_truncation_matches_trl(tiny_tokenizer, cpo_policy, uneven_data, tmp_path):
     # prompts have 13 tokens, completions 4-7: max_length=15 cuts every completion to 2 tokens (the EOS included in the cut)
     theirs, their_batch, ours, our_batch = _both(tiny_tokenizer, cpo_policy, tmp_path, uneven_data["conversational_preference"], max_length=15)
-    assert our_batch["input_ids"].shape[1] == 15 and int(our_batch["completion_mask"].sum()) == 2 * 2 * 8
+    assert our_batch["input_ids"].shape[1] == 15 and int((our_batch["labels"] != -100).sum()) == 2 * 2 * 8
     with torch.no_grad():
         their_loss, _ = theirs.get_batch_loss_metrics(theirs.model, their_batch)
         our_loss, _ = ours.compute_loss(ours.model, our_batch, ours.count_items(our_batch))

@@ -21,9 +21,9 @@ def _config(tmp_path, **kwargs):
         ({"label_smoothing": 0.7}, "label_smoothing=0.7 is invalid: use a label-flip probability in [0, 0.5]"),
         ({"cpo_alpha": -1.0}, "cpo_alpha=-1.0 is invalid: use a weight >= 0"),
         ({"max_length": 1}, "max_length=1 is invalid: use at least 2 tokens"),
-        ({"is_encoder_decoder": True}, "is_encoder_decoder=True is not supported"),
+        ({"max_completion_length": 0}, "max_completion_length=0 is invalid: use at least 1 token"),
     ],
-    ids=["loss_type", "beta", "label_smoothing", "cpo_alpha", "max_length", "is_encoder_decoder"],
+    ids=["loss_type", "beta", "label_smoothing", "cpo_alpha", "max_length", "max_completion_length"],
 )
 def test_config_errors_name_the_field_and_the_fix(kwargs, message, tmp_path):
     with pytest.raises(ConfigError) as info:
@@ -36,14 +36,18 @@ def test_config_errors_name_the_field_and_the_fix(kwargs, message, tmp_path):
     [
         ({"loss_type": "alphapo"}, "loss_type='alphapo' with alpha=0.0 is plain SimPO"),
         ({"loss_type": "hinge", "label_smoothing": 0.1}, "label_smoothing=0.1 has no effect with loss_type='hinge'"),
-        ({"max_completion_length": 64}, "max_completion_length=64 has no effect"),
         ({"generate_during_eval": True}, "generate_during_eval=True has no effect"),
     ],
-    ids=["alphapo_without_alpha", "hinge_smoothing", "max_completion_length", "generate_during_eval"],
+    ids=["alphapo_without_alpha", "hinge_smoothing", "generate_during_eval"],
 )
 def test_config_warnings_for_options_without_effect(kwargs, message, tmp_path):
     with pytest.warns(UserWarning, match=message.replace("(", r"\(").replace(")", r"\)")):
         _config(tmp_path, **kwargs)
+
+
+def test_max_completion_length_warns_for_a_decoder_only_model(tiny_model_dir, tmp_path):
+    with pytest.warns(UserWarning, match=r"max_completion_length=64 has no effect for a decoder-only model"):
+        _trainer(tiny_model_dir, tmp_path, [GOOD], max_completion_length=64)
 
 
 def test_alphapo_shorthand_is_simpo_without_nll_as_in_trl(tmp_path):

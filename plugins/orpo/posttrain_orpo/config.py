@@ -30,12 +30,20 @@ class ORPOConfig(TrainingConfig):
     beta: float = field(default=0.1, metadata=_help("Weight of the odds-ratio term (the paper's lambda; 'alpha' in the authors' code)."))
     max_length: int | None = field(default=1024, metadata=_help("Maximum tokens of prompt + response; responses are truncated to fit (None: no limit)."))
     max_completion_length: int | None = field(
-        default=None, metadata=_help("Accepted, no effect: TRL uses it for encoder-decoder models only, which posttrain's ORPO does not support.")
+        default=None,
+        metadata=_help("Encoder-decoder models only (as TRL): maximum tokens of each response (the decoder's labels); None = 128. No effect on decoder-only models."),
     )
+    dataset_num_proc: int | None = field(default=None, metadata=_help("Accepted, no effect: rows are tokenized in the training process (one pass, before training)."))
     disable_dropout: bool = field(default=True, metadata=_help("Disable dropout in the model (as TRL)."))
     padding_value: int | None = field(default=None, metadata=_help("Token id used to pad input_ids; None: the tokenizer's pad token (else EOS)."))
-    generate_during_eval: bool = field(default=False, metadata=_help("Accepted, no effect: TRL logs sampled completions to W&B/Comet; posttrain does not."))
-    is_encoder_decoder: bool | None = field(default=None, metadata=_help("Must be None or False: posttrain's ORPO trains decoder-only causal LMs."))
+    generate_during_eval: bool = field(
+        default=False,
+        metadata=_help("Accepted, no effect: TRL logs sampled completions to W&B/Comet; posttrain does not. Refused, as by TRL, when neither wandb nor comet_ml is installed."),
+    )
+    is_encoder_decoder: bool | None = field(
+        default=None,
+        metadata=_help("Whether the model is an encoder-decoder (T5, BART); None = read from the model's config.is_encoder_decoder. A value the model contradicts is refused when the trainer is built."),
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -43,5 +51,5 @@ class ORPOConfig(TrainingConfig):
             raise ConfigError(f"beta={self.beta} is invalid: the odds-ratio weight must be >= 0 (the paper uses 0.1).")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"max_length={self.max_length} is invalid: a next-token loss needs at least 2 tokens (or None).")
-        if self.is_encoder_decoder:
-            raise ConfigError("is_encoder_decoder=True is not supported: posttrain's ORPO trains decoder-only causal LMs; use TRL's ORPOTrainer for encoder-decoder models.")
+        if self.max_completion_length is not None and self.max_completion_length < 1:
+            raise ConfigError(f"max_completion_length={self.max_completion_length} is invalid: use at least 1 token, or None (128 for encoder-decoder models).")
