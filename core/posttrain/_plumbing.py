@@ -51,10 +51,19 @@ def is_peft_model(model: Any) -> bool:
 
 
 def disable_dropout(model: nn.Module) -> nn.Module:
-    """Set the probability of every ``nn.Dropout`` in ``model`` to 0 (in place) and return ``model``."""
+    """Set every dropout probability in ``model`` to 0 (in place) and return ``model``.
+
+    That is each ``nn.Dropout`` module, and the functional dropout a module reads from a float
+    attribute (``T5Attention.dropout``, ``Qwen2Attention.attention_dropout``), which no
+    ``nn.Dropout`` module controls.
+    """
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
+            continue
+        for name in ("dropout", "attention_dropout"):
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
     return model
 
 
