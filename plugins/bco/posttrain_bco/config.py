@@ -42,8 +42,16 @@ class BCOConfig(TrainingConfig):
     # > Parameters that control the training
     beta: float = field(default=0.1, metadata=_help("Temperature of the implicit reward beta*log(pi/pi_ref); higher keeps the policy closer to the reference."))
     disable_dropout: bool = field(default=True, metadata=_help("Set every dropout probability in the policy and reference model to 0."))
-    generate_during_eval: bool = field(default=False, metadata=_help("Accepted, no effect: TRL logs sampled completions to W&B/Comet during evaluation; posttrain does not."))
-    is_encoder_decoder: bool | None = field(default=None, metadata=_help("Must be None or False: posttrain's BCO trains decoder-only causal LMs."))
+    generate_during_eval: bool = field(
+        default=False,
+        metadata=_help("Accepted, no effect: TRL logs sampled completions to W&B/Comet during evaluation; posttrain does not. "
+                       "Refused, as by TRL, when neither wandb nor comet_ml is installed."),
+    )
+    is_encoder_decoder: bool | None = field(
+        default=None,
+        metadata=_help("Accepted, no effect: the model's config decides (as TRL when a model is given). posttrain's BCO trains "
+                       "decoder-only causal LMs; an encoder-decoder model is refused when the trainer is built."),
+    )
     precompute_ref_log_probs: bool = field(
         default=False, metadata=_help("Score the whole dataset with the reference model before training so it need not stay in memory.")
     )
@@ -64,8 +72,6 @@ class BCOConfig(TrainingConfig):
             raise ConfigError(f"beta={self.beta} is invalid: use a positive value (the BCO paper and TRL use 0.1).")
         if self.max_length is not None and self.max_length < 2:
             raise ConfigError(f"max_length={self.max_length} is invalid: use at least 2 tokens, or None for no truncation.")
-        if self.is_encoder_decoder:
-            raise ConfigError("is_encoder_decoder=True is not supported: posttrain's BCO trains decoder-only causal LMs; use TRL <= 1.13's BCOTrainer for encoder-decoder models.")
         if self.prompt_sample_size < 1:
             raise ConfigError(f"prompt_sample_size={self.prompt_sample_size} is invalid: use a positive number of prompts per class (TRL: 1024).")
         if not 0 < self.min_density_ratio <= self.max_density_ratio:

@@ -121,6 +121,13 @@ def _add_model_tags(model: Any, tags: list[str]) -> None:
         model.add_model_tags(tags)
 
 
+# Copied from posttrain_kto.trainer._to_numpy
+def _to_numpy(values: list) -> Any:
+    import numpy as np
+
+    return np.asarray(values)
+
+
 def _render(row: dict, index: int, name: str, tokenizer) -> tuple[str, str]:
     """Return ``(prompt, completion)`` text; conversations go through the chat template as TRL's ``maybe_apply_chat_template``."""
     if not _is_conversational(row):
@@ -190,7 +197,8 @@ class RunningMoments:
     ``update(xs)`` merges a batch's mean and (population) variance into the totals; with several
     processes the batch statistics are global (``accelerator.reduce``), so every process holds the
     same moments. ``count`` starts at 1e-24 (TRL's), which makes the first update take the batch's
-    moments exactly.
+    moments exactly. As TRL, the batch statistics are taken in the rewards' precision and rounded to
+    float32 before the merge.
     """
 
     def __init__(self) -> None:
@@ -198,15 +206,18 @@ class RunningMoments:
 
     @torch.no_grad()
     def update(self, xs: torch.Tensor, accelerator: Any = None) -> None:
-        xs = xs.detach().float()
+        xs = xs.detach()
+        if not xs.is_floating_point() or xs.element_size() < 4:
+            xs = xs.float()  # bf16/fp16 rewards: the statistics in float32 at least
         if accelerator is not None and accelerator.num_processes > 1:
-            sum_and_count = accelerator.reduce(torch.stack([xs.sum(), torch.tensor(float(xs.numel()), device=xs.device)]), reduction="sum")
+            sum_and_count = accelerator.reduce(torch.stack([xs.sum(), torch.tensor(float(xs.numel()), dtype=xs.dtype, device=xs.device)]), reduction="sum")
             xs_count = sum_and_count[1].item()
             xs_mean = sum_and_count[0] / sum_and_count[1]
             xs_var = accelerator.reduce(((xs - xs_mean) ** 2).sum(), reduction="sum") / sum_and_count[1]
         else:
             xs_count = xs.numel()
             xs_var, xs_mean = torch.var_mean(xs, unbiased=False)
+        xs_mean, xs_var = xs_mean.float(), xs_var.float()
         delta = xs_mean - self.mean
         tot_count = self.count + xs_count
         old_sum = self.var * self.count + delta**2 * self.count * xs_count / tot_count
@@ -228,9 +239,10 @@ def bco_losses(rewards: torch.Tensor, labels: torch.Tensor, delta: float, reject
     """Per-example BCO losses (B,) from implied rewards (B,), boolean labels (B,) and the reward shift ``delta``.
 
     Desirable: ``-log sigmoid(r - delta)``; undesirable: ``-w * log sigmoid(-(r - delta))`` with the
-    UDM weights ``w`` (B,) (only the undesirable entries are read; None: 1).
+    UDM weights ``w`` (B,) (only the undesirable entries are read; None: 1). ``delta`` enters as a
+    float32 value, as TRL's ``torch.as_tensor(running.mean)``.
     """
-    shifted = rewards - delta
+    shifted = rewards - float(torch.tensor(delta, dtype=torch.float32))  # rounded on the CPU: no device copy
     rejected = -F.logsigmoid(-shifted)
     if rejected_weight is not None:
         rejected = rejected_weight * rejected
@@ -305,6 +317,51 @@ def mean_pooled_embedding_func(model):
     return embedding_func
 
 
+def _check_trl_refusals(args: BCOConfig, model, peft_config) -> None:
+    """Refuse, as TRL 1.13's ``BCOTrainer.__init__`` does with a ``ValueError``, what cannot work together."""
+    if args.model_init_kwargs is not None and model is not None and not isinstance(model, str):
+        raise ConfigError(
+            f"model_init_kwargs={args.model_init_kwargs!r} is set but the model is already built ({type(model).__name__}): they apply to a model "
+            "given by name (TRL 1.13 refuses this too); drop model_init_kwargs, or pass the model's name or path."
+        )
+    dtype = (args.model_init_kwargs or {}).get("dtype", "auto")
+    if dtype is not None and dtype != "auto" and not isinstance(dtype, torch.dtype) and not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
+        raise ConfigError(f"model_init_kwargs['dtype']={dtype!r} is invalid: use 'auto' or a torch dtype name such as 'float32' or 'bfloat16'.")
+    if peft_config is not None and is_peft_model(model):
+        raise ConfigError(
+            "model is already a PeftModel and peft_config is given: merge and unload the existing adapter (or pass the base model) "
+            "with peft_config, or pass the PeftModel without peft_config to train its adapter."
+        )
+    if args.generate_during_eval:
+        import importlib.util
+
+        if importlib.util.find_spec("wandb") is None and importlib.util.find_spec("comet_ml") is None:
+            raise ConfigError(
+                "`generate_during_eval=True` requires Weights and Biases or Comet to be installed. Please install `wandb` or `comet-ml` "
+                "to resolve (as TRL 1.13), or set generate_during_eval=False: posttrain samples no completions during evaluation."
+            )
+
+
+def _refuse_encoder_decoder(model, args: BCOConfig) -> bool:
+    """Return False (TRL's ``is_encoder_decoder``) for a decoder-only model; refuse an encoder-decoder one, whatever the flag says.
+
+    As TRL 1.13, a model's own ``config.is_encoder_decoder`` decides; ``args.is_encoder_decoder`` is read
+    here, when the trainer is built (TRL's tests set it after constructing the config).
+    """
+    base = model.get_base_model() if is_peft_model(model) else model
+    if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+        raise ConfigError(
+            f"{type(base).__name__} is an encoder-decoder model; posttrain's BCO trains decoder-only causal LMs "
+            "(TRL <= 1.13's BCOTrainer also trains encoder-decoder models)."
+        )
+    if args.is_encoder_decoder:
+        warnings.warn(
+            f"is_encoder_decoder=True is ignored: {type(base).__name__} is a decoder-only model (its config says so; TRL reads the model's config too).",
+            stacklevel=3,
+        )
+    return False
+
+
 # ---------------------------------------------------------------------------- the trainer
 class BCOTrainer(TrainerSurface):
     """Train a causal LM with BCO against a frozen reference model (TRL 1.13's ``BCOTrainer`` API).
@@ -325,13 +382,17 @@ class BCOTrainer(TrainerSurface):
     ``rewards/margins``, ``logps/chosen``, ``logps/rejected``, ``logits/chosen``, ``logits/rejected``
     (``logits/*``: TRL's definition, the sum of every logit of the class's sequences, padding
     included, per example). A class mean is logged for the micro-batches that hold the class.
-    Evaluation reports exact means over the whole eval set with an ``eval_`` prefix.
+    Evaluation reports exact means over the whole eval set with an ``eval_`` prefix, plus what
+    ``compute_metrics(EvalPrediction(predictions=<implied reward per example>, label_ids=<labels>))``
+    returns.
 
     Raises:
         posttrain.ConfigError: no ``train_dataset``, data in none of the accepted formats, an
             argument posttrain cannot honour (``optimizers``, ``model_init``, ``data_collator``,
-            ``compute_metrics``, ``preprocess_logits_for_metrics``, adapter names), or only one of
-            ``embedding_func``/``embedding_tokenizer``.
+            ``preprocess_logits_for_metrics``, adapter names), only one of
+            ``embedding_func``/``embedding_tokenizer``, an encoder-decoder model, or what TRL 1.13
+            refuses too (``model_init_kwargs`` with a built model, ``ref_model is model``, a
+            ``PeftModel`` with ``peft_config``, ``generate_during_eval`` without wandb/comet_ml).
     """
 
     _tag_names = ["trl", "bco"]
@@ -369,22 +430,22 @@ class BCOTrainer(TrainerSurface):
                 "optimizers=(optimizer, scheduler) is not supported: posttrain's loop builds them from the config "
                 "(optim, optim_args, learning_rate, weight_decay, lr_scheduler_type, lr_scheduler_kwargs); set those instead."
             )
-        unsupported = {"model_init": model_init, "data_collator": data_collator, "compute_metrics": compute_metrics,
-                       "preprocess_logits_for_metrics": preprocess_logits_for_metrics, "model_adapter_name": model_adapter_name, "ref_adapter_name": ref_adapter_name}
+        unsupported = {"model_init": model_init, "data_collator": data_collator, "preprocess_logits_for_metrics": preprocess_logits_for_metrics,
+                       "model_adapter_name": model_adapter_name, "ref_adapter_name": ref_adapter_name}
         for what, value in unsupported.items():
             if value is not None:
                 raise ConfigError(
-                    f"{what}= is not supported by posttrain's BCO: pass model=... (not model_init), let BCO collate its rows, read the logged "
-                    "eval metrics (eval_rewards/..., eval_delta), and use one adapter (the reference is the adapter-disabled policy)."
+                    f"{what}= is not supported by posttrain's BCO: pass model=... (not model_init), let BCO collate its rows, pass "
+                    "compute_metrics= for extra eval metrics, and use one adapter (the reference is the adapter-disabled policy)."
                 )
         if (embedding_func is None) != (embedding_tokenizer is None) and args.udm_embedding_model is None:
             raise ConfigError("UDM needs both embedding_func= and embedding_tokenizer= (TRL's arguments), or udm_embedding_model in the config: pass both, or neither.")
         if args.udm_embedding_model is not None and (embedding_func is not None or embedding_tokenizer is not None):
             raise ConfigError("udm_embedding_model is set and embedding_func=/embedding_tokenizer= are given: UDM uses one embedding; drop one of them.")
-        self.compute_metrics = None
-        if model is not None and not isinstance(model, str) and args.model_init_kwargs is not None and not isinstance(ref_model, str):
-            warnings.warn("args.model_init_kwargs are ignored: the model (and the reference) are already built; they apply to models given by name.", stacklevel=2)
+        _check_trl_refusals(args, model, peft_config)
+        self.compute_metrics = compute_metrics
         self.model, self.processing_class = self._load_policy(model, processing_class, peft_config, None)
+        self.is_encoder_decoder = _refuse_encoder_decoder(self.model, args)
         if args.disable_dropout:
             disable_dropout(self.model)
         if getattr(getattr(self.model, "config", None), "output_router_logits", False):
@@ -394,6 +455,7 @@ class BCOTrainer(TrainerSurface):
             self.model, ref_model, loop=self.loop, model_init_kwargs=self._init_kwargs(), disable_dropout_in_ref=args.disable_dropout,
             needed=not args.precompute_ref_log_probs,
         )
+        self.max_length = args.max_length  # TRL's attribute (None: no truncation here, TRL's 512)
         self.pad_token_id = self.processing_class.pad_token_id if self.processing_class.pad_token_id is not None else self.processing_class.eos_token_id
         if self.pad_token_id is None or self.processing_class.eos_token_id is None:
             raise ConfigError("the tokenizer needs an EOS token (BCO appends it to every completion) and a pad token (else EOS pads): set tokenizer.eos_token.")
@@ -445,10 +507,14 @@ class BCOTrainer(TrainerSurface):
 
     # ------------------------------------------------------------------ data
     def process_dataset(self, dataset, name: str):
-        """Return ``dataset`` processed like the trainer's own: a ``datasets.Dataset`` of ``input_ids``/``prompt_len``/``label`` rows.
+        """Return ``dataset`` processed like the trainer's own: a ``datasets.Dataset`` with TRL 1.13's columns.
 
-        Paired data is unpaired first; with UDM the rows also hold ``embedding_ids``; with
-        ``precompute_ref_log_probs`` they hold ``ref_logps``.
+        Columns: ``prompt``, ``completion`` (the text, conversations rendered), ``label``,
+        ``prompt_input_ids``/``prompt_attention_mask`` (BOS included), ``completion_input_ids``/
+        ``completion_attention_mask`` (prompt + completion + EOS) and ``completion_labels`` (-100 on
+        the prompt). Paired data is unpaired first; with UDM the rows also hold
+        ``embedding_input_ids``/``embedding_attention_mask``; with ``precompute_ref_log_probs``,
+        ``reference_logps``.
 
         Raises:
             posttrain.ConfigError: the data is in none of the accepted formats (the row and column are named).
@@ -473,9 +539,19 @@ class BCOTrainer(TrainerSurface):
                 raise ConfigError(f"{name} row {index}, column 'label': expected a bool (True = desirable), got {row['label']!r}.")
             prompt, completion = _render(row, index, name, self.processing_class)
             input_ids, prompt_len = tokenize_example(self.processing_class, prompt, completion, args.max_length)
-            item = {"input_ids": input_ids, "prompt_len": prompt_len, "label": bool(row["label"])}
+            item = {
+                "prompt": prompt,
+                "completion": completion,
+                "label": bool(row["label"]),
+                "prompt_input_ids": input_ids[:prompt_len],
+                "prompt_attention_mask": [1] * prompt_len,
+                "completion_input_ids": input_ids,
+                "completion_attention_mask": [1] * len(input_ids),
+                "completion_labels": [-100] * prompt_len + input_ids[prompt_len:],
+            }
             if self.match_underlying_distribution:
-                item["embedding_ids"] = list(self.embedding_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+                embedding_ids = list(self.embedding_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+                item["embedding_input_ids"], item["embedding_attention_mask"] = embedding_ids, [1] * len(embedding_ids)
             out.append(item)
         if args.precompute_ref_log_probs:
             if name != "train_dataset" and self.ref_model is None and not self.is_peft and self.loop.state.global_step > 0:
@@ -489,21 +565,21 @@ class BCOTrainer(TrainerSurface):
         return Dataset.from_list(out)
 
     def _precompute_reference(self, rows: list[dict], batch_size: int) -> None:
-        """Score every row with the reference once; store ``ref_logps`` per row."""
+        """Score every row with the reference once; store ``reference_logps`` per row (TRL's column, float32 in the batch)."""
         if self.ref_model is None:  # the policy (adapter disabled under PEFT) is the reference before training
             self.model.to(self.loop.device).eval()
         for start in range(0, len(rows), batch_size):
             block = rows[start : start + batch_size]
             ref_logps = self._reference_logps(self.loop.to_device(self.collate(block)))
             for i, row in enumerate(block):
-                row["ref_logps"] = float(ref_logps[i])
+                row["reference_logps"] = float(ref_logps[i])
 
     def _embed(self, rows: list[dict]) -> torch.Tensor:
-        """Prompt embeddings (N, H) of ``rows`` (``embedding_ids``), in batches of ``per_device_train_batch_size``."""
+        """Prompt embeddings (N, H) of ``rows`` (``embedding_input_ids``), in batches of ``per_device_train_batch_size``."""
         pad_id = self.embedding_tokenizer.pad_token_id if self.embedding_tokenizer.pad_token_id is not None else 0
         out = []
         for start in range(0, len(rows), self.args.per_device_train_batch_size):
-            block = [torch.tensor(r["embedding_ids"], dtype=torch.long) for r in rows[start : start + self.args.per_device_train_batch_size]]
+            block = [torch.tensor(r["embedding_input_ids"], dtype=torch.long) for r in rows[start : start + self.args.per_device_train_batch_size]]
             ids = pad(block, padding_value=pad_id).to(self.loop.device)
             mask = pad([torch.ones_like(b) for b in block], padding_value=0).to(self.loop.device)
             with torch.no_grad():
@@ -534,19 +610,19 @@ class BCOTrainer(TrainerSurface):
     def collate(self, examples: list[dict]) -> dict:
         """Pad rows into (B, T) ``input_ids``/``attention_mask``/``completion_mask`` (right padding), plus ``label`` (B,)."""
         rows = list(examples)
-        ids = [torch.tensor(r["input_ids"], dtype=torch.long) for r in rows]
-        masks = [torch.tensor([0] * r["prompt_len"] + [1] * (len(r["input_ids"]) - r["prompt_len"]), dtype=torch.long) for r in rows]
+        ids = [torch.tensor(r["completion_input_ids"], dtype=torch.long) for r in rows]
+        masks = [torch.tensor([0] * len(r["prompt_input_ids"]) + [1] * (len(r["completion_input_ids"]) - len(r["prompt_input_ids"])), dtype=torch.long) for r in rows]
         batch: dict[str, Any] = {
             "input_ids": pad(ids, padding_value=self.pad_token_id),  # (B, T)
             "attention_mask": pad([torch.ones_like(x) for x in ids], padding_value=0),  # (B, T)
             "completion_mask": pad(masks, padding_value=0),  # (B, T)
             "label": torch.tensor([bool(r["label"]) for r in rows], dtype=torch.bool),  # (B,)
         }
-        if "ref_logps" in rows[0]:
-            batch["ref_logps"] = torch.tensor([r["ref_logps"] for r in rows], dtype=torch.float)  # (B,)
-        if "embedding_ids" in rows[0]:
+        if "reference_logps" in rows[0]:
+            batch["reference_logps"] = torch.tensor([r["reference_logps"] for r in rows], dtype=torch.float)  # (B,): float32, as TRL's column
+        if "embedding_input_ids" in rows[0]:
             pad_id = self.embedding_tokenizer.pad_token_id if self.embedding_tokenizer.pad_token_id is not None else 0
-            emb = [torch.tensor(r["embedding_ids"], dtype=torch.long) for r in rows]
+            emb = [torch.tensor(r["embedding_input_ids"], dtype=torch.long) for r in rows]
             batch["embedding_input_ids"] = pad(emb, padding_value=pad_id)  # (B, Te)
             batch["embedding_attention_mask"] = pad([torch.ones_like(x) for x in emb], padding_value=0)  # (B, Te)
         batch["num_tokens"] = int(batch["attention_mask"].sum())
@@ -571,7 +647,8 @@ class BCOTrainer(TrainerSurface):
         targets = F.pad(input_ids[:, 1:], (0, 1), value=-100)  # (B, T): every position is scored for the logit sums; the last has no target
         scores = states.score(targets, stats=("mean_logit",))
         vocab = states.weight.shape[0] if states.is_chunked else states.tensor.shape[-1]
-        logit_sums = scores.stats["mean_logit"].sum(-1).float() * vocab  # (B,)
+        mean_logits = scores.stats["mean_logit"]  # (B, T)
+        logit_sums = mean_logits.sum(-1).to(torch.promote_types(mean_logits.dtype, torch.float32)) * vocab  # (B,)
         return (scores.logps[:, :-1] * mask).sum(-1), logit_sums
 
     def _reference_context(self):
@@ -596,7 +673,7 @@ class BCOTrainer(TrainerSurface):
     def _losses(self, model, batch: dict, update: bool):
         """Per-example losses (B,), the implied rewards (B,) and the batch sums of :data:`_STATS`; ``update``: move the running moments first."""
         logps, logit_sums = self._sequence_logps(model, batch, with_stats=True)  # (B,), (B,)
-        ref_logps = batch["ref_logps"] if "ref_logps" in batch else self._reference_logps(batch)  # (B,)
+        ref_logps = batch["reference_logps"] if "reference_logps" in batch else self._reference_logps(batch)  # (B,)
         rewards = self.args.beta * (logps - ref_logps)  # (B,)
         accelerator = self.loop.accelerator
         if update:
@@ -630,12 +707,21 @@ class BCOTrainer(TrainerSurface):
         return loss, metrics
 
     def evaluate_batches(self, model, batches) -> dict[str, float]:
-        """Score the eval set (no running-moment update): exact class means over the whole set (all processes), as TRL's ``log``."""
+        """Score the eval set (no running-moment update): exact class means over the whole set (all processes), as TRL's ``log``.
+
+        With ``compute_metrics`` it also receives ``EvalPrediction(predictions=<implied rewards
+        beta * log(pi/pi_ref), one per example>, label_ids=<labels>)`` and its results are added.
+        """
         totals = torch.zeros(len(_STATS) + 2, device=self.loop.device)  # + loss sum, example count
+        rewards_all: list[float] = []
+        labels_all: list[bool] = []
         for batch in batches:
-            losses, _, s = self._losses(model, batch, update=False)
+            losses, rewards, s = self._losses(model, batch, update=False)
             totals = totals + torch.stack([*(s[k].to(totals.device) for k in _STATS), losses.sum().detach().to(totals.device),
                                            torch.tensor(float(losses.shape[0]), device=totals.device)])
+            if self.compute_metrics is not None:
+                rewards_all += rewards.tolist()
+                labels_all += batch["label"].tolist()
         if self.loop.accelerator.num_processes > 1:
             totals = self.loop.accelerator.reduce(totals, reduction="sum")
         s = dict(zip([*_STATS, "loss", "count/all"], totals.tolist()))
@@ -646,7 +732,20 @@ class BCOTrainer(TrainerSurface):
                     out[f"{key}/{side}"] = s[f"{key}/{side}"] / s[f"count/{side}"]
         if "rewards/chosen" in out and "rewards/rejected" in out:
             out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        if self.compute_metrics is not None:
+            out.update(self._user_metrics(rewards_all, labels_all))
         return out
+
+    # Copied from posttrain_kto.trainer.KTOTrainer._user_metrics
+    def _user_metrics(self, rewards: list[float], labels: list[bool]) -> dict[str, float]:
+        from transformers import EvalPrediction
+
+        if self.loop.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            rewards, labels = gather_object(rewards), gather_object(labels)
+        result = self.compute_metrics(EvalPrediction(predictions=_to_numpy(rewards), label_ids=_to_numpy(labels)))
+        return {k.removeprefix("eval_"): float(v) for k, v in (result or {}).items()}
 
     def state_dict(self) -> dict:
         """Return the method state for checkpoints: the running reward moments and the UDM classifier."""

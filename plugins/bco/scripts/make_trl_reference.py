@@ -1,17 +1,20 @@
-"""Generate ``plugins/bco/tests/data/trl_1_13_0_reference.json``: TRL 1.13.0's BCO on fixed inputs.
+"""Generate ``plugins/bco/tests/data/trl_1_13_0_reference.json``: TRL 1.13.0's BCO on fixed inputs, in float64.
 
 TRL 1.13.0 is the last release that ships ``trl.experimental.bco`` (1.14.0 removed it). This script
 creates a throwaway virtual environment in a temporary directory, installs ``trl==1.13.0`` and
 scikit-learn (with scipy, joblib, threadpoolctl, cloudpickle, narwhals) into it with this venv's pip, and makes this venv's
 site-packages (torch, transformers, accelerate, datasets, posttrain) visible *behind* them through a
 ``.pth`` file, so TRL 1.13 shadows the installed TRL. It then re-runs itself there (``--child``):
-builds the tiny model and tokenizer of ``posttrain.testing`` (fixed seeds), runs TRL 1.13's
-``BCOTrainer`` on the fixed rows below for every configuration of :data:`CONFIGS`, and writes, per
-configuration and for two consecutive batches (the running reward mean of batch 2 depends on batch 1):
-the collated token tensors, the loss, the stored metrics, the running moments, and gradient
-fingerprints of every parameter (norm, sum, dot with a seeded random tensor). UDM configurations
-also record the sampled prompt embeddings, the fitted ``LogisticRegression`` and the density-ratio
-weights. ``plugins/bco/tests/test_bco_parity.py`` compares posttrain's BCO with this file.
+builds the tiny tokenizer of ``posttrain.testing`` and two tiny float64 models whose weights come from
+:func:`portable_values` (not torch's initializers, whose float32 normal sampler gives different bits on
+AVX2 and non-AVX2/ARM builds), runs TRL 1.13's ``BCOTrainer`` on the fixed rows below for every
+configuration of :data:`CONFIGS`, and writes, per configuration and for two consecutive batches (the
+running reward mean of batch 2 depends on batch 1): the collated token tensors, the loss, the stored
+metrics, the running moments, and gradient fingerprints of every parameter (norm, sum, dot with a
+portable probe). UDM configurations also record the sampled prompt embeddings, the fitted
+``LogisticRegression`` and the density-ratio weights. ``plugins/bco/tests/test_bco_parity.py``
+compares posttrain's BCO with this file: the same inputs bit for bit on any machine, float64 compute,
+so the comparison can be tight (see the tolerances there).
 
 Usage (about a minute; needs the package index, or ``--find-links DIR`` with the wheels)::
 
@@ -95,32 +98,76 @@ def tokenizer_for(spec: dict, tokenizer):
     return tokenizer
 
 
-def embedding_matrix(tokenizer):
-    """The frozen (V, H) input-embedding matrix of a tiny model (seed 2), times 50 (unit-scale features): the UDM prompt embedding table."""
+_MASK64 = (1 << 64) - 1
+
+
+def portable_values(n: int, stream: int) -> list[float]:
+    """``n`` floats uniform on [-2**-5, 2**-5) (std 0.018, near the tiny model's init) from a splitmix64 stream.
+
+    Pure-Python integers and exact conversions (an integer below 2**53 times a power of two): the
+    same bits on every machine and every torch build, unlike torch's samplers.
+    """
+    state, out = (stream * 0x2545F4914F6CDD1D) & _MASK64, []
+    for _ in range(n):
+        state = (state + 0x9E3779B97F4A7C15) & _MASK64
+        z = ((state ^ (state >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        z ^= z >> 31
+        out.append(((z >> 11) - (1 << 52)) * 2.0**-57)
+    return out
+
+
+def portable_model(tokenizer, seed: int):
+    """The tiny causal LM of ``posttrain.testing`` in float64, every matrix refilled from :func:`portable_values`.
+
+    Vectors keep their exact initial values (norm weights 1, biases 0); the tied embedding/LM-head
+    matrix and every projection get stream ``1000 * seed + index`` (index: the parameter's position).
+    """
+    import torch
+
     from posttrain.testing.tiny_model import build_model
 
-    return build_model(tokenizer, seed=SEED_EMBED).get_input_embeddings().weight.detach().clone() * 50.0
+    model = build_model(tokenizer, seed=seed).to(torch.float64)
+    with torch.no_grad():
+        for index, param in enumerate(model.parameters()):
+            if param.ndim >= 2:
+                param.copy_(torch.tensor(portable_values(param.numel(), 1000 * seed + index), dtype=torch.float64).view_as(param))
+    return model
+
+
+def weight_fingerprint(model) -> float:
+    """The sum of every weight (float64): equal (to summation order) iff the portable weights are the generator's."""
+    return float(sum(p.detach().double().sum() for p in model.parameters()))
+
+
+def embedding_matrix(tokenizer):
+    """The frozen (V, H) float64 embedding table of a portable tiny model (seed 2), times 50 (unit-scale features): the UDM prompt embeddings."""
+    return portable_model(tokenizer, SEED_EMBED).get_input_embeddings().weight.detach().clone() * 50.0
 
 
 def make_embedding_func(matrix):
-    """``embedding_func(input_ids, attention_mask)``: the mean of the embedding rows over the attention mask (B, H)."""
+    """``embedding_func(input_ids, attention_mask)``: the mean of the embedding rows over the attention mask (B, H), float32.
+
+    The mean is taken in float64 and rounded once to float32 (what TRL feeds scikit-learn), so both
+    sides see the same float32 embeddings on any machine.
+    """
     import torch
 
     def embedding_func(input_ids, attention_mask):
-        mask = attention_mask.to(matrix.dtype).unsqueeze(-1)  # (B, T, 1)
-        return (matrix[input_ids.cpu()] * mask.cpu()).sum(1) / mask.cpu().sum(1).clamp(min=1)  # (B, H)
+        mask = attention_mask.cpu().to(matrix.dtype).unsqueeze(-1)  # (B, T, 1)
+        return ((matrix[input_ids.cpu()] * mask).sum(1) / mask.sum(1).clamp(min=1)).float()  # (B, H)
 
     return torch.no_grad()(embedding_func)
 
 
 def grad_fingerprints(model) -> dict:
-    """Per parameter: gradient norm, sum and dot with a seeded standard-normal tensor (float64)."""
+    """Per parameter: gradient norm, sum and dot with a portable probe (:func:`portable_values`, stream 7000 + index), in float64."""
     import torch
 
     out = {}
     for index, (name, param) in enumerate(model.named_parameters()):
         grad = torch.zeros_like(param, dtype=torch.float64) if param.grad is None else param.grad.detach().double()
-        probe = torch.randn(param.shape, generator=torch.Generator().manual_seed(1000 + index), dtype=torch.float64)
+        probe = torch.tensor(portable_values(param.numel(), 7000 + index), dtype=torch.float64).view_as(grad)
         out[name] = [grad.norm().item(), grad.sum().item(), (grad * probe).sum().item()]
     return out
 
@@ -137,19 +184,21 @@ def _child(out_path: str) -> None:
     import trl
     from datasets import Dataset
 
-    from posttrain.testing.tiny_model import build_model, build_tokenizer
+    from posttrain.testing.tiny_model import build_tokenizer
 
     assert trl.__version__ == "1.13.0", f"the throwaway venv imported trl {trl.__version__} ({trl.__file__})"
     from trl.experimental.bco import BCOConfig, BCOTrainer
 
     torch.use_deterministic_algorithms(True)
     tokenizer = build_tokenizer()
-    policy0, ref0 = build_model(tokenizer, seed=SEED_POLICY), build_model(tokenizer, seed=SEED_REF)
+    policy0, ref0 = portable_model(tokenizer, SEED_POLICY), portable_model(tokenizer, SEED_REF)
     result = {
         "versions": {"trl": trl.__version__, "sklearn": sklearn.__version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "seeds": {"policy": SEED_POLICY, "ref": SEED_REF, "embedding": SEED_EMBED, "numpy": SEED_NUMPY},
         "batch_size": BATCH,
-        "policy_weight_sum": float(sum(p.double().sum() for p in policy0.parameters())),
+        "dtype": "float64",
+        "policy_weight_sum": weight_fingerprint(policy0),
+        "ref_weight_sum": weight_fingerprint(ref0),
         "configs": {},
     }
     tensor_keys = ("completion_input_ids", "completion_attention_mask", "completion_labels", "embedding_input_ids", "embedding_attention_mask")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,13 +35,14 @@ from posttrain import (
     as_config,
     causal_lm_states,
     disable_dropout,
+    is_peft_model,
     pad,
     prompt_completion_boundary,
 )
 
 from posttrain_tpo.config import TPOConfig
 
-__all__ = ["TPOTrainer", "tpo_losses", "tokenize_triple", "concatenated_logps"]
+__all__ = ["TPOTrainer", "DataCollatorForTriplePreference", "tpo_losses", "tokenize_triple", "concatenated_logps"]
 
 _FORMATS = (
     "TPO takes rows {'prompt', 'chosen', 'rejected', 'reference'} as strings or as {'role', 'content'} message lists "
@@ -163,6 +165,58 @@ def tokenize_triple(row: dict, tokenizer, conversational: bool, responses: tuple
     return item, n == len(prompt_ids)
 
 
+@dataclass
+class DataCollatorForTriplePreference:
+    """Collate processed rows into one batch laid out chosen, rejected, gold (TRL 1.16's collator of the same name and fields).
+
+    Each row holds ``prompt_ids``, ``chosen_ids``, ``rejected_ids`` and (with ``include_reference``)
+    ``reference_ids``. Returns ``input_ids`` (prompt + response, right-padded with ``pad_token_id``),
+    ``attention_mask`` and ``completion_mask`` (the response tokens), each (3B, T) or, without the
+    gold rows, (2B, T); sequences are truncated to ``max_length`` per ``truncation_mode`` first and
+    padded to a multiple of ``pad_to_multiple_of``.
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+    return_tensors: str = "pt"
+    include_reference: bool = True
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.return_tensors != "pt":
+            raise ConfigError(f"return_tensors={self.return_tensors!r} is not supported: DataCollatorForTriplePreference returns torch tensors ('pt').")
+        seqs, masks = [], []
+        for key in ("chosen", "rejected", "reference") if self.include_reference else ("chosen", "rejected"):
+            for r in examples:
+                seqs.append(list(r["prompt_ids"]) + list(r[f"{key}_ids"]))
+                masks.append([0] * len(r["prompt_ids"]) + [1] * len(r[f"{key}_ids"]))
+        if self.max_length is not None:
+            if self.truncation_mode not in ("keep_start", "keep_end"):
+                raise ConfigError(f"truncation_mode={self.truncation_mode!r} is invalid: use 'keep_start' or 'keep_end'.")
+            cut = slice(None, self.max_length) if self.truncation_mode == "keep_start" else slice(-self.max_length, None)
+            seqs, masks = [s[cut] for s in seqs], [m[cut] for m in masks]
+        input_ids = pad([torch.tensor(s, dtype=torch.long) for s in seqs], padding_value=self.pad_token_id)  # (3B, T)
+        attention_mask = pad([torch.ones(len(s), dtype=torch.long) for s in seqs], padding_value=0)  # (3B, T)
+        completion_mask = pad([torch.tensor(m, dtype=torch.long) for m in masks], padding_value=0)  # (3B, T)
+        multiple = self.pad_to_multiple_of
+        if multiple and input_ids.shape[1] % multiple:
+            extra = multiple - input_ids.shape[1] % multiple
+            input_ids = F.pad(input_ids, (0, extra), value=self.pad_token_id)
+            attention_mask, completion_mask = F.pad(attention_mask, (0, extra)), F.pad(completion_mask, (0, extra))
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
+
+
+# Copied from posttrain_dpo.trainer._concat_padded
+def _concat_padded(arrays: list, pad_value: int = -100):
+    """Concatenate ``(n_i, T_i, ...)`` numpy arrays on axis 0, padding axis 1 to the longest with ``pad_value``."""
+    import numpy as np
+
+    width = max(a.shape[1] for a in arrays)
+    padded = [np.pad(a, [(0, 0), (0, width - a.shape[1])] + [(0, 0)] * (a.ndim - 2), constant_values=pad_value) for a in arrays]
+    return np.concatenate(padded, axis=0)
+
+
 # ------------------------------------------------------------------------------------------- trainer
 class TPOTrainer(TrainerSurface):
     """Train a causal LM with TPO / TPO-L on (prompt, chosen, rejected, gold reference) rows; TRL 1.16's ``TPOTrainer`` signature.
@@ -178,18 +232,21 @@ class TPOTrainer(TrainerSurface):
         data_collator: Optional collator of processed rows (``prompt_ids``, ``chosen_ids``, ``rejected_ids``,
             ``reference_ids``) into ``input_ids``/``attention_mask``/``completion_mask`` laid out chosen,
             rejected, gold (TRL's ``DataCollatorForTriplePreference`` works); it must truncate itself.
+            Default: :class:`DataCollatorForTriplePreference` from the config (``trainer.data_collator``).
         train_dataset: Rows (see the module docstring); a ``datasets.Dataset``, an ``IterableDataset`` or a list of dicts.
         eval_dataset: Rows of the same shape, or a dict of them (metrics ``eval_<name>_...``).
         processing_class: The tokenizer (loaded with the model when omitted).
-        compute_metrics: Not supported (the loop reports the loss and TPO's metrics on eval sets).
+        compute_metrics: ``f(EvalPrediction) -> dict`` run at each evaluation, given the logits (an extra forward
+            pass) and the ``input_ids`` of every collated row, as TRL 1.16's ``prediction_step``.
         callbacks: ``transformers.TrainerCallback`` objects.
         optimizers: Must be ``(None, None)``: set ``optim``/``lr_scheduler_type`` in the config.
         peft_config: Optional PEFT config (the adapter is trained).
         allow_experimental: Python opt-in for this experimental method.
 
     Raises:
-        posttrain.ConfigError: invalid data (row and column named), no row left after truncation, or an
-            argument that cannot be honoured (named, with the alternative).
+        posttrain.ConfigError: invalid data (row and column named), no row left after truncation, an
+            encoder-decoder model, a ``PeftModel`` with ``peft_config`` (as TRL), or an argument that
+            cannot be honoured (named, with the alternative).
     """
 
     def __init__(
@@ -211,13 +268,19 @@ class TPOTrainer(TrainerSurface):
         self.args = args = as_config(args, TPOConfig, default_output_dir=f"{str(name).rstrip('/').split('/')[-1]}-TPO" if name else None)
         # The maturity gate runs first: TrainingLoop refuses an experimental method without an opt-in.
         self.loop = TrainingLoop(args, method="tpo", allow_experimental=allow_experimental, callbacks=callbacks)
-        if compute_metrics is not None:
-            raise ConfigError("compute_metrics= is not supported by posttrain's TPO: read the logged eval metrics (eval_rewards/..., eval_loss).")
         if optimizers is not None and any(part is not None for part in optimizers):
             raise ConfigError("optimizers=(optimizer, scheduler) cannot be honoured: set optim, learning_rate, weight_decay and lr_scheduler_type in the config.")
         if train_dataset is None:
             raise ConfigError("`train_dataset` is required: pass train_dataset=... (a datasets.Dataset, an IterableDataset or a list of dicts).")
+        if peft_config is not None and is_peft_model(model):
+            raise ConfigError(
+                "model is already a PeftModel and peft_config is given (TRL refuses this too): merge and unload the existing adapter "
+                "(or pass the base model) with peft_config, or pass the PeftModel without peft_config to train its adapter."
+            )
         self.model, self.processing_class = self.loop.load_model(model, processing_class=processing_class, peft_config=peft_config)
+        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        if getattr(getattr(base, "config", None), "is_encoder_decoder", False):
+            raise ConfigError(f"{type(base).__name__} is an encoder-decoder model; posttrain's TPO trains decoder-only causal LMs (as TRL 1.16's TPO).")
         if args.disable_dropout:
             disable_dropout(self.model)
         self.tokenizer = getattr(self.processing_class, "tokenizer", self.processing_class)
@@ -230,7 +293,13 @@ class TPOTrainer(TrainerSurface):
         if config is not None:
             (config.get_text_config() if hasattr(config, "get_text_config") else config).pad_token_id = self.pad_token_id
         self.responses = ("chosen", "rejected", "reference") if args.tpo_alpha != 0.0 else ("chosen", "rejected")
+        if data_collator is None:  # TRL's default: the gold rows are dropped from the batch when tpo_alpha == 0
+            data_collator = DataCollatorForTriplePreference(pad_token_id=self.pad_token_id, max_length=args.max_length, truncation_mode=args.truncation_mode,
+                                                            pad_to_multiple_of=args.pad_to_multiple_of, include_reference=args.tpo_alpha != 0.0)
         self.data_collator = data_collator
+        self.compute_metrics = compute_metrics
+        if compute_metrics is not None:
+            self.evaluate_batches = self._evaluate_with_compute_metrics  # the loop's default evaluation has no predictions
         self._warned = set()
         self.train_dataset = self.process_dataset(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
@@ -247,8 +316,9 @@ class TPOTrainer(TrainerSurface):
             warnings.warn(message + " Shown once; it likely applies to other rows too.", stacklevel=4)
 
     # ------------------------------------------------------------------ data
-    def process_dataset(self, dataset, name: str) -> list[dict]:
-        """Validate and tokenize rows into ``prompt_ids``/``chosen_ids``/``rejected_ids`` (+ ``reference_ids``); also used by ``evaluate(eval_dataset=...)``.
+    def process_dataset(self, dataset, name: str):
+        """Validate and tokenize rows into a ``datasets.Dataset`` of ``prompt_ids``/``chosen_ids``/``rejected_ids`` (+ ``reference_ids``),
+        TRL's columns; also used by ``evaluate(eval_dataset=...)``.
 
         Raises:
             ConfigError: an empty dataset, missing columns, an invalid row (named by index), or no row left.
@@ -288,7 +358,7 @@ class TPOTrainer(TrainerSurface):
                     if "reference" in keys:
                         if row["reference"][: len(prompt)] != prompt:
                             raise ConfigError(
-                                f"{name} row {index}, column 'reference': it does not start with the prompt shared by 'chosen' and "
+                                f"{name} row {index}, column 'reference': it does not start with the implicit prompt shared by 'chosen' and "
                                 f"'rejected' ({str(prompt)[:60]!r}); give an explicit 'prompt' column, or start the reference with that prompt."
                             )
                         row["reference"] = row["reference"][len(prompt):]
@@ -313,31 +383,16 @@ class TPOTrainer(TrainerSurface):
             out.append(item)
         if not out:
             raise ConfigError(f"every prompt of {name} has >= max_length={args.max_length} tokens, so no row is left: raise max_length or use truncation_mode='keep_end'.")
-        return out
+        from datasets import Dataset
+
+        return Dataset.from_list(out)
 
     def collate(self, rows: list[dict]) -> dict:
-        """Return ``input_ids``/``attention_mask``/``completion_mask`` (3B or 2B, T): chosen rows, rejected rows, then gold rows."""
-        if self.data_collator is not None:
-            batch = dict(self.data_collator(rows))
-            batch.setdefault("num_tokens", int(batch["attention_mask"].sum()))
-            return batch
-        seqs, masks = [], []
-        for key in self.responses:
-            for r in rows:
-                seqs.append(list(r["prompt_ids"]) + list(r[f"{key}_ids"]))
-                masks.append([0] * len(r["prompt_ids"]) + [1] * len(r[f"{key}_ids"]))
-        if self.args.max_length is not None:
-            cut = slice(None, self.args.max_length) if self.args.truncation_mode == "keep_start" else slice(-self.args.max_length, None)
-            seqs, masks = [s[cut] for s in seqs], [m[cut] for m in masks]
-        input_ids = pad([torch.tensor(s, dtype=torch.long) for s in seqs], padding_value=self.pad_token_id)  # (3B, T)
-        attention_mask = pad([torch.ones(len(s), dtype=torch.long) for s in seqs], padding_value=0)  # (3B, T)
-        completion_mask = pad([torch.tensor(m, dtype=torch.long) for m in masks], padding_value=0)  # (3B, T)
-        multiple = self.args.pad_to_multiple_of
-        if multiple and input_ids.shape[1] % multiple:
-            extra = multiple - input_ids.shape[1] % multiple
-            input_ids = F.pad(input_ids, (0, extra), value=self.pad_token_id)
-            attention_mask, completion_mask = F.pad(attention_mask, (0, extra)), F.pad(completion_mask, (0, extra))
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask, "num_tokens": int(attention_mask.sum())}
+        """Return ``data_collator(rows)`` (``input_ids``/``attention_mask``/``completion_mask``, (3B or 2B, T): chosen rows,
+        rejected rows, then gold rows) plus ``num_tokens``."""
+        batch = dict(self.data_collator(list(rows)))
+        batch.setdefault("num_tokens", int(batch["attention_mask"].sum()))
+        return batch
 
     def count_items(self, batch: dict) -> int:
         return batch["input_ids"].shape[0] // len(self.responses)  # rows (pairs)
@@ -377,3 +432,38 @@ class TPOTrainer(TrainerSurface):
                 "logps/rejected": rejected.detach().mean(),
             }
         return loss, metrics
+
+    # Copied from posttrain_dpo.trainer.DPOTrainer._evaluate_with_compute_metrics
+    @torch.no_grad()
+    def _evaluate_with_compute_metrics(self, model, batches) -> dict:
+        """Evaluation with ``compute_metrics``: the item-weighted means of ``compute_loss`` plus ``compute_metrics(EvalPrediction)``.
+
+        The predictions are the logits of an extra forward pass and the labels the ``input_ids``
+        (chosen rows, then rejected, per batch), padded with -100 across batches, as in TRL 1.16.
+        """
+        from transformers import EvalPrediction
+
+        accelerator = self.loop.accelerator
+        totals: dict[str, torch.Tensor] = {}
+        weight = 0
+        predictions, labels = [], []
+        for batch in batches:
+            n = self.count_items(batch)
+            loss, metrics = self.compute_loss(model, batch, n)
+            for key, value in {"loss": loss, **metrics}.items():
+                totals[key] = totals.get(key, 0) + value.detach().float() * n
+            weight += n
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            predictions.append(logits.float().cpu().numpy())
+            labels.append(batch["input_ids"].cpu().numpy())
+        keys = sorted(totals)
+        stacked = torch.stack([torch.as_tensor(totals[k], device=self.loop.device) for k in keys] + [torch.tensor(float(weight), device=self.loop.device)])
+        if accelerator.num_processes > 1:
+            stacked = accelerator.reduce(stacked, reduction="sum")
+            from accelerate.utils import gather_object
+
+            predictions, labels = gather_object(predictions), gather_object(labels)
+        result = {k: (stacked[i] / stacked[-1].clamp(min=1)).item() for i, k in enumerate(keys)}
+        extra = self.compute_metrics(EvalPrediction(predictions=_concat_padded(predictions), label_ids=_concat_padded(labels)))
+        result.update({k: float(v) for k, v in (extra or {}).items()})
+        return result

@@ -33,6 +33,17 @@ def policy(tiny_tokenizer):
     return build_model(tiny_tokenizer, hidden_size=32, num_layers=2, seed=0)
 
 
+@pytest.fixture(scope="module")
+def policy64(policy):
+    """The policy in float64, for tests comparing two computations of the same quantity (ours vs TRL's, batched vs naive,
+    accumulated vs not): they then differ by summation order only (~1e-16 relative per operation), so :data:`REL` holds on
+    any machine and thread count."""
+    return copy.deepcopy(policy).to(torch.float64)
+
+
+REL = 1e-9  # float64 paths; measured differences are below 1e-13 (see policy64)
+
+
 def triples(n=8, fmt="preference", seed=0):
     """Rows with a gold 'reference' that differs from 'chosen' (so the NLL term is visible)."""
     data = make_tiny_datasets(n, seed=seed)[fmt]
@@ -64,6 +75,9 @@ def _both(tokenizer, model, tmp_path, dataset, **cfg):
     our_batch = ours.collate(ours.train_dataset)
     for key in ("input_ids", "attention_mask", "completion_mask"):  # the same numbers go into both losses
         assert torch.equal(our_batch[key], their_batch[key]), key
+    for column in ("prompt_ids", "chosen_ids", "rejected_ids", "reference_ids"):  # TRL's processed columns, equal
+        if column in ours.train_dataset.column_names:
+            assert ours.train_dataset[column] == theirs.train_dataset[column], column
     return theirs, their_batch, ours, our_batch
 
 
@@ -79,27 +93,27 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_loss_gradients_and_metrics_match_trl(case, tiny_tokenizer, policy, tmp_path):
-    theirs, their_batch, ours, our_batch = _both(tiny_tokenizer, policy, tmp_path, triples(), **CASES[case])
+def test_loss_gradients_and_metrics_match_trl(case, tiny_tokenizer, policy64, tmp_path):
+    theirs, their_batch, ours, our_batch = _both(tiny_tokenizer, policy64, tmp_path, triples(), **CASES[case])
     theirs.model.train()
     their_loss = theirs.compute_loss(theirs.model, their_batch)
     their_loss.backward()
     our_loss, our_metrics = ours.compute_loss(ours.model, our_batch, ours.count_items(our_batch))
     our_loss.backward()
-    print(f"{case}: ours={our_loss.item():.8f} trl={their_loss.item():.8f}")
-    assert our_loss.item() == pytest.approx(their_loss.item(), rel=1e-5)
+    print(f"{case}: ours={our_loss.item():.12f} trl={their_loss.item():.12f}")
+    assert our_loss.item() == pytest.approx(their_loss.item(), rel=REL)
     worst = 0.0
     for (name, a), (_, b) in zip(theirs.model.named_parameters(), ours.model.named_parameters()):
         if a.grad is None:
             assert b.grad is None or not b.grad.any(), name
             continue
-        worst = max(worst, (a.grad - b.grad).abs().max().item() / max(a.grad.abs().max().item(), 1e-12))
+        worst = max(worst, (a.grad - b.grad).abs().max().item() / max(a.grad.abs().max().item(), 1e-300))  # relative to the largest entry
     print(f"{case}: worst relative gradient difference {worst:.2e}")
-    assert worst < 1e-4
+    assert worst < REL
     their_metrics = {k: v[-1] for k, v in theirs._metrics["train"].items()}
     assert set(our_metrics) | {"num_tokens"} == set(their_metrics), set(our_metrics) ^ set(their_metrics)
-    for key, value in our_metrics.items():
-        assert value.item() == pytest.approx(their_metrics[key], rel=1e-5, abs=1e-6), key
+    for key, value in our_metrics.items():  # abs: metrics near zero (margins, mean logits) relative to their inputs' scale ~1-10
+        assert value.item() == pytest.approx(their_metrics[key], rel=REL, abs=REL), key
     assert our_batch["num_tokens"] == their_metrics["num_tokens"]  # the loop logs the running sum
 
 
@@ -113,25 +127,25 @@ def test_loss_gradients_and_metrics_match_trl(case, tiny_tokenizer, policy, tmp_
     ],
     ids=["conversational", "conversational-implicit", "implicit-truncated", "keep_end-pad8"],
 )
-def test_formats_and_truncation_match_trl(case, tiny_tokenizer, policy, tmp_path):
+def test_formats_and_truncation_match_trl(case, tiny_tokenizer, policy64, tmp_path):
     data = triples(fmt=case["fmt"])
     if case.get("implicit"):
         data = data.map(lambda r: {k: r["prompt"] + r[k] for k in ("chosen", "rejected", "reference")}).remove_columns("prompt")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # keep_end is deprecated in TRL
-        theirs, their_batch, ours, our_batch = _both(tiny_tokenizer, policy, tmp_path, data, **case["cfg"])
+        theirs, their_batch, ours, our_batch = _both(tiny_tokenizer, policy64, tmp_path, data, **case["cfg"])
     with torch.no_grad():
         their_loss = theirs.compute_loss(theirs.model, their_batch)
         our_loss = ours.compute_loss(ours.model, our_batch, ours.count_items(our_batch))[0]
-    assert our_loss.item() == pytest.approx(their_loss.item(), rel=1e-5)
+    assert our_loss.item() == pytest.approx(their_loss.item(), rel=REL)
 
 
 @pytest.mark.parametrize("loss_type", ["sigmoid", "hinge", "ipo", "tpo-l"])
-def test_objective_equals_a_naive_per_row_computation_of_the_paper(loss_type, tiny_tokenizer, policy, tmp_path):
+def test_objective_equals_a_naive_per_row_computation_of_the_paper(loss_type, tiny_tokenizer, policy64, tmp_path):
     """Each response scored alone (no padding, no batching), the formulas written out as in arXiv:2405.16681 (TPO Eq.,
-    TPO-L: -log sigmoid(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma)), IPO's Eq. 17 and SLiC's hinge."""
+    TPO-L: -log sigmoid(beta/|y_w| log pi(y_w) - beta/|y_l| log pi(y_l) - gamma)), IPO's Eq. 17 and SLiC's hinge (float64 model)."""
     beta, gamma, alpha = 0.7, 0.4, 0.6
-    trainer = _ours(tiny_tokenizer, policy, tmp_path, triples(), loss_type=loss_type, beta=beta, tpo_l_gamma=gamma, tpo_alpha=alpha)
+    trainer = _ours(tiny_tokenizer, policy64, tmp_path, triples(), loss_type=loss_type, beta=beta, tpo_l_gamma=gamma, tpo_alpha=alpha)
     model = trainer.model.eval()
 
     def score(prompt_ids, response_ids):  # (sum of log-probs, number of tokens, sum of NLL)
@@ -157,7 +171,7 @@ def test_objective_equals_a_naive_per_row_computation_of_the_paper(loss_type, ti
     with torch.no_grad():
         batch = trainer.collate(trainer.train_dataset)
         got = trainer.compute_loss(model, batch, trainer.count_items(batch))[0].item()
-    assert got == pytest.approx(expected, rel=1e-5)
+    assert got == pytest.approx(expected, rel=REL)
 
 
 def test_bad_input_names_the_row_and_the_fix(tiny_tokenizer, policy, tmp_path):
@@ -168,7 +182,7 @@ def test_bad_input_names_the_row_and_the_fix(tiny_tokenizer, policy, tmp_path):
         _ours(tiny_tokenizer, policy, tmp_path, [good, {k: v for k, v in good.items() if k != "reference"}])
     with pytest.raises(posttrain.ConfigError, match=r"row 0: column 'rejected' is missing .* belong to the 'kto' method"):
         _ours(tiny_tokenizer, policy, tmp_path, [{"prompt": "a", "completion": "b", "label": True, "chosen": "b"}])
-    with pytest.raises(posttrain.ConfigError, match=r"row 0, column 'reference': it does not start with the prompt"):
+    with pytest.raises(posttrain.ConfigError, match=r"row 0, column 'reference': it does not start with the implicit prompt"):
         _ours(tiny_tokenizer, policy, tmp_path, [{"chosen": "Q: a", "rejected": "Q: b", "reference": "R: c"}])
     with pytest.raises(posttrain.ConfigError, match=r"row 0, column 'reference': expected a list of \{'role', 'content'\} messages"):
         _ours(tiny_tokenizer, policy, tmp_path, triples(2, "conversational_preference").map(lambda r: {"reference": "text"}))
@@ -190,24 +204,25 @@ def _train(tokenizer, model, tmp_path, rows, bs, ga, **cfg):
     return [p.detach().clone() for p in trainer.model.parameters()]
 
 
-def test_gradient_accumulation(tiny_tokenizer, policy, tmp_path):
+def test_gradient_accumulation(tiny_tokenizer, policy64, tmp_path):
     """8 x 1 == 1 x 8 for the per-pair preference losses (any lengths); the gold NLL is a micro-batch token mean (as TRL),
-    so with it 8 x 1 == 1 x 8 holds when every gold response has the same number of tokens, and not otherwise."""
+    so with it 8 x 1 == 1 x 8 holds when every gold response has the same number of tokens, and not otherwise.
+    Float64 model and one SGD step of lr 1: the weights move by the gradient, whose two computations agree to ~1e-15."""
     rows = triples(8).to_list()
 
     def worst(a, b):
         return max((x - y).abs().max().item() for x, y in zip(a, b))
 
     for loss_type in ("sigmoid", "tpo-l"):
-        big = _train(tiny_tokenizer, policy, tmp_path / f"{loss_type}big", rows, 8, 1, loss_type=loss_type, beta=1.0, tpo_alpha=0.0)
-        acc = _train(tiny_tokenizer, policy, tmp_path / f"{loss_type}acc", rows, 1, 8, loss_type=loss_type, beta=1.0, tpo_alpha=0.0)
-        assert worst(big, acc) < 1e-5, loss_type
+        big = _train(tiny_tokenizer, policy64, tmp_path / f"{loss_type}big", rows, 8, 1, loss_type=loss_type, beta=1.0, tpo_alpha=0.0)
+        acc = _train(tiny_tokenizer, policy64, tmp_path / f"{loss_type}acc", rows, 1, 8, loss_type=loss_type, beta=1.0, tpo_alpha=0.0)
+        assert worst(big, acc) < REL, loss_type
     equal = [{**r, "reference": f" {i + 1}"} for i, r in enumerate(rows)]  # every gold response: one token + EOS
-    lengths = {len(r["reference_ids"]) for r in _ours(tiny_tokenizer, policy, tmp_path / "len", equal).train_dataset}
+    lengths = {len(ids) for ids in _ours(tiny_tokenizer, policy64, tmp_path / "len", equal).train_dataset["reference_ids"]}
     assert lengths == {2}, lengths
-    assert worst(_train(tiny_tokenizer, policy, tmp_path / "eb", equal, 8, 1, beta=1.0), _train(tiny_tokenizer, policy, tmp_path / "ea", equal, 1, 8, beta=1.0)) < 1e-5
+    assert worst(_train(tiny_tokenizer, policy64, tmp_path / "eb", equal, 8, 1, beta=1.0), _train(tiny_tokenizer, policy64, tmp_path / "ea", equal, 1, 8, beta=1.0)) < REL
     unequal = [{**r, "reference": " 1" * (1 + i)} for i, r in enumerate(rows)]
-    assert worst(_train(tiny_tokenizer, policy, tmp_path / "ub", unequal, 8, 1, beta=1.0), _train(tiny_tokenizer, policy, tmp_path / "ua", unequal, 1, 8, beta=1.0)) > 1e-4
+    assert worst(_train(tiny_tokenizer, policy64, tmp_path / "ub", unequal, 8, 1, beta=1.0), _train(tiny_tokenizer, policy64, tmp_path / "ua", unequal, 1, 8, beta=1.0)) > 1e-4
 
 
 def test_resume_with_gold_rows_is_exact(tiny_tokenizer, policy, tmp_path):
@@ -258,9 +273,10 @@ def test_example_yaml_trains_through_the_cli(tiny_model_dir, tmp_path, monkeypat
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
 
 
-def test_nll_is_cross_entropy_on_gold_tokens_only(tiny_tokenizer, policy, tmp_path):
-    """The loss moves by delta_alpha * NLL when tpo_alpha changes, NLL being F.cross_entropy over the gold response tokens only (TRL's definition)."""
-    trainer = _ours(tiny_tokenizer, policy, tmp_path, triples(), loss_type="ipo", beta=0.5, tpo_alpha=1.0)
+def test_nll_is_cross_entropy_on_gold_tokens_only(tiny_tokenizer, policy64, tmp_path):
+    """The loss moves by delta_alpha * NLL when tpo_alpha changes, NLL being F.cross_entropy over the gold response tokens only
+    (TRL's definition). Float64: the difference of two losses of ~10 cancels, and the tolerance is relative to those losses."""
+    trainer = _ours(tiny_tokenizer, policy64, tmp_path, triples(), loss_type="ipo", beta=0.5, tpo_alpha=1.0)
     batch = trainer.collate(trainer.train_dataset)
     with torch.no_grad():
         logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
@@ -270,7 +286,7 @@ def test_nll_is_cross_entropy_on_gold_tokens_only(tiny_tokenizer, policy, tmp_pa
     with_nll = trainer.compute_loss(trainer.model, batch, 8)[0]
     trainer.args.tpo_alpha = 0.5
     half = trainer.compute_loss(trainer.model, batch, 8)[0]
-    assert (with_nll - half).item() == pytest.approx(0.5 * nll.item(), rel=1e-5)
+    assert (with_nll - half).item() == pytest.approx(0.5 * nll.item(), abs=REL * with_nll.item())
 
 
 def test_evaluate_reports_trl_metric_names(tiny_tokenizer, policy, tmp_path):
@@ -285,6 +301,67 @@ def test_evaluate_reports_trl_metric_names(tiny_tokenizer, policy, tmp_path):
 
 def test_iterable_and_list_inputs_give_the_same_rows(tiny_tokenizer, policy, tmp_path):
     data = triples(4)
-    rows = _ours(tiny_tokenizer, policy, tmp_path, data).train_dataset
-    assert _ours(tiny_tokenizer, policy, tmp_path, data.to_iterable_dataset()).train_dataset == rows
-    assert _ours(tiny_tokenizer, policy, tmp_path, data.to_list()).train_dataset == rows
+    rows = _ours(tiny_tokenizer, policy, tmp_path, data).train_dataset.to_list()
+    assert _ours(tiny_tokenizer, policy, tmp_path, data.to_iterable_dataset()).train_dataset.to_list() == rows
+    assert _ours(tiny_tokenizer, policy, tmp_path, data.to_list()).train_dataset.to_list() == rows
+
+
+# ---------------------------------------------------------------------------- TRL users' expectations
+def test_the_default_collator_is_the_trainers_data_collator(tiny_tokenizer, policy, tmp_path):
+    """trainer.data_collator is the collator in use (TRL: DataCollatorForTriplePreference, without the gold rows when tpo_alpha=0),
+    trainer.train_dataset a datasets.Dataset of TRL's columns; TRL's test_train_without_nll collates two of its rows."""
+    from posttrain_tpo.trainer import DataCollatorForTriplePreference
+
+    trainer = _ours(tiny_tokenizer, policy, tmp_path, triples(4), tpo_alpha=0.0, max_length=9, pad_to_multiple_of=4)
+    collator = trainer.data_collator
+    assert isinstance(collator, DataCollatorForTriplePreference) and collator.include_reference is False
+    assert (collator.max_length, collator.truncation_mode, collator.pad_to_multiple_of, collator.pad_token_id) == (9, "keep_start", 4, tiny_tokenizer.pad_token_id)
+    assert trainer.train_dataset.column_names == ["prompt_ids", "chosen_ids", "rejected_ids"]
+    batch = trainer.data_collator(list(trainer.train_dataset.select(range(2))))
+    assert batch["input_ids"].shape == (4, 12)  # 2 branches x 2 rows; 9 tokens at most, padded to a multiple of 4
+    assert _ours(tiny_tokenizer, policy, tmp_path, triples(4)).data_collator.include_reference is True
+
+
+def test_compute_metrics_gets_logits_and_input_ids_at_evaluation(tiny_tokenizer, policy, tmp_path):
+    """compute_metrics (refused before 0.3.0) receives TRL 1.16's EvalPrediction: the logits of every collated row and its
+    input_ids as labels (-100 padded across batches); its results are logged with the eval_ prefix."""
+    from posttrain_tpo import TPOConfig, TPOTrainer
+
+    seen = []
+
+    def compute_metrics(prediction):
+        seen.append(prediction)
+        return {"test": 0.0}
+
+    args = TPOConfig(output_dir=str(tmp_path / "eval"), report_to="none", disable_tqdm=True, gradient_checkpointing=False, save_strategy="no",
+                     per_device_eval_batch_size=2)
+    trainer = TPOTrainer(model=copy.deepcopy(policy), args=args, train_dataset=triples(4), eval_dataset=triples(4, seed=2),
+                         processing_class=tiny_tokenizer, compute_metrics=compute_metrics)
+    plain = TPOTrainer(model=copy.deepcopy(policy), args=TPOConfig(**{**args.to_dict(), "output_dir": str(tmp_path / "plain")}),
+                       train_dataset=triples(4), eval_dataset=triples(4, seed=2), processing_class=tiny_tokenizer)
+    metrics, reference = trainer.evaluate(), plain.evaluate()
+    assert metrics["eval_test"] == 0.0
+    for key, value in reference.items():  # the loop's own evaluation: the same item-weighted means (same batches, same ops)
+        if key.startswith("eval_") and "runtime" not in key and "per_second" not in key:
+            assert metrics[key] == pytest.approx(value, rel=1e-6), key
+    logits, labels = seen[-1].predictions, seen[-1].label_ids
+    assert logits.shape[0] == labels.shape[0] == 12 and logits.shape[-1] == len(tiny_tokenizer)  # 2 batches x 3 branches x 2 rows
+    first = trainer.collate(trainer.eval_dataset.select(range(2)))
+    width = first["input_ids"].shape[1]
+    assert labels[:6, :width].tolist() == first["input_ids"].tolist() and (labels[:6, width:] == -100).all()
+
+
+def test_what_trl_refuses_is_refused(tiny_tokenizer, policy, tmp_path):
+    """An encoder-decoder model (TRL 1.16's TPO trains causal LMs only) and a PeftModel with peft_config."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from posttrain_tpo import TPOConfig, TPOTrainer
+
+    args = TPOConfig(output_dir=str(tmp_path), report_to="none", gradient_checkpointing=False)
+    t5 = T5ForConditionalGeneration(T5Config(vocab_size=len(tiny_tokenizer), d_model=16, d_ff=32, d_kv=8, num_layers=1, num_heads=2))
+    with pytest.raises(posttrain.ConfigError, match="^T5ForConditionalGeneration is an encoder-decoder model; posttrain's TPO trains decoder-only"):
+        TPOTrainer(model=t5, args=args, train_dataset=triples(2), processing_class=tiny_tokenizer)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    with pytest.raises(posttrain.ConfigError, match="already a PeftModel and peft_config is given"):
+        TPOTrainer(model=get_peft_model(copy.deepcopy(policy), lora), args=args, train_dataset=triples(2), processing_class=tiny_tokenizer, peft_config=lora)
