@@ -104,7 +104,7 @@ def plot_run(output_dir: str, path: str | None = None) -> str:
             if xs:
                 target.plot(xs, ys, color=color, linestyle="--", marker="o", label=f"eval_{name}")
             target.set_ylabel(name if role == name else f"{name} ({role})", color=color if twin is not None else "black", fontsize=8)
-        for event in events:
+        for event in sorted(events, key=lambda e: {"error": 0, "warning": 1}.get(e["severity"], 2), reverse=True):  # the most severe on top
             ax.axvline(event["first_step"], color=_SEVERITY_COLORS.get(event["severity"], "grey"), linestyle=":", linewidth=1.2)
         handles = [h for a in (ax, twin) if a is not None for h in a.get_legend_handles_labels()[0]]
         if len(handles) > 1:
@@ -114,9 +114,14 @@ def plot_run(output_dir: str, path: str | None = None) -> str:
         ax.grid(alpha=0.3)
     top = axes.flat[0]
     ymax = top.get_ylim()[1]
-    for event in events:
-        top.annotate(event["code"], (event["first_step"], ymax), rotation=90, fontsize=7, va="top", ha="right",
-                     color=_SEVERITY_COLORS.get(event["severity"], "grey"))
+    by_step: dict = {}
+    for event in events:  # one label per step: the codes that fired there, in the most severe one's colour
+        by_step.setdefault(event["first_step"], []).append(event)
+    order = {"error": 0, "warning": 1, "info": 2}
+    for step, fired in sorted(by_step.items()):
+        fired.sort(key=lambda e: order.get(e["severity"], 1))
+        top.annotate(", ".join(e["code"] for e in fired), (step, ymax), rotation=90, fontsize=7, va="top", ha="right",
+                     color=_SEVERITY_COLORS.get(fired[0]["severity"], "grey"))
     state = "finished" if report["finished"] else f"step {report['last_step']}" + (f" of {report['max_steps']}" if report["max_steps"] else "")
     title = f"{report['method'] or 'run'} ({state}): {report['verdict'].upper()} - {report['reason']}"
     fig.suptitle("\n".join(textwrap.wrap(title, width=int(110 * cols / 2) or 60)), fontsize=10)
