@@ -3,6 +3,13 @@
 Every run below is a real trainer on a tiny model from posttrain.testing (a few steps, logging
 every step), with a crafted provocation; each test asserts which codes fire, with their evidence,
 and the verdict ``diagnose(output_dir)`` gives. The runs are built once per module (~25 s in all).
+
+The provocations do not depend on the machine: a trajectory at a high learning rate is chaotic (the
+last bits of a CPU's float32 kernels and the thread count decide where it goes, e.g. whether
+learning_rate=1.0 ends in NaN), so each run relies only on what holds whatever the rounding: a
+learning rate low enough for the trajectory to be smooth (the rewards and KL are then the same to
+~3 digits with AVX-512, AVX2 and default kernels), a reward that ignores the completions, or one
+large step whose effect is far past the threshold (a learning-rate spike, NaN weights).
 """
 
 from __future__ import annotations
@@ -39,7 +46,35 @@ def _noise_reward(seed):
     return noise
 
 
-def _grpo(out, reward, **overrides):
+class _LearningRateSpike:
+    """A trainer callback: optimizer step ``step`` runs at ``learning_rate`` (a bad schedule, a restart); the scheduler
+    sets the run's own rate again at the next step. One Adam step at 1.0 moves every weight by ~1, far past any rounding."""
+
+    def __init__(self, step: int, learning_rate: float):
+        self.step, self.learning_rate = step, learning_rate
+
+    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+        if state.global_step + 1 == self.step:
+            for group in optimizer.param_groups:
+                group["lr"] = self.learning_rate
+
+
+class _NaNWeightsAfter:
+    """A trainer callback: after optimizer step ``step`` the policy's first weight (the tied embedding) is NaN, as after a
+    diverging update; whether learning_rate=1.0 alone gets there depends on the CPU's rounding."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            import torch
+
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+
+
+def _grpo(out, reward, callbacks=None, **overrides):
     from datasets import Dataset
 
     from posttrain.methods.grpo import GRPOConfig, GRPOTrainer
@@ -50,7 +85,8 @@ def _grpo(out, reward, **overrides):
                   logging_steps=1, save_strategy="no", disable_tqdm=True, report_to="none", diagnostics_window=10)
     values.update(overrides)
     prompts = Dataset.from_dict({"prompt": [f"what is {i} + {i}" for i in range(16)]})
-    GRPOTrainer(model=build_model(tok), reward_funcs=reward, args=GRPOConfig(**values), train_dataset=prompts, processing_class=tok).train()
+    GRPOTrainer(model=build_model(tok), reward_funcs=reward, args=GRPOConfig(**values), train_dataset=prompts, processing_class=tok,
+                callbacks=callbacks).train()
     return str(out)
 
 
@@ -111,8 +147,9 @@ def _sft(out, train, eval_dataset=None, **overrides):
 
 
 RUNS = {
-    # a verifiable reward the tiny model can learn: the reward rises (the GRPO learning test's setup)
-    "improving": lambda out: _grpo(out, _low_tokens, max_steps=20, diagnostics_thresholds={"throughput_bound": 0.3}),
+    # a verifiable reward the tiny model can learn: the reward rises (the GRPO learning test's setup); throughput_bound at
+    # threshold 0 fires whatever share of the step generation takes on this machine (a wall-clock measure)
+    "improving": lambda out: _grpo(out, _low_tokens, max_steps=20, diagnostics_thresholds={"throughput_bound": 0.0}),
     # a noise reward: nothing to learn, the reward stays flat; truncation is then a warning
     "plateaued": lambda out: _grpo(out, _noise_reward(0), learning_rate=1e-3, max_steps=15),
     # a constant reward: every group has zero std
@@ -123,12 +160,14 @@ RUNS = {
     "length_hacking": lambda out: _grpo_after_sft(out, _longer_is_better),
     # a huge learning rate on the exploitable reward: entropy collapses to ~0
     "entropy": lambda out: _grpo(out, _low_tokens, learning_rate=2e-1),
-    # the exploitable reward with a KL penalty and a high learning rate: reward up, KL runs away
-    "over-optimizing": lambda out: _grpo(out, _low_tokens, beta=0.04, learning_rate=1e-1),
-    # a noise reward with a KL penalty and a high learning rate: the policy drifts off the reference without gain
-    "drifting": lambda out: _grpo(out, _noise_reward(0), beta=0.04, learning_rate=1e-1),
-    # learning_rate=1.0 with two updates per generation: clipped ratios, KL jump, then NaN
-    "diverged": lambda out: _grpo(out, _low_tokens, learning_rate=1.0, num_iterations=2, beta=0.04, max_steps=8),
+    # the exploitable reward with a KL penalty: the reward rises and so does the KL, past 1 nat/token (a smooth run at 3e-2:
+    # reward t ~6, KL t ~7.6, KL 0 -> ~2.7; at 1e-1 both t sat near 2, on either side depending on the CPU)
+    "over-optimizing": lambda out: _grpo(out, _low_tokens, beta=0.04),
+    # a noise reward with a KL penalty: nothing to gain, then one step at learning_rate=1.0 (step 14) throws the policy off
+    # the reference (KL ~1e-3 -> > 1 at step 15, in the last window)
+    "drifting": lambda out: _grpo(out, _noise_reward(0), beta=0.04, learning_rate=1e-3, callbacks=[_LearningRateSpike(14, 1.0)]),
+    # learning_rate=1.0 with two updates per generation: clipped ratios and a KL jump from step 2, then NaN weights after step 5
+    "diverged": lambda out: _grpo(out, _low_tokens, learning_rate=1.0, num_iterations=2, beta=0.04, max_steps=8, callbacks=[_NaNWeightsAfter(5)]),
     # SFT with learning_rate=1.0 and no clipping: the loss rises; a memory_pressure threshold below the measured use
     "diverged_sft": lambda out: _sft(out, _sums([(a, b) for a in range(6) for b in range(6)][:32]), max_steps=12, learning_rate=1.0, max_grad_norm=0.0,
                                      diagnostics_thresholds={"memory_pressure": 0.001}),
@@ -181,7 +220,7 @@ def test_improving_run_has_only_info_events_and_a_significant_reward_trend(runs)
     by_code = _recorded(out)
     assert {e["severity"] for events in by_code.values() for e in events} == {"info"}
     (throughput,) = by_code["throughput_bound"][-1:]
-    assert throughput["evidence"]["prepare_step_fraction"] >= 0.3 and "use_vllm=True" in throughput["action"]
+    assert 0 < throughput["evidence"]["prepare_step_fraction"] <= 1 and "use_vllm=True" in throughput["action"]
     assert diagnose(out)["evidence"]["reward_run_t"] > 2
 
 
@@ -202,31 +241,33 @@ def test_huge_learning_rate_fires_entropy_collapse(runs):
     assert event["evidence"]["ratio"] < 0.1 and event["evidence"]["first"] > 6 and "temperature" in event["action"]
 
 
-def test_exploitable_reward_with_kl_fires_reward_hacking_and_kl_blowup(runs):
+def test_exploitable_reward_with_kl_fires_reward_hacking_on_kl(runs):
     by_code = _recorded(runs("over-optimizing"))
     hacking = by_code["reward_hacking"][-1]
-    assert hacking["evidence"]["reward_t"] > 2 and hacking["evidence"]["kl_t"] > 2 and "beta" in hacking["action"]
-    assert "kl_blowup" in by_code
+    assert hacking["evidence"]["reward_t"] > 2 and hacking["evidence"]["kl_t"] > 2 and "KL to the reference rose" in hacking["message"]
+    assert "beta" in hacking["action"]
 
 
-def test_noise_reward_with_kl_drifts(runs):
+def test_noise_reward_with_kl_and_a_learning_rate_spike_drifts(runs):
     by_code = _recorded(runs("drifting"))
-    assert by_code["kl_blowup"][-1]["evidence"]["kl"] > 2 * by_code["kl_blowup"][-1]["evidence"]["recent_max"]
+    blowup = by_code["kl_blowup"][0]  # first at the step after the spike: the smooth run before it stays far below 1
+    assert blowup["step"] == 15 and blowup["evidence"]["kl"] > 1 and blowup["evidence"]["kl"] > 2 * blowup["evidence"]["recent_max"]
     assert "reward_hacking" not in by_code and "reward_plateau" in by_code
 
 
-def test_learning_rate_one_fires_clip_kl_and_non_finite(runs):
+def test_learning_rate_one_fires_clip_and_kl_and_nan_weights_fire_non_finite(runs):
     by_code = _recorded(runs("diverged"))
     assert {"high_clip_ratio", "kl_blowup", "non_finite_loss"} <= set(by_code)
     clip = by_code["high_clip_ratio"][-1]["evidence"]
     assert clip["clip_ratio/region_mean"] >= 0.3 and 0 < clip["share_of_recent_updates"] <= 1
-    assert by_code["non_finite_loss"][-1]["severity"] == "error"
+    assert by_code["kl_blowup"][0]["step"] == 2  # the first update at 1.0 moves the policy ~8 nats/token off the reference
+    assert by_code["non_finite_loss"][0]["step"] <= 6 and by_code["non_finite_loss"][-1]["severity"] == "error"
 
 
 def test_memory_pressure_suggests_half_the_micro_batch_from_measured_memory(runs):
     event = _recorded(runs("diverged_sft"))["memory_pressure"][0]
     ev = event["evidence"]
-    assert ev["device"] == "cpu" and 0 < ev["peak_gb"] < ev["limit_gb"] and 0 < ev["fraction_used"] < 1
+    assert ev["device"] and 0 < ev["peak_gb"] < ev["limit_gb"] and 0 < ev["fraction_used"] < 1
     assert (ev["suggested_per_device_train_batch_size"], ev["suggested_gradient_accumulation_steps"]) == (2, 2)
     assert "per_device_train_batch_size=2 and gradient_accumulation_steps=2" in event["action"]
 

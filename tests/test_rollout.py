@@ -9,6 +9,22 @@ from posttrain._rollout import RolloutBatch, RolloutEngine, SamplingParams, Tran
 PROMPTS = ["the cat sat", "hello world please think step by step", "what is 3 + 4"]
 
 
+#: The rollout scores in float32 (its log-probs are float32 lists) whatever the model's dtype. With a float64 model the
+#: references below (one unpadded forward, another decode loop) agree with the rollout's logits to ~1e-16, so what is
+#: left is the rollout's own float32 rounding: the logits rounded to float32 and a float32 log-softmax over 512 entries,
+#: a few ulps of values of magnitude <= ~10 (|log p| ~ 6.2 here): 16 * 10 * eps32 = 1.9e-5 absolute. (With a float32
+#: model the two paths' logits themselves differ in their last bits by an amount that depends on the CPU's kernels.)
+LOGP_ATOL = 16 * 10 * torch.finfo(torch.float32).eps
+
+
+@pytest.fixture
+def tiny_model(tiny_tokenizer):
+    """The tiny model in float64 (see LOGP_ATOL); overrides posttrain.testing's float32 fixture in this module."""
+    from posttrain.testing.tiny_model import build_model
+
+    return build_model(tiny_tokenizer, dtype=torch.float64)
+
+
 @pytest.fixture
 def prompt_ids(tiny_tokenizer):
     ids = [tiny_tokenizer(p)["input_ids"] for p in PROMPTS]
@@ -52,20 +68,20 @@ def test_logprobs_match_forward_pass_left_padded(engine, tiny_model, prompt_ids)
     assert len(batch) == 3 and batch.policy_version == 0
     for p, c, lp in zip(batch.prompt_ids, batch.completion_ids, batch.logprobs):
         assert len(c) == len(lp) > 0
-        torch.testing.assert_close(torch.tensor(lp), _forward_logps(tiny_model, p, c), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(lp, dtype=torch.float64), _forward_logps(tiny_model, p, c), atol=LOGP_ATOL, rtol=0)
 
 
 def test_logprobs_are_processed_temperature_and_topk(tiny_model, tiny_tokenizer, prompt_ids):
     backend = TransformersBackend(tiny_model, tiny_tokenizer, generation_batch_size=2)  # chunked
     batch = backend.generate(prompt_ids, SamplingParams(max_tokens=8, temperature=0.7, seed=1))
     for p, c, lp in zip(batch.prompt_ids, batch.completion_ids, batch.logprobs):
-        torch.testing.assert_close(torch.tensor(lp), _forward_logps(tiny_model, p, c, temperature=0.7), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(lp, dtype=torch.float64), _forward_logps(tiny_model, p, c, temperature=0.7), atol=LOGP_ATOL, rtol=0)
     batch = backend.generate(prompt_ids, SamplingParams(max_tokens=8, temperature=0.7, top_k=5, seed=2))
     for p, c, lp in zip(batch.prompt_ids, batch.completion_ids, batch.logprobs):
         ref = _forward_logps(tiny_model, p, c, temperature=0.7, top_k=5)
         assert torch.isfinite(torch.tensor(lp)).all()
-        torch.testing.assert_close(torch.tensor(lp), ref, atol=1e-5, rtol=1e-5)
-        assert (torch.tensor(lp) > _forward_logps(tiny_model, p, c, temperature=0.7) - 1e-6).all()  # renormalized mass
+        torch.testing.assert_close(torch.tensor(lp, dtype=torch.float64), ref, atol=LOGP_ATOL, rtol=0)
+        assert (torch.tensor(lp, dtype=torch.float64) > _forward_logps(tiny_model, p, c, temperature=0.7) - LOGP_ATOL).all()  # renormalized mass
 
 
 def test_seed_determinism_and_global_rng_untouched(engine, prompt_ids):
@@ -197,7 +213,7 @@ def test_lean_decode_is_used_and_matches_generate_greedy(tiny_model, tiny_tokeni
             ref = backend._generate_chunk_with_generate(tiny_model, tiny_model, expanded, backend._generation_config(sampling, stops), stops, sampling, device)
         assert lean[0] == ref[0] and lean[2] == ref[2]
         for a, b in zip(lean[1], ref[1]):
-            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=LOGP_ATOL, rtol=0)
 
 
 def test_lean_decode_logprobs_under_top_p_min_p_and_repetition_penalty(tiny_model, tiny_tokenizer, prompt_ids):
@@ -216,7 +232,7 @@ def test_lean_decode_logprobs_under_top_p_min_p_and_repetition_penalty(tiny_mode
             for proc in procs:
                 scores = proc(torch.tensor([p + c[:t]]), scores)
             ref.append(torch.log_softmax(scores, -1)[0, c[t]])
-        torch.testing.assert_close(torch.tensor(lp), torch.stack(ref), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(torch.tensor(lp, dtype=torch.float64), torch.stack(ref), atol=LOGP_ATOL, rtol=0)
 
 
 def test_inverse_cdf_sampler_distribution():

@@ -255,7 +255,7 @@ def _logits_token_scores(logits, labels, *, temperature, ignore_index, return_en
     """:class:`TokenScores` from materialized logits (the unchunked path, for models :func:`causal_lm_states` cannot chunk)."""
     from posttrain._ops import entropy_from_logits, selective_log_softmax
 
-    z = logits.float()
+    z = logits if logits.dtype == torch.float64 else logits.float()  # float64 stays float64, as in _chunk_logits
     if temperature != 1.0:
         z = z / temperature
     valid = labels != ignore_index

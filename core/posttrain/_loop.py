@@ -724,8 +724,8 @@ class TrainingLoop:
         if not metrics:
             return
         self.log(metrics)
+        self._event("on_evaluate", metrics=metrics)  # before the best is updated, as in transformers' Trainer
         self._track_best(metrics, metric_key_prefix)
-        self._event("on_evaluate", metrics=metrics)
 
     def _track_best(self, metrics: dict[str, float], metric_key_prefix: str = "eval") -> None:
         """Remember the best ``metric_for_best_model`` (for ``load_best_model_at_end`` and callbacks such as early stopping).

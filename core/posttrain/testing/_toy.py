@@ -87,9 +87,12 @@ class ToyLMTrainer(TrainerSurface):
         return int(batch["attention_mask"][:, 1:].sum())
 
     def compute_loss(self, model, batch: dict, num_items_in_batch):
+        import torch
         import torch.nn.functional as F
 
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits  # (B, T, V)
         labels = batch["input_ids"][:, 1:].masked_fill(batch["attention_mask"][:, 1:] == 0, -100)  # (B, T-1)
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum")
+        logits = logits[:, :-1].flatten(0, 1)
+        logits = logits if logits.dtype == torch.float64 else logits.float()  # float32 at least; a float64 model stays float64
+        nll = F.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="sum")
         return nll / num_items_in_batch, {}

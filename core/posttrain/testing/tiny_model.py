@@ -97,8 +97,16 @@ def _config(arch: str, vocab_size: int, hidden_size: int, num_layers: int, pad_t
     raise ValueError(f"arch={arch!r} is not supported: use 'qwen2', 'qwen3' or 'llama'.")
 
 
-def build_model(tokenizer=None, *, arch: str = "qwen2", hidden_size: int = 32, num_layers: int = 2, seed: int = 0):
-    """Return a randomly initialised tiny causal LM (float32) matching ``tokenizer``'s vocabulary."""
+def build_model(tokenizer=None, *, arch: str = "qwen2", hidden_size: int = 32, num_layers: int = 2, seed: int = 0, dtype=None):
+    """Return a randomly initialised tiny causal LM matching ``tokenizer``'s vocabulary.
+
+    ``dtype`` defaults to float32; ``torch.float64`` gives a model whose two computations of the same
+    quantity (chunked vs unchunked, accumulated vs not, ...) agree to ~1e-12 on any machine, so a test
+    can compare them tightly. The initial weights are drawn in float32 whatever the dtype (the same
+    model, upcast). A float64 model's RMSNorm layers compute in float64 (transformers' compute in
+    float32 whatever the input); that holds for this object and its deep copies, not for a copy saved
+    and reloaded with ``from_pretrained``.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -107,13 +115,14 @@ def build_model(tokenizer=None, *, arch: str = "qwen2", hidden_size: int = 32, n
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model = _to_dtype(model, dtype)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
 
 
-def build_reward_model(tokenizer=None, *, arch: str = "qwen2", hidden_size: int = 32, num_layers: int = 2, seed: int = 0):
-    """Return a tiny ``AutoModelForSequenceClassification`` with one label (a reward model)."""
+def build_reward_model(tokenizer=None, *, arch: str = "qwen2", hidden_size: int = 32, num_layers: int = 2, seed: int = 0, dtype=None):
+    """Return a tiny ``AutoModelForSequenceClassification`` with one label (a reward model); ``dtype`` as in :func:`build_model`."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -121,7 +130,46 @@ def build_reward_model(tokenizer=None, *, arch: str = "qwen2", hidden_size: int 
     config = _config(arch, len(tokenizer), hidden_size, num_layers, tokenizer.pad_token_id, tokenizer.eos_token_id, num_labels=1)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        return AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_config(config, dtype=torch.float32)
+    return _to_dtype(model, dtype)
+
+
+def _to_dtype(model, dtype):
+    """``model`` cast to ``dtype`` (None: float32, unchanged), its config saying so; a float64 model's RMSNorms compute in float64."""
+    import types
+
+    import torch
+
+    if dtype is None:
+        return model
+    resolved = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if not isinstance(resolved, torch.dtype) or not resolved.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} is not a floating-point torch dtype: pass e.g. torch.float64 (or leave it None for float32).")
+    if resolved == torch.float32:
+        return model
+    model = model.to(resolved)
+    model.config.dtype = resolved
+    if resolved == torch.float64:
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm") and hasattr(module, "variance_epsilon"):
+                module.forward = types.MethodType(_rms_norm_forward, module)
+    return model
+
+
+def _rms_norm_forward(self, hidden_states):
+    """Qwen2/Qwen3/Llama ``RMSNorm.forward``, computed in ``promote_types(input, float32)`` (transformers' casts to float32).
+
+    Bit-identical to transformers' for float32 and lower-precision inputs (``tests/test_chunked.py`` checks it);
+    for a float64 input it stays float64, so a float64 tiny model has no float32 step whose rounding
+    two equivalent computations could land on either side of.
+    """
+    import torch
+
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.promote_types(input_dtype, torch.float32))
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    return self.weight * hidden_states.to(input_dtype)
 
 
 def save_tiny_model(out_dir: str, *, arch: str = "qwen2", hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> str:
