@@ -139,3 +139,20 @@ def test_the_demo_learns(tmp_path):
                           cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "held-out exact match BEFORE" in proc.stdout and (tmp_path / "demo" / "diagnose.png").is_file()
+
+
+def test_method_pages_name_the_installed_versions():
+    """A version a method page states in its opening lines is the installed distribution's (no stale '2.0.0')."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    stale = []
+    for page in sorted(glob.glob(os.path.join(ROOT, "docs", "methods", "*.md"))):
+        head = "".join(open(page, encoding="utf-8").readlines()[:6])
+        for dist, stated in re.findall(r"`?(posttrain-[a-z_-]+)`? (\d+\.\d+\.\d+)", head):
+            try:
+                installed = version(dist)
+            except PackageNotFoundError:
+                continue
+            if stated != installed:
+                stale.append(f"{os.path.relpath(page, ROOT)} says {dist} {stated}, installed {installed}")
+    assert not stale, "\n".join(stale)

@@ -324,11 +324,15 @@ class TrainingLoop:
                 lora_alpha=args.lora_alpha,
                 lora_dropout=args.lora_dropout,
                 target_modules=args.lora_target_modules or "all-linear",
-                task_type="SEQ_CLS" if auto_class is transformers.AutoModelForSequenceClassification else "CAUSAL_LM",
+                task_type="SEQ_CLS" if auto_class is transformers.AutoModelForSequenceClassification
+                else "SEQ_2_SEQ_LM" if getattr(model.config, "is_encoder_decoder", False) else "CAUSAL_LM",
             )
         if peft_config is not None:
-            from peft import get_peft_model
+            from peft import PeftConfig, get_peft_model
 
+            if not isinstance(peft_config, PeftConfig):  # TRL raises TypeError too
+                raise TypeError(f"peft_config must be a peft.PeftConfig (e.g. peft.LoraConfig(r=16, target_modules='all-linear')), "
+                                f"got {type(peft_config).__name__}.")
             model = get_peft_model(model, peft_config)
         if args.gradient_checkpointing:
             kwargs = args.gradient_checkpointing_kwargs or {"use_reentrant": False}

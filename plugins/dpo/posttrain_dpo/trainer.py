@@ -336,7 +336,7 @@ class DPOTrainer(TrainerSurface):
         self._use_logits_to_keep = args.use_logits_to_keep and _accepts_logits_to_keep(self.model)
         if args.use_logits_to_keep and not self._use_logits_to_keep:
             warnings.warn(f"use_logits_to_keep=True: {type(self.model).__name__}.forward takes no logits_to_keep; the full logits are computed.", stacklevel=2)
-        self.data_collator = data_collator
+        self._user_collator = data_collator
         self.compute_metrics = compute_metrics
         if compute_metrics is not None:
             self.evaluate_batches = self._evaluate_with_compute_metrics  # the loop's default evaluation has no predictions
@@ -630,11 +630,20 @@ class DPOTrainer(TrainerSurface):
             for param, flag in flags:
                 param.requires_grad_(flag)
 
+    @property
+    def data_collator(self):
+        """The collator of processed rows (TRL's attribute): :meth:`collate`, which calls a ``data_collator`` given to the trainer."""
+        return self.collate
+
+    @data_collator.setter
+    def data_collator(self, collator) -> None:
+        self._user_collator = collator
+
     # ------------------------------------------------------------------ the method protocol
     def collate(self, rows: list[dict]) -> dict:
         """Return ``input_ids``/``attention_mask``/``completion_mask`` (2B, T): chosen rows first, then rejected."""
-        if self.data_collator is not None:
-            batch = dict(self.data_collator(rows))
+        if self._user_collator is not None:
+            batch = dict(self._user_collator(rows))
             batch.setdefault("num_tokens", int(batch["attention_mask"].sum()))
             return batch
         seqs, masks = [], []

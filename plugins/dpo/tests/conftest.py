@@ -27,6 +27,15 @@ def policy_and_ref(tiny_tokenizer):
 
 
 @pytest.fixture(scope="session")
+def policy_and_ref64(policy_and_ref):
+    """``policy_and_ref`` in float64: for tests that compare two of our code paths (accumulation, resume, precompute,
+    adapters), so that their different summation orders leave ~1e-16 relative differences and a tight tolerance holds on
+    any machine."""
+    policy, ref = policy_and_ref
+    return copy.deepcopy(policy).double(), copy.deepcopy(ref).double()
+
+
+@pytest.fixture(scope="session")
 def pref_data():
     from posttrain.testing import make_tiny_datasets
 

@@ -42,6 +42,27 @@ def make_trl(tokenizer, policy, tmp_path, dataset, ref=None, name="trl", **cfg):
         )
 
 
+def loss_on_device(trainer, batch, num_items_in_batch):
+    """Return ``trainer.compute_loss`` of a CPU ``batch`` on the training device, where the reference already is (an accelerator when present)."""
+    trainer.model.to(trainer.loop.device)
+    return trainer.compute_loss(trainer.model, trainer.loop.to_device(batch), num_items_in_batch)
+
+
+def assert_reference_kept_off_the_accelerator(trainer):
+    """With precomputed reference log-probs the reference model waits on the CPU (it only serves datasets given to evaluate()
+    later), whatever the training device: on an accelerator it would hold memory for nothing. On a CPU-only machine the
+    training device is the CPU too, and the check is vacuous."""
+    import torch
+
+    reference = next(trainer.ref_model.parameters()).device
+    assert reference == torch.device("cpu"), f"the reference is on {reference} (training device: {trainer.loop.device})"
+
+
+def relative_norm_difference(actual, expected) -> float:
+    """``|actual - expected| / |expected|`` (2-norms): how gradients are compared; entries near zero carry only rounding."""
+    return ((actual - expected).norm() / expected.norm()).item()
+
+
 def read_metrics(output_dir):
     with open(os.path.join(output_dir, "metrics.jsonl")) as fh:
         return [json.loads(line) for line in fh if line.strip()]

@@ -6,17 +6,17 @@ import copy
 
 import pytest
 import torch
-from dpo_helpers import make_ours
+from dpo_helpers import assert_reference_kept_off_the_accelerator, loss_on_device, make_ours
 
 from posttrain import ConfigError
 
 
-def _trainer(tokenizer, model, tmp_path, data, **kw):
+def _trainer(tokenizer, model, tmp_path, data, name="out", **kw):
     from posttrain.methods.dpo import DPOConfig, DPOTrainer
 
     trainer_kw = {k: kw.pop(k) for k in list(kw) if k in ("ref_model", "eval_dataset", "callbacks", "compute_metrics", "data_collator", "peft_config")}
     cfg = {"per_device_train_batch_size": 4, "save_strategy": "no", "disable_tqdm": True, "gradient_checkpointing": False, **kw}
-    return DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / "out"), **cfg), train_dataset=data, processing_class=tokenizer, **trainer_kw)
+    return DPOTrainer(model=model, args=DPOConfig(output_dir=str(tmp_path / name), **cfg), train_dataset=data, processing_class=tokenizer, **trainer_kw)
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -175,14 +175,16 @@ def test_precompute_then_evaluate_new_data_before_and_after_training(tiny_tokeni
         trainer.evaluate(eval_dataset=data)
 
 
-def test_precompute_with_explicit_reference_scores_new_data_after_training(tiny_tokenizer, policy_and_ref, pref_data, tmp_path):
-    policy, ref = policy_and_ref
+def test_precompute_with_explicit_reference_scores_new_data_after_training(tiny_tokenizer, policy_and_ref64, pref_data, tmp_path):
+    policy, ref = policy_and_ref64  # float64: the batch shapes of precompute and live scoring then cost ~1e-16 only
     data = pref_data["preference"]
     pre = _trainer(tiny_tokenizer, copy.deepcopy(policy), tmp_path, data, ref_model=copy.deepcopy(ref), precompute_ref_log_probs=True, max_steps=1, learning_rate=1e-2)
-    live = _trainer(tiny_tokenizer, copy.deepcopy(policy), tmp_path, data, ref_model=copy.deepcopy(ref), max_steps=1, learning_rate=1e-2)
+    live = _trainer(tiny_tokenizer, copy.deepcopy(policy), tmp_path, data, name="live", ref_model=copy.deepcopy(ref), max_steps=1, learning_rate=1e-2)
     pre.train()
     live.train()
-    assert next(pre.ref_model.parameters()).device.type == "cpu"
+    assert_reference_kept_off_the_accelerator(pre)
+    # what remains is the float32 storage of the precomputed training log-probs (as TRL's), ~1e-7 relative on the step's
+    # gradient, hence on the evaluation after it: 1e-5 has margin
     assert pre.evaluate(eval_dataset=data)["eval_loss"] == pytest.approx(live.evaluate(eval_dataset=data)["eval_loss"], rel=1e-5)
 
 
@@ -211,8 +213,9 @@ def test_pretokenized_rows_with_stored_reference_log_probs(tiny_tokenizer, tiny_
     batch = trainer.collate([trainer.train_dataset[i] for i in range(4)])
     assert torch.equal(batch["ref_rejected_logps"], torch.full((4,), -2.0))
     with torch.no_grad():
-        _, metrics = trainer.compute_loss(trainer.model, batch, 4)
-        policy = trainer.policy_logps(trainer.model, batch)
+        _, metrics = loss_on_device(trainer, batch, 4)
+        policy = trainer.policy_logps(trainer.model, trainer.loop.to_device(batch))
+    # the same log-probs, a different order of two float32 operations: a few ulps (eps32 = 1.2e-7)
     assert metrics["rewards/chosen"].item() == pytest.approx((0.1 * (policy["chosen"] + 1.0)).mean().item(), rel=1e-5)
     with pytest.raises(ConfigError, match=r"row 1, column 'ref_rejected_logps': missing value"):
         _trainer(tiny_tokenizer, tiny_model, tmp_path, [rows[0], {k: v for k, v in rows[1].items() if k != "ref_rejected_logps"} | {"ref_rejected_logps": None}])
@@ -237,14 +240,18 @@ def test_tool_call_messages_and_config_tools_reach_the_template(tiny_tokenizer, 
 def test_custom_data_collator_is_used(tiny_tokenizer, tiny_model, pref_data, tmp_path):
     calls = []
     default = _trainer(tiny_tokenizer, tiny_model, tmp_path, pref_data["preference"])
+    rows = [default.train_dataset[i] for i in range(3)]
+    batch = default.data_collator(rows)  # TRL's attribute: the collator in use, processed rows -> a batch
+    assert torch.equal(batch["input_ids"], default.collate(rows)["input_ids"]) and batch["input_ids"].shape[0] == 6
 
     def collator(rows):
         calls.append(len(rows))
         return default.collate(rows)
 
     trainer = _trainer(tiny_tokenizer, tiny_model, tmp_path, pref_data["preference"], data_collator=collator, max_steps=1)
+    assert trainer.data_collator(rows)["input_ids"].shape[0] == 6 and calls == [3]  # the attribute routes through the given collator
     trainer.train()
-    assert calls and calls[0] == 4
+    assert calls[1:] and calls[1] == 4
 
 
 def test_pad_to_multiple_of_pads_the_batch(tiny_tokenizer, tiny_model, pref_data, tmp_path):
@@ -253,19 +260,19 @@ def test_pad_to_multiple_of_pads_the_batch(tiny_tokenizer, tiny_model, pref_data
     assert batch["input_ids"].shape[1] == 16 and batch["attention_mask"][:, -1].sum() == 0
 
 
-def test_use_logits_to_keep_gives_identical_loss_and_metrics(tiny_tokenizer, policy_and_ref, pref_data, tmp_path):
-    policy, ref = policy_and_ref
+def test_use_logits_to_keep_gives_identical_loss_and_metrics(tiny_tokenizer, policy_and_ref64, pref_data, tmp_path):
+    policy, ref = policy_and_ref64  # float64: the two forwards have other shapes (summation orders), ~1e-16 apart
     full = make_ours(tiny_tokenizer, policy, tmp_path, pref_data["conversational_preference"], ref=ref, name="full", ld_alpha=0.5, use_weighting=True)
     kept = make_ours(tiny_tokenizer, policy, tmp_path, pref_data["conversational_preference"], ref=ref, name="kept", ld_alpha=0.5, use_weighting=True, use_logits_to_keep=True)
     assert kept._use_logits_to_keep
     batch = full.collate(full.train_dataset)
     assert batch["completion_mask"].int().argmax(1).min() > 5  # the prompts really are skipped
     with torch.no_grad():
-        loss_full, m_full = full.compute_loss(full.model, batch, 8)
-        loss_kept, m_kept = kept.compute_loss(kept.model, batch, 8)
-    assert loss_kept.item() == pytest.approx(loss_full.item(), rel=1e-5)
-    for key in m_full:
-        assert m_kept[key].item() == pytest.approx(m_full[key].item(), rel=1e-5, abs=1e-6), key
+        loss_full, m_full = loss_on_device(full, batch, 8)
+        loss_kept, m_kept = loss_on_device(kept, batch, 8)
+    assert loss_kept.item() == pytest.approx(loss_full.item(), rel=1e-10)
+    for key in m_full:  # some metrics are float32 by design (entropy, mean logits): 1e-6 is a few of their ulps
+        assert m_kept[key].item() == pytest.approx(m_full[key].item(), rel=1e-6, abs=1e-12), key
 
 
 def test_rpo_alpha_adds_the_weighted_sft_loss(tiny_tokenizer, policy_and_ref, pref_data, tmp_path):
@@ -276,7 +283,7 @@ def test_rpo_alpha_adds_the_weighted_sft_loss(tiny_tokenizer, policy_and_ref, pr
     plain = make_ours(tiny_tokenizer, policy, tmp_path, data, ref=ref, name="plain")
     batch = rpo.collate(rpo.train_dataset)
     with torch.no_grad():
-        losses = [t.compute_loss(t.model, batch, 8)[0].item() for t in (rpo, listed, plain)]
+        losses = [loss_on_device(t, batch, 8)[0].item() for t in (rpo, listed, plain)]
     assert losses[0] == pytest.approx(losses[1], rel=1e-6) and losses[0] > losses[2] + 1.0
 
 
@@ -323,9 +330,10 @@ def test_moe_auxiliary_loss_is_added_with_the_config_coefficient(tiny_tokenizer,
     assert (on.aux_loss_enabled, on.router_aux_loss_coef, off.aux_loss_enabled) == (True, 0.01, False)
     batch = on.collate([on.train_dataset[i] for i in range(4)])
     with torch.no_grad():
-        loss_on, metrics = on.compute_loss(on.model, batch, 8)  # 4 pairs of a step of 8: half the micro-batch's aux weight
-        loss_off, metrics_off = off.compute_loss(off.model, batch, 8)
+        loss_on, metrics = loss_on_device(on, batch, 8)  # 4 pairs of a step of 8: half the micro-batch's aux weight
+        loss_off, metrics_off = loss_on_device(off, batch, 8)
     assert metrics["aux_loss"].item() > 0 and "aux_loss" not in metrics_off
+    # float32 (the experts' grouped GEMM has no float64 kernel), the same forward: a few ulps of a loss of ~0.7 apart
     assert loss_on.item() == pytest.approx(loss_off.item() + 0.01 * metrics["aux_loss"].item() * 4 / 8, rel=1e-6)
 
 

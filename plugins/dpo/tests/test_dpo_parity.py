@@ -2,7 +2,17 @@
 
 The reference model is the policy plus seeded noise, so every log-ratio is non-zero and a wrong
 log-prob computation cannot pass. TRL's own ``compute_loss`` runs on TRL's own collated batch; we
-first check that our tokenization and collation give the identical batch.
+first check that our tokenization and collation give the identical batch. Both run on the CPU.
+
+Tolerances. Both trainers run float32: TRL computes its log-probs in float32 whatever the model's
+dtype (float64 weights would only move the difference onto TRL's side), through a different code path
+(full logits, then log-softmax; ours: chunks of hidden states against the LM head). Each token
+log-prob carries a rounding error of a few float32 ulps times log(V) ~ 6 (eps32 = 1.2e-7), ~1e-6
+relative; a sequence log-prob sums <= 16 of them and the losses take beta-scaled differences of sums
+that are not small here (the reference is perturbed), so the loss agrees to REL = 1e-5 (measured:
+<= 2e-7 over every case), as do the metrics (means of the same quantities; absolute 1e-6 for a metric
+that is itself ~0). Gradients are compared per tensor by the norm of the difference relative to their
+own norm, to 1e-5 (measured: <= 5e-7), never entry by entry: entries near zero are all rounding.
 """
 
 from __future__ import annotations
@@ -10,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_helpers import make_ours, make_trl
+from dpo_helpers import make_ours, make_trl, relative_norm_difference
 
 REL = 1e-5
 
@@ -53,7 +63,7 @@ def _ids(case):
 def _both(tiny_tokenizer, policy_and_ref, tmp_path, dataset, **cfg):
     policy, ref = policy_and_ref
     theirs = make_trl(tiny_tokenizer, policy, tmp_path, dataset, ref=ref, **cfg)
-    ours = make_ours(tiny_tokenizer, policy, tmp_path, dataset, ref=ref, **cfg)
+    ours = make_ours(tiny_tokenizer, policy, tmp_path, dataset, ref=ref, use_cpu=True, **cfg)  # on TRL's device
     their_batch = theirs.data_collator([theirs.train_dataset[i] for i in range(len(theirs.train_dataset))])
     our_batch = ours.collate(ours.train_dataset)
     for key in ("input_ids", "attention_mask", "completion_mask"):
@@ -83,11 +93,11 @@ def test_gradients_and_metrics_match_trl_for_sigmoid(tiny_tokenizer, policy_and_
     worst = 0.0
     for name, p in ours.model.named_parameters():
         g_ours, g_theirs = p.grad, their_grads[name].grad
-        assert g_ours is not None and g_theirs is not None, name
-        torch.testing.assert_close(g_ours, g_theirs, rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
-        worst = max(worst, ((g_ours - g_theirs).norm() / g_theirs.norm().clamp(min=1e-12)).item())
+        assert g_ours is not None and g_theirs is not None and g_theirs.norm() > 0, name
+        rel = relative_norm_difference(g_ours, g_theirs)
+        assert rel < 1e-5, f"{name}: |ours - trl| / |trl| = {rel:.2e}"  # see the module docstring
+        worst = max(worst, rel)
     print(f"worst relative gradient difference: {worst:.2e}")
-    assert worst < 1e-5
     for key, values in theirs._metrics["train"].items():
         if key in metrics:
             assert metrics[key].item() == pytest.approx(values[-1], rel=1e-5, abs=1e-6), key

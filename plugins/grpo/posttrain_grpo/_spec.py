@@ -64,6 +64,7 @@ SPEC = MethodSpec(
                 "mask_truncated_completions": True,
                 "beta": 0.0,
                 "reward_funcs": ["accuracy", "overlong_penalty"],
+                "max_completion_length": 256,  # the built-in overlong_penalty reaches -1 at 256 tokens: generate up to there
             },
             paper="arXiv:2503.14476",
         ),

@@ -538,6 +538,11 @@ class GRPOTrainer(TrainerSurface):
         args = self.args
         return args.per_device_train_batch_size * args.gradient_accumulation_steps // args.num_generations
 
+    @property
+    def data_collator(self):
+        """The collator of raw prompt rows (TRL's attribute; TRL's is the identity): :meth:`collate`, which keeps them raw for ``prepare_step``."""
+        return self.collate
+
     # -------------------------------------------------------------------------- loop protocol
     def collate(self, rows: list[dict]) -> dict:
         return {"rows": [dict(row) for row in rows]}  # prompts stay raw: prepare_step turns them into rollouts

@@ -84,6 +84,11 @@ class KTOConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.use_liger_kernel and (self.liger_kernel_config or {}).get("fused_linear_cross_entropy"):
+            raise ConfigError(
+                'liger_kernel_config={"fused_linear_cross_entropy": True} cannot be used with KTO: the loss needs the '
+                "log-probs of every completion token, which the fused loss never builds. Drop that key (as TRL requires)."
+            )
         if isinstance(self.pad_to_multiple_of, str):  # the CLI passes a string; 'auto' pads only on Neuron in TRL
             text = self.pad_to_multiple_of.strip().lower()
             if text in ("auto", "none", "null"):

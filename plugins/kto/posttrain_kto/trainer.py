@@ -252,6 +252,11 @@ class KTOTrainer(TrainerSurface):
     def _load_policy(self, model, processing_class, peft_config, quantization_config):
         """Return ``(model, tokenizer)``, loading by name with ``trust_remote_code`` and ``quantization_config`` when given."""
         args = self.args
+        if peft_config is not None and is_peft_model(model):
+            raise ConfigError(
+                "model is already a PeftModel and peft_config was given: merge and unload its adapter first (model.merge_and_unload()), "
+                "or omit peft_config to train the existing adapter."
+            )
         if model is not None and not isinstance(model, str):
             if quantization_config is not None:
                 raise ConfigError(

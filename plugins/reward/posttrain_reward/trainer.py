@@ -178,6 +178,11 @@ class RewardTrainer(TrainerSurface):
 
         args = self.args
         auto_class = transformers.AutoModelForSequenceClassification
+        if peft_config is not None and is_peft_model(model):
+            raise ConfigError(
+                "model is already a PeftModel and peft_config was given: merge and unload its adapter first (model.merge_and_unload()), "
+                "or omit peft_config to train the existing adapter."
+            )
         if model is None or isinstance(model, str):
             # The only output of a reward model is one score per sequence (TRL forces this too).
             kwargs = {"trust_remote_code": args.trust_remote_code, **(args.model_init_kwargs or {}), "num_labels": 1}
@@ -322,7 +327,8 @@ class RewardTrainer(TrainerSurface):
     def _rewards(self, model, batch: dict):
         """Return the per-pair losses (B,) and the chosen and rejected rewards (B,), (B,)."""
         rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits  # (2B, 1)
-        rewards = rewards.squeeze(-1).float()  # (2B,)
+        rewards = rewards.squeeze(-1)  # (2B,)
+        rewards = rewards if rewards.dtype == torch.float64 else rewards.float()  # half precision scores in float32; float64 stays
         rewards_chosen, rewards_rejected = rewards.chunk(2)  # (B,), (B,)
         diff = rewards_chosen - rewards_rejected  # (B,)
         logits = diff - batch["margin"] if "margin" in batch else diff

@@ -79,7 +79,7 @@ def _trl_trainer(tmp_path, model, tok, data, **kw):
     from trl import RewardConfig as TRLRewardConfig
     from trl import RewardTrainer as TRLRewardTrainer
 
-    args = TRLRewardConfig(output_dir=str(tmp_path / "trl"), report_to="none", bf16=False, gradient_checkpointing=False, **kw)
+    args = TRLRewardConfig(output_dir=str(tmp_path / "trl"), report_to="none", bf16=False, gradient_checkpointing=False, use_cpu=True, **kw)  # ours: CPU until train()
     return TRLRewardTrainer(model=model, args=args, train_dataset=data, processing_class=tok)
 
 
@@ -88,6 +88,14 @@ def _trl_trainer(tmp_path, model, tok, data, **kw):
     ["bradley_terry", "margin", "centered", "conversational", "implicit_prompt"],
 )
 def test_loss_matches_trl(tmp_path, variant, reward_model, tiny_tokenizer, tiny_datasets, margin_data):
+    """Same pairs, same weights: the same loss, metrics and gradients as TRL's RewardTrainer.
+
+    Both sides run float64 (TRL's reward loss is a logsigmoid of the model's scores, computed in the
+    model's dtype): the two code paths then differ by float64 rounding only (~1e-16 relative), so the
+    loss and the margin are compared to 1e-10 and the gradients to 1e-9 relative (entries near zero:
+    1e-12 absolute), a tolerance that holds on any machine.
+    """
+    reward_model.double()
     data = {"margin": margin_data, "conversational": tiny_datasets["conversational_preference"]}.get(variant, tiny_datasets["preference"])
     if variant == "implicit_prompt":
         data = data.map(lambda ex: {"chosen": ex["prompt"] + ex["chosen"], "rejected": ex["prompt"] + ex["rejected"]}, remove_columns=["prompt"])
@@ -104,15 +112,16 @@ def test_loss_matches_trl(tmp_path, variant, reward_model, tiny_tokenizer, tiny_
 
     loss, metrics = ours.compute_loss(ours.model, batch, ours.count_items(batch))
     trl_loss = theirs.compute_loss(theirs.model, dict(trl_batch))
-    torch.testing.assert_close(loss, trl_loss, rtol=1e-5, atol=0)
+    assert loss.dtype == trl_loss.dtype == torch.float64
+    torch.testing.assert_close(loss, trl_loss, rtol=1e-10, atol=0)
     assert float(metrics["accuracy"]) == pytest.approx(theirs._metrics["train"]["accuracy"][-1])
-    assert float(metrics["margin"]) == pytest.approx(theirs._metrics["train"]["margin"][-1], rel=1e-5, abs=1e-7)
+    assert float(metrics["margin"]) == pytest.approx(theirs._metrics["train"]["margin"][-1], rel=1e-10, abs=1e-12)
 
     if variant in ("margin", "centered"):  # one gradient check per loss term
         loss.backward()
         trl_loss.backward()
         for (name, p), (_, q) in zip(ours.model.named_parameters(), theirs.model.named_parameters()):
-            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
 # ---------------------------------------------------------------------------- invariants
@@ -123,11 +132,12 @@ def test_gradient_accumulation_8x1_equals_1x8(tmp_path, tiny_tokenizer, tiny_dat
     opt = dict(max_steps=1, learning_rate=1.0, adam_epsilon=1.0, max_grad_norm=0.0, center_rewards_coefficient=0.01)
     params = []
     for bs, ga in ((8, 1), (1, 8)):
-        trainer = _trainer(tmp_path / f"{bs}x{ga}", build_reward_model(tiny_tokenizer, seed=1), tiny_tokenizer, data, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, **opt)
+        model = build_reward_model(tiny_tokenizer, seed=1).double()  # float64: only the summation order differs, ~1e-16 relative
+        trainer = _trainer(tmp_path / f"{bs}x{ga}", model, tiny_tokenizer, data, per_device_train_batch_size=bs, gradient_accumulation_steps=ga, **opt)
         trainer.train()
         params.append([p.detach().clone() for p in trainer.loop.unwrapped_model().parameters()])
     for a, b in zip(*params):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
 def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_tokenizer, tiny_datasets):
@@ -135,13 +145,15 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, tiny_tokenizer, tiny_d
 
     data = tiny_datasets["preference"]
     kw = dict(max_steps=4, per_device_train_batch_size=4, learning_rate=1e-3, save_strategy="steps", save_steps=2)
-    full = _trainer(tmp_path / "a", build_reward_model(tiny_tokenizer, seed=1), tiny_tokenizer, data, **kw)
+    # float64: the same computation agrees to ~1e-16 even where kernels are not bit-reproducible (accelerators), while a
+    # wrongly restored state (weights, Adam moments, schedule, data order) moves the loss by far more than 1e-12
+    full = _trainer(tmp_path / "a", build_reward_model(tiny_tokenizer, seed=1).double(), tiny_tokenizer, data, **kw)
     full.train()
-    resumed = _trainer(tmp_path / "a", build_reward_model(tiny_tokenizer, seed=7), tiny_tokenizer, data, resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"), **kw)
+    resumed = _trainer(tmp_path / "a", build_reward_model(tiny_tokenizer, seed=7).double(), tiny_tokenizer, data, resume_from_checkpoint=str(tmp_path / "a" / "out" / "checkpoint-2"), **kw)
     reference = [m["loss"] for m in _metrics(tmp_path / "a") if "loss" in m]  # read before the resumed run rewrites it
     resumed.train()
     again = [m["loss"] for m in _metrics(tmp_path / "a") if "loss" in m]
-    assert len(reference) == 4 and again == reference
+    assert len(reference) == len(again) == 4 and again == pytest.approx(reference, rel=1e-12)
 
 
 # ---------------------------------------------------------------------------- learning
@@ -183,8 +195,8 @@ def test_saved_model_scores_text_with_plain_transformers(tmp_path, reward_model,
     loaded = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
     batch = trainer.collate(list(trainer.train_dataset.select(range(4))))
-    with torch.no_grad():
-        expected = trainer.loop.unwrapped_model().eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with torch.no_grad():  # both on the CPU: the same weights and ops, so the default float32 tolerance of one op chain holds
+        expected = trainer.loop.unwrapped_model().cpu().eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         got = loaded(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         text = loaded(**tok(["what is 1 + 2 = 3" + tok.eos_token], return_tensors="pt")).logits
     assert loaded.config.num_labels == 1 and got.shape == (8, 1) and text.shape == (1, 1)

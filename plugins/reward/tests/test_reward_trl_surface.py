@@ -117,6 +117,14 @@ def test_trls_collator_can_be_passed_as_data_collator(tmp_path, reward_model, ti
     torch.testing.assert_close(ours.compute_loss(ours.model, a, 4)[0], theirs.compute_loss(theirs.model, b, 4)[0])
 
 
+def test_a_peft_model_with_a_peft_config_is_refused(tmp_path, reward_model, tiny_tokenizer, tiny_datasets):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=2, target_modules=["q_proj"], task_type="SEQ_CLS")
+    with pytest.raises(ConfigError, match="model is already a PeftModel and peft_config was given: merge and unload"):
+        _trainer(tmp_path, get_peft_model(reward_model, lora), tiny_tokenizer, tiny_datasets["preference"], peft_config=lora)
+
+
 def test_a_collator_without_input_ids_is_rejected(tmp_path, reward_model, tiny_tokenizer, tiny_datasets):
     trainer = _trainer(tmp_path, reward_model, tiny_tokenizer, tiny_datasets["preference"], data_collator=lambda rows: {"ids": None})
     with pytest.raises(ConfigError, match="data_collator returned keys \\['ids'\\]"):
@@ -151,17 +159,21 @@ def test_chat_template_path_from_another_tokenizer_copies_template_tokens_and_eo
 # ---------------------------------------------------------------------------- metrics, evaluation, callbacks
 def test_evaluate_reports_exact_metrics_for_a_raw_dataset_and_a_dict_of_them(tmp_path, reward_model, tiny_tokenizer, tiny_datasets):
     data = tiny_datasets["preference"]
-    trainer = _trainer(tmp_path, reward_model, tiny_tokenizer, data, per_device_eval_batch_size=3)
+    # float64: evaluate() pads batches of 3, the check below one batch of 16; the other summation orders then cost ~1e-16,
+    # so the tolerances below hold anywhere and no pair's chosen > rejected can flip on rounding
+    trainer = _trainer(tmp_path, reward_model.double(), tiny_tokenizer, data, per_device_eval_batch_size=3)
     single = trainer.evaluate(eval_dataset=data)
     both = trainer.evaluate(eval_dataset={"a": data, "b": data.select(range(5))})
     rows = list(trainer.process_dataset(data, "eval_dataset"))
     batch = trainer.collate(rows)
     with torch.no_grad():
-        _, chosen, rejected = trainer._rewards(trainer.model.eval(), batch)
+        _, chosen, rejected = trainer._rewards(trainer.model.to(trainer.loop.device).eval(), trainer.loop.to_device(batch))
     rewards = torch.cat([chosen, rejected])
     assert single["eval_accuracy"] == pytest.approx(float((chosen > rejected).float().mean()))
-    assert single["eval_min_reward"] == pytest.approx(float(rewards.min())) and single["eval_max_reward"] == pytest.approx(float(rewards.max()))
-    assert single["eval_margin"] == pytest.approx(float((chosen - rejected).mean()), rel=1e-5, abs=1e-7)
+    assert single["eval_min_reward"] == pytest.approx(float(rewards.min()), rel=1e-10) and single["eval_max_reward"] == pytest.approx(float(rewards.max()), rel=1e-10)
+    # evaluate() accumulates its sums in float32: the margin, a mean of differences of rewards of magnitude <= max|reward|, is
+    # off by a few float32 ulps of those (eps32 = 1.2e-7); 1e-6 * max|reward| bounds it (measured 1e-10 for rewards ~0.1)
+    assert single["eval_margin"] == pytest.approx(float((chosen - rejected).mean()), rel=0, abs=1e-6 * float(rewards.abs().max()))
     for key in ("loss", "accuracy", "margin", "mean_reward", "min_reward", "max_reward"):
         assert both[f"eval_a_{key}"] == pytest.approx(single[f"eval_{key}"], rel=1e-6), key
     assert "eval_b_loss" in both

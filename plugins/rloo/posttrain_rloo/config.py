@@ -54,7 +54,7 @@ class RLOOConfig(TrainingConfig):
     # > Parameters that control generation
     num_generations: int = field(default=2, metadata=_help("Completions sampled per prompt (k in the paper). Must be >= 2 and divide per_device_train_batch_size * gradient_accumulation_steps."))
     num_generations_eval: int | None = field(default=None, metadata=_help("Completions sampled per eval prompt (default: num_generations); 1 gives zero advantages."))
-    max_completion_length: int = field(default=256, metadata=_help("Maximum number of tokens generated per completion (TRL: 512; 256 as GRPO's, matching the built-in overlong_penalty)."))
+    max_completion_length: int = field(default=512, metadata=_help("Maximum number of tokens generated per completion (TRL's default; 256 before posttrain-rloo 3.0.0)."))
     temperature: float = field(default=1.0, metadata=_help("Sampling temperature; the trained log-probs use the same temperature."))
     top_p: float = field(default=1.0, metadata=_help("Nucleus sampling mass (1.0 = off)."))
     top_k: int = field(default=0, metadata=_help("Top-k sampling (0 = off)."))
@@ -108,6 +108,11 @@ class RLOOConfig(TrainingConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.use_liger_kernel and (self.liger_kernel_config or {}).get("fused_linear_cross_entropy"):
+            raise ConfigError(
+                'liger_kernel_config={"fused_linear_cross_entropy": True} cannot be used with RLOO: the loss needs the '
+                "log-probs of every completion token, which the fused loss never builds. Drop that key (as TRL requires)."
+            )
         if self.use_vllm:
             self.rollout_backend = "vllm"
         if isinstance(self.pad_to_multiple_of, str) and self.pad_to_multiple_of != "auto":  # the CLI passes a string

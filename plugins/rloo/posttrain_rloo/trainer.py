@@ -438,6 +438,11 @@ class RLOOTrainer(TrainerSurface):
         args = self.args
         return args.per_device_train_batch_size * args.gradient_accumulation_steps // args.num_generations
 
+    @property
+    def data_collator(self):
+        """The collator of raw prompt rows (TRL's attribute; TRL's is the identity): :meth:`collate`, which keeps them raw for ``prepare_step``."""
+        return self.collate
+
     # -------------------------------------------------------------------------- loop protocol
     # Copied from posttrain_grpo.trainer.GRPOTrainer.collate
     def collate(self, rows: list[dict]) -> dict:

@@ -158,6 +158,12 @@ class SFTConfig(TrainingConfig):
                 raise ConfigError(f"dataset_kwargs has unknown keys {unknown}: the only key is 'skip_prepare_dataset'.")
         if self.router_aux_loss_coef is not None and self.router_aux_loss_coef < 0:
             raise ConfigError(f"router_aux_loss_coef={self.router_aux_loss_coef} is invalid: use a weight >= 0, or None for the model's own.")
+        if isinstance(self.gradient_checkpointing_kwargs, dict) and self.gradient_checkpointing_kwargs.get("selective"):
+            # TRL 1.16's selective activation checkpointing; torch.utils.checkpoint would fail on the key at the first forward
+            raise ConfigError(
+                "gradient_checkpointing_kwargs={'selective': True} (TRL's selective activation checkpointing) is not offered: drop "
+                "the 'selective' key (gradient_checkpointing=True then recomputes every decoder layer), or set gradient_checkpointing=False."
+            )
         if self.pad_token is not None:
             warnings.warn("pad_token is deprecated (TRL 1.x): set tokenizer.pad_token and pass processing_class=tokenizer instead.", FutureWarning, stacklevel=3)
 

@@ -135,8 +135,13 @@ class SFTTrainer(TrainerSurface):
         if train_dataset is None:
             raise ConfigError("`train_dataset` is required: pass train_dataset=... (a datasets.Dataset, IterableDataset or list of dicts).")
         _check_trainer_arguments(args, data_collator, compute_loss_func, optimizers, optimizer_cls_and_kwargs)
+        if peft_config is not None and is_peft_model(model):
+            raise ConfigError(
+                "model is already a PeftModel and peft_config was given: merge and unload its adapter first (model.merge_and_unload()), "
+                "or omit peft_config to train the existing adapter."
+            )
         self.args = args
-        self.data_collator = data_collator
+        self._user_collator = data_collator
         self.compute_loss_func = compute_loss_func
         self.compute_metrics = compute_metrics
         self.preprocess_logits_for_metrics = preprocess_logits_for_metrics
@@ -519,6 +524,15 @@ class SFTTrainer(TrainerSurface):
             return [(input_ids[-n:], labels[-n:])]
         return [(input_ids[:n], labels[:n])]
 
+    @property
+    def data_collator(self):
+        """The collator of processed rows (TRL's attribute): :meth:`collate`, which calls a ``data_collator`` given to the trainer."""
+        return self.collate
+
+    @data_collator.setter
+    def data_collator(self, collator) -> None:
+        self._user_collator = collator
+
     # ================================================================== the method protocol
     def collate(self, examples: list[dict[str, list[int]]]) -> dict[str, Any]:
         """Return a CPU batch: padded rows, or one padding-free row (bfd packing / ``padding_free``).
@@ -530,8 +544,8 @@ class SFTTrainer(TrainerSurface):
             ``num_tokens`` (non-padding tokens) as ints.
         """
         multiple = self.args.pad_to_multiple_of
-        if self.data_collator is not None:
-            batch = dict(self.data_collator(examples))
+        if self._user_collator is not None:
+            batch = dict(self._user_collator(examples))
             labels = batch["labels"]
             num_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         elif self.padding_free:

@@ -1,4 +1,14 @@
-"""Parity with TRL's SFTTrainer: same rows -> same tokens, same label masks, same loss (and gradients)."""
+"""Parity with TRL's SFTTrainer: same rows -> same tokens, same label masks, same loss (and gradients).
+
+Tolerances. Both trainers run float32 (TRL computes its log-probs in float32 whatever the model's dtype,
+so float64 would only move the difference onto TRL's side), through different code paths: TRL takes
+the log-softmax of the full logits, we score chunks of hidden states against the LM head, with other
+reduction orders. Each token log-prob then carries a rounding error of a few float32 ulps times
+log(V) ~ 6 (eps32 = 1.2e-7), i.e. ~1e-6 relative; the mean over the label tokens does not amplify it.
+So the loss must agree to 1e-5 relative (measured <= 2e-7), and each gradient tensor to 1e-5 in the
+norm of the difference relative to its own norm (measured <= 2e-6). Gradients are not compared entry
+by entry: entries near zero are all rounding, and their size depends on the machine's summation order.
+"""
 
 from __future__ import annotations
 
@@ -43,7 +53,7 @@ def test_loss_matches_trl(tiny_model, tiny_tokenizer, tiny_datasets, make_config
         our_loss, _ = ours.compute_loss(ours.model, our_batch, ours.count_items(our_batch))
     rel = abs(our_loss.item() - their_loss.item()) / abs(their_loss.item())
     print(f"{case}: ours {our_loss.item():.8f} trl {their_loss.item():.8f} rel {rel:.2e}")
-    assert rel <= 1e-5
+    assert rel <= 1e-5  # see the module docstring
 
 
 def test_gradients_match_trl(tiny_model, tiny_tokenizer, tiny_datasets, make_config, tmp_path):
@@ -53,5 +63,10 @@ def test_gradients_match_trl(tiny_model, tiny_tokenizer, tiny_datasets, make_con
     their_grads = {n: p.grad for n, p in theirs.model.named_parameters() if p.grad is not None}
     our_grads = {n: p.grad for n, p in ours.model.named_parameters()}
     assert set(their_grads) == set(our_grads)
+    worst = 0.0
     for name, grad in their_grads.items():
-        torch.testing.assert_close(our_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+        assert grad.norm() > 0, name  # every tensor gets a gradient, so the comparison below means something
+        rel = ((our_grads[name] - grad).norm() / grad.norm()).item()
+        assert rel <= 1e-5, f"{name}: |ours - trl| / |trl| = {rel:.2e}"  # see the module docstring
+        worst = max(worst, rel)
+    print(f"worst relative gradient difference: {worst:.2e}")

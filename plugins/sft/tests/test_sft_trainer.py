@@ -51,22 +51,27 @@ def test_train_accepts_model_path(tiny_model_dir, tiny_datasets, make_config):
 
 @pytest.mark.parametrize("loss_type", ["nll", "dft"])
 def test_gradient_accumulation_8x1_equals_1x8(tiny_tokenizer, make_config, loss_type, tmp_path):
-    """One optimizer step over the same 8 uneven sequences gives the same parameters either way."""
+    """One optimizer step over the same 8 uneven sequences gives the same parameters either way.
+
+    float64: the two layouts sum the same per-token losses in different orders, which float64 makes
+    negligible (~1e-16 relative), so a 1e-10 tolerance holds on any machine and a mis-scaled
+    micro-batch (a relative error ~1e-1) cannot hide in it.
+    """
     from posttrain.testing.tiny_model import build_model
 
     # adam_epsilon=1 makes Adam's first update ~ lr * grad, so a mis-scaled gradient shows in the parameters
     common = dict(max_steps=1, learning_rate=1.0, adam_epsilon=1.0, max_grad_norm=0.0, loss_type=loss_type)
     results = []
     for batch_size, gas in ((8, 1), (1, 8)):
-        model = build_model(tiny_tokenizer)
+        model = build_model(tiny_tokenizer).double()
         args = make_config(per_device_train_batch_size=batch_size, gradient_accumulation_steps=gas, output_dir=str(tmp_path / f"ga-{batch_size}"), **common)
         SFTTrainer(model=model, args=args, train_dataset=_uneven_texts(), processing_class=tiny_tokenizer).train()
         results.append(dict(model.named_parameters()))
-    initial = dict(build_model(tiny_tokenizer).named_parameters())
+    initial = dict(build_model(tiny_tokenizer).double().named_parameters())
     moved = max((results[0][k] - initial[k]).abs().max().item() for k in initial)
     assert moved > 1e-4  # the step is not trivial
     for name in initial:
-        torch.testing.assert_close(results[0][name], results[1][name], rtol=0, atol=1e-6, msg=name)
+        torch.testing.assert_close(results[0][name], results[1][name], rtol=1e-10, atol=1e-12, msg=name)
 
 
 def _loss_and_grads(trainer, model, examples):
@@ -79,9 +84,13 @@ def _loss_and_grads(trainer, model, examples):
 
 @pytest.mark.parametrize("layout", [{"packing": True, "max_length": 64}, {"padding_free": True, "max_length": None}])
 def test_packed_loss_and_gradients_equal_padded(tiny_model, tiny_tokenizer, tiny_datasets, make_config, layout):
-    """Packed / padding-free rows give the padded loss and gradients: no attention or labels cross sequences."""
+    """Packed / padding-free rows give the padded loss and gradients: no attention or labels cross sequences.
+
+    float64, so the different shapes (and summation orders) of the two layouts leave ~1e-16 relative
+    differences and a tight tolerance holds on any machine.
+    """
     data = tiny_datasets["conversational_prompt_completion"]
-    padded = SFTTrainer(model=tiny_model, args=make_config(), train_dataset=data, processing_class=tiny_tokenizer)
+    padded = SFTTrainer(model=tiny_model.double(), args=make_config(), train_dataset=data, processing_class=tiny_tokenizer)
     packed = SFTTrainer(model=copy.deepcopy(tiny_model), args=make_config(**layout), train_dataset=data, processing_class=tiny_tokenizer)
     if layout.get("packing"):
         assert len(packed.train_dataset) < len(padded.train_dataset)  # rows really hold several sequences
@@ -91,13 +100,14 @@ def test_packed_loss_and_gradients_equal_padded(tiny_model, tiny_tokenizer, tiny
     assert batch["num_label_tokens"] == padded.collate(padded_rows)["num_label_tokens"]
     loss_a, grads_a = _loss_and_grads(padded, padded.model, padded_rows)
     loss_b, grads_b = _loss_and_grads(packed, packed.model, packed_rows)
-    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-10, atol=0)
     for name in grads_a:
-        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-9, atol=1e-12, msg=name)
 
 
 def test_packed_rows_do_not_attend_across_sequences(tiny_model, tiny_tokenizer, make_config):
-    """Changing the first sequence of a packed row leaves the second sequence's logits unchanged."""
+    """Changing the first sequence of a packed row leaves the second sequence's logits unchanged (float64: tight tolerance)."""
+    tiny_model.double()
     trainer = SFTTrainer(model=tiny_model, args=make_config(padding_free=True, max_length=None), train_dataset=_uneven_texts(2), processing_class=tiny_tokenizer)
     first, second = trainer.train_dataset
     other = {"input_ids": [t + 1 for t in first["input_ids"]], "labels": first["labels"]}
@@ -106,7 +116,7 @@ def test_packed_rows_do_not_attend_across_sequences(tiny_model, tiny_tokenizer, 
         # use_cache=False: with a KV cache transformers ignores the packed position_ids (compute_loss passes it too)
         logits = [tiny_model(input_ids=b["input_ids"], position_ids=b["position_ids"], use_cache=False).logits for b in batches]
     n = len(first["input_ids"])
-    torch.testing.assert_close(logits[0][:, n:], logits[1][:, n:])
+    torch.testing.assert_close(logits[0][:, n:], logits[1][:, n:], rtol=1e-10, atol=1e-12)
     assert not torch.allclose(logits[0][:, :n], logits[1][:, :n])
 
 
@@ -131,6 +141,13 @@ def test_peft_lora_saves_adapter(tiny_model, tiny_tokenizer, tiny_datasets, make
 
 
 def test_resume_reproduces_losses(tiny_tokenizer, tiny_datasets, make_config, tmp_path):
+    """Resuming from checkpoint-2 gives the uninterrupted run's losses of steps 3 and 4.
+
+    float64 (the checkpoint stores float64 weights and optimizer state): the same computation then
+    agrees to ~1e-16 even where an accelerator's kernels are not bit-reproducible, so 1e-12 holds
+    anywhere, while a wrong restored state (weights, Adam moments, schedule, data order) moves the loss
+    by far more.
+    """
     from posttrain.testing.tiny_model import build_model
 
     def losses(output_dir):
@@ -138,11 +155,11 @@ def test_resume_reproduces_losses(tiny_tokenizer, tiny_datasets, make_config, tm
 
     common = dict(max_steps=4, save_strategy="steps", save_steps=2, logging_steps=1, learning_rate=1e-2)
     full = make_config(output_dir=str(tmp_path / "full"), **common)
-    SFTTrainer(model=build_model(tiny_tokenizer), args=full, train_dataset=tiny_datasets["text"], processing_class=tiny_tokenizer).train()
+    SFTTrainer(model=build_model(tiny_tokenizer).double(), args=full, train_dataset=tiny_datasets["text"], processing_class=tiny_tokenizer).train()
     resumed = make_config(output_dir=str(tmp_path / "resumed"), resume_from_checkpoint=True, **common)
     shutil.copytree(os.path.join(full.output_dir, "checkpoint-2"), os.path.join(resumed.output_dir, "checkpoint-2"))
-    SFTTrainer(model=build_model(tiny_tokenizer), args=resumed, train_dataset=tiny_datasets["text"], processing_class=tiny_tokenizer).train()
-    assert losses(resumed.output_dir) == pytest.approx(losses(full.output_dir)[2:], rel=1e-6)
+    SFTTrainer(model=build_model(tiny_tokenizer).double(), args=resumed, train_dataset=tiny_datasets["text"], processing_class=tiny_tokenizer).train()
+    assert losses(resumed.output_dir) == pytest.approx(losses(full.output_dir)[2:], rel=1e-12)
 
 
 def test_training_learns_arithmetic(tiny_tokenizer, make_config):

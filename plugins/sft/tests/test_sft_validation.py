@@ -27,6 +27,7 @@ from posttrain_sft import SFTConfig, SFTTrainer
         ({"dataset_kwargs": {"skip_prepare": True}}, r"dataset_kwargs has unknown keys \['skip_prepare'\]"),
         ({"dataset_kwargs": "{not json"}, "dataset_kwargs='{not json' is not valid JSON"),
         ({"router_aux_loss_coef": -1.0}, "router_aux_loss_coef=-1.0 is invalid"),
+        ({"gradient_checkpointing_kwargs": {"selective": True}}, r"gradient_checkpointing_kwargs=\{'selective': True\}.*not offered: drop"),
     ],
 )
 def test_config_rejects_invalid_value(overrides, match):
@@ -102,6 +103,14 @@ def test_trainer_rejects_malformed_messages(tiny_model, tiny_tokenizer, make_con
 def test_trainer_rejects_dataset_truncated_to_no_labels(tiny_model, tiny_tokenizer, tiny_datasets, make_config):
     with pytest.raises(ConfigError, match="no label token after truncation to max_length=2"):
         _trainer(tiny_model, tiny_tokenizer, make_config, tiny_datasets["prompt_completion"], max_length=2)
+
+
+def test_trainer_rejects_a_peft_model_with_a_peft_config(tiny_model, tiny_tokenizer, tiny_datasets, make_config):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=2, target_modules=["q_proj"])
+    with pytest.raises(ConfigError, match=r"model is already a PeftModel and peft_config was given: merge and unload"):
+        SFTTrainer(model=get_peft_model(tiny_model, lora), args=make_config(), train_dataset=tiny_datasets["text"], processing_class=tiny_tokenizer, peft_config=lora)
 
 
 def test_trainer_rejects_wrong_args_type(tiny_model, tiny_tokenizer, tiny_datasets):
