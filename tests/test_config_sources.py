@@ -44,7 +44,7 @@ def test_dr_grpo_preset_wins_every_field_over_examples_grpo_yaml(capsys):
         line = next(line for line in out.splitlines() if line.startswith(f"{name}:"))
         assert line.endswith("# preset dr_grpo"), line
         assert json.dumps(value).strip('"') in line.replace("'", '"') or str(value) in line, line
-    assert "max_steps: 10  # yaml" in out and "adam_beta1: 0.9  # default" in out
+    assert "max_steps: 16  # yaml" in out and "adam_beta1: 0.9  # default" in out
 
 
 def test_print_config_trains_nothing(tmp_path, capsys):

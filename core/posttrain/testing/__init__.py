@@ -20,11 +20,24 @@ from __future__ import annotations
 
 import os
 
-import pytest
+try:
+    import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    _fixture = pytest.fixture
+except ImportError:  # the package's other parts (tiny_model, rewards) are used outside pytest too
+
+    def _fixture(*args, **kwargs):
+        """Without pytest the fixtures are plain functions (nothing collects them)."""
+        if len(args) == 1 and callable(args[0]) and not kwargs:
+            return args[0]
+        return lambda function: function
+
+
+def pytest_configure(config) -> None:
+    """As a pytest plugin: the tiny models never reach for the Hub (set before any test runs, not on a plain import)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 __all__ = ["make_tiny_datasets", "warning_events"]
 
@@ -78,7 +91,7 @@ def make_tiny_datasets(n: int = 16, seed: int = 0) -> dict:
     }
 
 
-@pytest.fixture(scope="session")
+@_fixture(scope="session")
 def tiny_tokenizer():
     """A tiny byte-level BPE tokenizer with a ChatML chat template (shared; do not mutate)."""
     from posttrain.testing.tiny_model import build_tokenizer
@@ -86,7 +99,7 @@ def tiny_tokenizer():
     return build_tokenizer()
 
 
-@pytest.fixture
+@_fixture
 def tiny_model(tiny_tokenizer):
     """A fresh randomly initialised tiny Qwen2 causal LM (float32)."""
     from posttrain.testing.tiny_model import build_model
@@ -94,7 +107,7 @@ def tiny_model(tiny_tokenizer):
     return build_model(tiny_tokenizer)
 
 
-@pytest.fixture(scope="session")
+@_fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A directory holding a saved tiny model + tokenizer (shared; do not write into it)."""
     from posttrain.testing.tiny_model import save_tiny_model
@@ -102,13 +115,13 @@ def tiny_model_dir(tmp_path_factory):
     return save_tiny_model(str(tmp_path_factory.mktemp("tiny_model")))
 
 
-@pytest.fixture(scope="session")
+@_fixture(scope="session")
 def tiny_datasets():
     """Tiny datasets in every TRL format (see :func:`make_tiny_datasets`)."""
     return make_tiny_datasets()
 
 
-@pytest.fixture
+@_fixture
 def isolated_registry():
     """A fresh ``posttrain.Registry`` that sees no installed plugins."""
     from posttrain._registry import Registry
@@ -116,7 +129,7 @@ def isolated_registry():
     return Registry(entry_points=[])
 
 
-@pytest.fixture
+@_fixture
 def register_method():
     """Return ``register(spec, distribution=..., version=...)``; registrations end with the test."""
     import contextlib
@@ -132,7 +145,7 @@ def register_method():
         yield register
 
 
-@pytest.fixture
+@_fixture
 def clean_gate(monkeypatch):
     """Run the test with no maturity-gate environment (``POSTTRAIN_ALLOW_EXPERIMENTAL``, ...) and a fresh default registry.
 
