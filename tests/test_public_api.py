@@ -32,10 +32,10 @@ def test_every_public_name_resolves():
         assert getattr(posttrain, name) is not None, name
 
 
-def test_plugin_api_is_1_3():
+def test_plugin_api_is_1_4():
     # 1.2 added MethodSpec.data_format / tiny_run (the conformance kit); 1.3 the "triple_preference" format and
     # TrainingLoop.load_model(quantization_config=); 1.1 and 1.2 plugins still load
-    assert posttrain.API_VERSION == "1.3"
+    assert posttrain.API_VERSION == "1.4"  # 1.4: the error classes, plot_run, overwrite_output_dir, supports_encoder_decoder
     assert "triple_preference" in posttrain.DATA_FORMATS
 
 

@@ -763,6 +763,13 @@ class TrainingLoop:
         if method is not None:
             check_method(method, plugin=self.method_name)
             self._checked = True
+        config = getattr(model, "config", None)
+        if getattr(config, "is_encoder_decoder", False) is True and not getattr(method, "supports_encoder_decoder", False):
+            raise ConfigError(
+                f"{type(model.get_base_model() if hasattr(model, 'get_base_model') else model).__name__} is an encoder-decoder model, "
+                f"but posttrain's {self.method_name!r} trains decoder-only (causal) language models: load a causal LM "
+                "(AutoModelForCausalLM), or use a method that supports encoder-decoder models (`posttrain info METHOD`)."
+            )
 
     def _claim_output_dir(self, resume) -> str | None:
         """Make ``output_dir`` this run's own (one run per directory); return the checkpoint to resume, if any.

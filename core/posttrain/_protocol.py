@@ -57,9 +57,13 @@ class OptionalMethodMembers(Protocol):
     Attributes:
         eval_dataset: Processed evaluation examples, or a dict ``name -> examples`` (metrics
             ``eval_<name>_<metric>``); scored at ``eval_steps``, at the end and by ``evaluate()``.
+        supports_encoder_decoder: True when the method trains encoder-decoder models
+            (``model.config.is_encoder_decoder``, e.g. T5); without it ``TrainingLoop.setup``
+            refuses such a model in one line naming its class (plugin API 1.4).
     """
 
     eval_dataset: Any
+    supports_encoder_decoder: bool
 
     def prepare_step(self, micro_batches: list[dict], state: Any) -> list[dict]:
         """Turn one optimizer step's collated micro-batches into the loss micro-batches (online methods generate here)."""

@@ -410,6 +410,8 @@ class CPOTrainer(TrainerSurface):
             (named, with the alternative).
     """
 
+    supports_encoder_decoder = True  # T5 and other seq2seq models train too (read by TrainingLoop.setup)
+
     def __init__(
         self,
         model=None,

@@ -346,6 +346,8 @@ class ORPOTrainer(TrainerSurface):
             the model, or an argument that cannot be honoured (named, with the alternative).
     """
 
+    supports_encoder_decoder = True  # T5 and other seq2seq models train too (read by TrainingLoop.setup)
+
     def __init__(
         self,
         model=None,
