@@ -376,14 +376,7 @@ def _verify_dcp_metadata(checkpoint_dir: str) -> None:
 
 def _check_same_method(loop, checkpoint_dir: str) -> None:
     """Refuse a checkpoint whose manifest names another method (its method state and optimizer would not fit)."""
-    manifest_file = os.path.join(checkpoint_dir, "run_manifest.json")
-    if not os.path.isfile(manifest_file):
-        return  # posttrain 1.0 checkpoints carry no manifest
-    try:
-        with open(manifest_file) as fh:
-            saved = json.load(fh).get("method")
-    except (OSError, ValueError, AttributeError):
-        return
+    saved = read_manifest(checkpoint_dir).get("method")  # posttrain 1.0 checkpoints carry no manifest: {}
     current = (getattr(loop, "manifest", None) or {}).get("method") or getattr(loop, "method_name", None)
     if saved and current and saved != current:
         raise CheckpointError(

@@ -65,14 +65,14 @@ def plot_run(output_dir: str, path: str | None = None) -> str:
     rows = runs[-1] if runs else []
     train = [r for r in rows if "loss" in r]
     evals = [r for r in rows if _is_eval_row(r)]
-    manifest_signals = _signals_of({"signals": None, "method": report.get("method")})
     try:
         import json
 
         with open(os.path.join(output_dir, "run_manifest.json")) as fh:
-            manifest_signals = _signals_of(json.load(fh))
+            manifest = json.load(fh)
     except (OSError, ValueError):
-        pass
+        manifest = {"method": report.get("method")}  # _signals_of then asks the installed plugin's spec
+    manifest_signals = _signals_of(manifest)
 
     panels: list[tuple[str, list[tuple[str, str]]]] = [("loss", [("loss", "loss")])]
     for title, roles in PANELS.items():
