@@ -88,6 +88,11 @@ _LAZY = {
     "SamplingParams": "posttrain._rollout:SamplingParams",
     "RolloutBatch": "posttrain._rollout:RolloutBatch",
     "get_rollout_backend": "posttrain._rollout:get_rollout_backend",
+    # the producer the loop does not own (plugin API 1.5)
+    "PromptSource": "posttrain._producer:PromptSource",
+    "ProduceRequest": "posttrain._producer:ProduceRequest",
+    "RolloutProducer": "posttrain._producer:RolloutProducer",
+    "epoch_order": "posttrain._producer:epoch_order",
     # chunked log-probs and losses from hidden states and the LM head (issue 10; no (B, T, V) logits)
     "TokenScores": "posttrain._chunked:TokenScores",
     "TokenStates": "posttrain._chunked:TokenStates",

@@ -55,6 +55,11 @@ _DS_TAG = "pytorch_model"  # accelerate's ckpt_id for the first DeepSpeed engine
 _LEGACY_DS_TAG = "deepspeed"  # 1.0 checkpoints: engine.save_checkpoint(dir, tag="deepspeed")
 
 
+def producer_state_file(checkpoint_dir: str, rank: int) -> str:
+    """The file of process ``rank``'s rollout-producer state in ``checkpoint_dir`` (one per process)."""
+    return os.path.join(checkpoint_dir, f"producer_state_{rank}.pt")
+
+
 def list_checkpoints(output_dir: str) -> list[str]:
     """Return the complete checkpoints in ``output_dir``, oldest (lowest step) first."""
     if not os.path.isdir(output_dir):
@@ -270,6 +275,9 @@ def save_checkpoint(loop, method, step: int) -> str | None:
     if os.path.isfile(rng_pickle):
         os.remove(rng_pickle)  # see the note above save_checkpoint: our rng_state_<rank>.pt replaces it
     torch.save(_rng_state(), os.path.join(tmp_dir, f"rng_state_{accelerator.process_index}.pt"))
+    producer = getattr(method, "producer", None)
+    if producer is not None:  # per process: each rank draws other prompts and holds other rollouts
+        torch.save(producer.state_dict(), producer_state_file(tmp_dir, accelerator.process_index))
     if accelerator.is_main_process:
         optimizer_bin = os.path.join(tmp_dir, "optimizer.bin")
         if backend == "plain" and os.path.isfile(optimizer_bin):
@@ -430,6 +438,13 @@ def load_checkpoint(loop, method, checkpoint_dir: str) -> dict:
     method_file = os.path.join(checkpoint_dir, "method_state.pt")
     if os.path.isfile(method_file) and hasattr(method, "load_state_dict"):
         method.load_state_dict(torch.load(method_file, map_location="cpu", weights_only=True))
+    producer = getattr(method, "producer", None)
+    producer_file = producer_state_file(checkpoint_dir, accelerator.process_index)
+    if producer is not None and os.path.isfile(producer_file):
+        try:
+            producer.load_state_dict(torch.load(producer_file, map_location="cpu", weights_only=True))
+        except ValueError as exc:
+            raise CheckpointError(f"{checkpoint_dir}: {exc}") from None
     rng_file = os.path.join(checkpoint_dir, f"rng_state_{accelerator.process_index}.pt")
     if os.path.isfile(rng_file):  # last: nothing above may draw from the restored generators
         _set_rng_state(torch.load(rng_file, weights_only=True))

@@ -30,8 +30,9 @@ import torch
 from transformers import TrainerControl, TrainerState
 
 from posttrain import API_VERSION, __version__
-from posttrain._checkpoint import describe_run, existing_run, find_latest_checkpoint, load_checkpoint, read_manifest, remove_run, save_checkpoint
+from posttrain._checkpoint import describe_run, existing_run, find_latest_checkpoint, load_checkpoint, producer_state_file, read_manifest, remove_run, save_checkpoint
 from posttrain._errors import CheckpointNotFoundError
+from posttrain._producer import PromptSource, RolloutProducer, epoch_order
 from posttrain._protocol import check_method
 from posttrain._registry import ensure_activated
 from posttrain.config import ConfigError, TrainingConfig
@@ -361,17 +362,24 @@ class TrainingLoop:
         return model.to(self.device)
 
     # ------------------------------------------------------------------ data order
+    @property
+    def data_seed(self) -> int:
+        """The seed of the data order (``args.data_seed``, else ``args.seed``)."""
+        return self.args.data_seed if self.args.data_seed is not None else self.args.seed
+
     def _epoch_indices(self, n: int, epoch: int) -> list[int]:
         """Return this process's example indices for ``epoch``: a seeded permutation, strided across processes."""
-        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-        generator = torch.Generator().manual_seed(seed + epoch)
-        perm = torch.randperm(n, generator=generator).tolist()
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        if world > 1:
-            total = math.ceil(n / world) * world
-            perm = perm + perm[: total - n]  # pad so every process gets the same number of examples
-            perm = perm[rank::world]
-        return perm
+        return epoch_order(n, epoch, seed=self.data_seed, rank=self.accelerator.process_index, world=self.accelerator.num_processes)
+
+    def prompt_source(self, num_rows: int, prompts_per_step: int) -> PromptSource:
+        """A :class:`posttrain.PromptSource` for this process: the loop's data order (seed, rank, world, ``dataloader_drop_last``).
+
+        Args:
+            num_rows: Prompt rows in the training dataset.
+            prompts_per_step: Prompts per production on this process.
+        """
+        return PromptSource(num_rows, prompts_per_step, seed=self.data_seed, rank=self.accelerator.process_index,
+                            world=self.accelerator.num_processes, drop_last=bool(self.args.dataloader_drop_last))
 
     def _micro_batches(self, indices: list[int], batch_size: int) -> list[list[int]]:
         batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
@@ -867,10 +875,15 @@ class TrainingLoop:
             raise ConfigError("train_dataset is empty: give the trainer at least one example.")
         os.makedirs(args.output_dir, exist_ok=True)
         resume = self._claim_output_dir(args.resume_from_checkpoint if resume_from_checkpoint is None else resume_from_checkpoint)
-        run = _Run(dataset=dataset, batch_size=batch_size or args.per_device_train_batch_size,
-                   gas=micro_batches_per_step or args.gradient_accumulation_steps)
-        batches_per_epoch = len(self._micro_batches(self._epoch_indices(len(dataset), 0), run.batch_size))
-        run.steps_per_epoch = max(1, math.ceil(batches_per_epoch / run.gas))
+        producer = _producer_of(method)
+        if producer is not None:  # an online method: the producer decides the prompts, one production per step
+            run = _Run(dataset=dataset, batch_size=producer.prompts_per_step, gas=1, producer=producer)
+            run.steps_per_epoch = producer.steps_per_epoch
+        else:
+            run = _Run(dataset=dataset, batch_size=batch_size or args.per_device_train_batch_size,
+                       gas=micro_batches_per_step or args.gradient_accumulation_steps)
+            batches_per_epoch = len(self._micro_batches(self._epoch_indices(len(dataset), 0), run.batch_size))
+            run.steps_per_epoch = max(1, math.ceil(batches_per_epoch / run.gas))
         run.max_steps = args.max_steps if args.max_steps > 0 else math.ceil(args.num_train_epochs * run.steps_per_epoch)
 
         # model before optimizer (the optimizer needs the final parameters), optimizer before prepare.
@@ -893,9 +906,15 @@ class TrainingLoop:
             for name in ("global_step", "epoch", "epoch_index", "batches_in_epoch", "num_input_tokens_seen", "log_history",
                          "best_metric", "best_global_step", "best_model_checkpoint", "total_flos"):
                 setattr(self.state, name, getattr(saved, name))
+            if run.producer is not None and not os.path.isfile(producer_state_file(resume, accelerator.process_index)):
+                accelerator.print(f"[posttrain] {resume} has no producer state for process {accelerator.process_index} (saved before plugin API 1.5): "
+                                  "the next rollout is generated afresh.")
+                run.producer.seek(self.state.global_step, self.state.epoch_index, self.state.batches_in_epoch)
             self._truncate_metrics_log(self.state.global_step)
             self.state.log_history = [row for row in self.state.log_history if row.get("step", 0) <= self.state.global_step]
             accelerator.print(f"[posttrain] resumed from {resume} at step {self.state.global_step}")
+        elif run.producer is not None:  # a fresh run starts the prompts from the beginning
+            run.producer.seek(0, 0, 0)
         if self.is_main_process:
             with open(os.path.join(args.output_dir, "run_manifest.json"), "w") as fh:
                 json.dump(self.manifest, fh, indent=2, default=str)
@@ -927,6 +946,8 @@ class TrainingLoop:
 
     def _draw_step(self, method, run: "_Run") -> list[dict] | None:
         """Return the next optimizer step's micro-batches (collated, ``prepare_step`` applied), or None at the epoch's end."""
+        if run.producer is not None:
+            return self._draw_produced_step(run)
         if run.batches is None or run.epoch_of_batches != self.state.epoch_index:
             run.batches = self._micro_batches(self._epoch_indices(len(run.dataset), self.state.epoch_index), run.batch_size)
             run.epoch_of_batches = self.state.epoch_index
@@ -941,6 +962,22 @@ class TrainingLoop:
             started = time.perf_counter()
             micro = method.prepare_step(micro, self.state)
             run.prepare_seconds += time.perf_counter() - started
+        return micro
+
+    def _draw_produced_step(self, run: "_Run") -> list[dict] | None:
+        """The next step from the method's producer (``run.batches`` counts the epoch's steps), or None at the epoch's end."""
+        if run.batches is None or run.epoch_of_batches != self.state.epoch_index:
+            run.batches = [[step] for step in range(run.producer.steps_per_epoch)]  # one "window" per optimizer step
+            run.epoch_of_batches = self.state.epoch_index
+            if self.state.batches_in_epoch == 0:
+                self._event("on_epoch_begin")
+        start = self.state.batches_in_epoch
+        if start >= len(run.batches):
+            return None
+        run.window = run.batches[start : start + 1]
+        started = time.perf_counter()
+        micro = run.producer.next_step(self.state)
+        run.prepare_seconds += time.perf_counter() - started
         return micro
 
     def _optimizer_step(self, method, micro: list[dict], run: "_Run") -> tuple[torch.Tensor, Any, float]:
@@ -1166,7 +1203,19 @@ class _Run:
     tokens_at_last_log: int = 0
     final_metrics: dict = field(default_factory=dict)
     last_window: dict = field(default_factory=dict)  # the last logged training row
-    prepare_seconds: float = 0.0  # wall time in method.prepare_step since the last log
+    prepare_seconds: float = 0.0  # wall time in method.prepare_step / the producer since the last log
+    producer: Any = None  # the method's RolloutProducer (online methods), else None
+
+
+def _producer_of(method) -> RolloutProducer | None:
+    """The method's ``producer`` attribute (plugin API 1.5), checked; None for a method without one."""
+    producer = getattr(method, "producer", None)
+    if producer is None:
+        return None
+    missing = [name for name in ("next_step", "state_dict", "load_state_dict", "steps_per_epoch", "prompts_per_step") if not hasattr(producer, name)]
+    if missing:
+        raise TypeError(f"{type(method).__name__}.producer is a {type(producer).__name__}, which lacks {missing}: use a posttrain.RolloutProducer.")
+    return producer
 
 
 def _from_pretrained(auto_class, name: str, what: str, **kwargs):

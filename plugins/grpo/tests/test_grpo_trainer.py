@@ -222,7 +222,7 @@ def test_reward_weights_count_error(tiny_model, tiny_tokenizer, prompt_dataset, 
 def test_data_collator_is_the_collator_in_use(tiny_model, tiny_tokenizer, prompt_dataset, tmp_path):
     trainer = GRPOTrainer(model=tiny_model, reward_funcs=low_token_fraction, args=_config(tmp_path), train_dataset=prompt_dataset, processing_class=tiny_tokenizer)
     rows = [prompt_dataset[i] for i in range(2)]
-    assert trainer.data_collator(rows) == trainer.collate(rows) == {"rows": rows}  # TRL's attribute; raw prompts, generated in prepare_step
+    assert trainer.data_collator(rows) == trainer.collate(rows) == {"rows": rows}  # TRL's attribute; raw prompts (the producer generates)
 
 
 def test_dataset_without_prompt_error(tiny_model, tiny_tokenizer, tiny_datasets, tmp_path):

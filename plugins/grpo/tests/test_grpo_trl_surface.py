@@ -133,7 +133,7 @@ def test_frac_reward_zero_std_counts_the_rows_of_zero_std_groups(tiny_model, tin
         return [1.0 if k == "constant" else float(len(c)) + 0.1 * i for i, (c, k) in enumerate(zip(completion_ids, kind))]
 
     trainer = _trainer(tiny_model, tiny_tokenizer, data, tmp_path, reward_funcs=reward, engine=RolloutEngine(FixedBackend()))
-    micro_batches = trainer.prepare_step([trainer.collate([data[0], data[1]])], trainer.loop.state)
+    micro_batches = trainer._generate_and_score([data[0], data[1]], trainer.args.seed)
     names, values = micro_batches[0]["rollout_metric_names"], micro_batches[0]["rollout_metric_values"]
     assert values[names.index("frac_reward_zero_std")].item() == 0.5  # the old slicing gave 1.0 (or 0.0 in the other order)
 
@@ -191,7 +191,7 @@ def test_off_policy_mask_drops_negative_advantage_high_kl_sequences():
 
 def test_entropy_bonus_is_coef_times_mean_entropy(tiny_model, tiny_tokenizer, prompt_dataset, tmp_path):
     trainer = _trainer(tiny_model, tiny_tokenizer, prompt_dataset, tmp_path, entropy_coef=0.5, engine=RolloutEngine(FixedBackend()))
-    batch = trainer.prepare_step([trainer.collate([prompt_dataset[i] for i in range(2)])], trainer.loop.state)[0]
+    batch = trainer._generate_and_score([prompt_dataset[i] for i in range(2)], trainer.args.seed)[0]
     trainer.model.train()
     loss, metrics = trainer.compute_loss(trainer.model, batch, torch.tensor(float(trainer.count_items(batch))))
     # one float32 subtraction of two values of order 1 (a few ulps, eps32 = 1.2e-7) against one multiplication: 1e-6 covers it
@@ -236,7 +236,7 @@ def test_cast_lm_head_to_fp32_reference_keeps_its_own_head(tiny_model, tiny_toke
 # ------------------------------------------------------------------ generation
 def test_pad_to_multiple_of_pads_prompts_and_completions(tiny_model, tiny_tokenizer, prompt_dataset, tmp_path):
     trainer = _trainer(tiny_model, tiny_tokenizer, prompt_dataset, tmp_path, pad_to_multiple_of=16)
-    batch = trainer.prepare_step([trainer.collate([prompt_dataset[i] for i in range(2)])], trainer.loop.state)[0]
+    batch = trainer._generate_and_score([prompt_dataset[i] for i in range(2)], trainer.args.seed)[0]
     assert batch["prompt_ids"].shape[1] % 16 == 0 and batch["completion_ids"].shape[1] % 16 == 0
 
 

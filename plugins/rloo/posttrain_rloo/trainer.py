@@ -2,7 +2,7 @@
 
 An aligned copy of ``posttrain_grpo.trainer``: blocks marked ``# Copied from posttrain_grpo.trainer.<name>``
 are word-for-word GRPO's (with GRPO -> RLOO names) and tests/test_copied_blocks.py diffs them; the
-rest is where RLOO's meaning differs. One optimizer step, in order (``prepare_step`` then
+rest is where RLOO's meaning differs. One optimizer step, in order (the producer's ``_produce`` then
 ``compute_loss`` per micro-batch)::
 
     prompts (P = per_device_train_batch_size * gradient_accumulation_steps / num_generations)
@@ -38,9 +38,11 @@ from transformers import TrainerCallback
 
 from posttrain import (
     ConfigError,
+    ProduceRequest,
     RewardModelFunction,
     RolloutBatch,
     RolloutEngine,
+    RolloutProducer,
     SamplingParams,
     TrainerSurface,
     TrainingLoop,
@@ -237,8 +239,9 @@ class RLOOTrainer(TrainerSurface):
         self.engine = rollout_engine or self._build_engine()
         # the transformers backend samples from the trained model itself: old log-probs equal the current ones
         self.engine_is_policy = self.engine.samples_from_policy
-        self._buffer: list[dict] = []  # prepared micro-batches of the current rollout (checkpointed)
-        self._buffer_uses = 0  # optimizer steps already taken on it
+        # the prompts and rollouts of every step: the loop consumes the producer's steps; its state is checkpointed per process
+        self.producer = RolloutProducer(self.loop.prompt_source(len(self.train_dataset), self._prompts_per_step()), self.train_dataset,
+                                        self._produce, reuse=self.args.num_iterations)
         self._setup_logging()
 
     # -------------------------------------------------------------------------- setup helpers
@@ -440,27 +443,22 @@ class RLOOTrainer(TrainerSurface):
 
     @property
     def data_collator(self):
-        """The collator of raw prompt rows (TRL's attribute; TRL's is the identity): :meth:`collate`, which keeps them raw for ``prepare_step``."""
+        """The collator of raw prompt rows (TRL's attribute; TRL's is the identity): :meth:`collate`, which keeps them raw."""
         return self.collate
 
     # -------------------------------------------------------------------------- loop protocol
     # Copied from posttrain_grpo.trainer.GRPOTrainer.collate
     def collate(self, rows: list[dict]) -> dict:
-        return {"rows": [dict(row) for row in rows]}  # prompts stay raw: prepare_step turns them into rollouts
+        return {"rows": [dict(row) for row in rows]}  # prompts stay raw (the producer reads the dataset's rows itself)
 
     def count_items(self, batch: dict) -> int:
         return batch["completion_ids"].shape[0]  # RLOO's loss is a mean over sequences
 
-    # Copied from posttrain_grpo.trainer.GRPOTrainer.prepare_step
-    def prepare_step(self, micro_batches: list[dict], state) -> list[dict]:
-        """Generate, score and split one optimizer step's rollouts (reused for ``num_iterations`` steps)."""
-        if not self._buffer or self._buffer_uses >= self.args.num_iterations:
-            rows = [row for batch in micro_batches for row in batch["rows"]]  # (P,) prompts of this step
-            seed = self.args.seed + state.global_step + 1_000_003 * self.loop.accelerator.process_index
-            self._buffer = self._generate_and_score(rows, seed)
-            self._buffer_uses = 0
-        self._buffer_uses += 1
-        return self._buffer
+    # Copied from posttrain_grpo.trainer.GRPOTrainer._produce
+    def _produce(self, request: ProduceRequest) -> list[dict]:
+        """The producer's callback: generate, score and split one step's rollouts (the producer reuses them ``num_iterations`` times)."""
+        seed = self.args.seed + request.step + 1_000_003 * request.rank
+        return self._generate_and_score(request.rows, seed)
 
     # Copied from posttrain_grpo.trainer.GRPOTrainer._generate
     def _generate(self, prompts: list, prompt_ids: list[list[int]] | None = None, num_generations: int = 1, seed: int | None = None) -> RolloutBatch:
@@ -767,19 +765,12 @@ class RLOOTrainer(TrainerSurface):
         return {key: totals[key] / totals[f"{key}\0weight"] for key in totals if not key.endswith("\0weight") and totals[f"{key}\0weight"]}
 
     def state_dict(self) -> dict:
-        state = {"buffer": self._buffer, "buffer_uses": self._buffer_uses, "policy_version": self.engine.policy_version}
+        state = {"policy_version": self.engine.policy_version}
         if self.args.sync_ref_model and self.ref_model is not None:  # the reference moves: resume needs it
             state["ref_model"] = {k: v.detach().cpu() for k, v in self.ref_model.state_dict().items()}
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        self._buffer, self._buffer_uses = list(state["buffer"]), int(state["buffer_uses"])
         self.engine.set_policy_version(int(state.get("policy_version", 0)))
         if "ref_model" in state and self.ref_model is not None:
             self.ref_model.load_state_dict(state["ref_model"])
-
-    # -------------------------------------------------------------------------- entry point
-    # Copied from posttrain_grpo.trainer.GRPOTrainer._train_kwargs
-    def _train_kwargs(self) -> dict:
-        """Each optimizer step draws P prompts and trains on their P * G completions (split in ``prepare_step``)."""
-        return {"batch_size": self._prompts_per_step(), "micro_batches_per_step": 1}

@@ -224,7 +224,7 @@ def test_reward_weights_count_error(tiny_model, tiny_tokenizer, prompt_dataset, 
 def test_data_collator_is_the_collator_in_use(tiny_model, tiny_tokenizer, prompt_dataset, tmp_path):
     trainer = RLOOTrainer(model=tiny_model, reward_funcs=low_token_fraction, args=_config(tmp_path), train_dataset=prompt_dataset, processing_class=tiny_tokenizer)
     rows = [prompt_dataset[i] for i in range(2)]
-    assert trainer.data_collator(rows) == trainer.collate(rows) == {"rows": rows}  # TRL's attribute; raw prompts, generated in prepare_step
+    assert trainer.data_collator(rows) == trainer.collate(rows) == {"rows": rows}  # TRL's attribute; raw prompts (the producer generates)
 
 
 def test_dataset_without_prompt_error(tiny_model, tiny_tokenizer, tiny_datasets, tmp_path):
@@ -245,8 +245,7 @@ def test_old_logps_come_from_the_unfiltered_sampler_without_an_extra_forward(tin
                           train_dataset=prompt_dataset, processing_class=tiny_tokenizer)
     calls = []
     monkeypatch.setattr(rloo_module, "per_token_logps_and_entropies", lambda model, *a, **k: calls.append(model) or per_token_logps_and_entropies(model, *a, **k))
-    rows = trainer.collate([trainer.train_dataset[i] for i in range(2)])
-    micro_batches = trainer.prepare_step([rows], trainer.loop.state)
+    micro_batches = trainer._generate_and_score([trainer.train_dataset[i] for i in range(2)], trainer.args.seed)
     assert any(m is trainer.model for m in calls) == expect_policy_forward
     assert any(m is trainer.ref_model for m in calls)  # the KL penalty still needs the reference
     for batch in micro_batches:  # and the sampler's log-probs equal a forward of the policy

@@ -94,7 +94,7 @@ def test_frac_reward_zero_std_is_per_group(tiny_model, tiny_tokenizer, tmp_path)
         return [1.0 if k == "constant" else float(len(c)) + 0.1 * i for i, (c, k) in enumerate(zip(completion_ids, kind))]
 
     trainer = _trainer(tiny_model, tiny_tokenizer, data, tmp_path, reward_funcs=reward, engine=RolloutEngine(FixedBackend()))
-    batch = trainer.prepare_step([trainer.collate([data[0], data[1]])], trainer.loop.state)[0]
+    batch = trainer._generate_and_score([data[0], data[1]], trainer.args.seed)[0]
     assert batch["rollout_metric_values"][batch["rollout_metric_names"].index("frac_reward_zero_std")].item() == 0.5
 
 
@@ -112,7 +112,7 @@ def test_pad_to_multiple_of_and_generation_kwargs(tiny_model, tiny_tokenizer, pr
     with pytest.warns(UserWarning, match=r"generation_kwargs \['length_penalty'\] are ignored"):
         trainer = _trainer(tiny_model, tiny_tokenizer, prompt_dataset, tmp_path, pad_to_multiple_of=16,
                            generation_kwargs={"top_p": 0.9, "length_penalty": -0.1})
-    batch = trainer.prepare_step([trainer.collate([prompt_dataset[i] for i in range(2)])], trainer.loop.state)[0]
+    batch = trainer._generate_and_score([prompt_dataset[i] for i in range(2)], trainer.args.seed)[0]
     assert batch["prompt_ids"].shape[1] % 16 == 0 and batch["completion_ids"].shape[1] % 16 == 0
     assert trainer._sampling["top_p"] == 0.9
 
