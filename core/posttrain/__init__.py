@@ -76,18 +76,23 @@ _LAZY = {
     "resolve_reward_functions": "posttrain.rewards:resolve_reward_functions",
     "compute_rewards": "posttrain.rewards:compute_rewards",
     "BUILTIN_REWARDS": "posttrain.rewards:BUILTIN_REWARDS",
-    "find_latest_checkpoint": "posttrain._checkpoint:find_latest_checkpoint",
-    "load_dataset_from_config": "posttrain._data:load_dataset_from_config",
-    # numerics shared by methods
-    "selective_log_softmax": "posttrain._ops:selective_log_softmax",
-    "entropy_from_logits": "posttrain._ops:entropy_from_logits",
-    "pad": "posttrain._ops:pad",
-    # rollout engine
-    "RolloutBackend": "posttrain._rollout:RolloutBackend",
-    "RolloutEngine": "posttrain._rollout:RolloutEngine",
-    "SamplingParams": "posttrain._rollout:SamplingParams",
-    "RolloutBatch": "posttrain._rollout:RolloutBatch",
-    "get_rollout_backend": "posttrain._rollout:get_rollout_backend",
+    # pairwise judges (plugin API 1.5; Online DPO, XPO, Nash-MD; see posttrain.judges)
+    "PairwiseJudge": "posttrain.judges:PairwiseJudge",
+    "JudgeError": "posttrain.judges:JudgeError",
+    "RewardFunctionJudge": "posttrain.judges:RewardFunctionJudge",
+    "RewardModelJudge": "posttrain.judges:RewardModelJudge",
+    "OpenAICompatibleJudge": "posttrain.judges:OpenAICompatibleJudge",
+    "get_judge": "posttrain.judges:get_judge",
+    # the online scaffold's reward statistics (plugin API 1.5)
+    "group_statistics": "posttrain._online:group_statistics",
+    "leave_one_out_baseline": "posttrain._online:leave_one_out_baseline",
+    "pair_preferences_to_chosen_rejected": "posttrain._online:pair_preferences_to_chosen_rejected",
+    # episodes: rollout contract v2 (plugin API 1.5)
+    "Segment": "posttrain._episode:Segment",
+    "Episode": "posttrain._episode:Episode",
+    "EpisodeBatch": "posttrain._episode:EpisodeBatch",
+    "Environment": "posttrain._episode:Environment",
+    "rollout_episodes": "posttrain._episode:rollout_episodes",
     # the producer the loop does not own (plugin API 1.5)
     "PromptSource": "posttrain._producer:PromptSource",
     "ProduceRequest": "posttrain._producer:ProduceRequest",
