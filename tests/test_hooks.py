@@ -10,7 +10,7 @@ import posttrain._plugins
 from posttrain import hookimpl, hookspecs
 from posttrain._plugins import collect_registrations, get_plugin_manager
 
-HOOK_NAMES = ["on_log", "register_reward_functions", "register_rollout_backends"]
+HOOK_NAMES = ["on_log", "register_judges", "register_reward_functions", "register_rollout_backends"]
 
 
 @pytest.fixture(autouse=True)

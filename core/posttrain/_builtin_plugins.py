@@ -1,4 +1,4 @@
-"""Built-in hook implementations: rollout backends and reward functions shipped with the core."""
+"""Built-in hook implementations: rollout backends, reward functions and pairwise judges shipped with the core."""
 
 from posttrain.hookspecs import hookimpl
 
@@ -23,3 +23,11 @@ def register_reward_functions(register):
 
     for name, func in rewards.BUILTIN_REWARDS.items():
         register(name, func)
+
+
+@hookimpl
+def register_judges(register):
+    from posttrain import judges
+
+    for name, factory in judges.BUILTIN_JUDGES.items():
+        register(name, factory)

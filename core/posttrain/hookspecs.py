@@ -3,8 +3,8 @@
 A plugin module implements any subset of these with ``@posttrain.hookimpl`` and is listed as
 ``[project.entry-points."posttrain.plugins"] myplugin = "my_package.my_module"``. An
 implementation may accept a subset of a hook's arguments, so hooks can gain arguments later
-without breaking plugins. Built-in reward functions and rollout backends register through the
-same hooks.
+without breaking plugins. Built-in reward functions, rollout backends and judges register through
+the same hooks.
 """
 
 import pluggy
@@ -21,6 +21,11 @@ def register_reward_functions(register):
 @hookspec
 def register_rollout_backends(register):
     """Register rollout backends: call ``register(name, factory)``; ``factory(**kwargs)`` builds one."""
+
+
+@hookspec
+def register_judges(register):
+    """Register pairwise judges: call ``register(name, factory)``; ``factory(**kwargs)`` builds one (see ``posttrain.judges``)."""
 
 
 @hookspec
