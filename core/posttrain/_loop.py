@@ -354,12 +354,45 @@ class TrainingLoop:
         return model, processing_class
 
     def prepare_frozen(self, model):
-        """Return a frozen copy-free model (reference, reward, teacher) on the right device, in eval mode."""
+        """Return ``model`` frozen (eval mode, no gradients) and placed by the distributed backend.
+
+        A frozen model (reference, reward model, teacher, judge) is sharded the way the policy is, so a
+        large teacher is not copied whole onto every process:
+
+        * DeepSpeed ZeRO-3: wrapped in its own inference engine (``deepspeed.initialize`` without an
+          optimizer, the run's ZeRO-3 settings): each process keeps 1/world of every partitioned
+          parameter and gathers a layer's parameters only inside its forward;
+        * FSDP2: ``fully_shard`` on each decoder layer and the root (the run's ``reshard_after_forward``);
+        * otherwise (one process, DDP, ZeRO-1/2, which replicate parameters too): moved to the device.
+
+        Under a sharding backend, call the returned object (its forward gathers what it needs); reading
+        its parameters directly gives the local shards only.
+        """
         model.eval()
         model.requires_grad_(False)
-        if self.is_deepspeed:
-            return model.to(self.device)
+        stage = self._zero_stage()
+        if stage == 3:
+            return _shard_frozen_with_deepspeed(model, self.accelerator)
+        if self._is_fsdp2():
+            return _shard_frozen_with_fsdp2(model, self.accelerator)
         return model.to(self.device)
+
+    @property
+    def zero_stage(self) -> int | None:
+        """The DeepSpeed ZeRO stage of this run (0-3), or None without DeepSpeed."""
+        return self._zero_stage()
+
+    def _zero_stage(self) -> int | None:
+        if not self.is_deepspeed:
+            return None
+        plugin = self.accelerator.state.deepspeed_plugin
+        return int(plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0))
+
+    def _is_fsdp2(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        return self.accelerator.distributed_type == DistributedType.FSDP and plugin is not None and getattr(plugin, "fsdp_version", 1) == 2
 
     # ------------------------------------------------------------------ data order
     @property
@@ -1245,6 +1278,47 @@ def _engage_fsdp_on_cpu(accelerator) -> None:
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
     accelerator.state.distributed_type = DistributedType.FSDP
     accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()  # reads the FSDP_* variables accelerate launch set
+
+
+def _shard_frozen_with_deepspeed(model, accelerator):
+    """A frozen model in its own ZeRO-3 inference engine: the run's ZeRO settings, no optimizer, no scheduler."""
+    import copy as _copy
+
+    import deepspeed
+
+    config = _copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    for key in ("offload_optimizer",):
+        zero.pop(key, None)
+    hidden = getattr(getattr(model, "config", None), "hidden_size", None)
+    if isinstance(hidden, int):  # the buckets DeepSpeed sizes from the model when "auto" (as the training engine's)
+        for key, value in (("reduce_bucket_size", hidden * hidden), ("stage3_prefetch_bucket_size", int(0.9 * hidden * hidden)),
+                           ("stage3_param_persistence_threshold", 10 * hidden)):
+            if zero.get(key, "auto") == "auto":
+                zero[key] = value
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()  # puts the module in eval mode; the engine's own flag too, so `was_training = m.training ... m.train(was_training)` keeps it frozen
+    engine.training = False
+    return engine
+
+
+def _shard_frozen_with_fsdp2(model, accelerator):
+    """A frozen model sharded with FSDP2: ``fully_shard`` on each decoder layer (the model's ``_no_split_modules``) and the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = model.to(accelerator.device)
+    plugin = accelerator.state.fsdp_plugin
+    reshard = getattr(plugin, "reshard_after_forward", True)
+    reshard = reshard if isinstance(reshard, bool) else True
+    layer_names = set(getattr(model, "_no_split_modules", None) or [])
+    for module in model.modules():
+        if type(module).__name__ in layer_names:
+            fully_shard(module, reshard_after_forward=reshard)
+    fully_shard(model, reshard_after_forward=reshard)
+    model.eval()
+    return model
 
 
 def _rows(dataset, indices: list[int]) -> list:

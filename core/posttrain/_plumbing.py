@@ -139,10 +139,33 @@ def build_reference_model(
     if ref_model is None:
         if not needed or is_peft_model(model):
             return None
-        ref_model = copy.deepcopy(model)  # eval mode below, so gradient checkpointing never runs in it
+        if any(hasattr(p, "ds_id") for p in model.parameters()):
+            ref_model = _reload_partitioned(model, loop, model_init_kwargs, auto_class)
+        else:
+            ref_model = copy.deepcopy(model)  # eval mode below, so gradient checkpointing never runs in it
     if disable_dropout_in_ref:
         disable_dropout(ref_model)
     return loop.prepare_frozen(ref_model)
+
+
+def _reload_partitioned(model: nn.Module, loop: Any, model_init_kwargs: dict | None, auto_class: Any) -> nn.Module:
+    """The reference of a policy that DeepSpeed ZeRO-3 partitioned while loading (``zero.Init``): a copy would hold
+    empty shards, so the reference is loaded again from the policy's path (partitioned the same way)."""
+    import transformers
+
+    name = getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not name:
+        raise ConfigError(
+            "under DeepSpeed ZeRO-3 the policy's parameters are partitioned, so no copy of it can serve as the reference, and it "
+            "has no _name_or_path to load one from: pass ref_model=<Hub id or directory> (the initial policy's weights)."
+        )
+    kwargs = dict(model_init_kwargs or {})
+    if getattr(loop.args, "trust_remote_code", False):
+        kwargs.setdefault("trust_remote_code", True)
+    dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+    policy_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    auto_class = auto_class or transformers.AutoModelForCausalLM
+    return auto_class.from_pretrained(name, dtype=resolve_dtype(dtype, policy_dtype), **kwargs)
 
 
 @torch.no_grad()
@@ -155,10 +178,21 @@ def sync_reference_model(ref_model: nn.Module, model: nn.Module, alpha: float, *
         ValueError: the two models do not have the same parameter names.
     """
     policy = dict((accelerator.unwrap_model(model) if accelerator is not None else model).named_parameters())
-    for name, ref_param in ref_model.named_parameters():
+    reference = getattr(ref_model, "module", ref_model)  # a frozen model in its own DeepSpeed engine
+    pairs = []
+    for name, ref_param in reference.named_parameters():
         if name not in policy:
             raise ValueError(f"sync_reference_model: the policy has no parameter {name!r}: the reference must be a copy of the policy.")
-        ref_param.mul_(1.0 - alpha).add_(policy[name].detach().to(ref_param.device, ref_param.dtype), alpha=alpha)
+        pairs.append((ref_param, policy[name]))
+    partitioned = [p for pair in pairs for p in pair if hasattr(p, "ds_id")]
+    gathered = contextlib.nullcontext()
+    if partitioned:  # ZeRO-3: gather both models' shards, update, and let rank 0's result be re-partitioned
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0)
+    with gathered:
+        for ref_param, param in pairs:
+            ref_param.mul_(1.0 - alpha).add_(param.detach().to(ref_param.device, ref_param.dtype), alpha=alpha)
 
 
 # ----------------------------------------------------------------------------------------- tokens
