@@ -220,3 +220,25 @@ def test_load_model_quantization_config_and_revision_go_to_from_pretrained(toy, 
     both = TrainingLoop(ToyConfig(output_dir=str(tmp_path / "b"), model_init_kwargs={"quantization_config": marker}), method="toy_lm")
     with pytest.raises(ConfigError, match="set both as a trainer argument and in args.model_init_kwargs"):
         both.load_model(tiny_model_dir, quantization_config=marker)
+
+
+def test_dataloader_workers_collate_the_same_batches_and_resume_exactly(toy, tiny_model_dir, tmp_path):
+    """dataloader_num_workers > 0 collates in DataLoader worker processes: the same micro-batches in the same order as
+    in-process collation (identical losses and weights), and a run resumed mid-epoch continues from its position."""
+    import shutil
+
+    rows = toy_sequences(24, vocab=500)
+    common = dict(per_device_train_batch_size=4, gradient_accumulation_steps=2, max_steps=5, seed=3)
+    inline = make_trainer(tiny_model_dir, None, tmp_path, "inline", rows, **common)
+    inline.train()
+    workers = make_trainer(tiny_model_dir, None, tmp_path, "workers", rows, dataloader_num_workers=2, save_strategy="steps", save_steps=2, **common)
+    workers.train()
+    assert step_losses(str(tmp_path / "workers")) == step_losses(str(tmp_path / "inline"))  # one process, the same batches: identical
+    a, b = inline.loop.unwrapped_model().state_dict(), workers.loop.unwrapped_model().state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "workers" / "checkpoint-2", resumed / "checkpoint-2")  # 4 of the epoch's 6 micro-batches consumed
+    make_trainer(tiny_model_dir, None, tmp_path, "resumed", rows, dataloader_num_workers=2, **common).train(resume_from_checkpoint=True)
+    expected = step_losses(str(tmp_path / "workers"))
+    assert step_losses(str(resumed)) == {s: expected[s] for s in (3, 4, 5)}

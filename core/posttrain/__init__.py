@@ -16,7 +16,7 @@ from posttrain.config import ConfigError, TrainingConfig, as_config, closest_fie
 
 #: Version of the plugin contract ("MAJOR.MINOR"). A plugin built for another major, or for a
 #: newer minor, is refused (see STABILITY.md).
-API_VERSION = "1.4"
+API_VERSION = "1.5"
 
 try:  # the distribution's version, single-sourced from pyproject.toml
     from importlib.metadata import version as _dist_version
@@ -64,6 +64,9 @@ _LAZY = {
     "gather_across_processes": "posttrain._plumbing:gather_across_processes",
     "resolve_dtype": "posttrain._plumbing:resolve_dtype",
     "sync_reference_model": "posttrain._plumbing:sync_reference_model",
+    # one model-loading rule for every role: policy, reference, reward, teacher, critic, judge (plugin API 1.5)
+    "load_pretrained": "posttrain._models:load_pretrained",
+    "MODEL_ROLES": "posttrain._models:MODEL_ROLES",
     # rewards (TRL's calling convention; see posttrain.rewards)
     "RewardFunctionError": "posttrain.rewards:RewardFunctionError",
     "RewardResult": "posttrain.rewards:RewardResult",
@@ -87,6 +90,44 @@ _LAZY = {
     "group_statistics": "posttrain._online:group_statistics",
     "leave_one_out_baseline": "posttrain._online:leave_one_out_baseline",
     "pair_preferences_to_chosen_rejected": "posttrain._online:pair_preferences_to_chosen_rejected",
+    # the online scaffold's steps: config -> policy, rewards, engine; prompts -> rollout -> rewards -> micro-batches (plugin API 1.5)
+    "CompletionLog": "posttrain._online_steps:CompletionLog",
+    "OnlineRewards": "posttrain._online_steps:OnlineRewards",
+    "add_old_and_ref_logps": "posttrain._online_steps:add_old_and_ref_logps",
+    "attach_rollout_metrics": "posttrain._online_steps:attach_rollout_metrics",
+    "build_rollout_engine": "posttrain._online_steps:build_rollout_engine",
+    "check_online_arguments": "posttrain._online_steps:check_online_arguments",
+    "check_sync_ref_model": "posttrain._online_steps:check_sync_ref_model",
+    "completion_logps": "posttrain._online_steps:completion_logps",
+    "default_output_dir": "posttrain._online_steps:default_output_dir",
+    "evaluate_online": "posttrain._online_steps:evaluate_online",
+    "expand_prompts": "posttrain._online_steps:expand_prompts",
+    "generate_rollout": "posttrain._online_steps:generate_rollout",
+    "load_online_policy": "posttrain._online_steps:load_online_policy",
+    "nanstd": "posttrain._online_steps:nanstd",
+    "prepare_prompt_dataset": "posttrain._online_steps:prepare_prompt_dataset",
+    "prompt_token_ids": "posttrain._online_steps:prompt_token_ids",
+    "reference_logps": "posttrain._online_steps:reference_logps",
+    "resolve_online_rewards": "posttrain._online_steps:resolve_online_rewards",
+    "reward_and_length_metrics": "posttrain._online_steps:reward_and_length_metrics",
+    "rollout_micro_batches": "posttrain._online_steps:rollout_micro_batches",
+    "router_aux_loss_settings": "posttrain._online_steps:router_aux_loss_settings",
+    "sampler_is_old_policy": "posttrain._online_steps:sampler_is_old_policy",
+    "sampling_from_config": "posttrain._online_steps:sampling_from_config",
+    "score_rollout": "posttrain._online_steps:score_rollout",
+    "slice_rollout": "posttrain._online_steps:slice_rollout",
+    "find_latest_checkpoint": "posttrain._checkpoint:find_latest_checkpoint",
+    "load_dataset_from_config": "posttrain._data:load_dataset_from_config",
+    # numerics shared by methods
+    "selective_log_softmax": "posttrain._ops:selective_log_softmax",
+    "entropy_from_logits": "posttrain._ops:entropy_from_logits",
+    "pad": "posttrain._ops:pad",
+    # rollout engine
+    "RolloutBackend": "posttrain._rollout:RolloutBackend",
+    "RolloutEngine": "posttrain._rollout:RolloutEngine",
+    "SamplingParams": "posttrain._rollout:SamplingParams",
+    "RolloutBatch": "posttrain._rollout:RolloutBatch",
+    "get_rollout_backend": "posttrain._rollout:get_rollout_backend",
     # episodes: rollout contract v2 (plugin API 1.5)
     "Segment": "posttrain._episode:Segment",
     "Episode": "posttrain._episode:Episode",

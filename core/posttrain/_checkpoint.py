@@ -283,6 +283,8 @@ def save_checkpoint(loop, method, step: int) -> str | None:
         if backend == "plain" and os.path.isfile(optimizer_bin):
             _link_or_copy(optimizer_bin, os.path.join(tmp_dir, "optimizer.pt"))  # the 1.0 name
         torch.save(loop.scheduler.state_dict(), os.path.join(tmp_dir, "scheduler.pt"))
+        for name in loop.trainable_model_names:  # trainable auxiliaries: their schedules (optimizers: save_state above)
+            torch.save(loop._auxiliaries[name].scheduler.state_dict(), os.path.join(tmp_dir, f"scheduler_{name}.pt"))
         method_state = method.state_dict() if hasattr(method, "state_dict") else None
         if method_state:
             torch.save(method_state, os.path.join(tmp_dir, "method_state.pt"))
@@ -435,6 +437,11 @@ def load_checkpoint(loop, method, checkpoint_dir: str) -> dict:
         with _state_hooks(accelerator).activated():
             accelerator.load_state(checkpoint_dir, load_kwargs={"weights_only": True}, **kwargs)
     loop.scheduler.load_state_dict(torch.load(os.path.join(checkpoint_dir, "scheduler.pt"), weights_only=True))
+    for name in loop.trainable_model_names:
+        path = os.path.join(checkpoint_dir, f"scheduler_{name}.pt")
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{checkpoint_dir!r} has no state of the trainable model {name!r} (scheduler_{name}.pt): it was saved by a run without it.")
+        loop._auxiliaries[name].scheduler.load_state_dict(torch.load(path, weights_only=True))
     method_file = os.path.join(checkpoint_dir, "method_state.pt")
     if os.path.isfile(method_file) and hasattr(method, "load_state_dict"):
         method.load_state_dict(torch.load(method_file, map_location="cpu", weights_only=True))

@@ -31,7 +31,7 @@ from transformers import TrainerControl, TrainerState
 
 from posttrain import API_VERSION, __version__
 from posttrain._checkpoint import describe_run, existing_run, find_latest_checkpoint, load_checkpoint, producer_state_file, read_manifest, remove_run, save_checkpoint
-from posttrain._errors import CheckpointNotFoundError
+from posttrain._errors import CheckpointError, CheckpointNotFoundError
 from posttrain._producer import PromptSource, RolloutProducer, epoch_order
 from posttrain._protocol import check_method
 from posttrain._registry import ensure_activated
@@ -173,6 +173,8 @@ class TrainingLoop:
         self._wrote_output_dir = False  # this loop logged into output_dir (e.g. evaluate() before train())
         self._trackers_started = False
         self.model = None  # the prepared (possibly wrapped) model, set in setup()
+        #: trainable auxiliary models (a PPO critic, ...): name -> _Auxiliary (its own optimizer and schedule)
+        self._auxiliaries: dict[str, _Auxiliary] = {}
         self.optimizer = None
         self.scheduler = None
         self.processing_class = None
@@ -258,6 +260,9 @@ class TrainingLoop:
     def load_model(self, model, *, processing_class=None, peft_config=None, auto_class=None, before_peft=None, quantization_config=None):
         """Return ``(model, processing_class)``: load by name if needed, apply PEFT and gradient checkpointing.
 
+        Loading follows :func:`posttrain.load_pretrained` (``role="policy"``): its dtype, revision,
+        ``trust_remote_code`` (``args.trust_remote_code``) and pad-token rules.
+
         Args:
             model: A model object, or a Hub id / local directory (then ``args.model_init_kwargs``
                 are passed to ``from_pretrained``; ``None`` falls back to ``args.model_name_or_path``).
@@ -273,48 +278,22 @@ class TrainingLoop:
 
         Raises:
             ConfigError: no model; ``quantization_config`` with a model object, or also in
-                ``args.model_init_kwargs``; a tokenizer without pad and eos tokens.
+                ``args.model_init_kwargs``; a bad dtype; a model or tokenizer that cannot be loaded;
+                a tokenizer without pad and eos tokens.
         """
         import transformers
+
+        from posttrain._models import load_pretrained
 
         args = self.args
         auto_class = auto_class or transformers.AutoModelForCausalLM
         model = model if model is not None else args.model_name_or_path
         if model is None:
             raise ConfigError("no model given: pass model=... to the trainer or set model_name_or_path.")
-        if quantization_config is not None and not isinstance(model, str):
-            raise ConfigError(
-                "quantization_config= applies only to a model given by name (it is used when loading): pass the model as a "
-                "Hub id or directory, or quantize it yourself and omit quantization_config."
-            )
-        if isinstance(model, str):
-            name = model
-            kwargs = dict(args.model_init_kwargs or {})
-            dtype = kwargs.pop("torch_dtype", None) or kwargs.pop("dtype", None)
-            if isinstance(dtype, str) and dtype != "auto":
-                dtype = getattr(torch, dtype)
-            if args.trust_remote_code:
-                kwargs.setdefault("trust_remote_code", True)
-            if quantization_config is not None:
-                if "quantization_config" in kwargs:
-                    raise ConfigError("quantization_config is set both as a trainer argument and in args.model_init_kwargs: set it in one place (preferably the trainer argument).")
-                kwargs["quantization_config"] = quantization_config
-            model = _from_pretrained(auto_class, name, "model", dtype=dtype or torch.float32, **kwargs)
-            if processing_class is None:
-                revision = {"revision": kwargs["revision"]} if kwargs.get("revision") else {}  # the tokenizer of the same revision
-                processing_class = _from_pretrained(transformers.AutoTokenizer, name, "tokenizer", trust_remote_code=args.trust_remote_code, **revision)
-        elif processing_class is None:
-            name = getattr(model.config, "_name_or_path", None)
-            if not name:
-                raise ConfigError("the model object has no _name_or_path: pass processing_class=tokenizer to the trainer.")
-            processing_class = _from_pretrained(transformers.AutoTokenizer, name, "tokenizer", trust_remote_code=args.trust_remote_code)
-        if getattr(processing_class, "pad_token", None) is None and hasattr(processing_class, "eos_token"):
-            if processing_class.eos_token is None:
-                raise ConfigError(
-                    f"the tokenizer of {getattr(model.config, '_name_or_path', 'the model')!r} has neither a pad_token nor an eos_token: "
-                    "set tokenizer.pad_token (e.g. tokenizer.add_special_tokens({'pad_token': '<pad>'}) and resize the embeddings) and pass processing_class=tokenizer."
-                )
-            processing_class.pad_token = processing_class.eos_token
+        model, processing_class = load_pretrained(
+            model, role="policy", auto_class=auto_class, model_init_kwargs=args.model_init_kwargs, trust_remote_code=args.trust_remote_code,
+            quantization_config=quantization_config, tokenizer=processing_class,
+        )
         if before_peft is not None:  # e.g. a chat template that adds tokens: resize embeddings before adapters wrap the model
             model, processing_class = before_peft(model, processing_class)
         if peft_config is None and args.use_peft:
@@ -492,10 +471,48 @@ class TrainingLoop:
             if state_dict:  # a gathered state dict holds tied weights twice; save_pretrained of the plain model writes them once
                 tied = getattr(self.unwrapped_model(), "all_tied_weights_keys", None) or {}
                 state_dict = {k: v for k, v in state_dict.items() if not (k in tied and tied[k] in state_dict)}
-            with _unwrap_without_deepspeed_import():
-                self.unwrapped_model().save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+            self.unwrapped_model().save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(directory)
+        for aux in self._auxiliaries.values():  # trainable auxiliaries beside it, each in <directory>/<name>/
+            self._save_auxiliary(aux, os.path.join(directory, aux.name))
+
+    def _save_auxiliary(self, aux: "_Auxiliary", directory: str) -> None:
+        """Write an auxiliary's full weights to ``directory`` (``save_pretrained`` when it has it, else ``model.safetensors``)."""
+        from safetensors.torch import save_file
+
+        model = aux.model
+        state_dict = None
+        if self.is_deepspeed and getattr(model, "zero_optimization_partition_weights", lambda: False)():
+            state_dict = model._zero3_consolidated_16bit_state_dict()
+        elif self._is_fsdp2():
+            state_dict = self.accelerator.get_state_dict(model)
+        if not self.is_main_process:
+            return
+        plain = self.accelerator.unwrap_model(model)
+        os.makedirs(directory, exist_ok=True)
+        if hasattr(plain, "save_pretrained"):
+            plain.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+        else:
+            tensors = state_dict if state_dict is not None else plain.state_dict()
+            save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(directory, "model.safetensors"))
+
+    def _load_auxiliary_weights(self, aux: "_Auxiliary", directory: str) -> None:
+        """Load what :meth:`_save_auxiliary` wrote into the (unwrapped, unsharded) auxiliary, strictly."""
+        from safetensors.torch import load_file
+
+        files = sorted(f for f in os.listdir(directory) if f.startswith("model") and f.endswith(".safetensors")) if os.path.isdir(directory) else []
+        if not files:
+            raise CheckpointNotFoundError(f"{directory!r} holds no weights of the trainable model {aux.name!r}: was the checkpoint saved with it?")
+        state_dict = {}
+        for fname in files:
+            state_dict.update(load_file(os.path.join(directory, fname)))
+        model = self.accelerator.unwrap_model(aux.model)
+        missing, unexpected = model.load_state_dict(state_dict, strict=False)
+        tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise CheckpointError(f"{directory!r} does not match the trainable model {aux.name!r}: missing={missing[:5]} unexpected={unexpected[:5]}")
 
     def load_model_weights(self, directory: str) -> None:
         """Load weights saved by :meth:`save_model` into the (unwrapped) model, strictly but for tied weights.
@@ -565,6 +582,9 @@ class TrainingLoop:
                     load_unsharded()
         else:
             load_unsharded()
+        if _backend_is_plain(self.accelerator):  # DeepSpeed / FSDP restore the auxiliaries with their engines' own state
+            for aux in self._auxiliaries.values():
+                self._load_auxiliary_weights(aux, os.path.join(directory, aux.name))
 
     # ------------------------------------------------------------------ manifest & logging
     def _build_manifest(self) -> dict:
@@ -812,6 +832,72 @@ class TrainingLoop:
                 "(AutoModelForCausalLM), or use a method that supports encoder-decoder models (`posttrain info METHOD`)."
             )
 
+    def add_trainable_model(self, name: str, model, *, learning_rate: float | None = None, weight_decay: float | None = None) -> None:
+        """Train ``model`` beside the policy with its own optimizer and learning-rate schedule (a PPO critic, ...).
+
+        Call before ``train()``. The model gets the run's optimizer settings (``optim``, betas, epsilon,
+        ``lr_scheduler_type``, warm-up, ``max_grad_norm``) with its own ``learning_rate`` /
+        ``weight_decay`` when given; it is prepared by the run's backend (DDP, DeepSpeed, FSDP2) like the
+        policy, checkpointed with its optimizer and schedule (``checkpoint-N/<name>/`` holds its weights,
+        loadable with ``from_pretrained``; the final weights go to ``output_dir/<name>/``) and resumed exactly.
+
+        The method's ``compute_loss`` then returns its loss as a dict, one entry per trained model:
+        ``{"model": policy_loss, name: auxiliary_loss, ...}`` (each normalized like the policy's loss), and
+        reaches the prepared model with :meth:`trainable_model`. Each loss must depend only on its own
+        model's parameters (each is back-propagated through its own backend engine); the logged ``loss`` is
+        the policy's.
+
+        Args:
+            name: A name for files and metrics (letters, digits, ``_``; not ``"model"``).
+            model: The module to train (e.g. ``load_pretrained(..., role="critic")``).
+            learning_rate: Its learning rate (default ``args.learning_rate``).
+            weight_decay: Its weight decay (default ``args.weight_decay``).
+
+        Raises:
+            ConfigError: a bad or repeated name, a call after training started, or a model without trainable parameters.
+        """
+        import re
+
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name) or name == "model":
+            raise ConfigError(f"add_trainable_model: name {name!r} is invalid: use letters, digits and '_' (not 'model', the policy's name).")
+        if name in self._auxiliaries:
+            raise ConfigError(f"add_trainable_model: a model named {name!r} is already trained beside the policy; pick another name.")
+        if self.optimizer is not None:
+            raise ConfigError(f"add_trainable_model({name!r}) after training started: add trainable models before calling train().")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ConfigError(f"add_trainable_model({name!r}): the model has no trainable parameters (requires_grad is False everywhere).")
+        self._auxiliaries[name] = _Auxiliary(name=name, model=model, learning_rate=learning_rate, weight_decay=weight_decay)
+
+    def trainable_model(self, name: str):
+        """The prepared (possibly wrapped) trainable model ``name`` added with :meth:`add_trainable_model`; call it for forwards.
+
+        Raises:
+            KeyError: no trainable model has that name (the message lists them).
+        """
+        if name not in self._auxiliaries:
+            raise KeyError(f"no trainable model named {name!r}; added: {sorted(self._auxiliaries) or 'none'} (see add_trainable_model).")
+        return self._auxiliaries[name].model
+
+    @property
+    def trainable_model_names(self) -> list[str]:
+        """Names of the trainable models beside the policy, in the order they were added."""
+        return list(self._auxiliaries)
+
+    def _prepare_auxiliaries(self, max_steps: int) -> None:
+        """Build each auxiliary's optimizer and schedule and prepare both with the run's backend (after the policy)."""
+        args = self.args
+        for aux in self._auxiliaries.values():
+            saved = (args.learning_rate, args.weight_decay)
+            try:  # the run's optimizer recipe with this model's own rates
+                args.learning_rate = aux.learning_rate if aux.learning_rate is not None else saved[0]
+                args.weight_decay = aux.weight_decay if aux.weight_decay is not None else saved[1]
+                optimizer = self._build_optimizer(aux.model)
+                aux.scheduler = self._build_scheduler(optimizer, max_steps)
+            finally:
+                args.learning_rate, args.weight_decay = saved
+            aux.model, aux.optimizer = self.accelerator.prepare(aux.model, optimizer)
+            aux.model.train()
+
     def _claim_output_dir(self, resume) -> str | None:
         """Make ``output_dir`` this run's own (one run per directory); return the checkpoint to resume, if any.
 
@@ -926,6 +1012,7 @@ class TrainingLoop:
             self.model = torch.compile(self.model, backend=args.torch_compile_backend or "inductor", mode=args.torch_compile_mode)
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
         self.model.train()
+        self._prepare_auxiliaries(run.max_steps)
         self.manifest = self._build_manifest()
         self.manifest.update(run_id=self.run_id, max_steps=run.max_steps, train_rows=len(dataset), signals=dict(self.diagnostics.signals))
         self.diagnostics.context = {"per_device_train_batch_size": args.per_device_train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
@@ -990,11 +1077,38 @@ class TrainingLoop:
         if start >= len(run.batches):
             return None
         run.window = run.batches[start : start + run.gas]
-        micro = [method.collate(_rows(run.dataset, idx)) for idx in run.window]
+        if self.args.dataloader_num_workers > 0:
+            micro = self._collated_by_workers(method, run, start)
+        else:
+            micro = [method.collate(_rows(run.dataset, idx)) for idx in run.window]
         if callable(getattr(method, "prepare_step", None)):
             started = time.perf_counter()
             micro = method.prepare_step(micro, self.state)
             run.prepare_seconds += time.perf_counter() - started
+        return micro
+
+    def _collated_by_workers(self, method, run: "_Run", start: int) -> list[dict]:
+        """This step's micro-batches, collated ahead by ``dataloader_num_workers`` DataLoader workers.
+
+        One ``torch.utils.data.DataLoader`` per epoch (or from the resume position) over the epoch's
+        remaining micro-batches, in the same order, each collated by ``method.collate`` in a worker: the
+        batches are those of in-process collation, so resume stays exact.
+        """
+        if run.loader is None or run.loader_epoch != self.state.epoch_index or run.loader_position != start:
+            from torch.utils.data import DataLoader
+
+            args = self.args
+            batches = _CollatedMicroBatches(run.dataset, run.batches[start:], method.collate)
+            workers = {"num_workers": args.dataloader_num_workers, "pin_memory": bool(args.dataloader_pin_memory) and self.device.type == "cuda",
+                       "persistent_workers": False}
+            if args.dataloader_prefetch_factor is not None:
+                workers["prefetch_factor"] = args.dataloader_prefetch_factor
+            if args.dataloader_multiprocessing_context is not None:
+                workers["multiprocessing_context"] = args.dataloader_multiprocessing_context
+            run.loader = iter(DataLoader(batches, batch_size=None, shuffle=False, **workers))
+            run.loader_epoch, run.loader_position = self.state.epoch_index, start
+        micro = [next(run.loader) for _ in run.window]
+        run.loader_position += len(run.window)
         return micro
 
     def _draw_produced_step(self, run: "_Run") -> list[dict] | None:
@@ -1029,8 +1143,13 @@ class TrainingLoop:
             last = i == len(micro) - 1
             self._set_sync(last)
             batch = self.to_device(batch)
-            with contextlib.nullcontext() if last else accelerator.no_sync(self.model):
+            with contextlib.ExitStack() as no_sync:
+                if not last:
+                    for model in (self.model, *(aux.model for aux in self._auxiliaries.values())):
+                        no_sync.enter_context(accelerator.no_sync(model))
                 loss, metrics = method.compute_loss(self.model, batch, num_items)
+                if self._auxiliaries:
+                    loss = self._backward_auxiliaries(loss, loss_scale, last)
                 accelerator.backward(loss * loss_scale)
             step_loss = step_loss + loss.detach()
             for key, value in metrics.items():
@@ -1047,10 +1166,40 @@ class TrainingLoop:
         learning_rate = self.scheduler.get_last_lr()[0]
         self._event("on_pre_optimizer_step")
         self.optimizer.step()
+        self._step_auxiliaries()
         self._event("on_optimizer_step")
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss, grad_norm, learning_rate
+
+    def _backward_auxiliaries(self, losses, loss_scale, last: bool):
+        """Back-propagate each auxiliary's loss through its own engine; return the policy's loss."""
+        if not isinstance(losses, dict) or "model" not in losses or set(losses) - {"model", *self._auxiliaries}:
+            got = sorted(losses) if isinstance(losses, dict) else type(losses).__name__
+            raise TypeError(f"{self.method_name}.compute_loss must return its loss as a dict {{'model': ..., "
+                            f"{', '.join(repr(n) for n in self._auxiliaries)}: ...}} when trainable models are added; got {got}.")
+        for name, aux in self._auxiliaries.items():
+            if name not in losses:
+                continue
+            if self.is_deepspeed:  # the auxiliary's own engine: its loss scaling, ZeRO reductions and, at the boundary, its step
+                aux.model.set_gradient_accumulation_boundary(is_boundary=last)
+                aux.model.backward(losses[name] * loss_scale)
+                if last:
+                    aux.model.step()
+            else:
+                (losses[name] * (loss_scale / self.accelerator.gradient_accumulation_steps)).backward()
+            aux.window_losses.append(losses[name].detach())
+        return losses["model"]
+
+    def _step_auxiliaries(self) -> None:
+        """Clip, step and schedule each auxiliary (DeepSpeed's engines stepped in their backward)."""
+        for aux in self._auxiliaries.values():
+            if not self.is_deepspeed:
+                if self.args.max_grad_norm > 0:
+                    self.accelerator.clip_grad_norm_(aux.model.parameters(), self.args.max_grad_norm)
+                aux.optimizer.step()
+                aux.optimizer.zero_grad(set_to_none=True)
+            aux.scheduler.step()
 
     def _log_due(self, step: int, run: "_Run") -> bool:
         args = self.args
@@ -1103,17 +1252,25 @@ class TrainingLoop:
             return
         accelerator, world = self.accelerator, self.accelerator.num_processes
         keys = sorted(run.window_metrics)
-        local = torch.stack([torch.stack(run.window_losses).mean()] + [torch.stack(run.window_metrics[k]).mean() for k in keys])
+        aux_names = [aux.name for aux in self._auxiliaries.values() if aux.window_losses]
+        shares = [torch.stack(run.window_losses).mean()] + [torch.stack(self._auxiliaries[n].window_losses).mean().to(self.device) for n in aux_names]
+        local = torch.stack(shares + [torch.stack(run.window_metrics[k]).mean() for k in keys])
+        n_sum = len(shares)
         if world > 1:
-            local[:1] = accelerator.reduce(local[:1].clone(), reduction="sum")  # each process holds its share of the global mean
-            local[1:] = accelerator.reduce(local[1:].clone(), reduction="mean")
+            local[:n_sum] = accelerator.reduce(local[:n_sum].clone(), reduction="sum")  # each process holds its share of the global mean
+            local[n_sum:] = accelerator.reduce(local[n_sum:].clone(), reduction="mean")
         values = local.tolist()
+        aux_losses = {f"{name}_loss": values[1 + i] for i, name in enumerate(aux_names)}
+        for name in aux_names:
+            self._auxiliaries[name].window_losses = []
+        values = values[:1] + values[n_sum:]
         now = time.perf_counter()
         logged = {
             "loss": values[0],
             "learning_rate": learning_rate,
             "grad_norm": float(grad_norm) if grad_norm is not None else None,
             "epoch": self.state.epoch,
+            **aux_losses,
             **dict(zip(keys, values[1:])),
             "steps_per_second": len(run.window_losses) / max(now - run.last_log_time, 1e-9),
         }
@@ -1211,6 +1368,18 @@ class TrainingLoop:
         return api.upload_folder(folder_path=args.output_dir, repo_id=repo_id, revision=args.hub_revision, commit_message=commit_message, ignore_patterns=ignore)
 
 
+@dataclass
+class _Auxiliary:
+    """A trainable model beside the policy (:meth:`TrainingLoop.add_trainable_model`)."""
+
+    name: str
+    model: Any
+    learning_rate: float | None = None
+    weight_decay: float | None = None
+    optimizer: Any = None
+    scheduler: Any = None
+    window_losses: list = field(default_factory=list)
+
 
 @dataclass
 class _Run:
@@ -1238,6 +1407,29 @@ class _Run:
     last_window: dict = field(default_factory=dict)  # the last logged training row
     prepare_seconds: float = 0.0  # wall time in method.prepare_step / the producer since the last log
     producer: Any = None  # the method's RolloutProducer (online methods), else None
+    loader: Any = None  # the epoch's DataLoader iterator when dataloader_num_workers > 0
+    loader_epoch: int = -1
+    loader_position: int = 0  # micro-batches of the epoch the iterator has handed out
+
+
+class _CollatedMicroBatches:
+    """A map-style dataset of collated micro-batches (for DataLoader workers): item ``i`` is ``collate(rows of batches[i])``."""
+
+    def __init__(self, dataset, batches: list[list[int]], collate) -> None:
+        self.dataset, self.batches, self.collate = dataset, batches, collate
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.collate(_rows(self.dataset, self.batches[i]))
+
+
+def _backend_is_plain(accelerator) -> bool:
+    """True without DeepSpeed and FSDP (one process or DDP): the loop, not the backend, writes and reads model weights."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
 
 
 def _producer_of(method) -> RolloutProducer | None:
@@ -1249,19 +1441,6 @@ def _producer_of(method) -> RolloutProducer | None:
     if missing:
         raise TypeError(f"{type(method).__name__}.producer is a {type(producer).__name__}, which lacks {missing}: use a posttrain.RolloutProducer.")
     return producer
-
-
-def _from_pretrained(auto_class, name: str, what: str, **kwargs):
-    """``auto_class.from_pretrained(name)``, with a missing directory or an unreachable Hub id as one ConfigError line."""
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1  # a Hub id is "name" or "org/name"
-    if looks_local and not os.path.isdir(os.path.expanduser(name)):
-        raise ConfigError(f"model {name!r} is not a directory: pass an existing local model directory, or a Hub id such as 'Qwen/Qwen2.5-0.5B'.")
-    try:
-        return auto_class.from_pretrained(name, **kwargs)
-    except OSError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        offline = " (HF_HUB_OFFLINE=1 is set: only models already in the local cache can load)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
-        raise ConfigError(f"cannot load the {what} {name!r}{offline}: {first} Check the name, your network or cache, or pass a local directory.") from None
 
 
 def _engage_fsdp_on_cpu(accelerator) -> None:
@@ -1408,36 +1587,6 @@ def _install_fast_unwrap(accelerator) -> None:
 
     unwrap_model.__doc__ = slow.__doc__
     accelerator.unwrap_model = unwrap_model
-
-
-@contextlib.contextmanager
-def _unwrap_without_deepspeed_import():
-    """While active, transformers' ``unwrap_model`` returns an unwrapped model at once.
-
-    ``save_pretrained`` unwraps ``self`` through accelerate's ``extract_model_from_parallel``, which
-    imports deepspeed (when installed) only to test ``isinstance(model, DeepSpeedEngine)``: 0.3-0.5 s
-    and ~25 MB on the first save of a process, against ~15 ms for the save itself (tiny model). When
-    deepspeed was never imported no engine can exist, so a model without ``module`` (DDP, DataParallel,
-    FSDP1, DeepSpeed wrappers) or ``_orig_mod`` (torch.compile) is returned as is, which is exactly what
-    accelerate returns for it; every other case still goes to transformers' function.
-    """
-    import transformers.modeling_utils as modeling_utils
-
-    slow = modeling_utils.unwrap_model
-    if "deepspeed" in sys.modules:
-        yield
-        return
-
-    def unwrap_model(model, recursive: bool = False):
-        if not recursive and not hasattr(model, "module") and not hasattr(model, "_orig_mod"):
-            return model
-        return slow(model, recursive=recursive)
-
-    modeling_utils.unwrap_model = unwrap_model
-    try:
-        yield
-    finally:
-        modeling_utils.unwrap_model = slow
 
 
 def _fill_deepspeed_config(config: dict, args: TrainingConfig) -> dict:

@@ -1,6 +1,6 @@
 """Train the toy method from a JSON config (used by the core's subprocess and multi-process tests).
 
-Usage: python toy_train.py MODEL_DIR CONFIG_JSON [--slow-save-at STEP]
+Usage: python toy_train.py MODEL_DIR CONFIG_JSON [--slow-save-at STEP] [--critic]
 ``--slow-save-at`` makes the save of that step pause inside the temporary directory (it prints
 SAVING and sleeps) so a test can SIGKILL the process mid-save.
 """
@@ -10,7 +10,7 @@ import sys
 import time
 
 from posttrain._registry import temporary_method
-from posttrain.testing._toy import TOY_SPEC, ToyConfig, ToyLMTrainer, toy_sequences
+from posttrain.testing._toy import TOY_CRITIC_SPEC, TOY_SPEC, ToyConfig, ToyCriticConfig, ToyCriticTrainer, ToyLMTrainer, toy_sequences
 
 
 def main() -> None:
@@ -28,9 +28,11 @@ def main() -> None:
             original(path)
 
         ckpt._fsync_tree = slow_fsync
-    config = ToyConfig(**json.loads(config_json))
-    with temporary_method(TOY_SPEC):
-        trainer = ToyLMTrainer(model=model_dir, args=config, train_dataset=toy_sequences(32, vocab=500))
+    critic = "--critic" in sys.argv  # the toy LM plus a critic trained beside it (its own optimizer)
+    spec, config_class, trainer_class = (TOY_CRITIC_SPEC, ToyCriticConfig, ToyCriticTrainer) if critic else (TOY_SPEC, ToyConfig, ToyLMTrainer)
+    config = config_class(**json.loads(config_json))
+    with temporary_method(spec):
+        trainer = trainer_class(model=model_dir, args=config, train_dataset=toy_sequences(32, vocab=500))
         out = trainer.train()
     if trainer.loop.is_main_process:
         print("RESULT", json.dumps({"global_step": out.global_step, "training_loss": out.training_loss}), flush=True)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from posttrain._spec import MethodSpec
 from posttrain.config import TrainingConfig
 
-__all__ = ["TOY_SPEC", "ToyConfig", "ToyLMTrainer", "toy_sequences"]
+__all__ = ["TOY_SPEC", "TOY_CRITIC_SPEC", "ToyConfig", "ToyCriticConfig", "ToyLMTrainer", "ToyCriticTrainer", "toy_sequences"]
 
 TOY_SPEC = MethodSpec(
     name="toy_lm",
@@ -22,6 +22,16 @@ TOY_SPEC = MethodSpec(
     family="sft",
     trainer="posttrain.testing._toy:ToyLMTrainer",
     config="posttrain.testing._toy:ToyConfig",
+)
+
+TOY_CRITIC_SPEC = MethodSpec(
+    name="toy_critic",
+    maturity="stable",
+    plugin_api="1.5",
+    summary="The toy LM plus a critic trained beside it with its own optimizer (core test method).",
+    family="sft",
+    trainer="posttrain.testing._toy:ToyCriticTrainer",
+    config="posttrain.testing._toy:ToyCriticConfig",
 )
 
 
@@ -47,13 +57,15 @@ from posttrain._surface import TrainerSurface  # noqa: E402  (light: no torch)
 class ToyLMTrainer(TrainerSurface):
     """Train a causal LM with token-level NLL on ``{"input_ids"}`` rows through the core loop."""
 
+    _method = "toy_lm"
+
     def __init__(self, model=None, args=None, train_dataset=None, eval_dataset=None, processing_class=None, peft_config=None,
                  callbacks=None, compute_metrics=None, allow_experimental=False):
         from posttrain._loop import TrainingLoop
         from posttrain.config import as_config
 
-        self.args = as_config(args, ToyConfig)
-        self.loop = TrainingLoop(self.args, method="toy_lm", allow_experimental=allow_experimental, callbacks=callbacks, compute_metrics=compute_metrics)
+        self.args = as_config(args, self._config_class())
+        self.loop = TrainingLoop(self.args, method=self._method, allow_experimental=allow_experimental, callbacks=callbacks, compute_metrics=compute_metrics)
         self.model, self.processing_class = self.loop.load_model(model, processing_class=processing_class, peft_config=peft_config)
         self.train_dataset = self.process_dataset(train_dataset or [], "train_dataset")
         if isinstance(eval_dataset, dict):
@@ -62,6 +74,10 @@ class ToyLMTrainer(TrainerSurface):
             self.eval_dataset = self.process_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         self.pad_id = self.processing_class.pad_token_id
         self.loop.setup(self.model, method=self)
+
+    @staticmethod
+    def _config_class():
+        return ToyConfig
 
     def process_dataset(self, rows, name: str) -> list[dict]:
         return [{"input_ids": list(r["input_ids"])} for r in rows]
@@ -96,3 +112,43 @@ class ToyLMTrainer(TrainerSurface):
         logits = logits if logits.dtype == torch.float64 else logits.float()  # float32 at least; a float64 model stays float64
         nll = F.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="sum")
         return nll / num_items_in_batch, {}
+
+
+@dataclass(kw_only=True)
+class ToyCriticConfig(ToyConfig):
+    """Config of the toy critic method."""
+
+    critic_learning_rate: float = field(default=1e-2, metadata={"help": "The critic's own learning rate."})
+
+
+class ToyCriticTrainer(ToyLMTrainer):
+    """The toy LM plus a critic: a sequence-classification model (one output) regressing each row's length / 16.
+
+    The critic is trained beside the policy with its own optimizer (``TrainingLoop.add_trainable_model``):
+    the shape of a PPO value model. Its loss is the token-weighted squared error, normalized over the step
+    like the policy's NLL.
+    """
+
+    _method = "toy_critic"
+
+    def __init__(self, model=None, critic=None, args=None, train_dataset=None, **kwargs):
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        if critic is None:
+            from posttrain.testing.tiny_model import build_reward_model
+
+            critic = build_reward_model(self.processing_class, seed=1)
+        self.critic = critic
+        self.loop.add_trainable_model("critic", critic, learning_rate=self.args.critic_learning_rate)
+
+    @staticmethod
+    def _config_class():
+        return ToyCriticConfig
+
+    def compute_loss(self, model, batch: dict, num_items_in_batch):
+        policy_loss, _ = super().compute_loss(model, batch, num_items_in_batch)
+        critic = self.loop.trainable_model("critic")
+        values = critic(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)  # (B,)
+        lengths = batch["attention_mask"][:, 1:].sum(-1).to(values.dtype)  # (B,) the tokens each row contributes
+        target = batch["attention_mask"].sum(-1).to(values.dtype) / 16.0  # (B,)
+        critic_loss = (lengths * (values - target) ** 2).sum() / num_items_in_batch
+        return {"model": policy_loss, "critic": critic_loss}, {"critic_value": values.detach().mean()}
