@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from posttrain._models import load_pretrained
 from posttrain.config import ConfigError
 
 __all__ = [
@@ -103,8 +104,9 @@ def build_reference_model(
     One rule for every method:
 
     * ``ref_model`` given as an object: used as it is (it must not be ``model`` itself);
-    * ``ref_model`` given as a Hub id or directory: loaded with ``model_init_kwargs``, in their
-      ``dtype`` when they name one, else in the policy's dtype;
+    * ``ref_model`` given as a Hub id or directory: loaded by :func:`posttrain.load_pretrained`
+      (``role="reference"``) with ``model_init_kwargs``, in their ``dtype`` when they name one,
+      else in the policy's dtype;
     * no ``ref_model`` and a PEFT policy: None; score the reference inside :func:`adapter_disabled`;
     * no ``ref_model`` otherwise: a deep copy of the initial policy.
 
@@ -122,20 +124,16 @@ def build_reference_model(
         auto_class: transformers auto class for a reference given by name (default ``AutoModelForCausalLM``).
 
     Raises:
-        ConfigError: ``ref_model is model``.
+        ConfigError: ``ref_model is model``; a reference given by name that cannot be loaded, or a bad
+            dtype in ``model_init_kwargs`` (see :func:`posttrain.load_pretrained`).
     """
     if ref_model is not None and ref_model is model:
         raise ConfigError("model and ref_model are the same object: omit ref_model (a frozen copy of the policy is made) or pass a separate model.")
-    if isinstance(ref_model, str):
-        import transformers
-
-        kwargs = dict(model_init_kwargs or {})
-        if getattr(loop.args, "trust_remote_code", False):
-            kwargs.setdefault("trust_remote_code", True)
-        dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
-        policy_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-        auto_class = auto_class or transformers.AutoModelForCausalLM
-        ref_model = auto_class.from_pretrained(ref_model, dtype=resolve_dtype(dtype, policy_dtype), **kwargs)
+    if isinstance(ref_model, (str, os.PathLike)):
+        ref_model, _ = load_pretrained(
+            ref_model, role="reference", auto_class=auto_class, model_init_kwargs=model_init_kwargs,
+            trust_remote_code=getattr(loop.args, "trust_remote_code", False), default_dtype=_floating_dtype(model), load_tokenizer=False,
+        )
     if ref_model is None:
         if not needed or is_peft_model(model):
             return None
@@ -151,21 +149,22 @@ def build_reference_model(
 def _reload_partitioned(model: nn.Module, loop: Any, model_init_kwargs: dict | None, auto_class: Any) -> nn.Module:
     """The reference of a policy that DeepSpeed ZeRO-3 partitioned while loading (``zero.Init``): a copy would hold
     empty shards, so the reference is loaded again from the policy's path (partitioned the same way)."""
-    import transformers
-
     name = getattr(getattr(model, "config", None), "_name_or_path", None)
     if not name:
         raise ConfigError(
             "under DeepSpeed ZeRO-3 the policy's parameters are partitioned, so no copy of it can serve as the reference, and it "
             "has no _name_or_path to load one from: pass ref_model=<Hub id or directory> (the initial policy's weights)."
         )
-    kwargs = dict(model_init_kwargs or {})
-    if getattr(loop.args, "trust_remote_code", False):
-        kwargs.setdefault("trust_remote_code", True)
-    dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
-    policy_dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    auto_class = auto_class or transformers.AutoModelForCausalLM
-    return auto_class.from_pretrained(name, dtype=resolve_dtype(dtype, policy_dtype), **kwargs)
+    reference, _ = load_pretrained(
+        name, role="reference", auto_class=auto_class, model_init_kwargs=model_init_kwargs,
+        trust_remote_code=getattr(loop.args, "trust_remote_code", False), default_dtype=_floating_dtype(model), load_tokenizer=False,
+    )
+    return reference
+
+
+def _floating_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of ``model``'s first floating-point parameter (float32 when it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 @torch.no_grad()
@@ -242,30 +241,31 @@ def tokenize_prompt(tokenizer: Any, prompt: Any, *, chat_template_kwargs: dict |
 def load_reward_model(spec: Any, tokenizer: Any = None, *, loop: Any, model_init_kwargs: dict | None = None):
     """Return a :class:`posttrain.rewards.RewardModelFunction` for a reward model given as an object or a path.
 
+    The model and its tokenizer are loaded by :func:`posttrain.load_pretrained` with
+    ``role="reward"`` (``AutoModelForSequenceClassification``, ``num_labels=1``, float32 unless
+    ``model_init_kwargs`` names a dtype, the tokenizer at the model's revision).
+
     Args:
         spec: A sequence-classification ``PreTrainedModel``, or a Hub id / local directory of one.
         tokenizer: Its tokenizer (default: loaded from the model's path; a missing pad token is set to EOS).
-        loop: The :class:`posttrain.TrainingLoop` (the model is frozen and placed on its device).
+        loop: The :class:`posttrain.TrainingLoop` (the model is frozen and placed on its device;
+            ``loop.args.trust_remote_code`` applies).
         model_init_kwargs: ``from_pretrained`` keyword arguments for a model given by name.
-    """
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    Returns:
+        A :class:`posttrain.rewards.RewardModelFunction` (the model's ``config.pad_token_id`` set
+        from the tokenizer when it had none).
+
+    Raises:
+        ConfigError: the model or its tokenizer cannot be loaded, or a bad dtype (see
+            :func:`posttrain.load_pretrained`).
+    """
     from posttrain.rewards import RewardModelFunction
 
-    if isinstance(spec, str):
-        kwargs = dict(model_init_kwargs or {})
-        if getattr(loop.args, "trust_remote_code", False):
-            kwargs.setdefault("trust_remote_code", True)
-        dtype = resolve_dtype(kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None), torch.float32)
-        tokenizer = tokenizer or AutoTokenizer.from_pretrained(spec, trust_remote_code=kwargs.get("trust_remote_code", False))
-        spec = AutoModelForSequenceClassification.from_pretrained(spec, num_labels=1, dtype=dtype, **kwargs)
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(spec.config._name_or_path)
-    if tokenizer.pad_token_id is None:  # (a pad token outside the vocabulary has no id either)
-        tokenizer.pad_token = tokenizer.eos_token
-    if getattr(spec.config, "pad_token_id", None) is None:
-        spec.config.pad_token_id = tokenizer.pad_token_id
-    return RewardModelFunction(loop.prepare_frozen(spec), tokenizer)
+    model, tokenizer = load_pretrained(
+        spec, role="reward", model_init_kwargs=model_init_kwargs, trust_remote_code=getattr(loop.args, "trust_remote_code", False), tokenizer=tokenizer,
+    )
+    return RewardModelFunction(loop.prepare_frozen(model), tokenizer)
 
 
 def _looks_like_model_path(spec: Any) -> bool:

@@ -250,38 +250,14 @@ class KTOTrainer(TrainerSurface):
         return {"trust_remote_code": self.args.trust_remote_code, **(self.args.model_init_kwargs or {})}
 
     def _load_policy(self, model, processing_class, peft_config, quantization_config):
-        """Return ``(model, tokenizer)``, loading by name with ``trust_remote_code`` and ``quantization_config`` when given."""
+        """Return ``(model, tokenizer)`` by ``TrainingLoop.load_model`` (``posttrain.load_pretrained``'s rules, then PEFT)."""
         args = self.args
         if peft_config is not None and is_peft_model(model):
             raise ConfigError(
                 "model is already a PeftModel and peft_config was given: merge and unload its adapter first (model.merge_and_unload()), "
                 "or omit peft_config to train the existing adapter."
             )
-        if model is not None and not isinstance(model, str):
-            if quantization_config is not None:
-                raise ConfigError(
-                    "quantization_config= applies only to a model given by name, but the model is already built: pass the "
-                    "model id (a string), or omit quantization_config."
-                )
-            loaded = self.loop.load_model(model, processing_class=processing_class, peft_config=peft_config)
-        else:
-            kwargs = self._init_kwargs()
-            if quantization_config is not None:
-                if "quantization_config" in kwargs:
-                    raise ConfigError("quantization_config is set both as a trainer argument and in args.model_init_kwargs: set it in one place (preferably the trainer argument).")
-                kwargs["quantization_config"] = quantization_config
-            name = model if model is not None else args.model_name_or_path
-            if processing_class is None and name is not None and (args.trust_remote_code or "revision" in kwargs):
-                from transformers import AutoTokenizer
-
-                processing_class = AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code, revision=kwargs.get("revision"))
-            user_kwargs = args.model_init_kwargs
-            args.model_init_kwargs = kwargs  # load_model reads them; the user's config is restored below
-            try:
-                loaded = self.loop.load_model(name, processing_class=processing_class, peft_config=peft_config)
-            finally:
-                args.model_init_kwargs = user_kwargs
-        model, processing_class = loaded
+        model, processing_class = self.loop.load_model(model, processing_class=processing_class, peft_config=peft_config, quantization_config=quantization_config)
         if is_peft_model(model) and peft_config is None:
             if args.gradient_checkpointing:
                 model.enable_input_require_grads()  # reentrant checkpointing of an adapter needs grad-requiring inputs

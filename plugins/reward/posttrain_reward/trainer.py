@@ -20,7 +20,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from posttrain import ConfigError, TrainerSurface, TrainingLoop, as_config, disable_dropout, is_peft_model, pad
+from posttrain import ConfigError, TrainerSurface, TrainingLoop, as_config, disable_dropout, is_peft_model, load_pretrained, pad
 from posttrain_reward.config import RewardConfig
 
 __all__ = ["RewardTrainer"]
@@ -184,21 +184,13 @@ class RewardTrainer(TrainerSurface):
                 "or omit peft_config to train the existing adapter."
             )
         if model is None or isinstance(model, str):
-            # The only output of a reward model is one score per sequence (TRL forces this too).
-            kwargs = {"trust_remote_code": args.trust_remote_code, **(args.model_init_kwargs or {}), "num_labels": 1}
-            if quantization_config is not None:
-                if "quantization_config" in kwargs:
-                    raise ConfigError("quantization_config is set both as a trainer argument and in args.model_init_kwargs: set it in one place (preferably the trainer argument).")
-                kwargs["quantization_config"] = quantization_config
             name = model if model is not None else args.model_name_or_path
-            if processing_class is None and name is not None and (args.trust_remote_code or "revision" in kwargs):
-                processing_class = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=args.trust_remote_code, revision=kwargs.get("revision"))
-            user_kwargs = args.model_init_kwargs
-            args.model_init_kwargs = kwargs  # load_model reads them; the user's config is restored below
-            try:
-                model, processing_class = self.loop.load_model(name, processing_class=processing_class, peft_config=peft_config, auto_class=auto_class)
-            finally:
-                args.model_init_kwargs = user_kwargs
+            if name is not None:  # (no name at all: load_model below says so)
+                # The only output of a reward model is one score per sequence (TRL forces this too).
+                model, processing_class = load_pretrained(
+                    name, role="reward", model_init_kwargs={**(args.model_init_kwargs or {}), "num_labels": 1},
+                    trust_remote_code=args.trust_remote_code, quantization_config=quantization_config, tokenizer=processing_class,
+                )
         else:
             if args.model_init_kwargs is not None:
                 warnings.warn("args.model_init_kwargs are ignored: the model is already built; they apply to a model given by name.", stacklevel=3)
@@ -210,7 +202,7 @@ class RewardTrainer(TrainerSurface):
                     "(one scalar score per sequence): build it with AutoModelForSequenceClassification.from_pretrained(path, "
                     "num_labels=1), or pass the path as a string so the trainer sets it."
                 )
-            model, processing_class = self.loop.load_model(model, processing_class=processing_class, peft_config=peft_config, auto_class=auto_class)
+        model, processing_class = self.loop.load_model(model, processing_class=processing_class, peft_config=peft_config, auto_class=auto_class)
         if is_peft_model(model) and peft_config is None and args.gradient_checkpointing:
             model.enable_input_require_grads()  # reentrant checkpointing of an adapter needs grad-requiring inputs
         if args.eos_token is not None:
