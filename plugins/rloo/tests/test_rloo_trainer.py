@@ -233,9 +233,9 @@ def test_dataset_without_prompt_error(tiny_model, tiny_tokenizer, tiny_datasets,
 
 
 @pytest.mark.parametrize("top_k, expect_policy_forward", [(0, False), (5, True)])
-def test_old_logps_come_from_the_unfiltered_sampler_without_an_extra_forward(tiny_model, tiny_tokenizer, prompt_dataset, tmp_path, monkeypatch, top_k, expect_policy_forward):
+def test_old_logps_come_from_the_unfiltered_sampler_without_an_extra_forward(tiny_model, tiny_tokenizer, prompt_dataset, tmp_path, top_k, expect_policy_forward):
     """With the policy as its own unfiltered sampler, pi_old is the sampling log-probs: no no-grad policy forward."""
-    import posttrain_rloo.trainer as rloo_module
+    from posttrain import expand_prompts
     from posttrain_rloo.trainer import per_token_logps_and_entropies
 
     # float64: incremental decoding and one full forward (other summation orders) then agree to ~1e-16 before both are stored
@@ -243,9 +243,13 @@ def test_old_logps_come_from_the_unfiltered_sampler_without_an_extra_forward(tin
     tiny_model.double()
     trainer = RLOOTrainer(model=tiny_model, reward_funcs=low_token_fraction, args=_config(tmp_path, beta=0.05, top_k=top_k),
                           train_dataset=prompt_dataset, processing_class=tiny_tokenizer)
+    rows, g, seed = [trainer.train_dataset[i] for i in range(2)], trainer.args.num_generations, trainer.args.seed
+    rollout = trainer._generate(*expand_prompts(rows, g, trainer._prompt_ids, tiny_tokenizer), g, seed)  # generation's forwards happen here
+    trainer._generate = lambda *args, **kwargs: rollout  # the same rollout again, so that only the scoring forwards are counted
     calls = []
-    monkeypatch.setattr(rloo_module, "per_token_logps_and_entropies", lambda model, *a, **k: calls.append(model) or per_token_logps_and_entropies(model, *a, **k))
-    micro_batches = trainer._generate_and_score([trainer.train_dataset[i] for i in range(2)], trainer.args.seed)
+    for model in (trainer.model, trainer.ref_model):
+        model.register_forward_pre_hook(lambda module, args: calls.append(module))
+    micro_batches = trainer._generate_and_score(rows, seed)
     assert any(m is trainer.model for m in calls) == expect_policy_forward
     assert any(m is trainer.ref_model for m in calls)  # the KL penalty still needs the reference
     for batch in micro_batches:  # and the sampler's log-probs equal a forward of the policy
