@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 
@@ -269,7 +270,7 @@ def test_memory_pressure_suggests_half_the_micro_batch_from_measured_memory(runs
     ev = event["evidence"]
     assert ev["device"] and 0 < ev["peak_gb"] < ev["limit_gb"] and 0 < ev["fraction_used"] < 1
     assert (ev["suggested_per_device_train_batch_size"], ev["suggested_gradient_accumulation_steps"]) == (2, 2)
-    assert "per_device_train_batch_size=2 and gradient_accumulation_steps=2" in event["action"]
+    assert "`per_device_train_batch_size=2` and `gradient_accumulation_steps=2`" in event["action"]
 
 
 def test_memory_headroom_suggests_a_larger_micro_batch_with_less_accumulation(tmp_path):
@@ -329,8 +330,18 @@ def test_zero_learning_rate_in_a_real_run(tmp_path):
 
 
 def test_length_biased_reward_without_gain_fires_length_drift(runs):
-    event = _recorded(runs("length_drift"))["length_drift"][-1]["evidence"]
+    out = runs("length_drift")
+    recorded = _recorded(out)["length_drift"][-1]
+    event = recorded["evidence"]
     assert event["relative_change"] > 0.3 and event["completion_length_t"] > 2 and abs(event["reward_t"]) < 2
+    # GRPO's own advice (its spec's actions, recorded in the manifest), in the run and in the replayed verdict
+    from posttrain import Registry
+
+    declared = Registry().get_info("grpo").spec.actions
+    assert "`loss_type='dr_grpo'`" in recorded["action"] and recorded["action"] == declared["length_drift"]
+    assert json.load(open(os.path.join(out, "run_manifest.json")))["actions"] == dict(declared)
+    (replayed,) = [e for e in diagnose(out)["events"] if e["code"] == "length_drift"]
+    assert replayed["action"] == declared["length_drift"]
 
 
 def test_longer_is_more_reward_fires_reward_hacking_on_length(runs):
@@ -344,7 +355,9 @@ def test_length_drift_rule_needs_no_reward_gain():
     rows = [{"step": i, "loss": 0.0, "reward": 0.5 + 0.01 * (-1) ** i, "completions/mean_length": 10 + 2 * i} for i in range(1, 11)]
     signals = {"reward": "reward", "completion_length": "completions/mean_length"}
     (event,) = [e for e in check_history(rows, signals=signals, window=10) if e.code == "length_drift"]
-    assert event.evidence["relative_change"] > 0.3 and "dr_grpo" in event.action
+    assert event.evidence["relative_change"] > 0.3 and "length-unbiased loss" in event.action and "dr_grpo" not in event.action  # no method named: core advice
+    (grpo,) = [e for e in check_history(rows, signals=signals, window=10, actions={"length_drift": "use `loss_type='dr_grpo'`."}) if e.code == "length_drift"]
+    assert grpo.action == "use `loss_type='dr_grpo'`."
     rows_with_gain = [dict(r, reward=0.1 * r["step"]) for r in rows]
     codes = {e.code for e in check_history(rows_with_gain, signals=signals, window=10)}
     assert "length_drift" not in codes and "reward_hacking" in codes
@@ -366,3 +379,17 @@ def test_cli_prints_the_verdict_as_text_and_json(runs):
     assert {"code", "severity", "count", "first_step", "last_step", "message", "evidence", "action"} <= set(report["events"][0])
     missing = subprocess.run([sys.executable, "-m", "posttrain", "diagnose", os.path.dirname(out) + "/nothing"], capture_output=True, text=True, env=env)
     assert missing.returncode == 2 and "no metrics.jsonl" in missing.stderr
+
+
+def test_sft_runs_are_told_only_sft_settings(runs):
+    """SFT has no num_generations, beta, ...: every action its runs record names only fields of SFTConfig (issue 18)."""
+    from posttrain import config_fields
+    from posttrain.diagnostics import action_fields
+    from posttrain.methods.sft import SFTConfig
+
+    fields = {f["name"] for f in config_fields(SFTConfig)}
+    recorded = [e for name in ("overfit_sft", "diverged_sft") for events in _recorded(runs(name)).values() for e in events]
+    assert {"eval_divergence", "data_repeated", "memory_pressure"} <= {e["code"] for e in recorded}
+    for e in recorded:
+        assert set(action_fields(e["action"])) <= fields, (e["code"], e["action"])
+        assert not {"num_generations", "use_vllm", "dr_grpo", "label_smoothing", "mask_truncated_completions"} & set(re.findall(r"\w+", e["action"])), e

@@ -155,7 +155,8 @@ class TrainingLoop:
         #: to this loop, so it is called directly rather than registered on the process-wide plugin manager
         spec = getattr(self.activation.info, "spec", None)
         self.diagnostics = Diagnostics(args.output_dir, is_main_process=self.accelerator.is_main_process, signals=getattr(spec, "signals", None),
-                                       window=args.diagnostics_window, thresholds=args.diagnostics_thresholds)
+                                       window=args.diagnostics_window, thresholds=args.diagnostics_thresholds, actions=getattr(spec, "actions", None),
+                                       method=getattr(spec, "name", None))
         self.state = TrainingState()
         self.control = TrainerControl()
         #: transformers ``TrainerCallback`` objects (``callbacks=`` of the trainer, ``add_callback``)
@@ -1014,7 +1015,8 @@ class TrainingLoop:
         self.model.train()
         self._prepare_auxiliaries(run.max_steps)
         self.manifest = self._build_manifest()
-        self.manifest.update(run_id=self.run_id, max_steps=run.max_steps, train_rows=len(dataset), signals=dict(self.diagnostics.signals))
+        self.manifest.update(run_id=self.run_id, max_steps=run.max_steps, train_rows=len(dataset), signals=dict(self.diagnostics.signals),
+                             actions=dict(self.diagnostics.actions))
         self.diagnostics.context = {"per_device_train_batch_size": args.per_device_train_batch_size, "gradient_accumulation_steps": args.gradient_accumulation_steps,
                                     "train_rows": len(dataset), "max_steps": run.max_steps}
         self._reset_state(run.max_steps)

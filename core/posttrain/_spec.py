@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Mapping
 
+from posttrain._diagnostic_codes import CODES as _DIAGNOSTIC_CODES
+
 __all__ = ["MethodSpec", "Preset", "SpecError", "MATURITIES", "DATA_FORMATS", "SignalRole", "SIGNAL_ROLES"]
 
 #: The two maturity levels a method can declare.
@@ -113,6 +115,12 @@ class MethodSpec:
         signals: :class:`SignalRole` (or its string value) -> the method's metric name with that
             meaning; the diagnostics read these roles (optional: a spec without it loads and gets
             the checks of the loop's own metrics: loss, grad_norm, learning_rate, eval_loss).
+        actions: Diagnostic code (one of ``posttrain.diagnostics.CODES``) -> what to try, in
+            this method's own config fields, written in backticks (``"raise `num_generations`
+            or `temperature`."``); it replaces the core's advice for that code, which names only
+            ``TrainingConfig`` fields (optional, plugin API 1.5: a spec without it gets the core's
+            advice for every code; ``posttrain.diagnostics.action_fields`` lists the fields a
+            text names, for a test that each exists in the config).
     """
 
     name: str
@@ -128,6 +136,7 @@ class MethodSpec:
     data_format: str = ""
     tiny_run: Mapping[str, Any] = field(default_factory=dict)
     signals: Mapping[str, str] = field(default_factory=dict)
+    actions: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         # Coerce friendly inputs (lists, plain override dicts) into the frozen forms.
@@ -143,6 +152,8 @@ class MethodSpec:
         if isinstance(self.signals, Mapping):
             signals = {(key.value if isinstance(key, SignalRole) else key): value for key, value in self.signals.items()}
             object.__setattr__(self, "signals", signals)
+        if isinstance(self.actions, Mapping):
+            object.__setattr__(self, "actions", dict(self.actions))
         self.validate()
 
     def validate(self) -> None:
@@ -199,6 +210,16 @@ class MethodSpec:
                 )
             if not isinstance(metric, str) or not metric:
                 raise SpecError(f"MethodSpec(name={self.name!r}).signals[{role!r}]={metric!r} is invalid: give the logged metric's name.")
+
+        if not isinstance(self.actions, Mapping):
+            raise SpecError(f"MethodSpec(name={self.name!r}).actions is a {type(self.actions).__name__}: use a dict {{diagnostic_code: action_text}}.")
+        for code, text in self.actions.items():
+            if code not in _DIAGNOSTIC_CODES:
+                raise SpecError(
+                    f"MethodSpec(name={self.name!r}).actions has unknown code {code!r}: use one of {', '.join(_DIAGNOSTIC_CODES)} (posttrain.diagnostics.CODES)."
+                )
+            if not isinstance(text, str) or not text.strip():
+                raise SpecError(f"MethodSpec(name={self.name!r}).actions[{code!r}]={text!r} is invalid: say what to change, naming this method's config fields.")
 
     @property
     def api_major_minor(self) -> tuple[int, int]:

@@ -226,7 +226,7 @@ class TrainingConfig:
             except json.JSONDecodeError as exc:
                 raise ConfigError(f"diagnostics_thresholds={self.diagnostics_thresholds!r} is not valid JSON ({exc.msg}): give a dict.") from None
         if self.diagnostics_thresholds is not None:
-            from posttrain.diagnostics import DEFAULT_THRESHOLDS
+            from posttrain._diagnostic_codes import DEFAULT_THRESHOLDS
 
             if not isinstance(self.diagnostics_thresholds, dict):
                 raise ConfigError(f"diagnostics_thresholds={self.diagnostics_thresholds!r} is invalid: give a dict of threshold name -> number.")

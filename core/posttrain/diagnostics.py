@@ -11,7 +11,9 @@ checks through the same ``on_log`` hook.
 The checks never name a method's metrics: a method's spec declares which of its metrics mean
 reward, KL, entropy, ... (``MethodSpec.signals``, roles in :class:`posttrain.SignalRole`), and
 the checks read those roles plus the loop's own metrics (``loss``, ``grad_norm``,
-``learning_rate``, ``epoch``, ``eval_loss``). Trend checks fit a line to the last
+``learning_rate``, ``epoch``, ``eval_loss``). Nor do they name a method's settings: an event's
+action is the method's own text for its code (``MethodSpec.actions``, naming its config fields),
+else the core's :data:`DEFAULT_ACTIONS`, which name only ``TrainingConfig`` fields. Trend checks fit a line to the last
 ``diagnostics_window`` logged steps and call a trend real only when its slope is
 ``trend_t`` standard errors away from 0 (the noise estimate is the residual spread).
 
@@ -45,50 +47,92 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import statistics
 import sys
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
+from posttrain._diagnostic_codes import CODES, DEFAULT_THRESHOLDS
 from posttrain.hookspecs import hookimpl
 
 __all__ = ["Event", "Diagnostics", "check_metrics", "check_history", "diagnose", "format_report", "trend", "measure_memory",
-           "DEFAULT_THRESHOLDS", "CODES", "VERDICTS", "SCHEMA_VERSION"]
+           "DEFAULT_THRESHOLDS", "CODES", "DEFAULT_ACTIONS", "VERDICTS", "SCHEMA_VERSION", "action_fields"]
 
 #: Version of the JSON that :func:`diagnose` returns (``"schema"``); bumped only on a breaking change.
 SCHEMA_VERSION = 1
 
-#: Every code this module emits, with its severity.
-CODES = {
-    "non_finite_loss": "error", "grad_norm_spike": "warning", "reward_std_collapse": "warning", "high_clip_ratio": "warning",
-    "kl_blowup": "warning", "completions_truncated": "warning", "zero_learning_rate": "warning", "memory_headroom": "info",
-    "memory_pressure": "warning", "throughput_bound": "info", "reward_plateau": "warning", "reward_hacking": "warning",
-    "entropy_collapse": "warning", "length_drift": "warning", "preference_saturation": "warning", "eval_divergence": "warning",
-    "data_repeated": "info",
-}
-
 #: The verdicts of :func:`diagnose`, from the most to the least severe.
 VERDICTS = ("diverged", "over-optimizing", "drifting", "collapsing", "plateaued", "improving", "too short to tell")
 
-#: Thresholds of the checks; override any of them with ``TrainingConfig.diagnostics_thresholds``.
-DEFAULT_THRESHOLDS = {
-    "trend_t": 2.0,  # |slope| / its standard error above which a trend counts as real
-    "grad_norm_spike": 10.0,  # grad_norm / recent median
-    "reward_std_collapse": 0.9,  # mean fraction of zero-std groups over the last few steps
-    "high_clip_ratio": 0.3,  # fraction of clipped tokens
-    "kl_blowup": 1.0,  # KL (nats/token) above which a doubling is reported
-    "completions_truncated": 0.5,  # fraction of truncated completions
-    "memory_headroom": 0.5,  # peak memory / available below which a larger micro-batch is suggested
-    "memory_pressure": 0.9,  # peak memory / available above which a smaller micro-batch is suggested
-    "throughput_bound": 0.6,  # fraction of step time spent generating
-    "entropy_collapse": 0.1,  # entropy / the run's first entropy below which entropy has collapsed
-    "length_drift": 0.3,  # relative change of completion length over the window
-    "reward_hacking_kl": 1.0,  # KL (nats/token) a rising reward may not drive the policy past
-    "preference_saturation": 0.15,  # train accuracy - held-out accuracy above which accuracy has stalled
-    "eval_divergence": 0.02,  # relative rise of eval loss above its best value
-    "data_repeated_epochs": 4.0,  # epochs over a small dataset before data_repeated is reported
-    "data_repeated_rows": 1000.0,  # datasets smaller than this many rows count as small
+_SETTINGS = " (`posttrain info <method>` lists this method's settings)."
+
+#: The core's action for each code: it names only fields of :class:`posttrain.TrainingConfig`
+#: (in backticks) and says in words what to change in the method, because the core does not know
+#: the method's settings. A method's ``MethodSpec.actions`` replaces the text of any code; the
+#: memory texts are templates filled with the suggested batch sizes. ``<method>`` becomes the
+#: method's name when it is known.
+DEFAULT_ACTIONS = {
+    "non_finite_loss": "lower `learning_rate`, keep `max_grad_norm` > 0, train in float32 or `bf16=True` (not `fp16=True`), "
+                       "and check the data for empty or overlong rows.",
+    "grad_norm_spike": "lower `learning_rate` or `max_grad_norm`; look for outlier batches.",
+    "reward_std_collapse": "sample more completions per prompt or at a higher temperature, use easier/harder prompts, or give the reward "
+                           "function partial credit" + _SETTINGS,
+    "high_clip_ratio": "lower `learning_rate`, reuse each rollout for fewer updates, or widen the clip range" + _SETTINGS,
+    "kl_blowup": "lower `learning_rate`, strengthen the KL penalty, or check the reward for exploits" + _SETTINGS,
+    "completions_truncated": "allow longer completions, or leave truncated completions out of the loss" + _SETTINGS,
+    "zero_learning_rate": "check `learning_rate`, `warmup_steps` / `warmup_ratio` and `lr_scheduler_type`.",
+    "memory_headroom": "set `per_device_train_batch_size={per_device_train_batch_size}` and "
+                       "`gradient_accumulation_steps={gradient_accumulation_steps}`: the same effective batch in fewer, larger micro-batches (faster).",
+    "memory_pressure": "set `per_device_train_batch_size={per_device_train_batch_size}` and "
+                       "`gradient_accumulation_steps={gradient_accumulation_steps}` (same effective batch), or `gradient_checkpointing=True`.",
+    "throughput_bound": "generate with a faster rollout backend (vLLM on a GPU), generate shorter completions, or reuse each generation "
+                        "for several updates" + _SETTINGS,
+    "reward_plateau": "stop here if the reward is good enough (`max_steps`); otherwise raise `learning_rate`, sample more completions per "
+                      "prompt, or make the reward give partial credit" + _SETTINGS,
+    "reward_hacking": "strengthen the KL penalty, add a length penalty or cap the completion length, check the reward function for "
+                      "exploits, and compare with a held-out reward on an eval_dataset" + _SETTINGS,
+    "entropy_collapse": "lower `learning_rate`, sample at a higher temperature, add an entropy bonus or strengthen the KL penalty" + _SETTINGS,
+    "length_drift": "check the reward for a length bias; use a length-unbiased loss, cap the completion length, or add a length "
+                    "penalty" + _SETTINGS,
+    "preference_saturation": "stop earlier (`max_steps` / `num_train_epochs`), keep the policy closer to its reference or smooth the "
+                             "labels, or add more preference pairs" + _SETTINGS,
+    "eval_divergence": "stop at the best evaluation (`load_best_model_at_end=True` with matching `eval_strategy` / `save_strategy`), "
+                       "lower `num_train_epochs` or `learning_rate`, or add data.",
+    "data_repeated": "add data or lower `num_train_epochs` / `max_steps`; watch eval_loss with an eval_dataset and `eval_strategy='steps'`.",
 }
+
+_BACKTICKED = re.compile(r"`([^`]+)`")
+_FIELD_REF = re.compile(r"^(?P<name>[A-Za-z_]\w*)(?:\s*(?:==|=|>=|<=|>|<)\s*\S.*)?$")
+
+
+def action_fields(text: str) -> list[str]:
+    """Return the config field names an action text names, in order: each backticked ``name``, ``name=value`` or ``name > 0``.
+
+    Action texts write config fields in backticks, so a test can check that every field a
+    method's advice names exists in its config (see ``MethodSpec.actions``). A backticked
+    command (starting with ``posttrain ``) names no field.
+
+    Args:
+        text: An action text, e.g. ``"raise `num_generations` or set `temperature=1.2`."``.
+
+    Returns:
+        The field names, e.g. ``["num_generations", "temperature"]``.
+
+    Raises:
+        ValueError: a backticked span is neither a field reference nor a ``posttrain`` command.
+    """
+    names = []
+    for span in _BACKTICKED.findall(text):
+        span = span.strip()
+        if span.startswith("posttrain "):
+            continue
+        match = _FIELD_REF.match(span)
+        if match is None:
+            raise ValueError(f"action text backticks {span!r}, which is neither a config field (`name`, `name=value`, `name > 0`) "
+                             f"nor a `posttrain ...` command: write a field name first, or drop the backticks. Text: {text!r}")
+        names.append(match.group("name"))
+    return names
 
 # The pre-1.2 default of check_metrics (TRL's online-RL metric names); the loop never uses it:
 # it passes the method's declared signals.
@@ -108,7 +152,7 @@ class Event:
     step: int  #: optimizer step at which it was detected
     message: str  #: what is wrong, for people
     evidence: dict = field(default_factory=dict)  #: metric name -> value that triggered it
-    action: str = ""  #: what to try, naming config fields
+    action: str = ""  #: what to try, naming config fields (the method's ``MethodSpec.actions`` text, else :data:`DEFAULT_ACTIONS`)
     severity: str = "warning"  #: ``info``, ``warning`` or ``error``
 
     def to_json(self) -> str:
@@ -215,7 +259,7 @@ def _memory_events(step: int, memory: dict | None, context: dict, th: dict) -> l
         new_bs, new_ga = (bs // 2, ga * 2) if bs % 2 == 0 else (1, ga * bs)
         return [Event("memory_pressure", step, f"peak memory is {fraction:.0%} of what this process may use ({evidence['peak_gb']} of {evidence['limit_gb']} GB on {memory['device']}).",
                       {**evidence, "suggested_per_device_train_batch_size": new_bs, "suggested_gradient_accumulation_steps": new_ga},
-                      f"set per_device_train_batch_size={new_bs} and gradient_accumulation_steps={new_ga} (same effective batch), or gradient_checkpointing=True.",
+                      DEFAULT_ACTIONS["memory_pressure"].format(per_device_train_batch_size=new_bs, gradient_accumulation_steps=new_ga),
                       CODES["memory_pressure"])]
     if fraction < th["memory_headroom"] and ga > 1 and bs >= 1:
         # Assume memory grows at most linearly with the micro-batch; keep the effective batch (bs * ga).
@@ -225,13 +269,13 @@ def _memory_events(step: int, memory: dict | None, context: dict, th: dict) -> l
         if k > 1:
             return [Event("memory_headroom", step, f"peak memory is only {fraction:.0%} of what this process may use ({evidence['peak_gb']} of {evidence['limit_gb']} GB on {memory['device']}).",
                           {**evidence, "suggested_per_device_train_batch_size": bs * k, "suggested_gradient_accumulation_steps": ga // k},
-                          f"set per_device_train_batch_size={bs * k} and gradient_accumulation_steps={ga // k}: the same effective batch in fewer, larger micro-batches (faster).",
+                          DEFAULT_ACTIONS["memory_headroom"].format(per_device_train_batch_size=bs * k, gradient_accumulation_steps=ga // k),
                           CODES["memory_headroom"])]
     return []
 
 
 def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, window: int = 20, context=None, memory=None,
-                  first_entropy=None) -> list[Event]:
+                  first_entropy=None, actions=None, method=None) -> list[Event]:
     """Return the events the latest training row triggers, given the rows before it; pure, used online and offline.
 
     Args:
@@ -245,6 +289,12 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
             ``train_rows`` (dataset size), ``max_steps``.
         memory: A :func:`measure_memory` result to check, or None.
         first_entropy: The run's first logged entropy (default: the oldest row's).
+        actions: The method's ``{code: action}`` (``MethodSpec.actions``); each replaces the
+            core's :data:`DEFAULT_ACTIONS` text of its code.
+        method: The method's name, put into the core texts' ``posttrain info <method>`` hint.
+
+    Returns:
+        The events, in the order the checks ran (empty without training rows).
     """
     rows = list(train_rows)
     if not rows:
@@ -279,14 +329,14 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
     bad = {k: v for k, v in (("loss", loss), ("grad_norm", grad_norm)) if v is not None and not math.isfinite(v)}
     if bad:
         add(Event("non_finite_loss", step, "the loss or gradient norm is not finite; the update is corrupt.", bad,
-                  "lower learning_rate, keep max_grad_norm > 0, train in float32 or bf16 (not fp16), and check the data for empty or overlong rows.",
+                  DEFAULT_ACTIONS["non_finite_loss"],
                   CODES["non_finite_loss"]))
     history = _finite(r.get("grad_norm") for r in rows[:-1][-20:])
     if grad_norm is not None and math.isfinite(grad_norm) and len(history) >= 5:
         median = statistics.median(history)
         if median > 0 and grad_norm > th["grad_norm_spike"] * median:
             add(Event("grad_norm_spike", step, f"grad_norm {grad_norm:.3g} is {grad_norm / median:.0f}x its recent median {median:.3g}.",
-                      {"grad_norm": grad_norm, "recent_median": median}, "lower learning_rate or max_grad_norm; look for outlier batches.",
+                      {"grad_norm": grad_norm, "recent_median": median}, DEFAULT_ACTIONS["grad_norm_spike"],
                       CODES["grad_norm_spike"]))
     reward_trend = trend_of("reward")
     reward_rising = reward_trend is not None and reward_trend["t"] > t_min
@@ -298,7 +348,7 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
         mean_zero = sum(zero_std) / len(zero_std)
         add(Event("reward_std_collapse", step, f"{mean_zero:.0%} of prompt groups got identical rewards over the last {len(zero_std)} logged steps, so their advantages are 0 and they teach nothing.",
                   {metric("group_reward_zero_std"): latest("group_reward_zero_std"), "recent_mean": _round(mean_zero), "reward": latest("reward")},
-                  "raise num_generations or temperature, use easier/harder prompts, or give the reward function partial credit.",
+                  DEFAULT_ACTIONS["reward_std_collapse"],
                   "info" if converged else CODES["reward_std_collapse"]))
     clip = latest("clip_fraction")
     if clip is not None and clip >= th["high_clip_ratio"]:
@@ -306,12 +356,12 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
         share = sum(c >= th["high_clip_ratio"] for c in clips) / len(clips)
         add(Event("high_clip_ratio", step, f"{clip:.0%} of tokens are clipped: the policy moves too far per rollout (clip ratio out of range in {share:.0%} of the last {len(clips)} logged updates).",
                   {metric("clip_fraction"): clip, "share_of_recent_updates": _round(share), "recent_updates": len(clips)},
-                  "lower learning_rate or num_iterations, or raise epsilon.", CODES["high_clip_ratio"]))
+                  DEFAULT_ACTIONS["high_clip_ratio"], CODES["high_clip_ratio"]))
     kl = latest("kl")
     kl_history = series("kl", rows[:-1][-20:])
     if kl is not None and math.isfinite(kl) and kl > th["kl_blowup"] and kl_history and kl > 2 * max(kl_history):
         add(Event("kl_blowup", step, f"KL to the reference jumped to {kl:.3g} (recent max {max(kl_history):.3g}).",
-                  {metric("kl"): kl, "recent_max": max(kl_history)}, "raise beta, lower learning_rate, or check the reward for exploits.",
+                  {metric("kl"): kl, "recent_max": max(kl_history)}, DEFAULT_ACTIONS["kl_blowup"],
                   CODES["kl_blowup"]))
     truncated = latest("truncation")
     if truncated is not None and truncated >= th["completions_truncated"]:
@@ -321,12 +371,12 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
         severity = CODES["completions_truncated"] if stalled or not metric("reward") else "info"
         note = " (the reward still rises)." if reward_rising else ("." if stalled or not metric("reward") else " (too early to tell whether it hurts the reward).")
         add(Event("completions_truncated", step, f"{truncated:.0%} of completions hit max_completion_length" + note,
-                  {metric("truncation"): truncated, "reward_rising": reward_rising}, "raise max_completion_length, or set mask_truncated_completions=True.",
+                  {metric("truncation"): truncated, "reward_rising": reward_rising}, DEFAULT_ACTIONS["completions_truncated"],
                   severity))
     lr = _value(now, "learning_rate")
     if lr is not None and lr == 0.0 and step > 1:
         add(Event("zero_learning_rate", step, "the learning rate is 0: the model is not being updated.", {"learning_rate": lr},
-                  "check learning_rate, warmup_steps/warmup_ratio and lr_scheduler_type.", CODES["zero_learning_rate"]))
+                  DEFAULT_ACTIONS["zero_learning_rate"], CODES["zero_learning_rate"]))
 
     # -- resources ---------------------------------------------------------------------------
     events.extend(_memory_events(step, memory, context, th))
@@ -335,7 +385,7 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
         share = sum(gen) / len(gen)
         add(Event("throughput_bound", step, f"generation takes {share:.0%} of each training step (mean of the last {len(gen)} logged steps).",
                   {metric("generation_time_fraction"): _round(share, 3), "steps_per_second": _value(now, "steps_per_second")},
-                  "generate with vLLM (use_vllm=True, vllm_mode='colocate' or 'server'), lower max_completion_length, or reuse each generation for several updates (num_iterations > 1).",
+                  DEFAULT_ACTIONS["throughput_bound"],
                   CODES["throughput_bound"]))
 
     # -- trends over the window ----------------------------------------------------------------
@@ -343,7 +393,7 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
         add(Event("reward_plateau", step, f"the reward has not improved over the last {reward_trend['n']} logged steps "
                   f"(slope {reward_trend['slope']:.3g}/step against noise {reward_trend['noise']:.3g}, t={reward_trend['t']:.2f}).",
                   {metric("reward"): latest("reward"), **_trend_evidence("reward", reward_trend)},
-                  "stop here if the reward is good enough (max_steps); otherwise raise learning_rate or num_generations, or make the reward give partial credit.",
+                  DEFAULT_ACTIONS["reward_plateau"],
                   CODES["reward_plateau"]))
     if reward_rising:
         reasons, evidence = [], {metric("reward"): latest("reward"), **_trend_evidence("reward", reward_trend)}
@@ -361,7 +411,7 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
             evidence.update({"eval_reward_best": max(eval_rewards[:-1]), "eval_reward_last": eval_rewards[-1]})
         if reasons:
             add(Event("reward_hacking", step, "the training reward rises while " + " and ".join(reasons) + ": the policy may be exploiting the reward.",
-                      evidence, "raise beta (KL penalty), add a length penalty or cap max_completion_length, check the reward function for exploits, and compare with a held-out reward (eval_dataset).",
+                      evidence, DEFAULT_ACTIONS["reward_hacking"],
                       CODES["reward_hacking"]))
     entropy = latest("entropy")
     if entropy is not None:
@@ -371,7 +421,7 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
         if first and first > 0 and len(rows) >= 3 and level < th["entropy_collapse"] * first:
             add(Event("entropy_collapse", step, f"policy entropy fell to {level:.3g} from {first:.3g} at the start: the policy is becoming deterministic and stops exploring.",
                       {metric("entropy"): entropy, "recent_mean": _round(level), "first": _round(first), "ratio": _round(level / first, 3)},
-                      "lower learning_rate, raise temperature, add an entropy bonus (entropy_coef > 0) or raise beta.",
+                      DEFAULT_ACTIONS["entropy_collapse"],
                       "info" if converged else CODES["entropy_collapse"]))
     length_trend = trend_of("completion_length")
     if length_trend is not None and not reward_rising and length_trend["first"] > 0:
@@ -381,7 +431,7 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
             add(Event("length_drift", step, f"completion length {direction} {abs(relative):.0%} over the last {length_trend['n']} logged steps without a reward gain.",
                       {metric("completion_length"): latest("completion_length"), "relative_change": _round(relative, 3), **_trend_evidence("completion_length", length_trend),
                        **({"reward_t": _round(reward_trend["t"], 3)} if reward_trend else {})},
-                      "check the reward for a length bias; use a length-normalized loss_type (e.g. 'dr_grpo'), set max_completion_length, or add a length penalty.",
+                      DEFAULT_ACTIONS["length_drift"],
                       CODES["length_drift"]))
     accuracy_name = metric("preference_accuracy")
     margin_trend = trend_of("preference_margin")
@@ -394,7 +444,7 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
             add(Event("preference_saturation", step, f"the preference margin keeps growing ({margin_trend['slope']:.3g}/step) and training accuracy is {train_level:.0%}, "
                       f"but held-out accuracy stalls at {eval_accuracy[-1]:.0%}: the model memorizes the training pairs.",
                       {"train_accuracy": _round(train_level), "eval_accuracy": eval_accuracy[-1], **_trend_evidence("margin", margin_trend)},
-                      "stop earlier (max_steps / num_train_epochs), raise beta or label_smoothing, or add more preference pairs.", CODES["preference_saturation"]))
+                      DEFAULT_ACTIONS["preference_saturation"], CODES["preference_saturation"]))
     eval_losses = _finite(r.get("eval_loss") for r in eval_rows)
     if len(eval_losses) >= 3:
         best = min(eval_losses)
@@ -404,27 +454,40 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
         if rising and loss_trend is not None and loss_trend["t"] < -t_min:
             add(Event("eval_divergence", step, f"training loss falls ({loss_trend['slope']:.3g}/step) while evaluation loss rose from its best {best:.4g} to {eval_losses[-1]:.4g}: the model overfits.",
                       {"eval_loss_best": best, "eval_loss_last": eval_losses[-1], "evaluations": len(eval_losses), **_trend_evidence("loss", loss_trend)},
-                      "stop at the best evaluation (load_best_model_at_end=True with matching eval_strategy/save_strategy), lower num_train_epochs or learning_rate, or add data.",
+                      DEFAULT_ACTIONS["eval_divergence"],
                       CODES["eval_divergence"]))
     epoch, dataset_rows = _value(now, "epoch"), _num(context.get("train_rows"))
     if epoch is not None and dataset_rows is not None and epoch >= th["data_repeated_epochs"] and dataset_rows < th["data_repeated_rows"]:
         add(Event("data_repeated", step, f"the {int(dataset_rows)}-row dataset has been repeated {epoch:.1f} times: the model may memorize it.",
                   {"epoch": _round(epoch), "train_rows": int(dataset_rows)},
-                  "add data or lower num_train_epochs / max_steps; watch eval_loss with an eval_dataset and eval_strategy='steps'.", CODES["data_repeated"]))
-    return events
+                  DEFAULT_ACTIONS["data_repeated"], CODES["data_repeated"]))
+    return _with_actions(events, actions, method)
 
 
-def check_metrics(step: int, metrics: dict, grad_norm_history=(), kl_history=(), *, signals=None, thresholds=None) -> list[Event]:
+def _with_actions(events: list[Event], actions, method) -> list[Event]:
+    """The events with the method's declared action texts, and ``<method>`` filled in the core's."""
+    actions = dict(actions or {})
+    out = []
+    for event in events:
+        text = actions.get(event.code) or event.action
+        if method:
+            text = text.replace("posttrain info <method>", f"posttrain info {method}")
+        out.append(event if text == event.action else replace(event, action=text))
+    return out
+
+
+def check_metrics(step: int, metrics: dict, grad_norm_history=(), kl_history=(), *, signals=None, thresholds=None, actions=None) -> list[Event]:
     """Return the events that ``metrics`` (one logging step) triggers; pure, for reuse and tests.
 
     The single-step form of :func:`check_history` (no trends): the history is the given
     grad_norm and KL values. ``signals`` defaults to TRL's online-RL metric names (the
-    behaviour of posttrain 1.1); pass a method's ``MethodSpec.signals`` otherwise.
+    behaviour of posttrain 1.1); pass a method's ``MethodSpec.signals`` otherwise, and its
+    ``MethodSpec.actions`` as ``actions`` for its own advice (default: :data:`DEFAULT_ACTIONS`).
     """
     signals = _LEGACY_SIGNALS if signals is None else signals
     kl_name = signals.get("kl", "kl")
     past = [{"step": step - 1, "grad_norm": g} for g in grad_norm_history] + [{"step": step - 1, kl_name: k} for k in kl_history]
-    return check_history(past + [{"step": step, **metrics}], signals=signals, thresholds=thresholds, window=10**9)
+    return check_history(past + [{"step": step, **metrics}], signals=signals, thresholds=thresholds, window=10**9, actions=actions)
 
 
 def _is_eval_row(metrics: dict) -> bool:
@@ -443,15 +506,21 @@ class Diagnostics:
         signals: The method's ``{role: metric_name}`` (``MethodSpec.signals``).
         window: Logged steps a trend check looks back over (``diagnostics_window``).
         thresholds: Overrides of :data:`DEFAULT_THRESHOLDS` (``diagnostics_thresholds``).
+        actions: The method's ``{code: action}`` (``MethodSpec.actions``), replacing the core's
+            :data:`DEFAULT_ACTIONS` text of those codes (plugin API 1.5).
+        method: The method's name, for the core texts' ``posttrain info <method>`` hint.
     """
 
     def __init__(self, output_dir: str, *, is_main_process: bool = True, repeat_every: int = 50, stream=None, signals=None, window: int = 20,
-                 thresholds=None) -> None:
+                 thresholds=None, actions=None, method=None) -> None:
         self.output_dir = output_dir
         self.is_main_process = is_main_process
         self.repeat_every = repeat_every
         self.stream = stream
         self.signals = dict(signals or {})
+        #: the method's declared action texts by code (recorded in run_manifest.json as ``actions``)
+        self.actions = dict(actions or {})
+        self.method = method
         self.window = window
         self.thresholds = dict(thresholds or {})
         #: run facts the loop fills in at the start of training (batch sizes, dataset rows, ...)
@@ -488,7 +557,7 @@ class Diagnostics:
 
     def _check(self, step, memory=None) -> list[Event]:
         return check_history(self._rows, self._eval_rows, signals=self.signals, thresholds=self.thresholds, window=self.window,
-                             context=self.context, memory=memory, first_entropy=self._first_entropy)
+                             context=self.context, memory=memory, first_entropy=self._first_entropy, actions=self.actions, method=self.method)
 
     def _report(self, event: Event) -> None:
         self.events.append(event)
@@ -520,9 +589,10 @@ def _read_jsonl(path: str) -> list[dict]:
     return rows
 
 
-def _signals_of(manifest: dict) -> dict:
-    if isinstance(manifest.get("signals"), dict):
-        return manifest["signals"]
+def _spec_mapping(manifest: dict, key: str) -> dict:
+    """The manifest's ``key`` mapping (``signals``, ``actions``), else the installed plugin's spec's (older manifests)."""
+    if isinstance(manifest.get(key), dict):
+        return manifest[key]
     method = manifest.get("method")
     if not method:
         return {}
@@ -530,16 +600,26 @@ def _signals_of(manifest: dict) -> dict:
         from posttrain._registry import Registry
 
         spec = Registry().get_info(method).spec
-        return dict(getattr(spec, "signals", {}) or {})
+        return dict(getattr(spec, key, {}) or {})
     except Exception:
         return {}
+
+
+def _signals_of(manifest: dict) -> dict:
+    return _spec_mapping(manifest, "signals")
+
+
+def _actions_of(manifest: dict) -> dict:
+    return _spec_mapping(manifest, "actions")
 
 
 def diagnose(output_dir: str) -> dict:
     """Read a run's ``metrics.jsonl``, ``diagnostics.jsonl`` and ``run_manifest.json`` and return its verdict (JSON schema 1).
 
     The trend checks are replayed over the logged rows (so a run logged before these checks
-    existed is judged too), merged with the events the run recorded (memory, ...). Returns a dict:
+    existed is judged too), merged with the events the run recorded (memory, ...). The signals
+    and the method's action texts come from the manifest (``signals``, ``actions``), or, for a
+    manifest written before it recorded them, from the installed plugin's spec. Returns a dict:
     ``schema``, ``output_dir``, ``method``, ``verdict`` (one of :data:`VERDICTS`), ``reason``,
     ``steps_logged``, ``last_step``, ``max_steps``, ``finished``, ``evidence`` (numbers), ``events``
     (one entry per code: ``code``, ``severity``, ``count``, ``first_step``, ``last_step``,
@@ -557,7 +637,7 @@ def diagnose(output_dir: str) -> dict:
         with open(manifest_path) as fh:
             manifest = json.load(fh)
     config = manifest.get("config") or {}
-    signals = _signals_of(manifest)
+    signals, actions, method = _signals_of(manifest), _actions_of(manifest), manifest.get("method")
     window = int(config.get("diagnostics_window") or 20)
     thresholds = {**DEFAULT_THRESHOLDS, **(config.get("diagnostics_thresholds") or {})}
     context = {"per_device_train_batch_size": config.get("per_device_train_batch_size"),
@@ -578,13 +658,13 @@ def diagnose(output_dir: str) -> dict:
             eval_rows.append(row)
             if train_rows:
                 events += [e for e in check_history(train_rows, eval_rows, signals=signals, thresholds=thresholds, window=window, context=context,
-                                                    first_entropy=first_entropy) if e.code in _EVAL_CODES]
+                                                    first_entropy=first_entropy, actions=actions, method=method) if e.code in _EVAL_CODES]
         elif "loss" in row:
             train_rows.append(row)
             if first_entropy is None and entropy_name and _num(row.get(entropy_name)) is not None:
                 first_entropy = float(row[entropy_name])
             events += check_history(train_rows[-4 * window:], eval_rows, signals=signals, thresholds=thresholds, window=window, context=context,
-                                    first_entropy=first_entropy)
+                                    first_entropy=first_entropy, actions=actions, method=method)
     replayed = {e.code for e in events}
     for recorded in [] if note else _read_jsonl(os.path.join(output_dir, "diagnostics.jsonl")):  # one run's events only
         code = recorded.get("code")

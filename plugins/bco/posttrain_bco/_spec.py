@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="bco",
     maturity="experimental",
-    plugin_api="1.3",  # the plugin API it is written against (1.3: TrainingLoop.load_model(quantization_config=))
+    plugin_api="1.5",  # the plugin API it is written against (1.5: MethodSpec.actions)
     summary="BCO: a binary classifier (logit = implied reward minus a running mean) on unpaired thumbs-up/down data, optional density-ratio weights (UDM).",
     family="preference",
     trainer="posttrain_bco.trainer:BCOTrainer",
@@ -13,6 +13,10 @@ SPEC = MethodSpec(
     data_format="unpaired_preference",
     tiny_run={"max_length": 32, "learning_rate": 1e-3},  # a few steps on a tiny model (the conformance suite)
     signals={"preference_margin": "rewards/margins"},  # roles the diagnostics read
+    actions={  # advice for the diagnostics' codes, naming this method's config fields (in backticks)
+        "preference_saturation": "stop earlier (`max_steps` / `num_train_epochs`), raise `beta` (stay closer to the "
+                                 "reference), or add more examples.",
+    },
     papers=("Jung, Han, Nam and On 2024, Binary Classifier Optimization for Large Language Model Alignment, arXiv:2404.04656",),
     presets={
         "bco": Preset(

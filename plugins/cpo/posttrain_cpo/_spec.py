@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="cpo",
     maturity="experimental",  # "stable" needs version >= 1.0 and a committed api_snapshot.json
-    plugin_api="1.2",  # the plugin API it is written against: a literal, so the gate can refuse a core without it
+    plugin_api="1.5",  # the plugin API it is written against (1.5: MethodSpec.actions)
     summary="Reference-free preference optimization: CPO (preference loss + NLL), SimPO (length-normalized, margin) and AlphaPO (reward shape).",
     family="preference",
     trainer="posttrain_cpo.trainer:CPOTrainer",
@@ -13,6 +13,11 @@ SPEC = MethodSpec(
     data_format="preference",
     tiny_run={"max_length": 32},  # config overrides for the conformance suite's few-step tiny run
     signals={"preference_margin": "rewards/margins", "preference_accuracy": "rewards/accuracies"},  # roles the diagnostics read
+    actions={  # advice for the diagnostics' codes, naming this method's config fields (in backticks)
+        "preference_saturation": "stop earlier (`max_steps` / `num_train_epochs`), raise `label_smoothing` (with "
+                                 "`loss_type='sigmoid'` or `loss_type='simpo'`) or `cpo_alpha` (more weight on the chosen"
+                                 " completions' NLL), or add more preference pairs.",
+    },
     papers=(
         "Xu et al. 2024, Contrastive Preference Optimization: Pushing the Boundaries of LLM Performance in Machine Translation (CPO), arXiv:2401.08417",
         "Meng et al. 2024, SimPO: Simple Preference Optimization with a Reference-Free Reward, arXiv:2405.14734",

@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="dpo",
     maturity="stable",
-    plugin_api="1.2",  # the plugin API it is written against: a literal, so the gate can refuse a core without it
+    plugin_api="1.5",  # the plugin API it is written against (1.5: MethodSpec.actions)
     summary="Direct Preference Optimization on prompt/chosen/rejected pairs, with 15 loss types (IPO, SLiC, EXO, NCA, APO, ...) and a frozen reference.",
     family="preference",
     trainer="posttrain_dpo.trainer:DPOTrainer",
@@ -13,6 +13,11 @@ SPEC = MethodSpec(
     data_format="preference",
     tiny_run={"max_length": 32},  # a few steps on a tiny model (the conformance suite)
     signals={"preference_margin": "rewards/margins", "preference_accuracy": "rewards/accuracies"},  # roles the diagnostics read
+    actions={  # advice for the diagnostics' codes, naming this method's config fields (in backticks)
+        "preference_saturation": "stop earlier (`max_steps` / `num_train_epochs`), raise `beta` (stay closer to the "
+                                 "reference), use IPO (`loss_type=['ipo']`), whose loss does not push margins without "
+                                 "bound, or add more preference pairs.",
+    },
     papers=(
         "Block and Zhang 2025, EMA Without the Lag: Bias-Corrected Iterate Averaging Schemes (BEMA), arXiv:2508.00180",
         "Rafailov et al. 2023, Direct Preference Optimization: Your Language Model is Secretly a Reward Model, arXiv:2305.18290",

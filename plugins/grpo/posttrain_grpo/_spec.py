@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="grpo",
     maturity="stable",
-    plugin_api="1.2",  # the plugin API it is written against: a literal, so the gate can refuse a core without it
+    plugin_api="1.5",  # the plugin API it is written against (1.5: MethodSpec.actions)
     summary="Group Relative Policy Optimization: online RL from reward functions with group-normalized advantages.",
     family="online-rl",
     trainer="posttrain_grpo.trainer:GRPOTrainer",
@@ -21,6 +21,24 @@ SPEC = MethodSpec(
         "completion_length": "completions/mean_length",
         "truncation": "completions/clipped_ratio",
         "generation_time_fraction": "prepare_step_fraction",  # logged by the loop: prepare_step generates
+    },
+    actions={  # advice for the diagnostics' codes, naming this method's config fields (in backticks)
+        "reward_std_collapse": "raise `num_generations` or `temperature`, use easier/harder prompts, or give the reward "
+                               "function partial credit.",
+        "completions_truncated": "raise `max_completion_length`, or set `mask_truncated_completions=True`.",
+        "throughput_bound": "generate with vLLM (`use_vllm=True`, with `vllm_mode='colocate'` or `vllm_mode='server'`), "
+                            "lower `max_completion_length`, or reuse each generation for several updates "
+                            "(`num_iterations` > 1).",
+        "reward_plateau": "stop here if the reward is good enough (`max_steps`); otherwise raise `learning_rate` or "
+                          "`num_generations`, or make the reward give partial credit.",
+        "high_clip_ratio": "lower `learning_rate` or `num_iterations`, or raise `epsilon` (and `epsilon_high`).",
+        "kl_blowup": "raise `beta`, lower `learning_rate`, or check the reward for exploits.",
+        "reward_hacking": "raise `beta` (KL penalty), add a length penalty or cap `max_completion_length`, check the "
+                          "reward function for exploits, and compare with a held-out reward (an eval_dataset).",
+        "entropy_collapse": "lower `learning_rate`, raise `temperature`, add an entropy bonus (`entropy_coef` > 0, or "
+                            "`use_adaptive_entropy=True`) or raise `beta`.",
+        "length_drift": "check the reward for a length bias; use the length-unbiased `loss_type='dr_grpo'`, lower "
+                        "`max_completion_length`, or add a length penalty.",
     },
     papers=(
         "Shao et al. 2024, DeepSeekMath: Pushing the Limits of Mathematical Reasoning in Open Language Models, arXiv:2402.03300",

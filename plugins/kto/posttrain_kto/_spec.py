@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="kto",
     maturity="stable",
-    plugin_api="1.2",  # the plugin API it is written against: a literal, so the gate can refuse a core without it
+    plugin_api="1.5",  # the plugin API it is written against (1.5: MethodSpec.actions)
     summary="KTO: prospect-theoretic loss on unpaired desirable/undesirable completions against a frozen reference.",
     family="preference",
     trainer="posttrain_kto.trainer:KTOTrainer",
@@ -13,6 +13,11 @@ SPEC = MethodSpec(
     data_format="unpaired_preference",
     tiny_run={"max_length": 32},  # a few steps on a tiny model (the conformance suite)
     signals={"preference_margin": "rewards/margins", "kl": "kl"},  # roles the diagnostics read (kl: the batch KL reference point)
+    actions={  # advice for the diagnostics' codes, naming this method's config fields (in backticks)
+        "kl_blowup": "raise `beta` (stay closer to the reference) or lower `learning_rate`.",
+        "preference_saturation": "stop earlier (`max_steps` / `num_train_epochs`), raise `beta` (stay closer to the "
+                                 "reference), or add more examples.",
+    },
     papers=(
         "Ethayarajh et al. 2024, KTO: Model Alignment as Prospect Theoretic Optimization, arXiv:2402.01306",
         "D'Oosterlinck et al. 2024, Anchored Preference Optimization and Contrastive Revisions, arXiv:2408.06266",

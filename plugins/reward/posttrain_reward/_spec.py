@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="reward",
     maturity="stable",
-    plugin_api="1.2",  # the plugin API it is written against: a literal, so the gate can refuse a core without it
+    plugin_api="1.5",  # the plugin API it is written against (1.5: posttrain.load_pretrained)
     summary="Outcome reward model: Bradley-Terry loss on chosen/rejected pairs (sequence-classification head).",
     family="reward",
     trainer="posttrain_reward.trainer:RewardTrainer",
@@ -13,6 +13,10 @@ SPEC = MethodSpec(
     data_format="preference",
     tiny_run={"max_length": 32},  # a few steps on a tiny model (the conformance suite)
     signals={"preference_margin": "margin", "preference_accuracy": "accuracy"},  # roles the diagnostics read
+    actions={  # advice for the diagnostics' codes, naming this method's config fields (in backticks)
+        "preference_saturation": "stop earlier: reward models overfit past about one epoch (`num_train_epochs=1`, or a "
+                                 "lower `max_steps`); lower `learning_rate`, or add more preference pairs.",
+    },
     papers=(
         "Ouyang et al. 2022, Training language models to follow instructions with human feedback (InstructGPT), arXiv:2203.02155",
         "Touvron et al. 2023, Llama 2: Open Foundation and Fine-Tuned Chat Models, arXiv:2307.09288",

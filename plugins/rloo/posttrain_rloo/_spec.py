@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="rloo",
     maturity="stable",
-    plugin_api="1.2",  # the plugin API it is written against: a literal, so the gate can refuse a core without it
+    plugin_api="1.5",  # the plugin API it is written against (1.5: MethodSpec.actions)
     summary="REINFORCE Leave-One-Out: online RL from reward functions with a leave-one-out baseline and a KL penalty in the reward.",
     family="online-rl",
     trainer="posttrain_rloo.trainer:RLOOTrainer",
@@ -21,6 +21,25 @@ SPEC = MethodSpec(
         "completion_length": "completions/mean_length",
         "truncation": "completions/clipped_ratio",
         "generation_time_fraction": "prepare_step_fraction",  # logged by the loop: prepare_step generates
+    },
+    actions={  # advice for the diagnostics' codes, naming this method's config fields (in backticks)
+        "reward_std_collapse": "raise `num_generations` or `temperature`, use easier/harder prompts, or give the reward "
+                               "function partial credit.",
+        "completions_truncated": "raise `max_completion_length`, or set `mask_truncated_completions=True`.",
+        "throughput_bound": "generate with vLLM (`use_vllm=True`, with `vllm_mode='colocate'` or `vllm_mode='server'`), "
+                            "lower `max_completion_length`, or reuse each generation for several updates "
+                            "(`num_iterations` > 1).",
+        "reward_plateau": "stop here if the reward is good enough (`max_steps`); otherwise raise `learning_rate` or "
+                          "`num_generations`, or make the reward give partial credit.",
+        "high_clip_ratio": "lower `learning_rate` or `num_iterations`, or raise `epsilon` (and `epsilon_high`).",
+        "kl_blowup": "raise `beta` (the KL penalty in the reward), lower `learning_rate`, or check the reward for "
+                     "exploits.",
+        "reward_hacking": "raise `beta` (KL penalty), add a length penalty or cap `max_completion_length`, clip the "
+                          "reward (`reward_clip_range`), check the reward function for exploits, and compare with a "
+                          "held-out reward (an eval_dataset).",
+        "entropy_collapse": "lower `learning_rate`, raise `temperature`, or raise `beta` (RLOO has no entropy bonus).",
+        "length_drift": "check the reward for a length bias; lower `max_completion_length`, set "
+                        "`mask_truncated_completions=True`, or add a length penalty to the reward.",
     },
     papers=(
         "Ahmadian et al. 2024, Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs, arXiv:2402.14740",

@@ -7,7 +7,7 @@ _PAPER = "arXiv:2405.16681"
 SPEC = MethodSpec(
     name="tpo",
     maturity="experimental",
-    plugin_api="1.3",  # the plugin API it is written against (1.3: the "triple_preference" tiny data format)
+    plugin_api="1.5",  # the plugin API it is written against (1.5: MethodSpec.actions)
     summary="TPO / TPO-L: a reference-free chosen-vs-rejected preference loss plus the NLL of a gold 'reference' response, in one stage.",
     family="preference",
     trainer="posttrain_tpo.trainer:TPOTrainer",
@@ -17,6 +17,11 @@ SPEC = MethodSpec(
     data_format="triple_preference",
     tiny_run={"max_length": 48, "learning_rate": 1e-3, "beta": 0.1},
     signals={"preference_margin": "rewards/margins", "preference_accuracy": "rewards/accuracies", "token_accuracy": "mean_token_accuracy"},  # roles the diagnostics read
+    actions={  # advice for the diagnostics' codes, naming this method's config fields (in backticks)
+        "preference_saturation": "stop earlier (`max_steps` / `num_train_epochs`), raise `tpo_alpha` (the gold response's"
+                                 " NLL weight) or `label_smoothing` (with `loss_type='sigmoid'` or `loss_type='tpo-l'`), "
+                                 "or add more preference pairs.",
+    },
     papers=(
         "Saeidi, Verma, RRV, Rasul and Baral 2024 (rev. 2025), Triple Preference Optimization: Achieving Better Alignment "
         "using a Single Step Optimization, arXiv:2405.16681",
