@@ -4,7 +4,9 @@
   posttrain-grpo`` adds ``grpo`` (ok); a plugin built for plugin API 2.0 is refused by pip's metadata
   and, forced in with ``--no-deps``, listed ``incompatible`` with the fix; uninstalling restores the list.
 * ``posttrain new`` writes a plugin that installs with ``pip install -e`` and passes the conformance
-  suite (both ways of running it) and its own learning test, unchanged.
+  suite (both ways of running it) and its own learning test, unchanged, for every family (sft,
+  preference, online); its code imports only public names of ``posttrain``; the online plugin trains
+  from the CLI and ``posttrain diagnose`` reads its run through the spec's signals and actions.
 
 The fresh venv has its own pip and site-packages; the third-party libraries (torch, transformers,
 ...) come from this test venv through a ``.pth`` file pointing at a folder of symlinks that leaves
@@ -125,8 +127,24 @@ def test_wheels_install_like_pypi_and_the_registry_follows_pip(fresh_venv, wheel
     assert _listed(venv) == {}
 
 
-@pytest.mark.parametrize("family", ["sft", "preference"])
+def _posttrain_imports(path) -> set[str]:
+    """Every name a generated module takes from ``posttrain`` (``from posttrain import ...``) or reaches as ``posttrain.<name>``."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "posttrain":
+            names |= {f"{node.module}:{a.name}" if node.module != "posttrain" else a.name for a in node.names}
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "posttrain":
+            names.add(node.attr)
+    return names
+
+
+@pytest.mark.parametrize("family", ["sft", "preference", "online"])
 def test_posttrain_new_writes_a_plugin_that_passes_conformance_and_learns(fresh_venv, wheels, tmp_path, family):
+    import posttrain
+
     venv = fresh_venv
     _pip(venv, "install", "-q", "--find-links", str(wheels), "posttrain")
     name = f"lab_{family}"
@@ -134,11 +152,15 @@ def test_posttrain_new_writes_a_plugin_that_passes_conformance_and_learns(fresh_
     made = _run([str(venv / "bin" / "posttrain"), "new", name, "--family", family, "--dir", str(tmp_path), *prefix])
     root = tmp_path / f"posttrain-lab-{family}"
     assert str(root) in made.stdout
-    trainer_class = "LabPOTrainer" if prefix else "LabSftTrainer"
+    trainer_class = {"sft": "LabSftTrainer", "preference": "LabPOTrainer", "online": "LabOnlineTrainer"}[family]
     assert f"class {trainer_class}(TrainerSurface)" in (root / f"posttrain_{name}" / "trainer.py").read_text()
     for rel in ("pyproject.toml", "README.md", f"docs/{name}.md", f"posttrain_{name}/_spec.py", f"posttrain_{name}/config.py",
                 f"posttrain_{name}/trainer.py", f"tests/test_{name}_conformance.py", f"tests/test_{name}_learning.py"):
         assert (root / rel).is_file(), rel
+    public = set(posttrain.__all__) | {"posttrain.conformance.suite:*", "posttrain.testing:make_tiny_datasets"}
+    for module in sorted(root.glob("**/*.py")):  # an outside lab's code: public names of posttrain only
+        private = sorted(n for n in _posttrain_imports(module) if n not in public)
+        assert not private, f"{module.relative_to(root)} uses names outside posttrain.__all__: {private}"
     again = _run([str(venv / "bin" / "posttrain"), "new", name, "--dir", str(tmp_path)], ok=False)
     assert again.returncode == 2 and "exists and is not empty" in again.stderr
 
@@ -146,7 +168,7 @@ def test_posttrain_new_writes_a_plugin_that_passes_conformance_and_learns(fresh_
     try:
         assert _listed(venv)[name]["status"] == "experimental"
         env_python = str(venv / "bin" / "python")
-        if family == "sft":  # the plugin's own tests: the suite star-imported, and the learning test
+        if family != "preference":  # the plugin's own tests: the suite star-imported, and the learning test
             out = _run([env_python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests"], ok=False, cwd=root)
         else:  # the shipped pytest plugin, from anywhere, plus the learning test
             out = _run([env_python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "posttrain.conformance", "--posttrain-method", name,
@@ -155,5 +177,24 @@ def test_posttrain_new_writes_a_plugin_that_passes_conformance_and_learns(fresh_
         passed = int(re.search(r"(\d+) passed", out.stdout).group(1))
         assert passed >= 12, out.stdout[-2000:]  # the whole suite ran, not an empty selection
         assert "failed" not in out.stdout and "error" not in out.stdout.lower().split("passed")[-1]
+        if family == "online":  # trains from the CLI on the example's prompts; diagnose reads the run through the spec
+            _diagnose_an_online_run(venv, name, tmp_path)
     finally:
         _pip(venv, "uninstall", "-y", "-q", f"posttrain-lab-{family.replace('_', '-')}")
+
+
+def _diagnose_an_online_run(venv, name: str, tmp_path) -> None:
+    """``posttrain train NAME`` as examples/grpo.yaml runs GRPO, then ``posttrain diagnose``: the reward is the objective and it improves."""
+    model_dir, run = tmp_path / "tiny-model", tmp_path / "run"
+    _run([str(venv / "bin" / "python"), "-m", "posttrain.testing.tiny_model", str(model_dir)])
+    _run([str(venv / "bin" / "posttrain"), "train", name, "--allow-experimental", name, "--model_name_or_path", str(model_dir),
+          "--dataset_name", os.path.join(ROOT, "examples", "data", "prompts_arith.jsonl"),
+          "--reward_funcs", "posttrain.testing.rewards:digit_fraction_reward", "--num_generations", "4", "--per_device_train_batch_size", "16",
+          "--max_completion_length", "8", "--learning_rate", "5e-2", "--max_steps", "16", "--logging_steps", "1", "--save_strategy", "no",
+          "--disable_tqdm", "true", "--output_dir", str(run)], cwd=tmp_path)
+    report = json.loads(_run([str(venv / "bin" / "posttrain"), "diagnose", str(run), "--format", "json"]).stdout)
+    assert report["method"] == name and report["objective"] == "reward" and report["steps_logged"] == 16, report
+    # GRPO's example rises from about 0.25 to 0.8 in these 16 steps; this method on them: 0.25 -> 0.85 (t = 20.7) when written
+    assert report["verdict"] == "improving", report
+    codes = {event["code"]: event for event in report["events"]}
+    assert "max_completion_length" in codes["completions_truncated"]["action"], codes  # the spec's own advice (8 tokens always truncate)

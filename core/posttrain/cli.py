@@ -794,7 +794,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("new", help="Write a new method plugin (installable, passes the conformance suite).", allow_abbrev=False)
     p.add_argument("name", help="Method id: lowercase letters, digits, underscores (the distribution is posttrain-NAME).")
-    p.add_argument("--family", default="sft", choices=("sft", "preference"), help="Template: sft (prompt/completion NLL) or preference (pairwise logistic loss).")
+    p.add_argument("--family", default="sft", choices=("sft", "preference", "online"),
+                   help="Template: sft (prompt/completion NLL), preference (pairwise logistic loss) or online (REINFORCE with a group-mean baseline from reward functions).")
     p.add_argument("--dir", default=".", help="Parent folder of the new posttrain-NAME/ (default: the current folder).")
     p.add_argument("--class-prefix", default=None, metavar="PREFIX",
                    help="Classes PREFIXConfig and PREFIXTrainer (default: NAME in CamelCase; TRL spells acronyms in capitals, e.g. BCO).")
