@@ -158,6 +158,7 @@ def summarize(runs: list[dict]) -> dict | None:
         "peak_rss_at_last_step_mb": statistics.median(r["peak_rss_at_last_step_mb"] for r in ok),
         "peak_gpu_mem_mb": statistics.median(r["peak_gpu_mem_mb"] for r in ok) if all("peak_gpu_mem_mb" in r for r in ok) else None,
         "loss": statistics.median(r["loss"] for r in ok),
+        "memory_floor_mb": statistics.median(r["memory_floor_mb"] for r in ok) if all(r.get("memory_floor_mb") is not None for r in ok) else None,
         "threads": ok[0].get("threads"),
         "repeats_ok": len(ok),
         "measured_steps": len(steps),
@@ -196,7 +197,8 @@ def time_cli(runs: int) -> dict | None:
 # ---------------------------------------------------------------------- table
 def fmt_table(results: list[dict]) -> str:
     head = ("workload", "params", "tok/step", "posttrain step s (min-max)", "TRL step s (min-max)", "bare step s (min-max)",
-            "pt/TRL", "pt/bare", "tok/s pt|TRL|bare", "RSS MB pt|TRL|bare", "1st step s pt|TRL|bare")
+            "pt/TRL", "pt/bare", "tok/s pt|TRL|bare", "RSS MB pt|TRL|bare", "floor MB", "above floor MB pt|TRL|bare",
+            "1st step s pt|TRL|bare")
     rows = [head]
 
     def cell(r, fw):
@@ -211,7 +213,9 @@ def fmt_table(results: list[dict]) -> str:
             r["name"], f"{r['params'] / 1e6:.2f}M", f"{r['tokens_per_step']:.0f}", cell(r, "posttrain"), cell(r, "trl"), cell(r, "bare"),
             "n/a" if r.get("ratio_step_time_vs_trl") is None else f"{r['ratio_step_time_vs_trl']:.3f}",
             "n/a" if r.get("ratio_step_time_vs_bare") is None else f"{r['ratio_step_time_vs_bare']:.3f}",
-            trio(r, "tokens_per_s", "{:.0f}"), trio(r, "peak_rss_mb", "{:.0f}"), trio(r, "time_to_first_step_s", "{:.2f}"),
+            trio(r, "tokens_per_s", "{:.0f}"), trio(r, "peak_rss_mb", "{:.0f}"),
+            next((f"{r[f'{fw}_memory_floor_mb']:.1f}" for fw in FRAMEWORKS if r.get(f"{fw}_memory_floor_mb") is not None), "n/a"),
+            trio(r, "memory_above_floor_mb", "{:.0f}"), trio(r, "time_to_first_step_s", "{:.2f}"),
         ))
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(head))]
     lines = ["  ".join(str(v).ljust(w) for v, w in zip(row, widths)) for row in rows]
@@ -323,6 +327,8 @@ def run_all(a, argv, *, plans: list, worker_flags: list[str], out: str, peak_flo
         "goals": GOALS,
         "total_wall_s": round(total, 1),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        # the posttrain this process imported (PYTHONPATH in front of the editable installs: an older checkout)
+        "posttrain_file": getattr(sys.modules.get("posttrain"), "__file__", None),
     }
     if peak_flops:
         report["peak_flops"] = peak_flops
@@ -410,9 +416,15 @@ def _run_set(a, set_name, size_builders, methods, frameworks, have, tok, tmp, wo
             for fw in FRAMEWORKS:  # whole train() and memory added, and posttrain's ratios per round (min-max)
                 if entry.get(f"{fw}_step_s") is None:
                     continue
-                for key in ("train_s", "rss_added_by_training_mb"):
-                    values = [r[key] for r in runs[fw] if "error" not in r]
+                for key in ("train_s", "rss_added_by_training_mb", "memory_above_floor_mb"):
+                    values = [r.get(key) for r in runs[fw] if "error" not in r]
+                    if None in values:  # memory_above_floor_mb: a worker older than the floor
+                        continue
                     entry[f"{fw}_{key}"], entry[f"{fw}_{key}_min"], entry[f"{fw}_{key}_max"] = statistics.median(values), min(values), max(values)
+            for key in ("posttrain_file", "plugin_file"):  # which code the posttrain runs imported (before/after checks it)
+                files = {r.get(key) for r in runs.get("posttrain", []) if "error" not in r}
+                if files:
+                    entry[key] = ", ".join(sorted(map(str, files)))
             for other in ("trl", "bare"):
                 if entry.get("posttrain_step_s") is None or entry.get(f"{other}_step_s") is None:
                     continue
@@ -421,6 +433,14 @@ def _run_set(a, set_name, size_builders, methods, frameworks, have, tok, tmp, wo
                     entry[f"ratio_{short}_vs_{other}"] = _ratio(entry[f"posttrain_{key}"], entry[f"{other}_{key}"])
                     entry[f"ratio_{short}_vs_{other}_min"] = round(min(paired), 4)
                     entry[f"ratio_{short}_vs_{other}_max"] = round(max(paired), 4)
+                # memory added above the floor (gradients + optimizer state): a ratio only where both are above it
+                mine, theirs = entry.get("posttrain_memory_above_floor_mb"), entry.get(f"{other}_memory_above_floor_mb")
+                if mine is not None and theirs is not None and mine > 0 and theirs > 0:
+                    paired = [x["memory_above_floor_mb"] / y["memory_above_floor_mb"] for x, y in zip(runs["posttrain"], runs[other])
+                              if "error" not in x and "error" not in y and x["memory_above_floor_mb"] > 0 and y["memory_above_floor_mb"] > 0]
+                    entry[f"ratio_above_floor_vs_{other}"] = _ratio(mine, theirs)
+                    entry[f"ratio_above_floor_vs_{other}_min"] = round(min(paired), 4) if paired else None
+                    entry[f"ratio_above_floor_vs_{other}_max"] = round(max(paired), 4) if paired else None
                 steps_paired = [x / y for x, y in
                                 zip(entry["posttrain_step_median_per_repeat_s"], entry[f"{other}_step_median_per_repeat_s"])]
                 entry[f"ratio_step_time_vs_{other}_min"] = round(min(steps_paired), 4) if steps_paired else None
@@ -436,6 +456,10 @@ TIMING_METHOD = {
     "posttrain / round i of the other, which ran right after it)",
     "rss_added_by_training": "peak RSS (ru_maxrss) after train() minus the RSS just before train() (/proc/self/statm): what "
     "training adds on top of the loaded model(s), data and imports",
+    "memory_floor": "what no framework can avoid for the trained parameters, read from each run's own model and optimizer "
+    "after train(): a gradient per trainable parameter (numel x element size) plus every tensor in optimizer.state (AdamW: "
+    "exp_avg, exp_avg_sq in the state's dtype, and step); memory above the floor = memory added by training - floor "
+    "(GPU runs: peak GPU memory - floor, the weights included)",
     "step_time": "wall time between consecutive optimizer-step ends after warm-up (posttrain: wrapped method.on_step_end; "
     "TRL: TrainerCallback.on_step_end; bare: perf_counter after zero_grad); median over all measured steps of all repeats, "
     "min-max over the same steps",

@@ -23,6 +23,15 @@ Measures, for ``warmup + steps`` optimizer steps of one workload:
   (after the last step: the final save, summary, trackers) beside it.
 * ``rss_added_by_training_mb``: peak RSS minus the RSS just before ``train()`` (``/proc/self/statm``):
   the memory training adds on top of the loaded model(s), data and imports.
+* ``memory_floor_mb``: the bytes no framework can avoid for the trained parameters, read from the run's own
+  model(s) and optimizer(s) after training (:func:`memory_floor`): a gradient per trainable parameter
+  (``numel * element_size``) plus every tensor the optimizer holds in ``optimizer.state`` (AdamW: ``exp_avg``,
+  ``exp_avg_sq`` in the state's dtype, and its ``step``). ``memory_above_floor_mb`` is the memory added by training
+  minus that floor; on ``--device cuda``, where the floor's tensors live on the GPU, it is ``peak_gpu_mem_mb`` minus
+  the floor instead (the weights included: posttrain places the model on the GPU inside ``train()``, TRL before it), as
+  ``memory_above_floor_basis`` says. ``memory_floor_detail`` splits the floor into gradients and optimizer state.
+* ``posttrain_file`` (and ``plugin_file``, posttrain runs): the ``__file__`` of the ``posttrain`` package (and of
+  the trainer's module) the run imported, so a before/after comparison can show which code it measured.
 
 The result is written as JSON to ``--json-out``.
 """
@@ -50,6 +59,8 @@ class _Stamps:
         self.train_begin: float | None = None  # perf_counter just before trainer.train() (bare: before its first step)
         self.train_end: float | None = None  # perf_counter when trainer.train() returned (bare: after its last step)
         self.rss_before_train_mb: float | None = None  # current RSS just before train()
+        #: (trained models, their optimizers) after training, for the memory floor (set by every runner)
+        self.trained: tuple[list, list] | None = None
 
     def begin_train(self) -> None:
         self.rss_before_train_mb = current_rss_mb()
@@ -74,6 +85,61 @@ def current_rss_mb() -> float:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
     except (OSError, ValueError, IndexError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def memory_floor(models, optimizers) -> dict:
+    """The memory no framework can avoid for the trained parameters, from the run's own objects after training.
+
+    Args:
+        models: The trained models (the policy, and any trainable model beside it); their parameters with
+            ``requires_grad`` each need a gradient of their own size and dtype.
+        optimizers: Their optimizers (a wrapper such as accelerate's ``AcceleratedOptimizer`` exposes the wrapped
+            optimizer's ``state``); every tensor in ``optimizer.state`` counts (AdamW: ``exp_avg``, ``exp_avg_sq``
+            and ``step``).
+
+    Returns:
+        ``{"gradients_mb", "optimizer_state_mb", "total_mb", "device"}``: MiB (2**20 bytes) and the device type
+        of the trained parameters (``"cpu"``, ``"cuda"``, ...).
+
+    Raises:
+        ValueError: no trainable parameter, or an optimizer with no state after training (the floor would be wrong).
+    """
+    import torch
+
+    seen, grad_bytes, devices = set(), 0, set()
+    for model in models:
+        for p in model.parameters():
+            if p.requires_grad and id(p) not in seen:  # tied weights: one parameter, one gradient
+                seen.add(id(p))
+                grad_bytes += p.numel() * p.element_size()
+                devices.add(p.device.type)
+    if not seen:
+        raise ValueError("memory floor: the run's models have no parameter with requires_grad; nothing was trained")
+    state_bytes, tensors = 0, set()
+    for opt in optimizers:
+        if not opt.state:
+            raise ValueError(f"memory floor: {type(opt).__name__}.state is empty after training; read it before it is dropped")
+        for per_param in opt.state.values():
+            for value in per_param.values():
+                if isinstance(value, torch.Tensor) and id(value) not in tensors:
+                    tensors.add(id(value))
+                    state_bytes += value.numel() * value.element_size()
+    return {"gradients_mb": grad_bytes / 2**20, "optimizer_state_mb": state_bytes / 2**20,
+            "total_mb": (grad_bytes + state_bytes) / 2**20, "device": "cuda" if "cuda" in devices else sorted(devices)[0]}
+
+
+def _posttrain_trained(trainer) -> tuple[list, list]:
+    """The policy and its optimizer of a posttrain trainer after ``train()`` (no benchmark workload trains a model beside it).
+
+    Raises:
+        ValueError: the trainer trained other models too (``loop.trainable_model_names``): their optimizers have no
+            public accessor, so the floor would be too low.
+    """
+    loop = trainer.loop
+    extra = list(getattr(loop, "trainable_model_names", ()))
+    if extra:
+        raise ValueError(f"memory floor: the run also trained {extra}; count their gradients and optimizer state too")
+    return [loop.unwrapped_model()], [loop.optimizer]
 
 
 # ====================================================================== posttrain
@@ -161,7 +227,10 @@ def run_posttrain(a, rows, stamps: _Stamps, out_dir: str) -> dict:
     stamps.begin_train()
     out = trainer.train()
     stamps.end_train()
-    return {"loss": float(out.training_loss)}
+    stamps.trained = _posttrain_trained(trainer)
+    import posttrain
+
+    return {"loss": float(out.training_loss), "posttrain_file": posttrain.__file__, "plugin_file": sys.modules[type(trainer).__module__].__file__}
 
 
 # ====================================================================== TRL
@@ -224,6 +293,7 @@ def run_trl(a, rows, stamps: _Stamps, out_dir: str) -> dict:
     stamps.begin_train()
     out = trainer.train()
     stamps.end_train()
+    stamps.trained = ([trainer.accelerator.unwrap_model(trainer.model)], [trainer.optimizer])
     return {"loss": float(out.training_loss)}
 
 
@@ -389,6 +459,7 @@ def run_bare(a, rows, stamps: _Stamps, out_dir: str) -> dict:
         raise SystemExit(f"unknown method {a.method}")
     loss = float(torch.stack(losses).mean())
     stamps.end_train()
+    stamps.trained = ([model], [opt])
     return {"loss": loss}
 
 
@@ -469,6 +540,13 @@ def main(argv=None) -> int:
     }
     if a.device == "cuda":
         result["peak_gpu_mem_mb"] = torch.cuda.max_memory_allocated() / 2**20
+    floor = memory_floor(*stamps.trained)
+    result["memory_floor_mb"] = floor["total_mb"]
+    result["memory_floor_detail"] = floor
+    basis = "peak_gpu_mem_mb" if floor["device"] == "cuda" and "peak_gpu_mem_mb" in result else "rss_added_by_training_mb"
+    result["memory_above_floor_mb"] = result[basis] - floor["total_mb"]
+    result["memory_above_floor_basis"] = basis
+    result.setdefault("posttrain_file", sys.modules["posttrain"].__file__ if "posttrain" in sys.modules else None)
     write_json(a.json_out, result)
     return 0
 
