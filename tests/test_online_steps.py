@@ -436,3 +436,10 @@ def test_completion_log_records_writes_the_parquet_and_its_callback_writes_on_tr
     callback.on_log(args, state, None, logs={"eval_loss": 1.0})
     callback.on_log(args, state, None, logs={"loss": 1.0})
     assert sorted(p.name for p in (tmp_path / "cb" / "completions").iterdir()) == ["completions_00003.parquet"]
+
+
+def test_build_rollout_engine_refuses_to_train_through_a_vllm_server(loop, tiny_model, tiny_tokenizer):
+    """Server mode cannot receive the policy's updated weights yet: refused up front, not after the first step."""
+    args = _args(rollout_backend="vllm", vllm_mode="server")
+    with pytest.raises(ConfigError, match="vllm_mode='server' cannot train a policy yet"):
+        build_rollout_engine(args, model=tiny_model, tokenizer=tiny_tokenizer, accelerator=loop.accelerator)

@@ -394,8 +394,17 @@ def build_rollout_engine(args: Any, *, model: Any, tokenizer: Any, accelerator: 
 
     Returns:
         A :class:`~posttrain.RolloutEngine`.
+
+    Raises:
+        posttrain.ConfigError: ``vllm_mode='server'`` (the policy's weights cannot be pushed to a server yet).
     """
     kwargs: dict[str, Any] = dict(model=model, tokenizer=tokenizer, accelerator=accelerator)
+    if args.rollout_backend == "vllm" and args.vllm_mode == "server":
+        raise ConfigError(
+            "vllm_mode='server' cannot train a policy yet: posttrain does not push updated weights to a separate `vllm serve` "
+            "(vLLM's native weight-transfer API is not wired in), so every rollout would come from the initial weights. Use "
+            "vllm_mode='colocate' (vLLM in the training process) or rollout_backend='transformers'."
+        )
     if args.rollout_backend == "vllm":
         llm_kwargs = {"trust_remote_code": True} if args.trust_remote_code else {}
         if args.vllm_model_impl != "vllm":

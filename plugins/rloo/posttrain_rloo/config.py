@@ -73,7 +73,7 @@ class RLOOConfig(TrainingConfig):
 
     # > Parameters that control vLLM (rollout_backend='vllm')
     use_vllm: bool = field(default=False, metadata=_help("TRL-compatible switch: True sets rollout_backend='vllm'."))
-    vllm_mode: str = field(default="colocate", metadata=_help("'colocate' (vLLM in the training process) or 'server' (an HTTP `vllm serve`)."))
+    vllm_mode: str = field(default="colocate", metadata=_help("'colocate' (vLLM in the training process). 'server' (an HTTP `vllm serve`) is refused for training: posttrain cannot push updated weights to a server yet."))
     vllm_model_impl: str = field(default="vllm", metadata=_help("vLLM model implementation: 'vllm' or 'transformers' (colocate mode)."))
     vllm_enable_sleep_mode: bool = field(default=False, metadata=_help("Let colocated vLLM release its memory between generations."))
     vllm_structured_outputs_regex: str | None = field(default=None, metadata=_help("Accepted, no effect: posttrain's vLLM backend does not constrain decoding."))
@@ -81,7 +81,7 @@ class RLOOConfig(TrainingConfig):
     vllm_server_host: str = field(default="0.0.0.0", metadata=_help("Host of the vLLM server (server mode; used when vllm_server_base_url is None)."))
     vllm_server_port: int = field(default=8000, metadata=_help("Port of the vLLM server (server mode)."))
     vllm_server_timeout: float = field(default=240.0, metadata=_help("Seconds to wait for one request to the vLLM server."))
-    vllm_group_port: int = field(default=51216, metadata=_help("Accepted, no effect: posttrain's server mode sends weights over HTTP, without a NCCL group."))
+    vllm_group_port: int = field(default=51216, metadata=_help("Accepted, no effect: posttrain does not push weights to a vLLM server (vllm_mode='server' is refused for training)."))
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata=_help("Fraction of GPU memory colocated vLLM may take."))
     vllm_max_model_length: int | None = field(default=None, metadata=_help("vLLM context window (prompt + completion); default: the model's."))
     vllm_tensor_parallel_size: int = field(default=1, metadata=_help("Tensor parallelism of colocated vLLM."))
