@@ -156,8 +156,8 @@ def test_model_tags_and_neftune_noise_only_in_training(toy, tiny_model, tiny_tok
 
 
 def test_unsupported_trainingarguments_fields_warn_once(toy):
-    with pytest.warns(UserWarning, match="dataloader_num_workers=2"):
-        ToyConfig(dataloader_num_workers=2)
+    with pytest.warns(UserWarning, match="dataloader_persistent_workers=True"):
+        ToyConfig(dataloader_persistent_workers=True)
 
 
 def test_load_best_model_at_end_needs_matching_strategies():

@@ -220,7 +220,7 @@ def core_surface() -> dict[str, Any]:
             "Preset": {f.name: {"type": _type_name(f.type), "default": _field_default(f)} for f in dataclasses.fields(Preset)},
             "TrainerSurface": _members(TrainerSurface, surface_names),
             # what plugins call on the loop (since 1.3): e.g. load_model(..., quantization_config=)
-            "TrainingLoop": _members(TrainingLoop, sorted(n for n in vars(TrainingLoop) if not n.startswith("_"))),
+            "TrainingLoop": _members(TrainingLoop, sorted(n for n in dir(TrainingLoop) if not n.startswith("_"))),
             # a format a plugin's data_format may name; removing one breaks those plugins (since 1.3)
             "DATA_FORMATS": {name: "format" for name in DATA_FORMATS},
         },
