@@ -36,7 +36,8 @@ TEST_THREADS ?= 1
 # order of floating-point reductions: a test that holds only for one order fails here, not on the next machine.
 RERUN_THREADS ?= 2
 SENSITIVE := tests/test_chunked.py tests/test_diagnose_runs.py tests/test_distributed.py tests/test_loop.py \
-	tests/test_ops.py tests/test_bema.py tests/test_rollout.py $(sort $(wildcard plugins/*/tests/test_*parity*.py)) \
+	tests/test_ops.py tests/test_bema.py tests/test_rollout.py tests/test_episodes.py tests/test_generation_probe.py \
+	tests/test_online_steps.py $(sort $(wildcard plugins/*/tests/test_*parity*.py)) \
 	$(sort $(wildcard plugins/*/tests/test_*distributed*.py))
 
 test: install

@@ -297,9 +297,11 @@ def remote_code_dir(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("where", ["argument", "model_init_kwargs"])
+@pytest.mark.parametrize("where", ["argument", "model_init_kwargs", "both"])
 def test_trust_remote_code_reaches_the_model_and_the_tokenizer(where, remote_code_dir):
-    options = {"trust_remote_code": True} if where == "argument" else {"model_init_kwargs": {"trust_remote_code": True}}
+    # "both": a trainer that puts trust_remote_code in model_init_kwargs while the config's argument is True too (DPO does)
+    options = {"argument": {"trust_remote_code": True}, "model_init_kwargs": {"model_init_kwargs": {"trust_remote_code": True}},
+               "both": {"trust_remote_code": True, "model_init_kwargs": {"trust_remote_code": True}}}[where]
     model, tokenizer = load_pretrained(remote_code_dir, role="teacher", **options)
     assert type(model).__name__ == "TinyRemoteForCausalLM" and type(tokenizer).__name__ == "TinyRemoteTokenizer"
 

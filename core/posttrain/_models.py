@@ -113,7 +113,8 @@ def load_pretrained(
         name = os.fspath(name_or_model)
         kwargs = dict(model_init_kwargs or {})
         dtype = _pop_dtype(kwargs, role, name, default_dtype)
-        trust_remote_code = bool(trust_remote_code or kwargs.pop("trust_remote_code", False))
+        in_kwargs = kwargs.pop("trust_remote_code", False)  # popped first: `or` would skip it when the argument is True
+        trust_remote_code = bool(trust_remote_code or in_kwargs)
         if quantization_config is not None:
             if "quantization_config" in kwargs:
                 raise ConfigError(
