@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import torch
 from transformers import TrainerControl, TrainerState
 
-from posttrain._accelerator_setup import _AcceleratorSetup
+from posttrain._accelerator_setup import _AcceleratorSetup, _backend_is_plain
 from posttrain._checkpoint import describe_run, existing_run, find_latest_checkpoint, load_checkpoint, producer_state_file, read_manifest, remove_run, save_checkpoint
 from posttrain._data_order import _CollatedMicroBatches, _DataOrder, _producer_of, _rows
 from posttrain._errors import CheckpointNotFoundError
@@ -140,6 +140,8 @@ class TrainingLoop(_AcceleratorSetup, _DataOrder, _ModelIO, _Optimization, _RunL
         self._auxiliaries: dict[str, _Auxiliary] = {}
         self.optimizer = None
         self.scheduler = None
+        self._direct_step = False  # set by train(): step the torch optimizer without accelerate's wrapper (see _steps_directly)
+        self._clip_params: list = []  # the policy's parameters, listed once per run for the direct clipping
         self.processing_class = None
         self.manifest: dict = {}
 
@@ -274,6 +276,8 @@ class TrainingLoop(_AcceleratorSetup, _DataOrder, _ModelIO, _Optimization, _RunL
         self.model, self.optimizer = accelerator.prepare(self.model, optimizer)
         self.model.train()
         self._prepare_auxiliaries(run.max_steps)
+        self._direct_step = self._steps_directly()
+        self._clip_params = list(self.model.parameters()) if self._direct_step else []  # walked once, not every step
         self.manifest = self._build_manifest()
         self.manifest.update(run_id=self.run_id, max_steps=run.max_steps, train_rows=len(dataset), signals=dict(self.diagnostics.signals),
                              actions=dict(self.diagnostics.actions))
@@ -422,17 +426,46 @@ class TrainingLoop(_AcceleratorSetup, _DataOrder, _ModelIO, _Optimization, _RunL
                 self._event("on_substep_end")
         grad_norm = None
         if args.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+            grad_norm = self._clip_grad_norm(args.max_grad_norm)
         elif self._log_due(self.state.global_step + 1, run):  # no clipping, but the logged grad_norm is still wanted
-            grad_norm = accelerator.clip_grad_norm_(self.model.parameters(), float("inf"))
+            grad_norm = self._clip_grad_norm(float("inf"))
         learning_rate = self.scheduler.get_last_lr()[0]
         self._event("on_pre_optimizer_step")
-        self.optimizer.step()
+        optimizer = self.optimizer.optimizer if self._direct_step else self.optimizer
+        optimizer.step()
         self._step_auxiliaries()
         self._event("on_optimizer_step")
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)
         return step_loss, grad_norm, learning_rate
+
+    def _steps_directly(self) -> bool:
+        """True when accelerate's optimizer wrapper and gradient clipping add nothing to torch's own calls.
+
+        That is one process or DDP (gradients already reduced, not DTensors), no gradient scaler (fp16),
+        and a plain torch optimizer inside the wrapper: its ``step`` then only checks for LOMO
+        optimizers (a package-metadata lookup, ~0.2 ms a call) before calling the optimizer's, and its
+        clipping only sorts parameters by device mesh before ``torch.nn.utils.clip_grad_norm_``'s own
+        ops. Calling torch directly does the same arithmetic in the same order (bit-identical results),
+        without that per-step Python.
+        """
+        from accelerate.optimizer import AcceleratedOptimizer
+
+        return (_backend_is_plain(self.accelerator) and getattr(self.accelerator, "scaler", None) is None
+                and type(self.optimizer) is AcceleratedOptimizer and isinstance(self.optimizer.optimizer, torch.optim.Optimizer)
+                and type(self.optimizer.optimizer).__module__.startswith("torch.optim"))
+
+    def _clip_grad_norm(self, max_norm: float):
+        """The policy's gradient norm, clipped to ``max_norm`` (``inf``: measured only)."""
+        if not self._direct_step:
+            return self.accelerator.clip_grad_norm_(self.model.parameters(), max_norm)
+        # accelerate's own arithmetic for plain tensors (Accelerator._clip_grad_norm_dtensor_aware), op for op
+        params = [p for p in self._clip_params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+        total = torch.linalg.vector_norm(torch.stack([norm]), 2.0)
+        if max_norm != float("inf"):
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
 
     def _backward_auxiliaries(self, losses, loss_scale, last: bool):
         """Back-propagate each auxiliary's loss through its own engine; return the policy's loss."""
