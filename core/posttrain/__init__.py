@@ -104,7 +104,7 @@ _LAZY = {
     "expand_prompts": "posttrain._online_steps:expand_prompts",
     "generate_rollout": "posttrain._online_steps:generate_rollout",
     "load_online_policy": "posttrain._online_steps:load_online_policy",
-    "nanstd": "posttrain._online_steps:nanstd",
+    "nanstd": "posttrain._online:nanstd",
     "prepare_prompt_dataset": "posttrain._online_steps:prepare_prompt_dataset",
     "prompt_token_ids": "posttrain._online_steps:prompt_token_ids",
     "reference_logps": "posttrain._online_steps:reference_logps",

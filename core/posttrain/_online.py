@@ -19,7 +19,7 @@ from typing import Any, Sequence
 
 import torch
 
-__all__ = ["group_statistics", "leave_one_out_baseline", "pair_preferences_to_chosen_rejected"]
+__all__ = ["group_statistics", "leave_one_out_baseline", "nanstd", "pair_preferences_to_chosen_rejected"]
 
 
 def _grouped(owner: str, rewards: Any, group_size: Any, *, minimum: int = 1) -> torch.Tensor:
@@ -37,16 +37,24 @@ def _grouped(owner: str, rewards: Any, group_size: Any, *, minimum: int = 1) -> 
     return rewards.reshape(-1, group_size)
 
 
-def _nanstd_rows(x: torch.Tensor) -> torch.Tensor:
-    """Bessel-corrected std of each row of ``(R, G)`` ignoring NaNs (NaN where fewer than 2 values): ``(R,)``.
+def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
+    """Return the Bessel-corrected standard deviation of ``x`` ignoring NaNs (NaN where fewer than 2 values).
 
-    The same operations in the same order as GRPO's ``nanstd(x, dim=1)``, so the two agree bit for bit.
+    Args:
+        x: A floating tensor.
+        dim: The dimension to reduce (None: all).
+        keepdim: Keep the reduced dimension.
+
+    Returns:
+        The std (a 0-d tensor when ``dim`` is None).
     """
-    mean = torch.nanmean(x, dim=1, keepdim=True)
-    variance = torch.nanmean((x - mean) ** 2, dim=1, keepdim=True)
-    count = (~torch.isnan(x)).sum(dim=1, keepdim=True)
+    dims = dim if dim is not None else tuple(range(x.dim()))
+    mean = torch.nanmean(x, dim=dims, keepdim=True)
+    variance = torch.nanmean((x - mean) ** 2, dim=dims, keepdim=True)
+    count = (~torch.isnan(x)).sum(dim=dims, keepdim=True)
     correction = torch.where(count > 1, count / (count - 1), torch.full_like(variance, float("nan")))
-    return torch.sqrt(variance * correction).squeeze(1)
+    std = torch.sqrt(variance * correction)
+    return std if keepdim else std.squeeze(dims) if dim is not None else std.reshape(())
 
 
 def group_statistics(rewards: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,7 +78,7 @@ def group_statistics(rewards: torch.Tensor, group_size: int) -> tuple[torch.Tens
     """
     grouped = _grouped("group_statistics", rewards, group_size)  # (N/G, G)
     mean = torch.nanmean(grouped, dim=1).repeat_interleave(group_size)  # (N,)
-    std = _nanstd_rows(grouped).repeat_interleave(group_size)  # (N,)
+    std = nanstd(grouped, dim=1).repeat_interleave(group_size)  # (N,)
     return mean, std
 
 

