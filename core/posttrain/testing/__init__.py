@@ -7,6 +7,8 @@ Fixtures:
     tiny_tokenizer: a byte-level BPE tokenizer with a ChatML template (session-scoped, read-only).
     tiny_model: a fresh random tiny Qwen2 causal LM (function-scoped, float32).
     tiny_model_dir: a directory with a saved tiny model + tokenizer (session-scoped, read-only).
+    tiny_teacher_dir: a directory with the tiny *trained* teacher (same tokenizer and vocabulary as
+        ``tiny_model_dir``'s model; see :func:`distillation_report`) (session-scoped, read-only).
     tiny_datasets: ``{"text", "messages", "prompt_completion", "conversational_prompt_completion",
         "preference", "conversational_preference", "unpaired_preference", "prompt_only",
         "triple_preference"}`` -> Dataset.
@@ -39,7 +41,7 @@ def pytest_configure(config) -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-__all__ = ["make_tiny_datasets", "warning_events"]
+__all__ = ["make_tiny_datasets", "warning_events", "distillation_report", "arithmetic_prompts"]
 
 
 def make_tiny_datasets(n: int = 16, seed: int = 0) -> dict:
@@ -113,6 +115,28 @@ def tiny_model_dir(tmp_path_factory):
     from posttrain.testing.tiny_model import save_tiny_model
 
     return save_tiny_model(str(tmp_path_factory.mktemp("tiny_model")))
+
+
+@_fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory):
+    """A directory holding the tiny trained teacher + tokenizer (shared; do not write into it)."""
+    from posttrain.testing.tiny_model import save_tiny_teacher
+
+    return save_tiny_teacher(str(tmp_path_factory.mktemp("tiny_teacher")))
+
+
+def distillation_report(student, teacher, tokenizer, prompts, max_new_tokens: int = 8, solutions=None) -> dict:
+    """A student against the tiny teacher on held-out prompts (see :func:`posttrain.testing._teacher.distillation_report`)."""
+    from posttrain.testing._teacher import distillation_report as _report
+
+    return _report(student, teacher, tokenizer, prompts, max_new_tokens=max_new_tokens, solutions=solutions)
+
+
+def arithmetic_prompts(n: int = 64, seed: int = 0, max_operand: int = 20) -> list[dict]:
+    """Conversational arithmetic prompt rows with a ``solution`` (see :func:`posttrain.testing._teacher.arithmetic_prompts`)."""
+    from posttrain.testing._teacher import arithmetic_prompts as _prompts
+
+    return _prompts(n, seed=seed, max_operand=max_operand)
 
 
 @_fixture(scope="session")

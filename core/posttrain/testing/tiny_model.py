@@ -1,7 +1,9 @@
 """Build tiny causal LMs and tokenizers in-process (no downloads) for tests, demos and benchmarks.
 
 Usage as a script: ``python -m posttrain.testing.tiny_model OUT_DIR [--arch qwen2|qwen3|llama]``
-writes a model + tokenizer directory that loads with ``from_pretrained(OUT_DIR)``.
+writes a model + tokenizer directory that loads with ``from_pretrained(OUT_DIR)``;
+``python -m posttrain.testing.tiny_model OUT_DIR --teacher`` writes the tiny *trained* teacher of the
+distillation examples instead (same tokenizer and vocabulary, trained for a few seconds).
 """
 
 from __future__ import annotations
@@ -9,7 +11,8 @@ from __future__ import annotations
 import argparse
 import random
 
-__all__ = ["CHATML_TEMPLATE", "build_tokenizer", "build_model", "build_reward_model", "synthetic_corpus", "save_tiny_model", "main"]
+__all__ = ["CHATML_TEMPLATE", "build_tokenizer", "build_model", "build_reward_model", "synthetic_corpus", "save_tiny_model",
+           "save_tiny_teacher", "main"]
 
 #: ChatML template with ``{% generation %}`` markers so ``return_assistant_tokens_mask`` works.
 CHATML_TEMPLATE = (
@@ -188,6 +191,13 @@ def save_tiny_model(out_dir: str, *, arch: str = "qwen2", hidden_size: int = 32,
     return out_dir
 
 
+def save_tiny_teacher(out_dir: str, *, hidden_size: int = 64, num_layers: int = 2, steps: int = 300, seed: int = 0) -> str:
+    """Write the tiny *trained* teacher of the distillation tests and examples (see :mod:`posttrain.testing._teacher`)."""
+    from posttrain.testing._teacher import save_tiny_teacher as _save
+
+    return _save(out_dir, hidden_size=hidden_size, num_layers=num_layers, steps=steps, seed=seed)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m posttrain.testing.tiny_model", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir")
@@ -195,7 +205,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden-size", type=int, default=32)
     parser.add_argument("--num-layers", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--teacher", action="store_true",
+                        help="write the tiny trained teacher of the distillation examples (hidden size 64 unless given)")
     args = parser.parse_args(argv)
+    if args.teacher:
+        hidden = 64 if args.hidden_size == 32 else args.hidden_size
+        path = save_tiny_teacher(args.out_dir, hidden_size=hidden, num_layers=args.num_layers, seed=args.seed)
+        print(f"wrote the tiny trained teacher (qwen2, hidden {hidden}) and its tokenizer to {path}")
+        return 0
     path = save_tiny_model(args.out_dir, arch=args.arch, hidden_size=args.hidden_size, num_layers=args.num_layers, seed=args.seed)
     print(f"wrote a tiny {args.arch} model and tokenizer to {path}")
     return 0
