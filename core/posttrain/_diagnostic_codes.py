@@ -16,7 +16,7 @@ CODES = {
     "kl_blowup": "warning", "completions_truncated": "warning", "zero_learning_rate": "warning", "memory_headroom": "info",
     "memory_pressure": "warning", "throughput_bound": "info", "reward_plateau": "warning", "reward_hacking": "warning",
     "entropy_collapse": "warning", "length_drift": "warning", "preference_saturation": "warning", "eval_divergence": "warning",
-    "data_repeated": "info",
+    "data_repeated": "info", "divergence_stalled": "warning", "teacher_mode_collapse": "warning",
 }
 
 #: Thresholds of the checks; override any of them with ``TrainingConfig.diagnostics_thresholds``.
@@ -37,4 +37,6 @@ DEFAULT_THRESHOLDS = {
     "eval_divergence": 0.02,  # relative rise of eval loss above its best value
     "data_repeated_epochs": 4.0,  # epochs over a small dataset before data_repeated is reported
     "data_repeated_rows": 1000.0,  # datasets smaller than this many rows count as small
+    "divergence_stalled": 0.5,  # recent divergence / the run's first above which a divergence that stopped falling is reported
+    "teacher_mode_collapse": 0.5,  # student entropy / teacher entropy below which the student sits on a mode of the teacher
 }

@@ -51,7 +51,8 @@ class SignalRole(str, Enum):
     TRUNCATION = "truncation"  #: fraction of completions that hit max_completion_length
     PREFERENCE_MARGIN = "preference_margin"  #: mean (chosen - rejected) reward margin
     PREFERENCE_ACCURACY = "preference_accuracy"  #: fraction of pairs ranked correctly
-    TEACHER_DIVERGENCE = "teacher_divergence"  #: divergence of the student to a teacher (distillation)
+    TEACHER_DIVERGENCE = "teacher_divergence"  #: divergence of the student to a teacher (distillation; lower is better)
+    TEACHER_ENTROPY = "teacher_entropy"  #: the teacher's entropy at the student's completion tokens (nats/token; distillation)
     TOKEN_ACCURACY = "token_accuracy"  #: fraction of target tokens predicted correctly (SFT)
     GENERATION_TIME_FRACTION = "generation_time_fraction"  #: fraction of a step's wall time spent generating
 

@@ -40,6 +40,8 @@ Codes (stable; see STABILITY.md and docs/diagnostics.md):
     preference_saturation  preference margins keep growing while held-out accuracy stalls
     eval_divergence        training loss falls while evaluation loss rises (overfitting)
     data_repeated          a small dataset is repeated for many epochs
+    divergence_stalled     the divergence to the teacher stopped falling while still far above zero (distillation)
+    teacher_mode_collapse  the student's entropy fell far below the teacher's: it sits on one mode of the teacher
 """
 
 from __future__ import annotations
@@ -100,6 +102,10 @@ DEFAULT_ACTIONS = {
     "eval_divergence": "stop at the best evaluation (`load_best_model_at_end=True` with matching `eval_strategy` / `save_strategy`), "
                        "lower `num_train_epochs` or `learning_rate`, or add data.",
     "data_repeated": "add data or lower `num_train_epochs` / `max_steps`; watch eval_loss with an eval_dataset and `eval_strategy='steps'`.",
+    "divergence_stalled": "raise `learning_rate` or train longer (`max_steps`); check that student and teacher share the chat template "
+                          "and the prompt format, and that the student can represent the teacher (a larger student)" + _SETTINGS,
+    "teacher_mode_collapse": "move the divergence from reverse KL (mode-seeking) toward forward KL or JSD, sample the student at a "
+                             "higher temperature, or lower `learning_rate`" + _SETTINGS,
 }
 
 _BACKTICKED = re.compile(r"`([^`]+)`")
@@ -433,6 +439,26 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
                        **({"reward_t": _round(reward_trend["t"], 3)} if reward_trend else {})},
                       DEFAULT_ACTIONS["length_drift"],
                       CODES["length_drift"]))
+    divergence_trend = trend_of("teacher_divergence")
+    if divergence_trend is not None:
+        first = (series("teacher_divergence", rows) or [None])[0]
+        level = sum(series("teacher_divergence", rows[-_RECENT:])) / max(len(series("teacher_divergence", rows[-_RECENT:])), 1)
+        if first and first > 0 and divergence_trend["t"] > -t_min and level > th["divergence_stalled"] * first:
+            add(Event("divergence_stalled", step, f"the divergence to the teacher stopped falling at {level:.3g} ({level / first:.0%} of its first value "
+                      f"{first:.3g}; slope {divergence_trend['slope']:.3g}/step against noise {divergence_trend['noise']:.3g} over the last "
+                      f"{divergence_trend['n']} logged steps).",
+                      {metric("teacher_divergence"): latest("teacher_divergence"), "recent_mean": _round(level), "first": _round(first),
+                       **_trend_evidence("teacher_divergence", divergence_trend)},
+                      DEFAULT_ACTIONS["divergence_stalled"], CODES["divergence_stalled"]))
+    student_entropy, teacher_entropy = series("entropy", rows[-_RECENT:]), series("teacher_entropy", rows[-_RECENT:])
+    if student_entropy and teacher_entropy and len(rows) >= 3:
+        s_level, t_level = sum(student_entropy) / len(student_entropy), sum(teacher_entropy) / len(teacher_entropy)
+        if t_level > 0 and s_level < th["teacher_mode_collapse"] * t_level:
+            add(Event("teacher_mode_collapse", step, f"the student's entropy ({s_level:.3g} nats/token) is {s_level / t_level:.0%} of the teacher's "
+                      f"({t_level:.3g}) on the student's completions: the student is collapsing onto one mode of the teacher.",
+                      {metric("entropy"): latest("entropy"), metric("teacher_entropy"): latest("teacher_entropy"),
+                       "ratio": _round(s_level / t_level, 3)},
+                      DEFAULT_ACTIONS["teacher_mode_collapse"], CODES["teacher_mode_collapse"]))
     accuracy_name = metric("preference_accuracy")
     margin_trend = trend_of("preference_margin")
     eval_accuracy = series("eval_" + accuracy_name, list(eval_rows), raw=True) if accuracy_name else []
@@ -688,6 +714,8 @@ def diagnose(output_dir: str) -> dict:
         if signals.get(role) and _finite(r.get(signals[role]) for r in train_rows):
             objective_name = signals[role]
             break
+    if objective_name is None and signals.get("teacher_divergence") and _finite(r.get(signals["teacher_divergence"]) for r in train_rows):
+        objective_name, sign = signals["teacher_divergence"], -1.0  # distillation: the divergence to the teacher falls
     if objective_name is None:
         objective_name, sign = "loss", -1.0
     values = _finite(r.get(objective_name) for r in train_rows)
@@ -723,10 +751,10 @@ def diagnose(output_dir: str) -> dict:
         verdict, reason = "over-optimizing", ", ".join(sorted(active & {"reward_hacking", "preference_saturation", "eval_divergence"}))
     elif active & {"length_drift", "kl_blowup"}:
         verdict, reason = "drifting", ", ".join(sorted(active & {"length_drift", "kl_blowup"}))
-    elif active & {"entropy_collapse", "reward_std_collapse"} or (objective_name != "loss" and falling(recent)):
-        codes = sorted(active & {"entropy_collapse", "reward_std_collapse"})
+    elif active & {"entropy_collapse", "reward_std_collapse", "teacher_mode_collapse"} or (objective_name != "loss" and falling(recent)):
+        codes = sorted(active & {"entropy_collapse", "reward_std_collapse", "teacher_mode_collapse"})
         verdict, reason = "collapsing", (", ".join(codes) if codes else f"{objective_name} is falling") + " in the last window"
-    elif "reward_plateau" in active or (recent is not None and not rising(recent) and not rising(whole)):
+    elif active & {"reward_plateau", "divergence_stalled"} or (recent is not None and not rising(recent) and not rising(whole)):
         verdict, reason = "plateaued", f"{objective_name} has not improved over the last {min(window, len(values))} logged steps"
     elif rising(whole) or rising(recent):
         verdict, reason = "improving", f"{objective_name} improves (t={sign * (recent or whole)['t']:.2f} over the last window)"

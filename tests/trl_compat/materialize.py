@@ -39,9 +39,19 @@ TRAINERS = {
     "orpo": ("tests/experimental/test_orpo_trainer.py", "posttrain.experimental.orpo", "ORPOConfig", "ORPOTrainer"),
     "cpo": ("tests/experimental/test_cpo_trainer.py", "posttrain.experimental.cpo", "CPOConfig", "CPOTrainer"),
     "tpo": ("tests/experimental/test_tpo_trainer.py", "posttrain.experimental.tpo", "TPOConfig", "TPOTrainer"),
+    # distillation (issue 19): TRL 1.16 made DistillationTrainer stable; the mirror's tests import it from trl.experimental
+    "distill": ("tests/experimental/test_distillation_trainer.py", "posttrain.methods.distill", "DistillationConfig", "DistillationTrainer"),
+    "server_distill": ("tests/experimental/test_server_distillation_trainer.py", "posttrain.experimental.server_distill",
+                       "ServerDistillationConfig", "ServerDistillationTrainer"),
+    "gkd": ("tests/experimental/test_gkd_trainer.py", "posttrain.experimental.gkd", "GKDConfig", "GKDTrainer"),
+    "gold": ("tests/experimental/test_gold_trainer.py", "posttrain.experimental.gold", "GOLDConfig", "GOLDTrainer"),
+    "iw_opd": ("tests/experimental/test_iw_opd_trainer.py", "posttrain.experimental.iw_opd", "IWOPDConfig", "IWOPDTrainer"),
+    "sdft": ("tests/experimental/test_sdft_trainer.py", "posttrain.experimental.sdft", "SDFTConfig", "SDFTTrainer"),
+    "sdpo": ("tests/experimental/test_sdpo_trainer.py", "posttrain.experimental.sdpo", "SDPOConfig", "SDPOTrainer"),
 }
 #: trainer -> the trl module its test file imports the config and trainer from (default ``trl``)
-TRL_MODULES = {name: "trl.experimental." + name for name in ("orpo", "cpo", "tpo")}
+TRL_MODULES = {name: "trl.experimental." + name for name in ("orpo", "cpo", "tpo", "gkd", "gold", "iw_opd", "sdft", "sdpo")}
+TRL_MODULES.update({"distill": "trl.experimental.distillation", "server_distill": "trl.experimental.server_distillation"})
 SUPPORT_FILES = ["tests/__init__.py", "tests/experimental/__init__.py", "tests/conftest.py", "tests/testing_utils.py", "tests/testing_constants.py"]
 TARGETS = ("trl", "posttrain")
 
@@ -117,10 +127,10 @@ def rewrite_imports(text: str, trainer: str) -> str:
     _, module, config_cls, trainer_cls = TRAINERS[trainer]
     wanted = {config_cls, trainer_cls}
     trl_module = TRL_MODULES.get(trainer, "trl")
-    import_re = re.compile(rf"^from {re.escape(trl_module)} import (?P<names>[A-Za-z_, ]+)$", re.MULTILINE)
+    import_re = re.compile(rf"^from {re.escape(trl_module)} import (?:\((?P<paren>[A-Za-z_,\s]+)\)|(?P<names>[A-Za-z_, ]+))$", re.MULTILINE)
 
     def repl(match: re.Match) -> str:
-        names = [n.strip() for n in match.group("names").split(",") if n.strip()]
+        names = [n.strip() for n in (match.group("names") or match.group("paren")).split(",") if n.strip()]
         ours = [n for n in names if n in wanted]
         rest = [n for n in names if n not in wanted]
         lines = []
