@@ -6,6 +6,7 @@ part of a stable plugin's surface). Imports no pytest.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import tempfile
 from typing import Any
@@ -43,7 +44,9 @@ def method_classes(info: Any) -> tuple[type, type]:
 def build_tiny_trainer(info: Any, model_dir: str, output_dir: str, **overrides: Any) -> Any:
     """Build ``info``'s trainer on the model at ``model_dir`` and a 16-row dataset of ``spec.data_format``.
 
-    The config is ``SMALL_RUN``, then ``spec.tiny_run``, then ``overrides``.
+    The config is ``SMALL_RUN``, then ``spec.tiny_run``, then ``overrides``. A config with a
+    ``teacher_model_name_or_path`` field that none of them sets (a distillation method) gets the tiny
+    model itself as its teacher: same vocabulary, and the tiny run needs no second model.
 
     Raises:
         ValueError: the spec declares no ``data_format``.
@@ -57,6 +60,8 @@ def build_tiny_trainer(info: Any, model_dir: str, output_dir: str, **overrides: 
         )
     config_cls, trainer_cls = method_classes(info)
     values = {**SMALL_RUN, **info.spec.tiny_run, **overrides}
+    if values.get("teacher_model_name_or_path") is None and "teacher_model_name_or_path" in {f.name for f in dataclasses.fields(config_cls)}:
+        values["teacher_model_name_or_path"] = model_dir
     args = config_cls(output_dir=output_dir, **values)
     data = make_tiny_datasets(n=16)[info.spec.data_format]
     return trainer_cls(model=model_dir, args=args, train_dataset=data)
