@@ -11,7 +11,7 @@ import importlib
 import tempfile
 from typing import Any
 
-__all__ = ["SMALL_RUN", "build_tiny_trainer", "logged_metric_names", "method_classes", "run_metric_names"]
+__all__ = ["SMALL_RUN", "build_tiny_trainer", "tiny_teacher_beside", "logged_metric_names", "method_classes", "run_metric_names"]
 
 #: Config values of every conformance run (``MethodSpec.tiny_run`` goes over them).
 SMALL_RUN = {
@@ -41,12 +41,25 @@ def method_classes(info: Any) -> tuple[type, type]:
     return found[0], found[1]
 
 
+def tiny_teacher_beside(model_dir: str) -> str:
+    """A tiny random teacher for the model at ``model_dir``: same tokenizer, hidden size 48, seed 1; written once beside it."""
+    import os
+
+    from posttrain.testing.tiny_model import save_tiny_model
+
+    path = os.path.join(os.path.dirname(os.path.abspath(model_dir)), os.path.basename(os.path.normpath(model_dir)) + "-conformance-teacher")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        save_tiny_model(path, hidden_size=48, seed=1)
+    return path
+
+
 def build_tiny_trainer(info: Any, model_dir: str, output_dir: str, **overrides: Any) -> Any:
     """Build ``info``'s trainer on the model at ``model_dir`` and a 16-row dataset of ``spec.data_format``.
 
     The config is ``SMALL_RUN``, then ``spec.tiny_run``, then ``overrides``. A config with a
-    ``teacher_model_name_or_path`` field that none of them sets (a distillation method) gets the tiny
-    model itself as its teacher: same vocabulary, and the tiny run needs no second model.
+    ``teacher_model_name_or_path`` field that none of them sets (a distillation method) gets
+    :func:`tiny_teacher_beside` ``(model_dir)`` as its teacher: same vocabulary, other weights (a
+    student distilled from itself has a zero loss and would not train).
 
     Raises:
         ValueError: the spec declares no ``data_format``.
@@ -61,7 +74,7 @@ def build_tiny_trainer(info: Any, model_dir: str, output_dir: str, **overrides: 
     config_cls, trainer_cls = method_classes(info)
     values = {**SMALL_RUN, **info.spec.tiny_run, **overrides}
     if values.get("teacher_model_name_or_path") is None and "teacher_model_name_or_path" in {f.name for f in dataclasses.fields(config_cls)}:
-        values["teacher_model_name_or_path"] = model_dir
+        values["teacher_model_name_or_path"] = tiny_teacher_beside(model_dir)
     args = config_cls(output_dir=output_dir, **values)
     data = make_tiny_datasets(n=16)[info.spec.data_format]
     return trainer_cls(model=model_dir, args=args, train_dataset=data)
