@@ -609,37 +609,86 @@ def _divergence(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta: fl
     return beta * kl_teacher + (1 - beta) * kl_student
 
 
+def _post_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, temperature: float, post: tuple) -> torch.Tensor:
+    """Return one chunk's logits after a model's own post-processing, then the temperature: ``cap * tanh(scale * z / cap) / T``.
+
+    ``post`` is ``(logit_scale, final_logit_softcapping or None)`` (TRL's order: scale, soft-cap, temperature);
+    out of place, so that autograd can differentiate it. Float32 (float64 stays float64).
+    """
+    scale, softcap = post
+    z = F.linear(hidden, weight, bias)
+    z = z if z.dtype == torch.float64 else z.float()
+    if scale != 1.0:
+        z = z * scale
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return z / temperature if temperature != 1.0 else z
+
+
 class _ChunkedDivergence(torch.autograd.Function):
-    """Per-token divergence between student and teacher heads, by row chunks; backward recomputes each chunk under autograd."""
+    """Per-token divergence between student and teacher heads, by row chunks; backward recomputes each chunk under autograd.
+
+    ``post`` is None (plain heads: the original path) or ``((student scale, softcap), (teacher scale, softcap))``;
+    with ``want_entropy`` = ``(student, teacher)`` flags, two more non-differentiable outputs hold the per-token entropies
+    (empty when not asked).
+    """
 
     @staticmethod
-    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, beta, temperature, chunk_size):
-        out = torch.empty(s_hidden.shape[0], dtype=torch.float64 if s_hidden.dtype == torch.float64 else torch.float32, device=s_hidden.device)
+    def forward(ctx, s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias, beta, temperature, chunk_size, post=None, want_entropy=None):
+        dtype = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
+        out = torch.empty(s_hidden.shape[0], dtype=dtype, device=s_hidden.device)
+        want_s, want_t = want_entropy or (False, False)
+        s_entropy = torch.empty(s_hidden.shape[0] if want_s else 0, dtype=dtype, device=s_hidden.device)
+        t_entropy = torch.empty(s_hidden.shape[0] if want_t else 0, dtype=dtype, device=s_hidden.device)
         for start in range(0, s_hidden.shape[0], chunk_size):
             rows = slice(start, start + chunk_size)
-            s = F.log_softmax(_chunk_logits(s_hidden[rows], s_weight, s_bias, temperature), -1)
-            t = F.log_softmax(_chunk_logits(t_hidden[rows], t_weight, t_bias, temperature), -1)
+            if post is None:
+                s = F.log_softmax(_chunk_logits(s_hidden[rows], s_weight, s_bias, temperature), -1)
+                t = F.log_softmax(_chunk_logits(t_hidden[rows], t_weight, t_bias, temperature), -1)
+            else:
+                s = F.log_softmax(_post_logits(s_hidden[rows], s_weight, s_bias, temperature, post[0]), -1)
+                t = F.log_softmax(_post_logits(t_hidden[rows], t_weight, t_bias, temperature, post[1]), -1)
             out[rows] = _divergence(s, t, beta)
+            if want_s:
+                s_entropy[rows] = -(s.exp() * s).sum(-1)
+            if want_t:
+                t_entropy[rows] = -(t.exp() * t).sum(-1)
         ctx.save_for_backward(s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias)
-        ctx.beta, ctx.temperature, ctx.chunk_size = beta, temperature, chunk_size
+        ctx.beta, ctx.temperature, ctx.chunk_size, ctx.post = beta, temperature, chunk_size, post
+        if want_entropy is not None:
+            ctx.mark_non_differentiable(s_entropy, t_entropy)
+            return out, s_entropy, t_entropy
         return out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_):
         s_hidden, s_weight, s_bias, t_hidden, t_weight, t_bias = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(s_hidden) if need_h else None
         acc = torch.float64 if s_hidden.dtype == torch.float64 else torch.float32
         grad_w = torch.zeros(s_weight.shape, dtype=acc, device=s_weight.device) if need_w else None
         grad_b = torch.zeros(s_bias.shape, dtype=acc, device=s_bias.device) if need_b else None
+        post = ctx.post
         for start in range(0, s_hidden.shape[0], ctx.chunk_size):
             rows = slice(start, start + ctx.chunk_size)
-            with torch.no_grad():
-                t = F.log_softmax(_chunk_logits(t_hidden[rows], t_weight, t_bias, ctx.temperature), -1)
-            with torch.enable_grad():
-                z = _chunk_logits(s_hidden[rows].detach(), s_weight.detach(), None if s_bias is None else s_bias.detach(), ctx.temperature).requires_grad_()
-                (grad_z,) = torch.autograd.grad(_divergence(F.log_softmax(z, -1), t, ctx.beta), z, grad_out[rows].to(z.dtype))
-            grad_z = (grad_z / ctx.temperature).to(s_hidden.dtype)
+            if post is None:
+                with torch.no_grad():
+                    t = F.log_softmax(_chunk_logits(t_hidden[rows], t_weight, t_bias, ctx.temperature), -1)
+                with torch.enable_grad():
+                    z = _chunk_logits(s_hidden[rows].detach(), s_weight.detach(), None if s_bias is None else s_bias.detach(), ctx.temperature).requires_grad_()
+                    (grad_z,) = torch.autograd.grad(_divergence(F.log_softmax(z, -1), t, ctx.beta), z, grad_out[rows].to(z.dtype))
+                grad_z = (grad_z / ctx.temperature).to(s_hidden.dtype)
+            else:  # differentiate through the scale and soft-cap too: grad_z is the gradient of the raw head output
+                with torch.no_grad():
+                    t = F.log_softmax(_post_logits(t_hidden[rows], t_weight, t_bias, ctx.temperature, post[1]), -1)
+                with torch.enable_grad():
+                    raw = _chunk_logits(s_hidden[rows].detach(), s_weight.detach(), None if s_bias is None else s_bias.detach(), 1.0).requires_grad_()
+                    scale, softcap = post[0]
+                    z = raw * scale if scale != 1.0 else raw
+                    z = softcap * torch.tanh(z / softcap) if softcap is not None else z
+                    z = z / ctx.temperature if ctx.temperature != 1.0 else z
+                    (grad_z,) = torch.autograd.grad(_divergence(F.log_softmax(z, -1), t, ctx.beta), raw, grad_out[rows].to(raw.dtype))
+                grad_z = grad_z.to(s_hidden.dtype)
             if need_h:
                 grad_h[rows] = grad_z @ s_weight
             if need_w:
@@ -647,7 +696,7 @@ class _ChunkedDivergence(torch.autograd.Function):
             if need_b:
                 grad_b.add_(grad_z.sum(0))
         return (grad_h, None if grad_w is None else grad_w.to(s_weight.dtype), None if grad_b is None else grad_b.to(s_bias.dtype),
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def chunked_distillation_divergence(
@@ -661,7 +710,13 @@ def chunked_distillation_divergence(
     beta: float = 0.5,
     temperature: float = 1.0,
     chunk_size: int = 256,
-) -> torch.Tensor:
+    student_logit_scale: float = 1.0,
+    teacher_logit_scale: float = 1.0,
+    student_final_logit_softcapping: float | None = None,
+    teacher_final_logit_softcapping: float | None = None,
+    return_entropy: bool = False,
+    return_teacher_entropy: bool = False,
+):
     """Return the per-token generalized Jensen-Shannon divergence between student and teacher, chunked.
 
     The divergence of TRL GKD's ``generalized_jsd_loss`` (arXiv:2306.13649 Eq. 1) before masking and
@@ -669,6 +724,11 @@ def chunked_distillation_divergence(
     KL(p_S || m)``; ``beta=0`` is the forward KL ``KL(p_T || p_S)``, ``beta=1`` the reverse KL
     ``KL(p_S || p_T)``. Both distributions are ``softmax((hidden @ weight.T + bias) / temperature)``
     in float32. Gradients flow to the student only (the teacher is treated as a constant).
+
+    A model that post-processes its logits (TRL 1.16's ``DistillationTrainer`` reads them from the
+    config: Cohere's ``logit_scale``, Gemma's ``final_logit_softcapping``) is described per side by
+    ``*_logit_scale`` and ``*_final_logit_softcapping``: the logits are ``cap * tanh(scale * z / cap)``
+    before the temperature (TRL's order). With the defaults the computation is the plain one, unchanged.
 
     Args:
         student_hidden: ``(..., H_s)`` student hidden states.
@@ -680,12 +740,20 @@ def chunked_distillation_divergence(
         beta: Interpolation in ``[0, 1]``.
         temperature: Softmax temperature (> 0).
         chunk_size: Rows per chunk.
+        student_logit_scale: Multiplier of the student's logits (1.0: none).
+        teacher_logit_scale: Multiplier of the teacher's logits (1.0: none).
+        student_final_logit_softcapping: Soft-cap of the student's logits (None: none).
+        teacher_final_logit_softcapping: Soft-cap of the teacher's logits (None: none).
+        return_entropy: Also return the student's per-token entropy (nats, at ``temperature``; detached).
+        return_teacher_entropy: Also return the teacher's per-token entropy (nats, at ``temperature``).
 
     Returns:
-        ``(...)`` float32 divergences (mask and reduce them as the method requires).
+        ``(...)`` float32 divergences (mask and reduce them as the method requires); with
+        ``return_entropy`` and/or ``return_teacher_entropy``, a tuple ``(divergences, [student entropies],
+        [teacher entropies])`` holding the ones asked for, in that order.
 
     Raises:
-        ValueError: ``beta`` outside ``[0, 1]``, non-positive ``temperature``/``chunk_size``, or mismatched shapes.
+        ValueError: ``beta`` outside ``[0, 1]``, non-positive ``temperature``/``chunk_size``/soft-cap, or mismatched shapes.
     """
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"chunked_distillation_divergence: beta must be in [0, 1], got {beta}.")
@@ -696,11 +764,22 @@ def chunked_distillation_divergence(
             f"chunked_distillation_divergence: student hidden {tuple(student_hidden.shape)} / weight {tuple(student_weight.shape)} and teacher "
             f"hidden {tuple(teacher_hidden.shape)} / weight {tuple(teacher_weight.shape)} must share positions and vocabulary."
         )
+    for name, cap in (("student_final_logit_softcapping", student_final_logit_softcapping), ("teacher_final_logit_softcapping", teacher_final_logit_softcapping)):
+        if cap is not None and not cap > 0:
+            raise ValueError(f"chunked_distillation_divergence: {name} must be None or > 0, got {cap}.")
+    post = None
+    if (student_logit_scale, teacher_logit_scale) != (1.0, 1.0) or student_final_logit_softcapping is not None or teacher_final_logit_softcapping is not None:
+        post = ((float(student_logit_scale), None if student_final_logit_softcapping is None else float(student_final_logit_softcapping)),
+                (float(teacher_logit_scale), None if teacher_final_logit_softcapping is None else float(teacher_final_logit_softcapping)))
     lead = student_hidden.shape[:-1]
     s = student_hidden.reshape(-1, student_hidden.shape[-1])
     t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     with torch.autocast(device_type=s.device.type, enabled=False):
         out = _ChunkedDivergence.apply(s, student_weight, student_bias, t, teacher_weight.detach(),
-                                       None if teacher_bias is None else teacher_bias.detach(), float(beta), float(temperature), chunk_size)
+                                       None if teacher_bias is None else teacher_bias.detach(), float(beta), float(temperature), chunk_size,
+                                       post, (bool(return_entropy), bool(return_teacher_entropy)) if return_entropy or return_teacher_entropy else None)
+    if return_entropy or return_teacher_entropy:
+        divergence, s_entropy, t_entropy = out
+        wanted = [s_entropy] * bool(return_entropy) + [t_entropy] * bool(return_teacher_entropy)
+        return (divergence.reshape(lead), *(e.reshape(lead) for e in wanted))
     return out.reshape(lead)
-
