@@ -1,7 +1,9 @@
 """Every examples/<method>.yaml trains through `posttrain train` on the tiny model, and learns.
 
 Two tests per example, both in-process through ``posttrain.cli.main`` from the repository root (the
-examples' dataset paths are relative to it), on the tiny model of ``posttrain.testing``:
+examples' dataset paths are relative to it), on the tiny model of ``posttrain.testing`` (an example's
+``outputs/tiny-model``) and its tiny trained teacher (``outputs/tiny-teacher``: the distillation examples'
+teacher, and the starting model of the self-distillation ones):
 
 * a smoke run: the config parses and trains two steps;
 * the example exactly as its header comment runs it (its own max_steps, seed and hyperparameters;
@@ -42,9 +44,30 @@ LEARNING = {
     "bco": ("rewards/margins", 0.07),  # +0.154 .. +0.179
     "tpo": ("rewards/accuracies", 0.2),  # +0.396 .. +0.500
 }
+#: method -> (metric that must FALL, minimum fall of mean(first 3 logged values) - mean(last 3)): the distillation
+#: methods, judged by their divergence to the teacher (``posttrain.diagnose``'s objective for them, lower is better).
+FALLING = {
+}
 
 
-def _train(method: str, extra: list[str], tiny_model_dir: str, out, monkeypatch) -> int:
+def _model_args(path: str, tiny_model_dir: str, tiny_teacher_dir) -> list[str]:
+    """The example's model paths mapped to the test's tiny models: ``outputs/tiny-model`` (the random student) and
+    ``outputs/tiny-teacher`` (the tiny trained teacher, also the starting model of the self-distillation examples)."""
+    import yaml
+
+    config = yaml.safe_load(open(path)) or {}
+    dirs = {"outputs/tiny-model": lambda: tiny_model_dir, "outputs/tiny-teacher": tiny_teacher_dir}
+    args = []
+    for key in ("model_name_or_path", "teacher_model_name_or_path"):
+        value = config.get(key)
+        if value is not None:
+            if value not in dirs:
+                raise AssertionError(f"{path}: {key}={value!r}; an example names outputs/tiny-model or outputs/tiny-teacher")
+            args += [f"--{key}", dirs[value]()]
+    return args
+
+
+def _train(method: str, extra: list[str], tiny_model_dir: str, out, monkeypatch, tiny_teacher_dir=None) -> int:
     from posttrain.cli import main
 
     registry = posttrain.Registry()
@@ -54,31 +77,38 @@ def _train(method: str, extra: list[str], tiny_model_dir: str, out, monkeypatch)
     opt_in = ["--allow-experimental", method] if infos[method].maturity == "experimental" else []
     monkeypatch.chdir(ROOT)  # dataset paths in the examples are relative to the repository root
     path = os.path.join(ROOT, "examples", f"{method}.yaml")
-    return main(["train", method, "--config", path, "--model_name_or_path", tiny_model_dir, "--output_dir", str(out), *extra, *opt_in],
-                registry=registry)
+    models = _model_args(path, tiny_model_dir, tiny_teacher_dir)
+    return main(["train", method, "--config", path, *models, "--output_dir", str(out), *extra, *opt_in], registry=registry)
+
+
+@pytest.fixture
+def teacher_dir(request):
+    """The tiny trained teacher's directory, built (once per session) only when an example names it."""
+    return lambda: request.getfixturevalue("tiny_teacher_dir")
 
 
 def test_every_example_is_checked_for_learning():
-    assert sorted(os.path.splitext(os.path.basename(p))[0] for p in EXAMPLES) == sorted(LEARNING)
+    assert sorted(os.path.splitext(os.path.basename(p))[0] for p in EXAMPLES) == sorted({**LEARNING, **FALLING})
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[os.path.basename(p) for p in EXAMPLES])
-def test_example_config_trains_through_the_cli(path, tiny_model_dir, tmp_path, monkeypatch):
+def test_example_config_trains_through_the_cli(path, tiny_model_dir, teacher_dir, tmp_path, monkeypatch):
     method = os.path.splitext(os.path.basename(path))[0]
     out = tmp_path / "out"
     code = _train(method, ["--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no", "--disable_tqdm", "true"],
-                  tiny_model_dir, out, monkeypatch)
+                  tiny_model_dir, out, monkeypatch, teacher_dir)
     assert code == 0
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r][:2] == [1, 2]
     assert json.load(open(out / "run_manifest.json"))["method"] == method
 
 
-@pytest.mark.parametrize("method", sorted(LEARNING))
-def test_example_learns(method, tiny_model_dir, tmp_path, monkeypatch):
-    metric, min_rise = LEARNING[method]
+@pytest.mark.parametrize("method", sorted({**LEARNING, **FALLING}))
+def test_example_learns(method, tiny_model_dir, teacher_dir, tmp_path, monkeypatch):
+    metric, min_rise = LEARNING[method] if method in LEARNING else FALLING[method]
+    sign = 1.0 if method in LEARNING else -1.0
     out = tmp_path / "out"
-    assert _train(method, [], tiny_model_dir, out, monkeypatch) == 0
+    assert _train(method, [], tiny_model_dir, out, monkeypatch, teacher_dir) == 0
 
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     train = [r for r in rows if "loss" in r]
@@ -86,7 +116,7 @@ def test_example_learns(method, tiny_model_dir, tmp_path, monkeypatch):
     values = [r[metric] for r in train]
     assert len(values) >= 6, f"{method}: only {len(values)} logged steps; the example should log at least 6"
     first, last = sum(values[:3]) / 3, sum(values[-3:]) / 3
-    assert last - first >= min_rise, f"{method}: {metric} went {first:.3f} -> {last:.3f} (first/last 3 logged steps): {values}"
+    assert sign * (last - first) >= min_rise, f"{method}: {metric} went {first:.3f} -> {last:.3f} (first/last 3 logged steps): {values}"
     if method == "sft":  # the loss on the answers falls too
         losses = [r["loss"] for r in train]
         assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3, losses

@@ -346,9 +346,14 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
                       CODES["grad_norm_spike"]))
     reward_trend = trend_of("reward")
     reward_rising = reward_trend is not None and reward_trend["t"] > t_min
-    # While the reward still rises significantly, a more deterministic policy and identical group rewards
-    # are learning converging on what is rewarded, not a collapse: info, not warning.
-    converged = reward_rising
+    # a distillation method's progress: its divergence to the teacher falls significantly
+    divergence_trend = trend_of("teacher_divergence")
+    divergence_falling = divergence_trend is not None and divergence_trend["t"] < -t_min
+    progress_trend = reward_trend if metric("reward") else divergence_trend
+    progressing = reward_rising or divergence_falling
+    # While the reward still rises (or the divergence to the teacher still falls) significantly, a more deterministic
+    # policy and identical group rewards are learning converging on what is rewarded, not a collapse: info, not warning.
+    converged = progressing
     zero_std = series("group_reward_zero_std", rows[-_RECENT:])
     if zero_std and latest("group_reward_zero_std") is not None and sum(zero_std) / len(zero_std) >= th["reward_std_collapse"]:
         mean_zero = sum(zero_std) / len(zero_std)
@@ -373,9 +378,11 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
     if truncated is not None and truncated >= th["completions_truncated"]:
         # A warning only when it may hold learning back: the reward is known not to rise (or the method has none).
         # While the reward rises, or before a full window tells, it is info.
-        stalled = reward_trend is not None and not reward_rising
-        severity = CODES["completions_truncated"] if stalled or not metric("reward") else "info"
-        note = " (the reward still rises)." if reward_rising else ("." if stalled or not metric("reward") else " (too early to tell whether it hurts the reward).")
+        objective = metric("reward") or metric("teacher_divergence")
+        stalled = progress_trend is not None and not progressing
+        severity = CODES["completions_truncated"] if stalled or not objective else "info"
+        what = "the reward still rises" if metric("reward") else "the divergence to the teacher still falls"
+        note = f" ({what})." if progressing else ("." if stalled or not objective else " (too early to tell whether it hurts learning).")
         add(Event("completions_truncated", step, f"{truncated:.0%} of completions hit max_completion_length" + note,
                   {metric("truncation"): truncated, "reward_rising": reward_rising}, DEFAULT_ACTIONS["completions_truncated"],
                   severity))
@@ -430,7 +437,7 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
                       DEFAULT_ACTIONS["entropy_collapse"],
                       "info" if converged else CODES["entropy_collapse"]))
     length_trend = trend_of("completion_length")
-    if length_trend is not None and not reward_rising and length_trend["first"] > 0:
+    if length_trend is not None and not progressing and length_trend["first"] > 0:
         relative = length_trend["change"] / length_trend["first"]
         if abs(length_trend["t"]) > t_min and abs(relative) > th["length_drift"]:
             direction = "grew" if relative > 0 else "shrank"
@@ -439,7 +446,6 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
                        **({"reward_t": _round(reward_trend["t"], 3)} if reward_trend else {})},
                       DEFAULT_ACTIONS["length_drift"],
                       CODES["length_drift"]))
-    divergence_trend = trend_of("teacher_divergence")
     if divergence_trend is not None:
         first = (series("teacher_divergence", rows) or [None])[0]
         level = sum(series("teacher_divergence", rows[-_RECENT:])) / max(len(series("teacher_divergence", rows[-_RECENT:])), 1)

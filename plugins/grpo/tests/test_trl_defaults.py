@@ -19,7 +19,8 @@ import pytest
 trl = pytest.importorskip("trl")
 
 #: method -> the config class name in both ``posttrain_<method>`` and ``trl``
-CONFIGS = {"sft": "SFTConfig", "dpo": "DPOConfig", "reward": "RewardConfig", "kto": "KTOConfig", "grpo": "GRPOConfig", "rloo": "RLOOConfig"}
+CONFIGS = {"sft": "SFTConfig", "dpo": "DPOConfig", "reward": "RewardConfig", "kto": "KTOConfig", "grpo": "GRPOConfig", "rloo": "RLOOConfig",
+           "distill": "DistillationConfig"}
 
 #: Deliberate departures: ``field -> (ours, TRL's, why)``, for every method (both come from posttrain.TrainingConfig).
 DEPARTURES = {
