@@ -16,7 +16,7 @@ from posttrain.config import ConfigError, TrainingConfig, as_config, closest_fie
 
 #: Version of the plugin contract ("MAJOR.MINOR"). A plugin built for another major, or for a
 #: newer minor, is refused (see STABILITY.md).
-API_VERSION = "1.5"
+API_VERSION = "1.6"
 
 try:  # the distribution's version, single-sourced from pyproject.toml
     from importlib.metadata import version as _dist_version
@@ -67,6 +67,10 @@ _LAZY = {
     # one model-loading rule for every role: policy, reference, reward, teacher, critic, judge (plugin API 1.5)
     "load_pretrained": "posttrain._models:load_pretrained",
     "MODEL_ROLES": "posttrain._models:MODEL_ROLES",
+    # a teacher served over HTTP (vLLM's /v1/completions prompt_logprobs protocol; plugin API 1.6)
+    "TeacherServer": "posttrain._teacher_server:TeacherServer",
+    "TeacherServerClient": "posttrain._teacher_server:TeacherServerClient",
+    "TeacherServerError": "posttrain._teacher_server:TeacherServerError",
     # rewards (TRL's calling convention; see posttrain.rewards)
     "RewardFunctionError": "posttrain.rewards:RewardFunctionError",
     "RewardResult": "posttrain.rewards:RewardResult",

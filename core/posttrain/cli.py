@@ -717,6 +717,24 @@ def _cmd_diagnose(args: argparse.Namespace, registry: Registry) -> int:
     return 0
 
 
+def _cmd_serve_teacher(args: argparse.Namespace, registry: Registry) -> int:
+    from posttrain._teacher_server import TeacherServer
+
+    if not os.path.isdir(args.model_dir) and os.path.exists(args.model_dir):
+        raise UsageError(f"{args.model_dir} is not a model directory: give a directory written by save_pretrained (or a Hub id).")
+    server = TeacherServer(args.model_dir, host=args.host, port=args.port, dtype=args.dtype, max_batch_tokens=args.max_batch_tokens)
+    server.start()
+    print(f"serving {server.model_name} at {server.url} (POST /v1/completions with prompt_logprobs, GET /health, GET /v1/models); "
+          "Ctrl-C stops it", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    finally:
+        server.stop()
+    return 0
+
+
 # -- entry point ------------------------------------------------------------------------------
 
 
@@ -814,6 +832,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Also write a PNG of the run's curves by signal role, each diagnostic event marked, the verdict in the title "
                         "(default file: OUTPUT_DIR/diagnose.png; needs matplotlib).")
     p.set_defaults(handler=_cmd_diagnose)
+
+    p = sub.add_parser("serve-teacher", help="Serve a frozen model's prompt log-probs over HTTP (vLLM's /v1/completions protocol) for distillation.",
+                       allow_abbrev=False)
+    p.add_argument("model_dir", metavar="MODEL_DIR", help="The teacher: a directory written by save_pretrained, or a Hub id.")
+    p.add_argument("--host", default="127.0.0.1", help="Interface to bind (default: 127.0.0.1, this machine only; 0.0.0.0 for every interface).")
+    p.add_argument("--port", type=int, default=8000, help="Port (default: 8000, vLLM's; 0 picks a free one).")
+    p.add_argument("--dtype", default=None, choices=("float32", "float64", "bfloat16", "float16"), help="Cast the teacher to this dtype (default: as loaded, float32).")
+    p.add_argument("--max-batch-tokens", type=int, default=8192, help="Padded tokens per forward (default: 8192).")
+    p.set_defaults(handler=_cmd_serve_teacher)
     return parser
 
 
