@@ -1,4 +1,4 @@
-"""posttrain-iw_opd: Importance-Weighted On-Policy Distillation, IW-OPD (experimental).
+"""posttrain-iw-opd: Importance-Weighted On-Policy Distillation, IW-OPD (experimental).
 
 Keep this file light: ``posttrain list`` imports ``posttrain_iw_opd._spec``, which imports this
 package first. Use the method through the gate::

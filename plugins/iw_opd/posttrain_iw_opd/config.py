@@ -6,7 +6,7 @@ per process: ``generation_batch_size`` prompts (default: that number / ``num_gen
 sampled ``num_generations`` times by the student.
 
 Every field of TRL 1.16's ``trl.experimental.iw_opd.IWOPDConfig`` exists here with its name and
-default. What posttrain-iw_opd 0.1.0 does not implement is refused in one line when set (off-policy
+default. What posttrain-iw-opd 0.1.0 does not implement is refused in one line when set (off-policy
 mixing ``lmbda < 1``, the external teacher server); fields that cannot mean anything on posttrain's
 loop say so in a help text starting with "Accepted, no effect".
 """
@@ -55,7 +55,7 @@ class IWOPDConfig(TrainingConfig):
     teacher_model_name_or_path: str | None = field(default=None, metadata=_help("Hub id or directory of the teacher (used when the trainer gets no teacher_model). It must share the student's tokenizer (else use the gold plugin)."))
     teacher_model_revision: str | None = field(default=None, metadata=_help("Revision (branch, tag, commit) of a teacher given by name."))
     teacher_model_init_kwargs: dict | None = field(default=None, metadata=_help("from_pretrained keyword arguments of a teacher given by name (a JSON string on the CLI); its 'dtype' is the teacher's dtype (default float32)."))
-    use_teacher_server: bool = field(default=False, metadata=_help("Not offered in posttrain-iw_opd 0.1.0 (refused): use a local teacher; the server_distill plugin distills from a teacher server."))
+    use_teacher_server: bool = field(default=False, metadata=_help("Not offered in posttrain-iw-opd 0.1.0 (refused): use a local teacher; the server_distill plugin distills from a teacher server."))
     teacher_model_server_url: str | None = field(default=None, metadata=_help("Base URL of a vLLM teacher server (only with use_teacher_server, which is refused here)."))
     loss_top_k: int = field(default=1, metadata=_help("distillation_objective='jsd': tokens of the support the divergence is restricted to (0: full vocabulary). Forward KL uses the teacher's top-k, reverse KL the student's, JSD the union; with beta > 0 and 1, the teacher's top-1 and the reverse_kl_top_1_mode token."))
     loss_add_tail: bool = field(default=True, metadata=_help("distillation_objective='jsd' with loss_top_k > 0: append a tail bucket holding the probability mass outside the support."))
@@ -142,7 +142,7 @@ class IWOPDConfig(TrainingConfig):
             )
         if self.lmbda < 1.0:
             why = ("IW-OPD is an on-policy objective (TRL refuses it too)" if self.distillation_objective == "iw_opd"
-                   else "posttrain-iw_opd 0.1.0 trains on the student's own samples only")
+                   else "posttrain-iw-opd 0.1.0 trains on the student's own samples only")
             raise ConfigError(f"lmbda={self.lmbda} is not offered: {why}. Use lmbda=1.0, or the gkd plugin for an on/off-policy mix of the JSD objective.")
         if self.distillation_objective == "iw_opd" and self.reverse_kl_top_1_mode != "sampled":
             raise ConfigError("distillation_objective='iw_opd' requires reverse_kl_top_1_mode='sampled': IW-OPD is defined on the sampled completion tokens.")
@@ -150,7 +150,7 @@ class IWOPDConfig(TrainingConfig):
             raise ConfigError(f"vllm_sync_frequency={self.vllm_sync_frequency} is not offered: the rollout engine samples every step from the current student (set 1).")
         if self.use_teacher_server or self.teacher_model_server_url:
             raise ConfigError(
-                "use_teacher_server / teacher_model_server_url are not offered by posttrain-iw_opd 0.1.0: pass a local teacher "
+                "use_teacher_server / teacher_model_server_url are not offered by posttrain-iw-opd 0.1.0: pass a local teacher "
                 "(teacher_model= or teacher_model_name_or_path), or distill from a served teacher with the server_distill plugin."
             )
         if self.auto_find_batch_size:
