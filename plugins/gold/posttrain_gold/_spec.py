@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="gold",
     maturity="experimental",
-    plugin_api="1.5",  # the plugin API it is written against (1.5: MethodSpec.actions)
+    plugin_api="1.6",  # the plugin API it is written against (1.6: the teacher_entropy role, the distillation diagnostics, TeacherServer)
     summary="GOLD: on-policy logit distillation from a teacher, across tokenizers with universal logit distillation (byte-span alignment, merged split tokens, vocabulary mapping).",
     family="distillation",
     trainer="posttrain_gold.trainer:GOLDTrainer",

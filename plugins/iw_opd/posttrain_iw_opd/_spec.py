@@ -7,7 +7,7 @@ _PAPER = "arXiv:2606.22600"
 SPEC = MethodSpec(
     name="iw_opd",
     maturity="experimental",
-    plugin_api="1.5",  # the plugin API it is written against (1.5: MethodSpec.actions)
+    plugin_api="1.6",  # the plugin API it is written against (1.6: the teacher_entropy role, the distillation diagnostics, TeacherServer)
     summary="IW-OPD: on-policy distillation from a frozen teacher on the student's own samples, each token's signal weighted by the "
             "teacher-student discrepancy accumulated over its prefix.",
     family="distillation",

@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="sdft",
     maturity="experimental",
-    plugin_api="1.5",  # the plugin API it is written against (1.5: MethodSpec.actions)
+    plugin_api="1.6",  # the plugin API it is written against (1.6: the teacher_entropy role, the distillation diagnostics, TeacherServer)
     summary="SDFT: on-policy self-distillation; the model shown privileged context (a demonstration) teaches the model without it.",
     family="distillation",
     trainer="posttrain_sdft.trainer:SDFTTrainer",

@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="sdpo",
     maturity="experimental",
-    plugin_api="1.5",  # the plugin API it is written against (1.5: MethodSpec.actions)
+    plugin_api="1.6",  # the plugin API it is written against (1.6: the teacher_entropy role, the distillation diagnostics, TeacherServer)
     summary="SDPO: RL via self-distillation; the model shown a successful rollout of its group (or feedback) teaches the model without it.",
     family="distillation",
     trainer="posttrain_sdpo.trainer:SDPOTrainer",
