@@ -50,7 +50,7 @@ LEARNING = {
 FALLING = {
     "distill": ("loss", 1.4),  # -2.93 .. -3.42 (generalized JSD to the tiny trained teacher)
     "gold": ("divergence", 0.6),  # -1.18 .. -1.58
-    "sdpo": ("sdpo/distillation_loss", 0.01),  # -0.022 (seed 42; noisy between: the means of 3 logged steps)
+    "server_distill": ("divergence", 0.8),  # -1.61 .. -2.63 (the tiny teacher served by posttrain.TeacherServer)
 }
 
 

@@ -43,8 +43,18 @@ class _DataOrder:
         return batches
 
     def to_device(self, batch: dict) -> dict:
-        """Return ``batch`` with its tensors moved to the training device (other values unchanged)."""
-        return {k: (v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+        """Return ``batch`` with its tensors moved to the training device, in nested dicts, lists and tuples too (other values unchanged)."""
+        return {k: _to_device(v, self.device) for k, v in batch.items()}
+
+
+def _to_device(value, device):
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, dict):
+        return {k: _to_device(v, device) for k, v in value.items()}
+    if isinstance(value, (list, tuple)) and any(isinstance(v, (torch.Tensor, dict, list, tuple)) for v in value):
+        return type(value)(_to_device(v, device) for v in value) if isinstance(value, list) or type(value) is tuple else value
+    return value
 
 
 class _CollatedMicroBatches:

@@ -5,8 +5,8 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="distill",
     maturity="stable",
-    plugin_api="1.5",  # the plugin API it is written against (1.5: the online core, load_pretrained, prepare_frozen, MethodSpec.actions)
-    summary="On-policy distillation: the student samples, a teacher scores every token; generalized JSD (reverse KL by default), one or several teachers.",
+    plugin_api="1.6",  # the plugin API it is written against (1.6: the teacher_entropy role, the distillation diagnostics, TeacherServer)
+    summary="On-policy distillation: the student samples, a teacher scores every token; generalized JSD (reverse KL by default), one or several local teachers or a served one.",
     family="distillation",
     trainer="posttrain_distill.trainer:DistillationTrainer",
     config="posttrain_distill.config:DistillationConfig",

@@ -7,8 +7,9 @@ completions per process, generated once per step.
 Every field of TRL 1.16's ``DistillationConfig`` exists here with its name and default; the ones that
 cannot mean anything on posttrain's loop say so in a help text starting with "Accepted, no effect"
 (setting one to a non-default value warns once). Fields TRL lacks: ``teacher_models`` (several teachers,
-chosen per row by a ``teacher`` column), ``teacher_model_server_url`` (a served teacher), ``rollout_backend``,
-``generation_batch_size``.
+chosen per row by a ``teacher`` column), ``teacher_model_server_url`` with ``loss_top_k`` and ``loss_add_tail``
+(a served teacher; TRL's server_distillation names and defaults), ``teacher_server_timeout``,
+``teacher_server_max_retries``, ``rollout_backend``, ``generation_batch_size``.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class DistillationConfig(TrainingConfig):
     teacher_model_revision: str | None = field(default=None, metadata=_help("Revision (branch, tag, commit) of a teacher loaded by name."))
     teacher_model_init_kwargs: dict | str | None = field(default=None, metadata=_help("from_pretrained keyword arguments for a teacher given by name (dtype: the teacher computes in its own dtype); a JSON string works too."))
     teacher_models: dict | str | None = field(default=None, metadata=_help("Several teachers: {name: Hub id or directory}; each training row's 'teacher' column names the one that scores it (a row without it, or with None, uses the first). Not in TRL. A JSON string works too (CLI)."))
-    teacher_model_server_url: str | None = field(default=None, metadata=_help("Not offered in this release: a teacher served over HTTP (vLLM's /v1/completions prompt_logprobs protocol) is the server_distill method's (`posttrain train server_distill ...`); setting it is refused with that pointer."))
+    teacher_model_server_url: str | None = field(default=None, metadata=_help("Base URL of a teacher server (vLLM's `vllm serve TEACHER --logprobs-mode processed_logprobs`, or `posttrain serve-teacher TEACHER_DIR`), e.g. http://127.0.0.1:8000: the teacher never sits in training memory; the loss is taken on the served top-k support (loss_top_k, loss_add_tail). No local teacher is loaded. Not in TRL's DistillationConfig (TRL's server_distillation names it so)."))
     disable_dropout: bool = field(default=False, metadata=_help("Set every dropout probability of the student to 0."))
 
     # > Parameters that control the data preprocessing
@@ -81,6 +82,12 @@ class DistillationConfig(TrainingConfig):
     # > Parameters that control the training
     beta: float = field(default=1.0, metadata=_help("Interpolation of the generalized JSD loss: 0.0 = forward KL(teacher || student), 0.5 = JSD, 1.0 = reverse KL(student || teacher). It selects the divergence; there is no reference model."))
     max_tool_calling_iterations: int | None = field(default=None, metadata=_help("Maximum tool-calling turns when training with tools= (None: no limit). Tools are not offered in this release: tools= is refused."))
+
+    # > Parameters of a served teacher (teacher_model_server_url; names and defaults of TRL's server_distillation)
+    loss_top_k: int = field(default=1, metadata=_help("With a served teacher: teacher tokens the server returns per position and the loss's support: >= 1 with beta=0 (forward KL on the teacher's top-k); exactly 1 with beta > 0 (the teacher's top-1 and the sampled token). Without a server the loss uses the whole vocabulary and this is unused."))
+    loss_add_tail: bool = field(default=True, metadata=_help("With a served teacher: add a tail entry holding the probability mass outside the support (log(1 - sum p)) to both distributions; False renormalizes them over the support."))
+    teacher_server_timeout: float = field(default=60.0, metadata=_help("Seconds to wait for one teacher-server answer. Not in TRL."))
+    teacher_server_max_retries: int = field(default=2, metadata=_help("Extra tries after a refused connection or HTTP 502/503 from the teacher server (not after a timeout). Not in TRL."))
 
     # > Parameters that control logging
     log_completions: bool = field(default=False, metadata=_help("At each logging step print a sample of (prompt, completion) (with rich, when installed) and write them to <output_dir>/completions/completions_<step>.parquet."))
@@ -134,10 +141,23 @@ class DistillationConfig(TrainingConfig):
             if self.teacher_model_name_or_path is not None:
                 raise ConfigError("teacher_model_name_or_path and teacher_models are both set: give one teacher by teacher_model_name_or_path, or several by teacher_models.")
         if self.teacher_model_server_url is not None:
-            raise ConfigError(
-                f"teacher_model_server_url={self.teacher_model_server_url!r}: a served teacher is not offered by distill in this release; "
-                "use the server_distill method (`posttrain train server_distill --allow-experimental server_distill ...`) or a local teacher."
-            )
+            if not isinstance(self.teacher_model_server_url, str) or not self.teacher_model_server_url.strip():
+                raise ConfigError(f"teacher_model_server_url={self.teacher_model_server_url!r} is invalid: give the server's base URL, e.g. http://127.0.0.1:8000, or None.")
+            for name in ("teacher_model_name_or_path", "teacher_models"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"teacher_model_server_url and {name} are both set: a served teacher replaces the local one; unset one of them.")
+            if isinstance(self.loss_top_k, bool) or not isinstance(self.loss_top_k, int) or self.loss_top_k < 1:
+                raise ConfigError(f"loss_top_k={self.loss_top_k!r} is invalid with a served teacher: it must be an integer >= 1 (a server returns top-k "
+                                  "log-probs, never the whole vocabulary).")
+            if self.beta > 0 and self.loss_top_k != 1:
+                raise ConfigError(f"loss_top_k={self.loss_top_k} with beta={self.beta}: a served teacher supports beta > 0 only on the top-1 support; "
+                                  "set loss_top_k=1, or beta=0 (forward KL) to use the teacher's top-k.")
+            if not self.teacher_server_timeout > 0 or self.teacher_server_max_retries < 0:
+                raise ConfigError(f"teacher_server_timeout={self.teacher_server_timeout} / teacher_server_max_retries={self.teacher_server_max_retries} "
+                                  "are invalid: the timeout must be > 0 seconds and the retries >= 0.")
+        elif self.loss_top_k != 1 or self.loss_add_tail is not True:
+            warnings.warn("posttrain: loss_top_k / loss_add_tail apply to a served teacher only (teacher_model_server_url); with a local teacher "
+                          "distill takes the divergence on the whole vocabulary.", UserWarning, stacklevel=3)
         for name in ("shuffle_dataset", "ds3_gather_for_generation"):  # no-effect flags whose default is True
             if getattr(self, name) is False:
                 warnings.warn(f"posttrain: {name}=False is accepted but changes nothing in distill (see `posttrain info distill`).", UserWarning, stacklevel=3)

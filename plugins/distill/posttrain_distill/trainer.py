@@ -17,7 +17,10 @@ method. One optimizer step, in order (the producer's ``_produce`` then ``compute
 Features and their flags (TRL 1.16's ``DistillationConfig`` names): ``beta`` (0 forward KL, 0.5 JSD,
 1 reverse KL, the default), ``temperature`` (sampling and loss), ``teacher_model`` /
 ``teacher_model_name_or_path`` / ``teacher_model_init_kwargs`` / ``teacher_model_revision``; beyond TRL,
-several teachers (``teacher_model={name: model}`` or ``teacher_models``, a ``teacher`` column per row).
+several teachers (``teacher_model={name: model}`` or ``teacher_models``, a ``teacher`` column per row), and a
+served teacher (``teacher_model_server_url``: no local teacher; per step ONE request to the server for the
+top ``loss_top_k`` and sampled-token log-probs of every completion position, and the loss on that support,
+``loss_add_tail``: posttrain_distill/served.py).
 Departures from TRL: docs/methods/distill.md.
 """
 
@@ -30,12 +33,13 @@ import torch
 import torch.nn.functional as F
 
 from posttrain import (  # the loop, the core's online steps and chunked numerics (plugin API 1.5)
-    CompletionLog, ConfigError, DataError, ProduceRequest, RolloutProducer, TrainerSurface, TrainingLoop, as_config, attach_rollout_metrics,
-    build_rollout_engine, causal_lm_states, chunked_distillation_divergence, default_output_dir, evaluate_online, expand_prompts,
+    CompletionLog, ConfigError, DataError, ProduceRequest, RolloutProducer, TeacherServerClient, TrainerSurface, TrainingLoop, as_config,
+    attach_rollout_metrics, build_rollout_engine, causal_lm_states, chunked_distillation_divergence, default_output_dir, evaluate_online, expand_prompts,
     generate_rollout, load_online_policy, load_pretrained, prepare_prompt_dataset, prompt_token_ids, rollout_micro_batches, sampling_from_config,
 )
 
 from posttrain_distill.config import DistillationConfig
+from posttrain_distill.served import TEACHER_KEYS, served_support, served_topk_divergence, slice_teacher, support_logprobs
 
 __all__ = ["DistillationTrainer", "distillation_divergence_sums", "generalized_jsd"]
 
@@ -129,7 +133,7 @@ class DistillationTrainer(TrainerSurface):
         teacher_model: The teacher: a model object, a Hub id or a directory (default
             ``args.teacher_model_name_or_path``), or a dict ``{name: model or path}`` of several teachers (default
             ``args.teacher_models``), of which each training row's ``teacher`` column picks one. Every teacher must
-            share the student's vocabulary.
+            share the student's vocabulary. None with ``args.teacher_model_server_url`` (a served teacher).
         args: A :class:`DistillationConfig`, a ``transformers.TrainingArguments`` or a dict of fields.
         train_dataset: Prompt-only rows (``datasets.Dataset`` / ``IterableDataset`` / list of dicts): a ``prompt``
             column, standard (a string) or conversational (messages), and with several teachers a ``teacher`` column.
@@ -145,8 +149,12 @@ class DistillationTrainer(TrainerSurface):
 
     Raises:
         posttrain.ConfigError: no dataset or no teacher, a teacher whose vocabulary differs from the student's,
-            ``teacher_model_init_kwargs`` with a teacher object, ``tools``, or an ``optimizers`` pair.
+            ``teacher_model_init_kwargs`` with a teacher object, ``tools``, an ``optimizers`` pair, or a
+            ``teacher_model`` together with ``teacher_model_server_url``.
         posttrain.DataError: a row without ``prompt``, or whose ``teacher`` names no known teacher.
+        posttrain.TeacherServerError: the teacher server is unreachable at construction (its ``/v1/models``), or
+            dies, times out or answers a wrong shape during training (one line: the URL and what came back); the
+            checkpoints saved before stay loadable.
     """
 
     _tag_names = ["trl", "distillation"]
@@ -168,7 +176,11 @@ class DistillationTrainer(TrainerSurface):
         self.model, self.processing_class = load_online_policy(model, args, loop=self.loop, processing_class=processing_class, peft_config=peft_config,
                                                                quantization_config=quantization_config, tags=self._tag_names)
         self.pad_token_id = self.processing_class.pad_token_id
-        self._setup_teachers(teacher_model)
+        self.teacher_client = None
+        if args.teacher_model_server_url is not None:
+            self._setup_server(teacher_model)
+        else:
+            self._setup_teachers(teacher_model)
         self.train_dataset = self.process_dataset(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
             self.eval_dataset = {key: self.process_dataset(part, f"eval_dataset[{key!r}]") for key, part in eval_dataset.items()}
@@ -184,6 +196,17 @@ class DistillationTrainer(TrainerSurface):
         self.add_callback(self._completion_log.callback(args, self.loop))
 
     # -------------------------------------------------------------------------- teachers
+    def _setup_server(self, teacher_model) -> None:
+        """A served teacher: no local model; ``self.teacher_client`` asks the server (checked now: its ``/v1/models`` must answer)."""
+        args = self.args
+        if teacher_model is not None:
+            raise ConfigError("teacher_model=... and teacher_model_server_url are both given: a served teacher replaces the local one; "
+                              "pass teacher_model=None, or unset teacher_model_server_url.")
+        self.teacher_client = TeacherServerClient(args.teacher_model_server_url, timeout=args.teacher_server_timeout,
+                                                  max_retries=args.teacher_server_max_retries)
+        self.teacher_client.model  # noqa: B018 - fail now, with the URL, when no server answers
+        self.teachers, self.teacher_names, self.teacher_model, self._routed = {}, [], None, False
+
     def _setup_teachers(self, teacher_model) -> None:
         """Load (by name), check and place every teacher: ``self.teachers`` {name: frozen model}, in order."""
         args = self.args
@@ -280,9 +303,16 @@ class DistillationTrainer(TrainerSurface):
         teacher_index = torch.tensor([self._teacher_index(row, i, "train_dataset" if mode == "train" else "eval_dataset") for i, row in enumerate(rows)])
         size = args.per_device_train_batch_size if mode == "train" else len(rollout)
         micro_batches = rollout_micro_batches(rollout, size, self.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of)
+        served = None
+        if self.teacher_client is not None:  # one request for the step: the server's top-k and sampled-token log-probs, (N, T, .)
+            sequences = [list(p) + list(c) for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
+            served = self.teacher_client.sequence_logprobs(sequences, [len(p) for p in rollout.prompt_ids], top_logprobs=args.loss_top_k,
+                                                           temperature=self.temperature)
         for start, batch in zip(range(0, len(rollout), size), micro_batches):
             batch.pop("sampling_logprobs")  # the loss uses the teacher's distribution, not the sampler's log-probs
             batch["teacher_index"] = teacher_index[start : start + size]  # (b,)
+            if served is not None:
+                batch.update(slice_teacher(served, slice(start, start + size), batch["completion_ids"].shape[1]))
         lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)  # (N,)
         truncated = torch.tensor(rollout.truncated, dtype=torch.bool)
         terminated = lengths[~truncated] if bool((~truncated).any()) else torch.zeros(1)
@@ -311,6 +341,8 @@ class DistillationTrainer(TrainerSurface):
         _, student_states = causal_lm_states(model, chunk_size=args.logprob_chunk_size, input_ids=input_ids, attention_mask=attention_mask,
                                              logits_to_keep=keep, use_cache=False)
         student_states = student_states[:, :-1]  # position t predicts completion token t: (B, C, .)
+        if self.teacher_client is not None:
+            return self._served_loss(student_states, batch, num_items_in_batch)
         if len(self.teachers) == 1:
             groups = [(self.teacher_model, None)]
         else:
@@ -333,6 +365,24 @@ class DistillationTrainer(TrainerSurface):
         loss = total / torch.as_tensor(num_items_in_batch, device=total.device).clamp(min=1.0)
         count = n_valid.clamp(min=1).float()
         metrics = {"entropy": entropy.float() / count, "teacher_entropy": teacher_entropy.float() / count}
+        if "rollout_metric_values" in batch:
+            metrics.update(zip(batch["rollout_metric_names"], batch["rollout_metric_values"]))
+        return loss, metrics
+
+    def _served_loss(self, student_states, batch: dict, num_items_in_batch):
+        """The loss on the served support: the generalized JSD of the student's and the served teacher's log-probs of its tokens."""
+        mask = batch["completion_mask"]  # (B, C)
+        teacher = {source: batch[key] for key, source in TEACHER_KEYS.items()}
+        support_ids, support_mask, teacher_lp = served_support(teacher, batch["completion_ids"], mask, beta=self.beta, loss_top_k=self.args.loss_top_k)
+        student_lp, entropy = support_logprobs(student_states, support_ids, temperature=self.temperature, return_entropy=True)
+        per_token = served_topk_divergence(student_lp, teacher_lp.to(student_lp.dtype), support_mask, beta=self.beta, add_tail=self.args.loss_add_tail)
+        valid = mask.bool()
+        per_token = torch.where(valid, per_token, torch.zeros_like(per_token))  # (B, C)
+        loss = per_token.sum() / torch.as_tensor(num_items_in_batch, dtype=per_token.dtype, device=per_token.device).clamp(min=1.0)
+        count = valid.sum().clamp(min=1).float()
+        actual = torch.where(valid, batch["teacher_actual_logprobs"], torch.zeros_like(batch["teacher_actual_logprobs"]))
+        metrics = {"entropy": torch.where(valid, entropy, torch.zeros_like(entropy)).sum().float() / count,
+                   "teacher_logprob": actual.sum().float() / count}  # the served teacher's mean log-prob of the sampled tokens
         if "rollout_metric_values" in batch:
             metrics.update(zip(batch["rollout_metric_names"], batch["rollout_metric_values"]))
         return loss, metrics
