@@ -44,6 +44,7 @@ LEARNING = {
     "cpo": ("rewards/accuracies", 0.2),  # +0.396 .. +0.479
     "bco": ("rewards/margins", 0.07),  # +0.154 .. +0.179
     "tpo": ("rewards/accuracies", 0.2),  # +0.396 .. +0.500
+    "sdpo": ("self_distillation/reward_mean", 0.08),  # +0.157 .. +0.165 (a toy reward the random tiny model can earn)
 }
 #: method -> (metric that must FALL, minimum fall of mean(first 3 logged values) - mean(last 3)): the distillation
 #: methods, judged by their divergence to the teacher (``posttrain.diagnose``'s objective for them, lower is better).
