@@ -52,6 +52,11 @@ FALLING = {
     "distill": ("loss", 1.4),  # -2.93 .. -3.42 (generalized JSD to the tiny trained teacher)
     "gold": ("divergence", 0.6),  # -1.18 .. -1.58
     "server_distill": ("divergence", 0.8),  # -1.61 .. -2.63 (the tiny teacher served by posttrain.TeacherServer)
+    "gkd": ("divergence", 1.0),  # -1.97 .. -2.78
+    "minillm": ("reverse_kl", 0.9),  # -1.93 .. -2.57 (single-step term only: rkl_advantage off, see the example's header)
+    "iw_opd": ("teacher_kl", 2.3),  # -4.74 .. -4.75 (the jsd objective, forward KL on the full vocabulary)
+    "sdft": ("sdft/distillation_loss", 0.009),  # -0.0185 .. -0.0353
+    "ssd": ("loss", 0.065),  # -0.131 .. -0.184 (SSD has no teacher: the NLL of its own truncated samples falls)
 }
 
 

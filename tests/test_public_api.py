@@ -32,11 +32,13 @@ def test_every_public_name_resolves():
         assert getattr(posttrain, name) is not None, name
 
 
-def test_plugin_api_is_1_5():
+def test_plugin_api_is_1_6():
     # 1.2 added MethodSpec.data_format / tiny_run (the conformance kit); 1.3 the "triple_preference" format and
     # TrainingLoop.load_model(quantization_config=); 1.4 the error classes, plot_run, overwrite_output_dir,
     # supports_encoder_decoder; 1.1-1.4 plugins still load
-    assert posttrain.API_VERSION == "1.5"  # 1.5: online core 2.0 (episodes, producers, judges, the online steps, several models)
+    # 1.5: online core 2.0 (episodes, producers, judges, the online steps, several models); 1.6: distillation
+    # (TeacherServer / TeacherServerClient / TeacherServerError, the teacher_entropy role, the distillation diagnostics)
+    assert posttrain.API_VERSION == "1.6"
     assert "triple_preference" in posttrain.DATA_FORMATS
     for name in ("Episode", "EpisodeBatch", "RolloutProducer", "PromptSource", "PairwiseJudge", "load_pretrained", "generate_rollout"):
         assert name in posttrain.__all__, name

@@ -12,7 +12,7 @@ import argparse
 import random
 
 __all__ = ["CHATML_TEMPLATE", "build_tokenizer", "build_model", "build_reward_model", "synthetic_corpus", "save_tiny_model",
-           "save_tiny_teacher", "main"]
+           "save_tiny_teacher", "train_teacher", "main"]
 
 #: ChatML template with ``{% generation %}`` markers so ``return_assistant_tokens_mask`` works.
 CHATML_TEMPLATE = (
@@ -196,6 +196,15 @@ def save_tiny_teacher(out_dir: str, *, hidden_size: int = 64, num_layers: int = 
     from posttrain.testing._teacher import save_tiny_teacher as _save
 
     return _save(out_dir, hidden_size=hidden_size, num_layers=num_layers, steps=steps, seed=seed)
+
+
+def train_teacher(tokenizer, *, hidden_size: int = 64, num_layers: int = 2, steps: int = 300, batch_size: int = 32,
+                  learning_rate: float = 3e-3, seed: int = 0, arch: str = "qwen2"):
+    """A tiny causal LM trained on the arithmetic answer format with ``tokenizer`` (see :mod:`posttrain.testing._teacher`)."""
+    from posttrain.testing._teacher import train_teacher as _train
+
+    return _train(tokenizer, hidden_size=hidden_size, num_layers=num_layers, steps=steps, batch_size=batch_size,
+                  learning_rate=learning_rate, seed=seed, arch=arch)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,7 @@ def _metrics(output_dir) -> list[dict]:
 def test_student_learns_from_a_teacher_with_another_tokenizer(tmp_path):
     """A random student distilled (ULD, hybrid, half on-policy) from a trained teacher whose tokenizer differs moves toward it."""
     from posttrain.testing import arithmetic_prompts
-    from posttrain.testing._teacher import train_teacher
+    from posttrain.testing.tiny_model import train_teacher
     from posttrain.testing.tiny_model import build_model
 
     student_tok = saved_tokenizer(tmp_path / "student")

@@ -66,7 +66,7 @@ def test_student_moves_toward_the_trained_teacher(tiny_teacher_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from posttrain.testing import distillation_report
-    from posttrain.testing._teacher import arithmetic_prompts
+    from posttrain.testing import arithmetic_prompts
 
     _, IWOPDTrainer = _classes()
     tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)

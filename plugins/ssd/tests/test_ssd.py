@@ -12,8 +12,7 @@ import torch
 
 import posttrain
 from posttrain import ConfigError, RolloutBatch
-from posttrain.testing import distillation_report
-from posttrain.testing._teacher import arithmetic_prompts
+from posttrain.testing import arithmetic_prompts, distillation_report
 
 
 @pytest.fixture(autouse=True)
@@ -206,14 +205,3 @@ def test_trainer_errors_are_one_line(tiny_model, tiny_tokenizer, tmp_path):
         with pytest.raises(ConfigError) as err:
             SSDTrainer(model=tiny_model, args=_config(tmp_path), processing_class=tiny_tokenizer, **kwargs)
         assert needle in str(err.value) and "\n" not in str(err.value), str(err.value)
-
-
-def test_experimental_gate(tiny_model, tiny_tokenizer, tmp_path, clean_gate):
-    """Without the opt-in, the method refuses to run (the maturity gate)."""
-    from posttrain._registry import _reset_default_registry
-
-    _reset_default_registry()
-    from posttrain_ssd import SSDTrainer
-
-    with pytest.raises(Exception, match="experimental"):
-        SSDTrainer(model=tiny_model, args=_config(tmp_path), train_dataset=[{"prompt": "hi"}], processing_class=tiny_tokenizer)
