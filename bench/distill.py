@@ -129,7 +129,7 @@ def _worker(a) -> dict:
         else:
             from trl import DistillationConfig, DistillationTrainer
         args = DistillationConfig(
-            output_dir=os.path.join(a.tmp, f"out-{a.worker}"), max_steps=a.steps, per_device_train_batch_size=a.batch_size,
+            output_dir=tempfile.mkdtemp(dir=a.tmp, prefix=f"out-{a.worker}-"), max_steps=a.steps, per_device_train_batch_size=a.batch_size,
             gradient_accumulation_steps=1, learning_rate=1e-5, lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
             max_completion_length=a.completion_len, temperature=1.0, beta=1.0, save_strategy="no", logging_steps=10**6,
             report_to=[], disable_tqdm=True, use_cpu=True, bf16=False, gradient_checkpointing=False, seed=0,

@@ -104,15 +104,16 @@ class IWOPDConfig(TrainingConfig):
                               "vllm_mode": ("colocate", "server"), "vllm_model_impl": ("vllm", "transformers"),
                               "rollout_backend": ("transformers", "vllm")}.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: use one of {', '.join(repr(a) for a in allowed)}.")
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: use one of {', '.join(repr(a) for a in allowed)} "
+                                  f"({name} must be one of these).")
         if not 0.0 <= self.lmbda <= 1.0:
             raise ConfigError(f"lmbda={self.lmbda} is invalid: it must be in [0.0, 1.0] (and only 1.0 is offered here).")
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"beta={self.beta} is invalid: it must be in [0.0, 1.0] (0.0 forward KL, 0.5 JSD, 1.0 reverse KL).")
         if self.iw_opd_gamma < 0.0:
-            raise ConfigError(f"iw_opd_gamma={self.iw_opd_gamma} is invalid: it must be >= 0 (0 = plain sampled-token on-policy distillation).")
+            raise ConfigError(f"iw_opd_gamma={self.iw_opd_gamma} is invalid: iw_opd_gamma must be non-negative (0 = plain sampled-token on-policy distillation).")
         if not self.iw_opd_epsilon > 0.0:
-            raise ConfigError(f"iw_opd_epsilon={self.iw_opd_epsilon} is invalid: it must be > 0.")
+            raise ConfigError(f"iw_opd_epsilon={self.iw_opd_epsilon} is invalid: iw_opd_epsilon must be positive (e.g. the default 1e-8).")
         if not self.temperature > 0:
             raise ConfigError(f"temperature={self.temperature} is invalid: it must be > 0 (the loss's distributions use it).")
         if isinstance(self.loss_top_k, bool) or not isinstance(self.loss_top_k, int) or self.loss_top_k < 0:
@@ -141,7 +142,8 @@ class IWOPDConfig(TrainingConfig):
                 "and make that product a multiple of num_generations."
             )
         if self.lmbda < 1.0:
-            why = ("IW-OPD is an on-policy objective (TRL refuses it too)" if self.distillation_objective == "iw_opd"
+            why = ("IW-OPD is an on-policy objective: distillation_objective='iw_opd' requires lmbda=1.0 (as in TRL)"
+                   if self.distillation_objective == "iw_opd"
                    else "posttrain-iw-opd 0.1.0 trains on the student's own samples only")
             raise ConfigError(f"lmbda={self.lmbda} is not offered: {why}. Use lmbda=1.0, or the gkd plugin for an on/off-policy mix of the JSD objective.")
         if self.distillation_objective == "iw_opd" and self.reverse_kl_top_1_mode != "sampled":
@@ -150,8 +152,8 @@ class IWOPDConfig(TrainingConfig):
             raise ConfigError(f"vllm_sync_frequency={self.vllm_sync_frequency} is not offered: the rollout engine samples every step from the current student (set 1).")
         if self.use_teacher_server or self.teacher_model_server_url:
             raise ConfigError(
-                "use_teacher_server / teacher_model_server_url are not offered by posttrain-iw-opd 0.1.0: pass a local teacher "
-                "(teacher_model= or teacher_model_name_or_path), or distill from a served teacher with the server_distill plugin."
+                f"{self._teacher_server_problem()}use_teacher_server / teacher_model_server_url are not offered by posttrain-iw-opd 0.1.0: "
+                "pass a local teacher (teacher_model= or teacher_model_name_or_path), or distill from a served teacher with the server_distill plugin."
             )
         if self.auto_find_batch_size:
             raise ConfigError("auto_find_batch_size=True is not supported by IW-OPD: lower per_device_train_batch_size instead.")
@@ -165,3 +167,18 @@ class IWOPDConfig(TrainingConfig):
                           UserWarning, stacklevel=3)
         if self.vllm_group_port != 51216 or self.vllm_structured_outputs_regex is not None:
             warnings.warn("posttrain: vllm_group_port / vllm_structured_outputs_regex are accepted but change nothing in IW-OPD.", UserWarning, stacklevel=3)
+
+    def _teacher_server_problem(self) -> str:
+        """TRL's validation of a teacher-server setting, as a sentence prefix ('' when TRL would accept it); the server stays refused here."""
+        if self.use_teacher_server and not (self.teacher_model_server_url or "").strip():
+            return "teacher_model_server_url must be set when use_teacher_server=True; besides, "
+        if self.use_teacher_server and self.beta == 0 and self.loss_top_k < 1:
+            return (f"loss_top_k must be positive when using use_teacher_server=True with beta=0 (got loss_top_k={self.loss_top_k}): "
+                    "a server gives only the teacher's top-k log-probs; besides, ")
+        if self.use_teacher_server and self.reverse_kl_top_1_mode == "argmax":
+            return ("reverse_kl_top_1_mode='argmax' is not supported with use_teacher_server=True (a server cannot score "
+                    "student-selected tokens); besides, ")
+        if self.use_teacher_server and self.beta > 0 and self.loss_top_k != 1:
+            return (f"loss_top_k must be 1 when using use_teacher_server=True with beta>0 (got loss_top_k={self.loss_top_k}): "
+                    "mixed forward/reverse distillation from a server is defined for top-1 support only; besides, ")
+        return ""

@@ -134,17 +134,29 @@ def support_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tenso
             index = torch.stack([teacher_logits.argmax(dim=-1), reverse], dim=-1)  # (N, 2)
             support = torch.stack([torch.ones_like(reverse, dtype=torch.bool), reverse != index[:, 0]], dim=-1)
     elif top_k > 0 and vocab > top_k:
-        if beta == 0:
-            index = teacher_logits.topk(top_k, dim=-1).indices
-        elif beta == 1:
-            index = student_logits.topk(top_k, dim=-1).indices
-        else:
-            index = torch.cat([teacher_logits.topk(top_k, dim=-1).indices, student_logits.topk(top_k, dim=-1).indices], dim=-1)
-        support = torch.ones_like(index, dtype=torch.bool)
-        for j in range(1, index.shape[-1]):  # a token already in the support counts once
-            support[..., j] = ~((index[..., j : j + 1] == index[..., :j]) & support[..., :j]).any(dim=-1)
+        index, support = _topk_support(student_logits, teacher_logits, beta, top_k)
     else:
         return _divergence(student, teacher, beta, None).sum(dim=-1)
+    return _support_terms(student, teacher, index, support, beta, add_tail).sum(dim=-1)
+
+
+def _topk_support(student_logits: torch.Tensor, teacher_logits: torch.Tensor, beta: float, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(index, support)`` of the top-k rule: forward KL the teacher's top-k, reverse KL the student's, JSD the union (duplicates masked)."""
+    if beta == 0:
+        index = teacher_logits.topk(top_k, dim=-1).indices
+    elif beta == 1:
+        index = student_logits.topk(top_k, dim=-1).indices
+    else:
+        index = torch.cat([teacher_logits.topk(top_k, dim=-1).indices, student_logits.topk(top_k, dim=-1).indices], dim=-1)
+    support = torch.ones_like(index, dtype=torch.bool)
+    for j in range(1, index.shape[-1]):  # a token already in the support counts once
+        support[..., j] = ~((index[..., j : j + 1] == index[..., :j]) & support[..., :j]).any(dim=-1)
+    return index, support
+
+
+def _support_terms(student: torch.Tensor, teacher: torch.Tensor, index: torch.Tensor, support: torch.Tensor, beta: float,
+                   add_tail: bool) -> torch.Tensor:
+    """Per-entry divergence terms of log-probs ``student``/``teacher`` restricted to ``index`` (``support``: which entries count)."""
     index = torch.where(support, index, torch.zeros_like(index))
     minus_inf = torch.full((), float("-inf"), dtype=student.dtype, device=student.device)
     s_sup = torch.where(support, student.gather(-1, index), minus_inf)
@@ -156,7 +168,7 @@ def support_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     else:
         s_sup = s_sup - torch.logsumexp(s_sup, dim=-1, keepdim=True)
         t_sup = t_sup - torch.logsumexp(t_sup, dim=-1, keepdim=True)
-    return _divergence(s_sup, t_sup, beta, support).sum(dim=-1)
+    return _divergence(s_sup, t_sup, beta, support)
 
 
 def _rows_logits(rows: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
@@ -285,6 +297,43 @@ class IWOPDTrainer(TrainerSurface):
 
     # -------------------------------------------------------------------------- setup
     @staticmethod
+    def generalized_jsd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None, beta: float = 0.5,
+                             temperature: float = 1.0, reduction: str = "batchmean", top_k: int = 0, add_tail: bool = True,
+                             num_items_in_batch=None) -> torch.Tensor:
+        """The generalized JSD of the 'jsd' objective from full logits ``(..., V)``, with TRL's ``IWOPDTrainer.generalized_jsd_loss`` arguments.
+
+        A reference on materialized logits (the trainer itself scores chunks of rows and never builds them).
+        ``beta`` 0 is forward KL(teacher || student), 1 reverse KL, else ``beta KL(T || M) + (1 - beta) KL(S || M)``
+        with ``M = beta T + (1 - beta) S``; both distributions at ``temperature``. ``top_k > 0`` (and ``V > top_k``)
+        restricts the divergence to the teacher's top-k (beta 0), the student's (beta 1) or their union, with a tail
+        bucket for the mass outside it (``add_tail``) or renormalized over it. Reduction as TRL: positions where
+        ``labels == -100`` are dropped; ``num_items_in_batch`` given: sum / num_items_in_batch; ``batchmean``: sum /
+        kept positions (at least 1; without labels, / the size of dim 0); ``sum``; ``mean`` and ``none`` act on the
+        per-entry terms.
+        """
+        student_logits, teacher_logits = student_logits / temperature, teacher_logits / temperature
+        student, teacher = F.log_softmax(student_logits, dim=-1), F.log_softmax(teacher_logits, dim=-1)
+        if top_k > 0 and student_logits.shape[-1] > top_k:
+            index, support = _topk_support(student_logits, teacher_logits, beta, top_k)
+            terms = _support_terms(student, teacher, index, support, beta, add_tail)
+        else:
+            terms = _divergence(student, teacher, beta, None)
+        mask = None
+        if labels is not None:
+            mask = labels != -100
+            terms = terms[mask]
+        if num_items_in_batch is not None:
+            total = terms.sum()
+            return total / (num_items_in_batch.to(total.device) if isinstance(num_items_in_batch, torch.Tensor) else num_items_in_batch)
+        if reduction == "batchmean":
+            return terms.sum() / (mask.sum().clamp_min(1) if mask is not None else max(terms.shape[0], 1))
+        if reduction == "sum":
+            return terms.sum()
+        if reduction == "mean":
+            return terms.mean()
+        return terms
+
+    @staticmethod
     def _check_arguments(train_dataset, data_collator, compute_metrics, optimizers, preprocess_logits_for_metrics) -> None:
         if train_dataset is None:
             raise ConfigError("`train_dataset` is required: pass train_dataset=... (prompt-only rows with a 'prompt' or 'messages' column).")
@@ -341,15 +390,16 @@ class IWOPDTrainer(TrainerSurface):
 
     @staticmethod
     def _messages_to_prompts(dataset):
-        from datasets import Dataset
+        from datasets import Dataset, IterableDataset
 
         def convert(row):
             messages = row["messages"]
             has_completion = len(messages) > 1 and messages[-1].get("role") == "assistant"
             return {"prompt": messages[:-1] if has_completion else messages}
 
-        if isinstance(dataset, Dataset):
-            if "messages" in dataset.column_names and "prompt" not in dataset.column_names and "prompt_ids" not in dataset.column_names:
+        if isinstance(dataset, (Dataset, IterableDataset)):  # a stream's columns are None when it declares no features
+            columns = dataset.column_names or []
+            if "messages" in columns and "prompt" not in columns and "prompt_ids" not in columns:
                 return dataset.map(convert, remove_columns=["messages"])
             return dataset
         if isinstance(dataset, list) and dataset and isinstance(dataset[0], dict) and "messages" in dataset[0] and "prompt" not in dataset[0]:

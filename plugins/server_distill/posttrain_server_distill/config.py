@@ -137,12 +137,14 @@ class ServerDistillationConfig(TrainingConfig):
             raise ConfigError("auto_find_batch_size=True is not supported by server_distill: lower per_device_train_batch_size instead.")
         # the server's four fields, checked as TRL checks them
         if self.reverse_kl_top_1_mode not in ("sampled", "argmax"):
-            raise ConfigError(f"reverse_kl_top_1_mode={self.reverse_kl_top_1_mode!r} is invalid: use 'sampled' (or 'argmax', which a server cannot score).")
+            raise ConfigError(f"reverse_kl_top_1_mode={self.reverse_kl_top_1_mode!r} is invalid: reverse_kl_top_1_mode must be one of: "
+                              "'sampled', 'argmax' (and a server cannot score 'argmax'): use 'sampled'.")
         if self.teacher_model_server_url is None or not str(self.teacher_model_server_url).strip():
             self.teacher_model_server_url = os.environ.get(URL_ENV) or None
         if self.teacher_model_server_url is None:
             raise ConfigError(
-                "teacher_model_server_url is not set: give the teacher server's base URL, e.g. teacher_model_server_url=http://127.0.0.1:8000 "
+                "teacher_model_server_url is not set (teacher_model_server_url must be set for ServerDistillationTrainer): give the teacher "
+                "server's base URL, e.g. teacher_model_server_url=http://127.0.0.1:8000 "
                 f"(start one with `posttrain serve-teacher TEACHER_DIR --port 8000` or `vllm serve`), or set ${URL_ENV}."
             )
         if not str(self.teacher_model_server_url).startswith(("http://", "https://")):
@@ -159,8 +161,8 @@ class ServerDistillationConfig(TrainingConfig):
             )
         if self.beta > 0 and self.loss_top_k != 1:
             raise ConfigError(
-                f"loss_top_k={self.loss_top_k} is invalid with beta={self.beta}: mixed forward/reverse distillation from a served teacher is "
-                "only defined on the top-1 support; set loss_top_k=1, or beta=0 for a forward KL on the top-k."
+                f"loss_top_k={self.loss_top_k} is invalid with beta={self.beta}: loss_top_k must be 1 with beta>0, as mixed forward/reverse "
+                "distillation from a served teacher is only defined on the top-1 support; set loss_top_k=1, or beta=0 for a forward KL on the top-k."
             )
         if not self.teacher_server_timeout > 0 or self.teacher_server_max_retries < 0:
             raise ConfigError(f"teacher_server_timeout={self.teacher_server_timeout} must be > 0 and teacher_server_max_retries="
