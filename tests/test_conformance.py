@@ -38,6 +38,25 @@ def installed_methods():
 
 
 METHODS = installed_methods()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _served_tiny_teacher(tiny_teacher_dir):
+    """server_distill's tiny runs need a teacher server: the tiny trained teacher, served for this module.
+
+    Its config reads the URL from ``$POSTTRAIN_TEACHER_SERVER_URL`` when ``teacher_model_server_url`` is not set (the
+    suite builds configs from the spec alone), as the plugin's own tests/conftest.py does.
+    """
+    import posttrain
+
+    old = os.environ.get("POSTTRAIN_TEACHER_SERVER_URL")
+    with posttrain.TeacherServer(tiny_teacher_dir) as server:
+        os.environ["POSTTRAIN_TEACHER_SERVER_URL"] = server.url
+        yield server.url
+    if old is None:
+        os.environ.pop("POSTTRAIN_TEACHER_SERVER_URL", None)
+    else:
+        os.environ["POSTTRAIN_TEACHER_SERVER_URL"] = old
 IDS = [m.name for m in METHODS]
 
 

@@ -363,6 +363,37 @@ def test_length_drift_rule_needs_no_reward_gain():
     assert "length_drift" not in codes and "reward_hacking" in codes
 
 
+def _distill_run(out, student: str, teacher: str, *, steps: int, learning_rate: float) -> dict:
+    """A real distill run (tiny models, prompt-only arithmetic rows); returns its ``posttrain.diagnose`` report."""
+    pytest.importorskip("posttrain_distill")
+    from datasets import Dataset
+
+    from posttrain.methods.distill import DistillationConfig, DistillationTrainer
+    from posttrain.testing import arithmetic_prompts
+
+    args = DistillationConfig(output_dir=str(out), learning_rate=learning_rate, lr_scheduler_type="constant", max_steps=steps,
+                              per_device_train_batch_size=16, max_completion_length=8, logging_steps=1, save_strategy="no",
+                              report_to=[], disable_tqdm=True, gradient_checkpointing=False)
+    DistillationTrainer(model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(arithmetic_prompts(64))).train()
+    return diagnose(str(out))
+
+
+def test_a_student_that_does_not_move_fires_divergence_stalled(tiny_model_dir, tiny_teacher_dir, tmp_path):
+    # learning rate 1e-9: the random student's divergence to the trained teacher stays at ~4.9 for the whole window
+    report = _distill_run(tmp_path / "run", tiny_model_dir, tiny_teacher_dir, steps=22, learning_rate=1e-9)
+    events = {e["code"]: e for e in report["events"]}
+    assert "divergence_stalled" in events and events["divergence_stalled"]["severity"] == "warning", events
+    assert report["objective"] == "loss" and report["verdict"] == "plateaued", (report["verdict"], report["reason"])
+
+
+def test_a_sharp_student_of_a_broad_teacher_fires_teacher_mode_collapse(tiny_model_dir, tiny_teacher_dir, tmp_path):
+    # the roles swapped: the trained model (entropy ~0.6 nats on its samples) as the student of the random one (~6.2):
+    # the student sits on one mode of a far broader teacher (measured ratio ~0.1)
+    report = _distill_run(tmp_path / "run", tiny_teacher_dir, tiny_model_dir, steps=4, learning_rate=1e-9)
+    events = {e["code"]: e for e in report["events"]}
+    assert "teacher_mode_collapse" in events and events["teacher_mode_collapse"]["evidence"]["ratio"] < 0.5, events
+
+
 def test_every_code_is_provoked_by_a_test_in_this_file():
     text = open(__file__).read()
     assert all(f'"{code}"' in text for code in CODES), [code for code in CODES if f'"{code}"' not in text]
