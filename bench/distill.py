@@ -34,6 +34,8 @@ import tempfile
 import threading
 import time
 
+from bench.worker import current_rss_mb
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "bench", "results", "distill.json")
 FRAMEWORKS = ("posttrain", "trl", "bare")
@@ -42,20 +44,15 @@ SIZES = {"tiny": (64, 4, None, "qwen2"), "qwen3-151k": (256, 4, 151_936, "qwen3"
 GOALS = {"time_vs_trl": 0.8, "memory_vs_trl": 0.6}
 
 
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as fh:
-        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 class _PeakRSS:
     """Peak resident set size while the context is open (a thread sampling /proc/self/statm every 2 ms)."""
 
     def __enter__(self):
-        self.before, self.peak, self._stop = _rss_mb(), 0.0, threading.Event()
+        self.before, self.peak, self._stop = current_rss_mb(), 0.0, threading.Event()
 
         def sample():
             while not self._stop.is_set():
-                self.peak = max(self.peak, _rss_mb())
+                self.peak = max(self.peak, current_rss_mb())
                 time.sleep(0.002)
 
         self._thread = threading.Thread(target=sample, daemon=True)
@@ -65,7 +62,7 @@ class _PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, _rss_mb())
+        self.peak = max(self.peak, current_rss_mb())
 
 
 def build_models(size: str, directory: str) -> tuple[str, str]:
