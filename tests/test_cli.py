@@ -71,6 +71,22 @@ def test_list_json_with_presets_adds_a_presets_list_per_method(registry, capsys)
     assert [m["presets"] for m in methods] == [[], ["fast"], ["fast"]]
 
 
+def test_list_with_presets_counts_the_presets_that_cite_a_paper(capsys):
+    from posttrain import MethodSpec, Preset
+    from posttrain.cli import paper_backed_count
+
+    reg = Registry(entry_points=[])
+    reg.add_spec(MethodSpec(name="a", summary="A.", maturity="stable", plugin_api="1.0", trainer="m.t:T", config="m.c:C", presets={"p1": Preset(summary="x", overrides={}, paper="Doe et al. 2024, arXiv:2401.01234"),
+                                                              "p2": Preset(summary="y", overrides={}, paper="https://example.org/report"),
+                                                              "p3": Preset(summary="z", overrides={}, paper="folklore")}))
+    reg.add_spec(MethodSpec(name="b", summary="B.", maturity="stable", plugin_api="1.0", trainer="m.t:T", config="m.c:C", presets={"q": Preset(summary="q", overrides={}, paper="")}), distribution="y")
+    assert paper_backed_count(reg.list_methods()) == (2, 1)
+    main(["list", "--format", "json", "--presets"], registry=reg)
+    assert json.loads(capsys.readouterr().out)["paper_backed"] == {"methods": 2, "families": 1}
+    main(["list", "--presets"], registry=reg)
+    assert capsys.readouterr().out.splitlines()[-1] == "2 paper-backed methods (presets citing a paper) across 1 method families."
+
+
 def test_list_strict_exits_nonzero_only_when_a_method_is_not_ok_or_experimental(registry, ok_registry, capsys):
     assert main(["list", "--strict"], registry=registry) == 1
     assert main(["list", "--strict"], registry=ok_registry) == 0

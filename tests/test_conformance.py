@@ -75,6 +75,20 @@ def test_posttrain_list_json_shows_every_installed_plugin():
     assert set(IDS) <= listed
 
 
+def test_the_project_ships_at_least_80_paper_backed_methods_across_28_families():
+    """Issue 20's bar: presets that cite a paper (arXiv id or URL), over this repository's own plugins."""
+    sys.path.insert(0, os.path.join(ROOT, "docs"))
+    try:
+        import gen_methods
+    finally:
+        sys.path.pop(0)
+    from posttrain.cli import paper_backed_count
+
+    methods, families = paper_backed_count(gen_methods.project_methods())
+    print(f"{methods} paper-backed methods across {families} families")
+    assert methods >= 80 and families >= 28, (methods, families)
+
+
 def test_methods_index_is_generated_from_the_registry():
     """docs/methods.md is produced by `python docs/gen_methods.py`; rerun it after changing a spec."""
     sys.path.insert(0, os.path.join(ROOT, "docs"))

@@ -55,6 +55,8 @@ class SignalRole(str, Enum):
     TEACHER_ENTROPY = "teacher_entropy"  #: the teacher's entropy at the student's completion tokens (nats/token; distillation)
     TOKEN_ACCURACY = "token_accuracy"  #: fraction of target tokens predicted correctly (SFT)
     GENERATION_TIME_FRACTION = "generation_time_fraction"  #: fraction of a step's wall time spent generating
+    VALUE_LOSS = "value_loss"  #: the critic's (value model's) regression loss (plugin API 1.7; PPO-style methods)
+    EXPLAINED_VARIANCE = "explained_variance"  #: 1 - Var(returns - values) / Var(returns): how much of the return the critic predicts (1 = all, <= 0 = nothing)
 
 
 #: The role names, in declaration order.

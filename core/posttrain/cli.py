@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import sys
 import types
 import typing
@@ -355,11 +356,28 @@ def _opt_in_hint(name: str, command: str) -> str:
     return f"`posttrain {target} --allow-experimental {name}` (or POSTTRAIN_ALLOW_EXPERIMENTAL={name})"
 
 
+_PAPER_REF = re.compile(r"arXiv:\s*\d{4}\.\d{4,5}|https?://\S+", re.IGNORECASE)
+
+
+def paper_backed_count(infos: list) -> tuple[int, int]:
+    """``(methods, families)``: presets whose ``paper`` cites a paper (an arXiv id or a URL), and the methods having one."""
+    methods = families = 0
+    for info in infos:
+        spec = getattr(info, "spec", None)
+        cited = [p for p in (spec.presets.values() if spec is not None and spec.presets else ()) if _PAPER_REF.search(p.paper or "")]
+        methods += len(cited)
+        families += bool(cited)
+    return methods, families
+
+
 def _cmd_list(args: argparse.Namespace, registry: Registry) -> int:
     # tier 2 only (DESIGN.md section 3): entry points and spec modules, never a plugin's config or trainer
     infos = registry.list_methods()
+    papers, families = paper_backed_count(infos)
     if args.format == "json":
         payload = {"schema_version": 1, "methods": [info.to_dict(presets=args.presets) for info in infos]}
+        if args.presets:
+            payload["paper_backed"] = {"methods": papers, "families": families}
         print(json.dumps(payload, indent=2))
     elif not infos:
         print("No posttrain methods installed. Install one, e.g. `pip install posttrain-sft`.")
@@ -374,6 +392,8 @@ def _cmd_list(args: argparse.Namespace, registry: Registry) -> int:
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header) - 1)]
         for row in [header, *rows]:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+        if args.presets:
+            print(f"\n{papers} paper-backed methods (presets citing a paper) across {families} method families.")
     if args.strict and any(info.status not in ("ok", "experimental") for info in infos):
         return 1
     return 0
@@ -777,7 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("list", help="List installed methods with their maturity and status.", allow_abbrev=False)
     p.add_argument("--format", choices=("table", "json"), default="table", help="Output format (default: table).")
-    p.add_argument("--presets", action="store_true", help="Also show each method's presets.")
+    p.add_argument("--presets", action="store_true", help="Also show each method's presets, and count the paper-backed ones.")
     p.add_argument("--strict", action="store_true", help="Exit 1 if a method is incompatible, conflicting or broken.")
     p.set_defaults(handler=_cmd_list)
 

@@ -42,6 +42,7 @@ Codes (stable; see STABILITY.md and docs/diagnostics.md):
     data_repeated          a small dataset is repeated for many epochs
     divergence_stalled     the divergence to the teacher stopped falling while still far above zero (distillation)
     teacher_mode_collapse  the student's entropy fell far below the teacher's: it sits on one mode of the teacher
+    critic_not_learning    the critic's explained variance stays at or below 0 and its loss does not fall (PPO-style methods)
 """
 
 from __future__ import annotations
@@ -104,6 +105,8 @@ DEFAULT_ACTIONS = {
     "data_repeated": "add data or lower `num_train_epochs` / `max_steps`; watch eval_loss with an eval_dataset and `eval_strategy='steps'`.",
     "divergence_stalled": "raise `learning_rate` or train longer (`max_steps`); check that student and teacher share the chat template "
                           "and the prompt format, and that the student can represent the teacher (a larger student)" + _SETTINGS,
+    "critic_not_learning": "raise the critic's learning rate or train longer (`max_steps`); check the return scale (whiten or scale "
+                           "the rewards) and that the critic sees the same tokens as the policy" + _SETTINGS,
     "teacher_mode_collapse": "move the divergence from reverse KL (mode-seeking) toward forward KL or JSD, sample the student at a "
                              "higher temperature, or lower `learning_rate`" + _SETTINGS,
 }
@@ -465,6 +468,19 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
                       {metric("entropy"): latest("entropy"), metric("teacher_entropy"): latest("teacher_entropy"),
                        "ratio": _round(s_level / t_level, 3)},
                       DEFAULT_ACTIONS["teacher_mode_collapse"], CODES["teacher_mode_collapse"]))
+    explained = series("explained_variance", rows[-_RECENT:])
+    value_loss_trend = trend_of("value_loss")
+    if len(explained) >= 3 and trend_of("explained_variance") is not None:
+        ev_level = sum(explained) / len(explained)
+        value_loss_falls = value_loss_trend is not None and value_loss_trend["t"] < -t_min
+        if ev_level <= th["critic_not_learning"] and not value_loss_falls:
+            how = (f"its loss is flat (slope {value_loss_trend['slope']:.3g}/step against noise {value_loss_trend['noise']:.3g})"
+                   if value_loss_trend is not None else "no falling value loss is logged")
+            add(Event("critic_not_learning", step, f"the critic's explained variance is {ev_level:.3g} (mean of the last {len(explained)} logged steps) "
+                      f"and {how}: its values predict nothing of the returns, so the advantages are mostly noise.",
+                      {metric("explained_variance"): latest("explained_variance"), "recent_mean": _round(ev_level),
+                       **(_trend_evidence("value_loss", value_loss_trend) if value_loss_trend is not None else {})},
+                      DEFAULT_ACTIONS["critic_not_learning"], CODES["critic_not_learning"]))
     accuracy_name = metric("preference_accuracy")
     margin_trend = trend_of("preference_margin")
     eval_accuracy = series("eval_" + accuracy_name, list(eval_rows), raw=True) if accuracy_name else []
