@@ -56,6 +56,9 @@ SPEC = MethodSpec(
         "GDPO: Group reward-Decoupled Normalization Policy Optimization for Multi-reward RL, arXiv:2601.05242",
         "INTELLECT-2 technical report (two-sided clipping, delta), arXiv:2505.07291",
         "DeepSeek-AI 2025, DeepSeek-V3.2 (unbiased KL estimate), arXiv:2512.02556",
+        "Cui et al. 2025, The Entropy Mechanism of Reinforcement Learning for Reasoning Language Models (Clip-Cov, KL-Cov), arXiv:2505.22617",
+        "Hu et al. 2025, REINFORCE++: Stabilizing Critic-Free Policy Optimization with Global Advantage Normalization, arXiv:2501.03262",
+        "Ling Team 2025, Every Step Evolves: Scaling Reinforcement Learning for Trillion-Scale Thinking Model (Ring-1T, IcePop), arXiv:2510.18855",
     ),
     presets={
         "grpo": Preset(
@@ -84,6 +87,13 @@ SPEC = MethodSpec(
                 "reward_funcs": ["accuracy", "overlong_penalty"],
                 "max_completion_length": 256,  # the built-in overlong_penalty reaches -1 at 256 tokens: generate up to there
             },
+            paper="arXiv:2503.14476",
+        ),
+        "dapo_dynamic_sampling": Preset(
+            summary="Full DAPO: the dapo preset plus dynamic sampling (drop zero-std groups, refill from further prompts, at most 10 rounds).",
+            overrides={"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.28, "mask_truncated_completions": True, "beta": 0.0,
+                       "reward_funcs": ["accuracy", "overlong_penalty"], "max_completion_length": 256,
+                       "dynamic_sampling": True, "max_num_gen_batches": 10},  # the DAPO recipe's cap on generation rounds per step
             paper="arXiv:2503.14476",
         ),
         "gspo": Preset(
@@ -125,6 +135,27 @@ SPEC = MethodSpec(
             summary="Lite PPO: group-mean baseline with batch-level std scaling and token-level (dapo) loss.",
             overrides={"scale_rewards": "batch", "loss_type": "dapo"},
             paper="arXiv:2508.08221",
+        ),
+        "clip_cov": Preset(
+            summary="Clip-Cov: detach the gradient of a random 2e-4 of the tokens whose log-prob/advantage covariance is in [1, 5].",
+            overrides={"cov_regularization": "clip_cov", "clip_cov_ratio": 2e-4, "clip_cov_lb": 1.0, "clip_cov_ub": 5.0},
+            paper="arXiv:2505.22617",
+        ),
+        "kl_cov": Preset(
+            summary="KL-Cov: penalize |log pi - log pi_old| (coefficient 1) on the top 2e-3 of the tokens by log-prob/advantage covariance.",
+            overrides={"cov_regularization": "kl_cov", "kl_cov_ratio": 2e-3, "kl_cov_coef": 1.0},
+            paper="arXiv:2505.22617",
+        ),
+        "reinforce_pp_baseline": Preset(
+            summary="REINFORCE++-baseline: subtract the group mean, then standardize over the global batch; k2 KL in the loss.",
+            overrides={"scale_rewards": "none", "normalize_advantages": True, "kl_estimator": "k2"},
+            paper="arXiv:2501.03262",
+        ),
+        "icepop": Preset(
+            summary="IcePop: per-token trainer/sampler ratio kept inside [0.5, 5] and zeroed outside (two-sided token masking).",
+            overrides={"vllm_importance_sampling_correction": True, "vllm_importance_sampling_mode": "token_mask",
+                       "vllm_importance_sampling_clip_min": 0.5, "vllm_importance_sampling_clip_max": 5.0},
+            paper="arXiv:2510.18855",
         ),
         "gdpo": Preset(
             summary="GDPO: normalize each reward within its group, then sum and normalize over the batch.",

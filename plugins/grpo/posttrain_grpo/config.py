@@ -122,6 +122,18 @@ class GRPOConfig(TrainingConfig):
     entropy_coef_delta: float = field(default=0.005, metadata=_help("Step of the adaptive entropy coefficient per optimizer step."))
     entropy_target: float = field(default=0.2, metadata=_help("Target mean per-token entropy (nats) of adaptive entropy control."))
 
+    # > Beyond TRL (posttrain-grpo 3.2; every default leaves the behaviour of 3.1 unchanged)
+    dynamic_sampling: bool = field(default=False, metadata=_help("DAPO dynamic sampling: drop groups whose weighted rewards are all equal (no learning signal) and generate more groups from the next prompts of the prompt source until the step's prompts are all informative groups."))
+    max_num_gen_batches: int = field(default=0, metadata=_help("Cap on the generation rounds of one step under dynamic_sampling (DAPO's max_num_gen_batches; 0 = up to one epoch of prompts). When the cap is hit the step is filled with the first dropped groups (zero advantage), so every step keeps its size; logged as dynamic_sampling/filled_groups."))
+    normalize_advantages: bool = field(default=False, metadata=_help("Standardize the advantages over the global batch after the group baseline (REINFORCE++-baseline with scale_rewards='none'): A = (A - mean) / (std + 1e-4)."))
+    kl_estimator: str = field(default="k3", metadata=_help("Estimator of the per-token KL penalty in the loss (beta > 0): 'k3' (TRL's) or 'k2' = (log pi - log pi_ref)^2 / 2 (REINFORCE++: its gradient is the k1 penalty's)."))
+    cov_regularization: str | None = field(default=None, metadata=_help("Entropy control of Cui et al. 2025 on the tokens whose covariance between log-prob and advantage is high: 'clip_cov' (detach the gradient of a random clip_cov_ratio of the tokens with covariance in [clip_cov_lb, clip_cov_ub]), 'kl_cov' (add kl_cov_coef * |log pi - log pi_old| on the top kl_cov_ratio of the tokens) or None."))
+    clip_cov_ratio: float = field(default=2e-4, metadata=_help("Clip-Cov: fraction r of a micro-batch's completion tokens whose gradient is detached (the paper: 2e-4)."))
+    clip_cov_lb: float = field(default=1.0, metadata=_help("Clip-Cov: lower covariance bound omega_low of the candidate tokens (the paper: 1)."))
+    clip_cov_ub: float = field(default=5.0, metadata=_help("Clip-Cov: upper covariance bound omega_high of the candidate tokens (the paper: 5)."))
+    kl_cov_ratio: float = field(default=2e-3, metadata=_help("KL-Cov: fraction k of a micro-batch's completion tokens, by highest covariance, that get the KL penalty (the paper: 2e-3 for 7B, 2e-4 for 32B)."))
+    kl_cov_coef: float = field(default=1.0, metadata=_help("KL-Cov: coefficient beta of |log pi - log pi_old| on the selected tokens (the paper: 1)."))
+
     # > Parameters that control the reference model
     sync_ref_model: bool = field(default=False, metadata=_help("TR-DPO: every ref_model_sync_steps steps set ref = alpha * policy + (1 - alpha) * ref (needs beta > 0, not with PEFT)."))
     ref_model_mixup_alpha: float = field(default=0.6, metadata=_help("alpha of the reference update (sync_ref_model)."))
@@ -167,18 +179,22 @@ class GRPOConfig(TrainingConfig):
         if self.vllm_importance_sampling_cap is not None:
             warnings.warn("vllm_importance_sampling_cap is deprecated (as in TRL); use vllm_importance_sampling_clip_max.", FutureWarning, stacklevel=3)
             self.vllm_importance_sampling_clip_max = self.vllm_importance_sampling_cap
+        if isinstance(self.cov_regularization, str) and self.cov_regularization.strip().lower() in ("none", "null", ""):
+            self.cov_regularization = None  # the CLI passes a string
         choices = {
             "loss_type": LOSS_TYPES,
             "importance_sampling_level": ("token", "sequence"),
             "scale_rewards": ("group", "batch", "none"),
             "multi_objective_aggregation": ("sum_then_normalize", "normalize_then_sum"),
             "vllm_importance_sampling_mode": IS_MODES,
+            "kl_estimator": ("k3", "k2"),
+            "cov_regularization": (None, "clip_cov", "kl_cov"),
             "vllm_mode": ("colocate", "server"),
             "vllm_model_impl": ("vllm", "transformers"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: use one of {', '.join(allowed)}.")
+                raise ConfigError(f"{name}={getattr(self, name)!r} is invalid: use one of {', '.join(map(str, allowed))}.")
         if self.num_generations < 2:
             raise ConfigError(
                 f"num_generations={self.num_generations} is invalid: group-relative advantages need at least 2 completions "
@@ -245,6 +261,15 @@ class GRPOConfig(TrainingConfig):
                 f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} needs a bound: set "
                 "vllm_importance_sampling_clip_max (e.g. 3.0) or vllm_importance_sampling_clip_min."
             )
+        if self.max_num_gen_batches < 0:
+            raise ConfigError(f"max_num_gen_batches={self.max_num_gen_batches} is invalid: use 0 (up to one epoch of prompts) or a positive cap on the generation rounds per step.")
+        for name in ("clip_cov_ratio", "kl_cov_ratio"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ConfigError(f"{name}={getattr(self, name)} is invalid: use a fraction of the tokens in (0, 1] (the paper: 2e-4 / 2e-3).")
+        if self.clip_cov_lb > self.clip_cov_ub:
+            raise ConfigError(f"clip_cov_lb={self.clip_cov_lb} > clip_cov_ub={self.clip_cov_ub}: the covariance bounds must be ordered (the paper: 1 and 5).")
+        if self.kl_cov_coef < 0:
+            raise ConfigError(f"kl_cov_coef={self.kl_cov_coef} is invalid: the KL-Cov coefficient must be >= 0.")
         if self.reward_funcs is not None and isinstance(self.reward_funcs, str):
             self.reward_funcs = [self.reward_funcs]
         if self.reward_weights is not None and self.reward_funcs is not None and len(self.reward_weights) != len(self.reward_funcs):

@@ -48,12 +48,13 @@ from posttrain import (  # the loop and the core's online steps (the online scaf
     attach_rollout_metrics, build_reference_model, build_rollout_engine, check_online_arguments, check_sync_ref_model, completion_logps,
     default_output_dir, evaluate_online, expand_prompts, gather_across_processes, generate_rollout, load_online_policy, nanstd,
     prepare_prompt_dataset, prompt_token_ids, resolve_online_rewards, reward_and_length_metrics, rollout_micro_batches, router_aux_loss_settings,
-    sampler_is_old_policy, sampling_from_config, score_rollout, sync_reference_model,
+    sampler_is_old_policy, sampling_from_config, score_rollout, slice_rollout, sync_reference_model,
 )
 
 from posttrain_grpo.config import GRPOConfig
 
-__all__ = ["GRPOTrainer", "compute_group_advantages", "nanstd", "gamma_weights", "importance_sampling_ratio"]
+__all__ = ["GRPOTrainer", "compute_group_advantages", "nanstd", "gamma_weights", "importance_sampling_ratio", "informative_groups",
+           "concat_rollouts", "covariance_token_mask", "standardize_advantages"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,84 @@ def compute_group_advantages(
         advantages = (rewards - torch.nanmean(rewards)) / (std + 1e-4)
     is_std_zero = torch.isclose(std, torch.zeros_like(std))
     return torch.nan_to_num(advantages, nan=0.0), is_std_zero
+
+
+def standardize_advantages(advantages: torch.Tensor, rewards_per_func: torch.Tensor) -> torch.Tensor:
+    """Return REINFORCE++'s global normalization ``(A - mean A) / (std A + 1e-4)`` over the rows some reward function scored (others stay 0)."""
+    scorable = ~torch.isnan(rewards_per_func).all(dim=1)  # (N,)
+    if int(scorable.sum()) < 2:
+        return advantages
+    values = advantages[scorable]
+    out = torch.zeros_like(advantages)
+    out[scorable] = (values - values.mean()) / (nanstd(values) + 1e-4)
+    return out
+
+
+def informative_groups(rewards_per_func: torch.Tensor, reward_weights: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """Return DAPO's filter ``(N/G,)``: True for a group whose weighted rewards are not all equal (it carries a learning signal).
+
+    The weighted reward of a completion is ``sum_f w_f r_f`` over the functions that scored it; a
+    completion no function scored is left out, and a group with fewer than two scored completions
+    carries no signal.
+    """
+    unscorable = torch.isnan(rewards_per_func).all(dim=1)  # (N,)
+    rewards = (rewards_per_func * reward_weights.unsqueeze(0)).nansum(dim=1)  # (N,)
+    rewards[unscorable] = torch.nan
+    std = nanstd(rewards.view(-1, num_generations), dim=1)  # (N/G,), NaN with < 2 scored
+    return ~(torch.isnan(std) | torch.isclose(std, torch.zeros_like(std)))
+
+
+def _concat_extras(values: list, sizes: list[int]):
+    """Join the ``extras`` values of several rollouts: per-completion lists are concatenated, dicts key by key, anything else is the first's."""
+    first = values[0]
+    if isinstance(first, dict) and all(isinstance(v, dict) for v in values):
+        return {k: _concat_extras([v.get(k) for v in values], sizes) for k in first}
+    if all(isinstance(v, (list, tuple)) and len(v) == n for v, n in zip(values, sizes)):
+        return [x for v in values for x in v]
+    return first
+
+
+def concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:
+    """Return the completions of ``parts`` one after the other (the inverse of ``posttrain.slice_rollout``).
+
+    Per-completion ``extras`` lists are concatenated; the batch's ``policy_version`` is the oldest part's.
+    """
+    sizes = [len(p) for p in parts]
+    return RolloutBatch([x for p in parts for x in p.prompt_ids], [x for p in parts for x in p.completion_ids],
+                        [x for p in parts for x in p.logprobs], [x for p in parts for x in p.truncated],
+                        min(p.policy_version for p in parts), extras=_concat_extras([p.extras for p in parts], sizes),
+                        policy_versions=[v for p in parts for v in p.policy_versions])
+
+
+def covariance_token_mask(per_token_logps: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, mode: str, ratio: float,
+                          lower: float = -math.inf, upper: float = math.inf, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Return the ``(B, C)`` bool selection of Cui et al. 2025 (Clip-Cov / KL-Cov) among the completion tokens.
+
+    The covariance of a token is ``(log pi - mean log pi) * (A - mean A)``, both means over the
+    completion tokens of the batch given (detached). ``"kl_cov"`` selects the
+    ``max(1, floor(ratio * T))`` tokens of highest covariance (T = completion tokens); ``"clip_cov"``
+    selects that many tokens uniformly at random (``generator``) among those with
+    ``lower <= covariance <= upper`` (all of them when fewer qualify).
+    """
+    valid = mask.bool()
+    count = int(valid.sum())
+    if count == 0:
+        return torch.zeros_like(valid)
+    logps = per_token_logps.detach().double()
+    adv = advantages.detach().double().expand_as(logps)
+    cov = (logps - logps[valid].mean()) * (adv - adv[valid].mean())  # (B, C)
+    k = max(1, int(ratio * count))
+    flat_valid = valid.flatten()
+    if mode == "kl_cov":
+        scores = cov.flatten().masked_fill(~flat_valid, -math.inf)
+        chosen = torch.topk(scores, min(k, count)).indices
+    else:  # clip_cov
+        candidates = torch.nonzero(flat_valid & (cov.flatten() >= lower) & (cov.flatten() <= upper)).flatten()
+        order = torch.randperm(candidates.numel(), generator=generator).to(candidates.device)
+        chosen = candidates[order[:k]]
+    selected = torch.zeros_like(flat_valid)
+    selected[chosen] = True
+    return selected.view_as(valid)
 
 
 def importance_sampling_ratio(
@@ -317,12 +396,12 @@ class GRPOTrainer(TrainerSurface):
         args = self.args
         num_generations = args.num_generations if mode == "train" else (args.num_generations_eval or args.num_generations)
         # 1. rollout: G completions per prompt, grouped prompt0 x G, prompt1 x G, ...
-        prompts, prompt_ids = expand_prompts(rows, num_generations, self._prompt_ids, self.processing_class)  # (N,) each
-        rollout = self._generate(prompts, prompt_ids, num_generations, seed)  # N = P * G completions
-
         # 2. reward: (N, F), NaN where a function returned None
-        rewards_per_func = score_rollout(rows, prompts, rollout, num_generations, reward_funcs=self.reward_funcs, reward_func_names=self.reward_func_names,
-                                         tokenizer=self.processing_class, trainer_state=self.loop.state, log=self._completion_log)  # (N, F)
+        if mode == "train" and args.dynamic_sampling:  # DAPO: only groups with a learning signal, more prompts from the source
+            rows, prompts, rollout, rewards_per_func, sampling_metrics = self._dynamic_sampling(rows, seed, num_generations)
+        else:
+            prompts, rollout, rewards_per_func = self._rollout_and_rewards(rows, seed, num_generations)
+            sampling_metrics = {}
 
         # 3. micro-batches of per_device_train_batch_size completions (one in eval), with old / reference log-probs
         size = args.per_device_train_batch_size if mode == "train" else len(rollout)
@@ -337,6 +416,8 @@ class GRPOTrainer(TrainerSurface):
         advantages, is_std_zero = compute_group_advantages(
             all_rewards, self.reward_weights, num_generations, args.scale_rewards, args.multi_objective_aggregation
         )
+        if args.normalize_advantages:  # REINFORCE++-baseline: then standardize over the global batch
+            advantages = standardize_advantages(advantages, all_rewards)
         advantages, is_std_zero = advantages[local], is_std_zero[local]  # both per row (N,)
         world = self.loop.accelerator.num_processes if mode == "train" else 1
         step_tokens = max(1, sum(b["num_completion_tokens"] for b in micro_batches))
@@ -346,16 +427,69 @@ class GRPOTrainer(TrainerSurface):
             batch["share_divisor"] = torch.tensor(float(len(micro_batches) * world))
             if args.loss_type == "bnpo":  # BNPO normalizes by this process's step tokens, then averages over processes
                 batch["bnpo_normalizer"] = torch.tensor(float(step_tokens * world))
+            if args.cov_regularization == "clip_cov":  # Clip-Cov's random draw, fixed with the rollout (exact resume)
+                batch["cov_seed"] = int(seed) * 1_000 + start // size
 
         # 5. metrics of the rollout (the loss returns them with its own); the completion log keeps training rollouts only
         metrics = reward_and_length_metrics(rollout, rewards_per_func, self.reward_weights, self.reward_func_names, is_std_zero, num_generations)
-        attach_rollout_metrics(micro_batches, {**metrics, **self._completion_log.pop_metrics(), **self._importance_sampling_metrics(micro_batches)})
+        attach_rollout_metrics(micro_batches, {**metrics, **self._completion_log.pop_metrics(), **self._importance_sampling_metrics(micro_batches),
+                                               **sampling_metrics})
         if mode == "train":
             completions = self.processing_class.batch_decode(rollout.completion_ids, skip_special_tokens=True)
             self._completion_log.record(prompts, completions, rewards_per_func, self.reward_func_names, advantages)
         else:
             self._completion_log.discard_extra()
         return micro_batches
+
+    def _rollout_and_rewards(self, rows: list[dict], seed: int, num_generations: int) -> tuple[list, RolloutBatch, torch.Tensor]:
+        """Return ``(prompts (N,), rollout, rewards_per_func (N, F))`` of ``num_generations`` completions of each row."""
+        prompts, prompt_ids = expand_prompts(rows, num_generations, self._prompt_ids, self.processing_class)  # (N,) each
+        rollout = self._generate(prompts, prompt_ids, num_generations, seed)  # N = P * G completions
+        rewards_per_func = score_rollout(rows, prompts, rollout, num_generations, reward_funcs=self.reward_funcs, reward_func_names=self.reward_func_names,
+                                         tokenizer=self.processing_class, trainer_state=self.loop.state, log=self._completion_log)  # (N, F)
+        return prompts, rollout, rewards_per_func
+
+    def _dynamic_sampling(self, rows: list[dict], seed: int, num_generations: int) -> tuple[list, list, RolloutBatch, torch.Tensor, dict]:
+        """DAPO's dynamic sampling: keep the groups with a learning signal, drawing more prompts until ``len(rows)`` groups are kept.
+
+        Round 0 generates ``rows`` (with the step's seed, as without the option); every further
+        round takes the prompt source's next prompts (so the source's checkpointed position makes a
+        resumed run draw the same ones) with a seed derived from the step's and the round. Every
+        process runs the same number of rounds (until all are full, or ``max_num_gen_batches``
+        rounds; 0 = one epoch of prompts); a process still short then fills its step with its first
+        dropped groups, whose advantages are zero.
+
+        Returns:
+            ``(rows, prompts, rollout, rewards_per_func, metrics)`` of the kept groups, in generation order.
+        """
+        args, accelerator = self.args, self.loop.accelerator
+        source = self.producer.source
+        want = len(rows)
+        cap = args.max_num_gen_batches or max(1, source.steps_per_epoch)
+        kept, dropped, generated, rounds = [], [], 0, 0
+        batch_rows = rows
+        while True:
+            round_seed = seed if rounds == 0 else seed + 1_000_000_007 * rounds
+            prompts, rollout, rewards_per_func = self._rollout_and_rewards(batch_rows, round_seed, num_generations)
+            signal = informative_groups(rewards_per_func, self.reward_weights, num_generations).tolist()  # (P,)
+            for g, row in enumerate(batch_rows):
+                part = slice(g * num_generations, (g + 1) * num_generations)
+                (kept if signal[g] else dropped).append((row, prompts[part], slice_rollout(rollout, part), rewards_per_func[part]))
+            rounds, generated = rounds + 1, generated + len(batch_rows)
+            full = torch.tensor([float(len(kept) >= want)])
+            if accelerator.num_processes > 1:  # collective generation and gathers need the same rounds everywhere
+                (full,), _ = gather_across_processes(accelerator, full)
+            if bool(full.min() > 0) or rounds >= cap:
+                break
+            _, indices = source.next_indices()
+            batch_rows = [dict(self.train_dataset[i]) for i in indices]
+        chosen = kept[:want]
+        filled = want - len(chosen)
+        chosen += dropped[:filled]
+        metrics = {"dynamic_sampling/num_gen_batches": float(rounds), "dynamic_sampling/kept_fraction": len(kept) / generated,
+                   "dynamic_sampling/filled_groups": float(filled)}
+        return ([c[0] for c in chosen], [p for c in chosen for p in c[1]], concat_rollouts([c[2] for c in chosen]),
+                torch.cat([c[3] for c in chosen]), metrics)
 
     def _with_logps(self, batch: dict, mode: str) -> dict:
         """Add a micro-batch's no-grad log-probs: pi_old and the reference's when needed, and the sampler correction when another engine sampled."""
@@ -431,9 +565,12 @@ class GRPOTrainer(TrainerSurface):
             log_importance_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (B, 1)
         coef_1 = torch.exp(log_importance_weights)  # (B, C) or (B, 1)
 
-        if args.beta != 0.0:  # k3 estimate of KL(pi || pi_ref), per token
+        if args.beta != 0.0:  # k3 (or k2) estimate of KL(pi || pi_ref), per token
             ref = batch["ref_per_token_logps"]
-            per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1  # (B, C)
+            if args.kl_estimator == "k2":
+                per_token_kl = 0.5 * (per_token_logps - ref) ** 2  # (B, C)
+            else:
+                per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1  # (B, C)
             if args.use_bias_correction_kl:
                 per_token_kl = per_token_kl * coef_1
 
@@ -457,6 +594,17 @@ class GRPOTrainer(TrainerSurface):
             per_token_loss = per_token_loss * entropy_mask
         if is_ratio is not None and args.loss_type != "vespo":
             per_token_loss = per_token_loss * is_ratio
+        cov_selected = None
+        if args.cov_regularization is not None:  # Cui et al. 2025: act on the high-covariance tokens of this micro-batch
+            per_token_loss = per_token_loss.expand_as(mask)
+            if args.cov_regularization == "clip_cov":  # detach the gradient of a random few in [lb, ub]
+                generator = torch.Generator().manual_seed(batch.get("cov_seed", args.seed))
+                cov_selected = covariance_token_mask(per_token_logps, advantages, mask, "clip_cov", args.clip_cov_ratio,
+                                                     args.clip_cov_lb, args.clip_cov_ub, generator)
+                per_token_loss = torch.where(cov_selected, per_token_loss.detach(), per_token_loss)
+            else:  # kl_cov: |log pi - log pi_old| on the top-k
+                cov_selected = covariance_token_mask(per_token_logps, advantages, mask, "kl_cov", args.kl_cov_ratio)
+                per_token_loss = per_token_loss + args.kl_cov_coef * cov_selected.to(per_token_logps.dtype) * (per_token_logps - old_per_token_logps).abs()
         if args.beta != 0.0:
             per_token_loss = per_token_loss + args.beta * per_token_kl
         per_token_loss = per_token_loss.expand_as(mask)  # (B, C) also for sequence-level ratios
@@ -495,6 +643,8 @@ class GRPOTrainer(TrainerSurface):
             metrics["aux_loss"] = aux_loss.detach().float()
         if args.beta != 0.0:
             metrics["kl"] = masked_mean(per_token_kl.detach(), mask)
+        if cov_selected is not None:
+            metrics[f"{args.cov_regularization}/selected_fraction"] = masked_mean(cov_selected.float(), mask)
         if args.loss_type in _CLIPPED_LOSSES:
             is_low = (coef_1 < 1 - eps_low) & (advantages < 0)
             is_high = (coef_1 > 1 + eps_high) & (advantages > 0)

@@ -44,7 +44,9 @@ SPEC = MethodSpec(
     papers=(
         "Ahmadian et al. 2024, Back to Basics: Revisiting REINFORCE Style Optimization for Learning from Human Feedback in LLMs, arXiv:2402.14740",
         "Kool et al. 2019, Buy 4 REINFORCE Samples, Get a Baseline for Free!, ICLR 2019 workshop",
-        "Hu 2025, REINFORCE++: A Simple and Efficient Approach for Aligning Large Language Models, arXiv:2501.03262",
+        "Hu et al. 2025, REINFORCE++: Stabilizing Critic-Free Policy Optimization with Global Advantage Normalization, arXiv:2501.03262",
+        "Yu et al. 2025, DAPO: An Open-Source LLM Reinforcement Learning System at Scale, arXiv:2503.14476",
+        "Ling Team 2025, Every Step Evolves: Scaling Reinforcement Learning for Trillion-Scale Thinking Model (Ring-1T, IcePop), arXiv:2510.18855",
     ),
     presets={
         "rloo": Preset(
@@ -56,6 +58,17 @@ SPEC = MethodSpec(
             summary="REINFORCE++-style: advantages standardized over the batch, KL penalty in the reward, PPO clipping eps=0.2.",
             overrides={"normalize_advantages": True, "beta": 0.05, "epsilon": 0.2},
             paper="arXiv:2501.03262",
+        ),
+        "dynamic_sampling": Preset(
+            summary="DAPO's dynamic sampling on RLOO: drop groups whose rewards are all equal and refill from further prompts (at most 10 rounds).",
+            overrides={"dynamic_sampling": True, "max_num_gen_batches": 10},
+            paper="arXiv:2503.14476",
+        ),
+        "icepop": Preset(
+            summary="IcePop: per-token trainer/sampler ratio kept inside [0.5, 5] and zeroed outside (two-sided token masking).",
+            overrides={"vllm_importance_sampling_correction": True, "vllm_importance_sampling_mode": "token_mask",
+                       "vllm_importance_sampling_clip_min": 0.5, "vllm_importance_sampling_clip_max": 5.0},
+            paper="arXiv:2510.18855",
         ),
     },
 )

@@ -17,7 +17,10 @@ from dataclasses import dataclass, field
 
 from posttrain import ConfigError, TrainingConfig
 
-__all__ = ["RLOOConfig"]
+__all__ = ["RLOOConfig", "IS_MODES"]
+
+#: Supported ``vllm_importance_sampling_mode`` values (GRPO's).
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
 
 
 def _help(text: str) -> dict:
@@ -95,6 +98,14 @@ class RLOOConfig(TrainingConfig):
     reward_clip_range: list[float] | None = field(default=None, metadata=_help("Clamp the weighted reward to [low, high] before the KL penalty, e.g. [-10, 10] (a (low, high) tuple as in TRL works too)."))
     mask_truncated_completions: bool = field(default=False, metadata=_help("Exclude completions that hit max_completion_length from the loss."))
 
+    # > Beyond TRL (posttrain-rloo 3.2; every default leaves the behaviour of 3.1 unchanged)
+    dynamic_sampling: bool = field(default=False, metadata=_help("DAPO dynamic sampling: drop groups whose weighted rewards are all equal (no learning signal) and generate more groups from the next prompts of the prompt source until the step's prompts are all informative groups."))
+    max_num_gen_batches: int = field(default=0, metadata=_help("Cap on the generation rounds of one step under dynamic_sampling (DAPO's max_num_gen_batches; 0 = up to one epoch of prompts). When the cap is hit the step is filled with the first dropped groups, so every step keeps its size; logged as dynamic_sampling/filled_groups."))
+    vllm_importance_sampling_correction: bool = field(default=False, metadata=_help("Correct for the sampler/trainer log-prob mismatch when another engine (vLLM, a custom engine) samples (GRPO's option; off by default here, as RLOO 3.1 had none)."))
+    vllm_importance_sampling_mode: str = field(default="sequence_mask", metadata=_help("One of " + ", ".join(IS_MODES) + ": per-token or per-sequence ratio pi_old / pi_sampler, truncated (clamped) or masked (zeroed) outside the bounds. Sequence modes weight the sequence loss; token modes weight each token's gradient (the loss value is unchanged)."))
+    vllm_importance_sampling_clip_max: float | None = field(default=3.0, metadata=_help("Upper bound of the IS ratio."))
+    vllm_importance_sampling_clip_min: float | None = field(default=None, metadata=_help("Lower bound of the IS ratio (None = none)."))
+
     # > Parameters that control the reference model
     sync_ref_model: bool = field(default=False, metadata=_help("TR-DPO: every ref_model_sync_steps steps set ref = alpha * policy + (1 - alpha) * ref (needs beta > 0, not with PEFT)."))
     ref_model_mixup_alpha: float = field(default=0.6, metadata=_help("alpha of the reference update (sync_ref_model)."))
@@ -171,6 +182,15 @@ class RLOOConfig(TrainingConfig):
             raise ConfigError(f"ref_model_mixup_alpha={self.ref_model_mixup_alpha} is invalid: use a fraction in [0, 1].")
         if self.ref_model_sync_steps < 1:
             raise ConfigError(f"ref_model_sync_steps={self.ref_model_sync_steps} is invalid: it must be >= 1.")
+        if self.vllm_importance_sampling_mode not in IS_MODES:
+            raise ConfigError(f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} is invalid: use one of {', '.join(IS_MODES)}.")
+        lo, hi = self.vllm_importance_sampling_clip_min, self.vllm_importance_sampling_clip_max
+        if lo is not None and hi is not None and lo >= hi:
+            raise ConfigError(f"vllm_importance_sampling_clip_min={lo} must be < vllm_importance_sampling_clip_max={hi}; lower the min or raise the max.")
+        if self.vllm_importance_sampling_mode.endswith("_truncate") and lo is None and hi is None:
+            raise ConfigError(f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} needs a bound: set vllm_importance_sampling_clip_max (e.g. 3.0) or vllm_importance_sampling_clip_min.")
+        if self.max_num_gen_batches < 0:
+            raise ConfigError(f"max_num_gen_batches={self.max_num_gen_batches} is invalid: use 0 (up to one epoch of prompts) or a positive cap on the generation rounds per step.")
         if self.reward_clip_range is not None:
             if len(self.reward_clip_range) != 2 or not self.reward_clip_range[0] < self.reward_clip_range[1]:
                 raise ConfigError(f"reward_clip_range={self.reward_clip_range} is invalid: give [low, high] with low < high, e.g. [-10, 10].")

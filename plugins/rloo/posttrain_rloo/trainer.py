@@ -28,6 +28,7 @@ load-balancing loss (``router_aux_loss_coef``). Departures from TRL: docs/method
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -36,12 +37,12 @@ from posttrain import (  # the loop and the core's online steps (the online scaf
     attach_rollout_metrics, build_reference_model, build_rollout_engine, check_online_arguments, check_sync_ref_model, completion_logps,
     default_output_dir, evaluate_online, expand_prompts, gather_across_processes, generate_rollout, load_online_policy, nanstd,
     prepare_prompt_dataset, prompt_token_ids, resolve_online_rewards, reward_and_length_metrics, rollout_micro_batches, router_aux_loss_settings,
-    sampler_is_old_policy, sampling_from_config, score_rollout, sync_reference_model,
+    sampler_is_old_policy, sampling_from_config, score_rollout, slice_rollout, sync_reference_model,
 )
 
 from posttrain_rloo.config import RLOOConfig
 
-__all__ = ["RLOOTrainer", "compute_rloo_advantages", "nanstd"]
+__all__ = ["RLOOTrainer", "compute_rloo_advantages", "nanstd", "importance_sampling_ratio", "informative_groups", "concat_rollouts"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,64 @@ def compute_rloo_advantages(
         advantages = (advantages - torch.nanmean(advantages)) / (nanstd(advantages) + 1e-4)
     is_std_zero = torch.isclose(std, torch.zeros_like(std))
     return torch.nan_to_num(advantages, nan=0.0), is_std_zero
+
+
+# Copied from posttrain_grpo.trainer.informative_groups
+def informative_groups(rewards_per_func: torch.Tensor, reward_weights: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """Return DAPO's filter ``(N/G,)``: True for a group whose weighted rewards are not all equal (it carries a learning signal).
+
+    The weighted reward of a completion is ``sum_f w_f r_f`` over the functions that scored it; a
+    completion no function scored is left out, and a group with fewer than two scored completions
+    carries no signal.
+    """
+    unscorable = torch.isnan(rewards_per_func).all(dim=1)  # (N,)
+    rewards = (rewards_per_func * reward_weights.unsqueeze(0)).nansum(dim=1)  # (N,)
+    rewards[unscorable] = torch.nan
+    std = nanstd(rewards.view(-1, num_generations), dim=1)  # (N/G,), NaN with < 2 scored
+    return ~(torch.isnan(std) | torch.isclose(std, torch.zeros_like(std)))
+
+
+# Copied from posttrain_grpo.trainer._concat_extras
+def _concat_extras(values: list, sizes: list[int]):
+    """Join the ``extras`` values of several rollouts: per-completion lists are concatenated, dicts key by key, anything else is the first's."""
+    first = values[0]
+    if isinstance(first, dict) and all(isinstance(v, dict) for v in values):
+        return {k: _concat_extras([v.get(k) for v in values], sizes) for k in first}
+    if all(isinstance(v, (list, tuple)) and len(v) == n for v, n in zip(values, sizes)):
+        return [x for v in values for x in v]
+    return first
+
+
+# Copied from posttrain_grpo.trainer.concat_rollouts
+def concat_rollouts(parts: list[RolloutBatch]) -> RolloutBatch:
+    """Return the completions of ``parts`` one after the other (the inverse of ``posttrain.slice_rollout``).
+
+    Per-completion ``extras`` lists are concatenated; the batch's ``policy_version`` is the oldest part's.
+    """
+    sizes = [len(p) for p in parts]
+    return RolloutBatch([x for p in parts for x in p.prompt_ids], [x for p in parts for x in p.completion_ids],
+                        [x for p in parts for x in p.logprobs], [x for p in parts for x in p.truncated],
+                        min(p.policy_version for p in parts), extras=_concat_extras([p.extras for p in parts], sizes),
+                        policy_versions=[v for p in parts for v in p.policy_versions])
+
+
+# Copied from posttrain_grpo.trainer.importance_sampling_ratio
+def importance_sampling_ratio(
+    old_per_token_logps: torch.Tensor, sampling_per_token_logps: torch.Tensor, mask: torch.Tensor, mode: str, clip_min: float | None, clip_max: float | None
+) -> torch.Tensor:
+    """Return the trainer/sampler IS weight: ``(B, C)`` for token modes, ``(B, 1)`` for sequence modes.
+
+    ``*_truncate`` clamps the ratio to ``[clip_min, clip_max]``; ``*_mask`` zeroes it outside.
+    """
+    diff = torch.nan_to_num((old_per_token_logps - sampling_per_token_logps) * mask, nan=0.0)  # (B, C)
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=-1, keepdim=True)  # (B, 1)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    lo = clip_min if clip_min is not None else -math.inf
+    hi = clip_max if clip_max is not None else math.inf
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
 
 
 # Copied from posttrain_grpo.trainer.per_token_logps_and_entropies
@@ -235,12 +294,12 @@ class RLOOTrainer(TrainerSurface):
         args = self.args
         num_generations = args.num_generations if mode == "train" else (args.num_generations_eval or args.num_generations)
         # 1. rollout: G completions per prompt, grouped prompt0 x G, prompt1 x G, ...
-        prompts, prompt_ids = expand_prompts(rows, num_generations, self._prompt_ids, self.processing_class)  # (N,) each
-        rollout = self._generate(prompts, prompt_ids, num_generations, seed)  # N = P * G completions
-
         # 2. reward: (N, F), NaN where a function returned None
-        rewards_per_func = score_rollout(rows, prompts, rollout, num_generations, reward_funcs=self.reward_funcs, reward_func_names=self.reward_func_names,
-                                         tokenizer=self.processing_class, trainer_state=self.loop.state, log=self._completion_log)  # (N, F)
+        if mode == "train" and args.dynamic_sampling:  # DAPO: only groups with a learning signal, more prompts from the source
+            rows, prompts, rollout, rewards_per_func, sampling_metrics = self._dynamic_sampling(rows, seed, num_generations)
+        else:
+            prompts, rollout, rewards_per_func = self._rollout_and_rewards(rows, seed, num_generations)
+            sampling_metrics = {}
 
         # 3. micro-batches of per_device_train_batch_size completions (one in eval), with old / reference log-probs
         size = args.per_device_train_batch_size if mode == "train" else len(rollout)
@@ -269,7 +328,7 @@ class RLOOTrainer(TrainerSurface):
 
         # 5. metrics of the rollout (the loss returns them with its own); the completion log keeps training rollouts only
         metrics = {**reward_and_length_metrics(rollout, rewards_per_func, self.reward_weights, self.reward_func_names, is_std_zero, num_generations),
-                   **self._completion_log.pop_metrics()}
+                   **self._completion_log.pop_metrics(), **self._importance_sampling_metrics(micro_batches), **sampling_metrics}
         if args.beta != 0.0:  # mean per-token k1 KL of the rollout (the penalty's estimate)
             kl_sum = sum(((b["old_per_token_logps"] - b["ref_per_token_logps"]) * b["completion_mask"]).sum() for b in micro_batches)
             metrics["kl"] = float(kl_sum) / max(1, sum(b["num_completion_tokens"] for b in micro_batches))
@@ -281,14 +340,89 @@ class RLOOTrainer(TrainerSurface):
             self._completion_log.discard_extra()
         return micro_batches
 
+    # Copied from posttrain_grpo.trainer.GRPOTrainer._rollout_and_rewards
+    def _rollout_and_rewards(self, rows: list[dict], seed: int, num_generations: int) -> tuple[list, RolloutBatch, torch.Tensor]:
+        """Return ``(prompts (N,), rollout, rewards_per_func (N, F))`` of ``num_generations`` completions of each row."""
+        prompts, prompt_ids = expand_prompts(rows, num_generations, self._prompt_ids, self.processing_class)  # (N,) each
+        rollout = self._generate(prompts, prompt_ids, num_generations, seed)  # N = P * G completions
+        rewards_per_func = score_rollout(rows, prompts, rollout, num_generations, reward_funcs=self.reward_funcs, reward_func_names=self.reward_func_names,
+                                         tokenizer=self.processing_class, trainer_state=self.loop.state, log=self._completion_log)  # (N, F)
+        return prompts, rollout, rewards_per_func
+
+    # Copied from posttrain_grpo.trainer.GRPOTrainer._dynamic_sampling
+    def _dynamic_sampling(self, rows: list[dict], seed: int, num_generations: int) -> tuple[list, list, RolloutBatch, torch.Tensor, dict]:
+        """DAPO's dynamic sampling: keep the groups with a learning signal, drawing more prompts until ``len(rows)`` groups are kept.
+
+        Round 0 generates ``rows`` (with the step's seed, as without the option); every further
+        round takes the prompt source's next prompts (so the source's checkpointed position makes a
+        resumed run draw the same ones) with a seed derived from the step's and the round. Every
+        process runs the same number of rounds (until all are full, or ``max_num_gen_batches``
+        rounds; 0 = one epoch of prompts); a process still short then fills its step with its first
+        dropped groups, whose advantages are zero.
+
+        Returns:
+            ``(rows, prompts, rollout, rewards_per_func, metrics)`` of the kept groups, in generation order.
+        """
+        args, accelerator = self.args, self.loop.accelerator
+        source = self.producer.source
+        want = len(rows)
+        cap = args.max_num_gen_batches or max(1, source.steps_per_epoch)
+        kept, dropped, generated, rounds = [], [], 0, 0
+        batch_rows = rows
+        while True:
+            round_seed = seed if rounds == 0 else seed + 1_000_000_007 * rounds
+            prompts, rollout, rewards_per_func = self._rollout_and_rewards(batch_rows, round_seed, num_generations)
+            signal = informative_groups(rewards_per_func, self.reward_weights, num_generations).tolist()  # (P,)
+            for g, row in enumerate(batch_rows):
+                part = slice(g * num_generations, (g + 1) * num_generations)
+                (kept if signal[g] else dropped).append((row, prompts[part], slice_rollout(rollout, part), rewards_per_func[part]))
+            rounds, generated = rounds + 1, generated + len(batch_rows)
+            full = torch.tensor([float(len(kept) >= want)])
+            if accelerator.num_processes > 1:  # collective generation and gathers need the same rounds everywhere
+                (full,), _ = gather_across_processes(accelerator, full)
+            if bool(full.min() > 0) or rounds >= cap:
+                break
+            _, indices = source.next_indices()
+            batch_rows = [dict(self.train_dataset[i]) for i in indices]
+        chosen = kept[:want]
+        filled = want - len(chosen)
+        chosen += dropped[:filled]
+        metrics = {"dynamic_sampling/num_gen_batches": float(rounds), "dynamic_sampling/kept_fraction": len(kept) / generated,
+                   "dynamic_sampling/filled_groups": float(filled)}
+        return ([c[0] for c in chosen], [p for c in chosen for p in c[1]], concat_rollouts([c[2] for c in chosen]),
+                torch.cat([c[3] for c in chosen]), metrics)
+
     def _with_logps(self, batch: dict, mode: str) -> dict:
-        """Add a micro-batch's no-grad log-probs: pi_old (the ratio's denominator and the KL penalty's sample) and the reference's."""
+        """Add a micro-batch's no-grad log-probs: pi_old (the ratio's denominator and the KL penalty's sample) and the reference's.
+
+        When another engine sampled and ``vllm_importance_sampling_correction`` is on, also the
+        trainer/sampler IS weight (GRPO's option; TRL's RLOO has none).
+        """
         args = self.args
-        sampling_logps = batch.pop("sampling_logprobs")  # (b, C); RLOO (like TRL's) has no importance-sampling correction
+        sampling_logps = batch.pop("sampling_logprobs")  # (b, C)
         need_old = (mode == "train" and args.num_iterations > 1) or not self.engine_is_policy or args.beta != 0.0  # the KL penalty needs pi_old
-        return add_old_and_ref_logps(batch, sampling_logps, model=self.model, temperature=args.temperature, need_old=need_old, need_ref=args.beta != 0.0,
-                                     ref_model=self.ref_model, old_from_sampler=sampler_is_old_policy(self._sampling, args.temperature, self.engine_is_policy),
-                                     device=self.loop.device, accelerator=self.loop.accelerator, chunk_size=args.logprob_chunk_size)
+        add_old_and_ref_logps(batch, sampling_logps, model=self.model, temperature=args.temperature, need_old=need_old, need_ref=args.beta != 0.0,
+                              ref_model=self.ref_model, old_from_sampler=sampler_is_old_policy(self._sampling, args.temperature, self.engine_is_policy),
+                              device=self.loop.device, accelerator=self.loop.accelerator, chunk_size=args.logprob_chunk_size)
+        if args.vllm_importance_sampling_correction and not self.engine_is_policy:
+            batch["importance_sampling_ratio"] = importance_sampling_ratio(
+                batch["old_per_token_logps"], sampling_logps, batch["completion_mask"].float(), args.vllm_importance_sampling_mode,
+                args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max,
+            )
+        return batch
+
+    # Copied from posttrain_grpo.trainer.GRPOTrainer._importance_sampling_metrics
+    @staticmethod
+    def _importance_sampling_metrics(micro_batches: list[dict]) -> dict:
+        """``sampling/importance_sampling_ratio/{mean,min,max}`` over the rollout's completion tokens (when a correction applies)."""
+        if "importance_sampling_ratio" not in micro_batches[0]:
+            return {}
+        ratios = []
+        for b in micro_batches:
+            r = b["importance_sampling_ratio"]
+            ratios.append(r.flatten() if r.shape[1] == 1 else r[b["completion_mask"].bool()])
+        flat = torch.cat(ratios)
+        return {f"sampling/importance_sampling_ratio/{k}": getattr(flat, k)().item() for k in ("mean", "min", "max")} if flat.numel() else {}
 
     def compute_loss(self, model, batch: dict, num_items_in_batch):
         """Return the micro-batch's share of the step loss and its metrics (no host syncs)."""
@@ -299,12 +433,17 @@ class RLOOTrainer(TrainerSurface):
         # with one iteration on the trained model's own samples, old == current (detached): no extra forward
         old_per_token_logps = batch.get("old_per_token_logps", per_token_logps.detach())  # (B, C)
 
+        is_ratio = batch.get("importance_sampling_ratio")  # (B, C) / (B, 1) / None
+        if is_ratio is not None and is_ratio.shape[1] > 1:  # token modes: weight each token's gradient, keep the value
+            per_token_logps = per_token_logps.detach() + is_ratio * (per_token_logps - per_token_logps.detach())
         logps = (per_token_logps * mask).sum(-1)  # (B,) sequence log-prob
         old_logps = (old_per_token_logps * mask).sum(-1)  # (B,)
         coef_1 = torch.exp(logps - old_logps)  # (B,) sequence-level ratio
         eps_low, eps_high = args.epsilon, args.epsilon_high if args.epsilon_high is not None else args.epsilon
         coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
         per_sequence_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)  # (B,)
+        if is_ratio is not None and is_ratio.shape[1] == 1:  # sequence modes: weight the sequence's loss
+            per_sequence_loss = per_sequence_loss * is_ratio.squeeze(1)
 
         # aggregate: the micro-batch's SUM of per-sequence losses / sequences in the whole step
         loss = per_sequence_loss.sum() / num_items_in_batch
