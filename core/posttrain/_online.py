@@ -51,7 +51,7 @@ def nanstd(x: torch.Tensor, dim: int | None = None, keepdim: bool = False) -> to
     dims = dim if dim is not None else tuple(range(x.dim()))
     mean = torch.nanmean(x, dim=dims, keepdim=True)
     variance = torch.nanmean((x - mean) ** 2, dim=dims, keepdim=True)
-    count = (~torch.isnan(x)).sum(dim=dims, keepdim=True)
+    count = (~torch.isnan(x)).sum(dim=dims, keepdim=True).to(variance.dtype)  # in x's dtype: a float64 std stays float64-exact
     correction = torch.where(count > 1, count / (count - 1), torch.full_like(variance, float("nan")))
     std = torch.sqrt(variance * correction)
     return std if keepdim else std.squeeze(dims) if dim is not None else std.reshape(())

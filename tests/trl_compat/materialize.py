@@ -48,9 +48,13 @@ TRAINERS = {
     "iw_opd": ("tests/experimental/test_iw_opd_trainer.py", "posttrain.experimental.iw_opd", "IWOPDConfig", "IWOPDTrainer"),
     "sdft": ("tests/experimental/test_sdft_trainer.py", "posttrain.experimental.sdft", "SDFTConfig", "SDFTTrainer"),
     "sdpo": ("tests/experimental/test_sdpo_trainer.py", "posttrain.experimental.sdpo", "SDPOConfig", "SDPOTrainer"),
+    # method wave 3 (issue 20): the trainers TRL 1.16 still ships under trl.experimental
+    "online_dpo": ("tests/experimental/test_online_dpo_trainer.py", "posttrain.experimental.online_dpo", "OnlineDPOConfig", "OnlineDPOTrainer"),
+    "a2po": ("tests/experimental/test_a2po_trainer.py", "posttrain.experimental.a2po", "A2POConfig", "A2POTrainer"),
+    "gmpo": ("tests/experimental/test_gmpo_trainer.py", "posttrain.experimental.gmpo", "GMPOConfig", "GMPOTrainer"),
 }
 #: trainer -> the trl module its test file imports the config and trainer from (default ``trl``)
-TRL_MODULES = {name: "trl.experimental." + name for name in ("orpo", "cpo", "tpo", "gkd", "gold", "iw_opd", "sdft", "sdpo")}
+TRL_MODULES = {name: "trl.experimental." + name for name in ("orpo", "cpo", "tpo", "gkd", "gold", "iw_opd", "sdft", "sdpo", "online_dpo", "a2po", "gmpo")}
 TRL_MODULES.update({"distill": "trl.experimental.distillation", "server_distill": "trl.experimental.server_distillation"})
 SUPPORT_FILES = ["tests/__init__.py", "tests/experimental/__init__.py", "tests/conftest.py", "tests/testing_utils.py", "tests/testing_constants.py"]
 TARGETS = ("trl", "posttrain")
@@ -127,7 +131,7 @@ def rewrite_imports(text: str, trainer: str) -> str:
     _, module, config_cls, trainer_cls = TRAINERS[trainer]
     wanted = {config_cls, trainer_cls}
     trl_module = TRL_MODULES.get(trainer, "trl")
-    import_re = re.compile(rf"^from {re.escape(trl_module)} import (?:\((?P<paren>[A-Za-z_,\s]+)\)|(?P<names>[A-Za-z_, ]+))$", re.MULTILINE)
+    import_re = re.compile(rf"^from {re.escape(trl_module)} import (?:\((?P<paren>[A-Za-z0-9_,\s]+)\)|(?P<names>[A-Za-z0-9_, ]+))$", re.MULTILINE)
 
     def repl(match: re.Match) -> str:
         names = [n.strip() for n in (match.group("names") or match.group("paren")).split(",") if n.strip()]
