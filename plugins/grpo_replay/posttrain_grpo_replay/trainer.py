@@ -1,0 +1,715 @@
+"""GRPO with a replay buffer on the posttrain loop (heavy: imports torch).
+
+The old TRL's ``trl.experimental.grpo_with_replay_buffer.GRPOWithReplayBufferTrainer`` (up to TRL 1.13.0;
+removed in 1.14.0; no paper of its own: GRPO is Shao et al. 2024, arXiv:2402.03300). After the rewards
+and group advantages of a rollout are computed, each process:
+
+1. adds every local group whose reward std is > 0 to its :class:`ReplayBuffer` (a min-heap of at most
+   ``replay_buffer_size`` groups) with the score ``sum_i |A_i| * std_group``; the lowest score is evicted;
+2. replaces every local group whose rewards are all equal (std 0: no learning signal) by a group
+   drawn from the buffer with probability proportional to its score (without replacement unless more
+   groups are needed than the buffer holds), with the advantages stored with it.
+
+The replayed groups are then trained like fresh ones (their old / reference log-probs are computed
+now, their sampling log-probs are the stored ones). The buffer and its random generator are
+per-process method state, saved in the process's producer state of every checkpoint.
+
+Everything else is posttrain-grpo's trainer: this module is
+# Copied from posttrain_grpo.trainer (posttrain-grpo 3.1.0), with: the class name, the replay buffer
+# (ReplayBuffer, _replay, the producer subclass that checkpoints it) and the advantages computed
+# before the micro-batches are built (so the replaced rollout is what is batched).
+One optimizer step, in order (the producer's ``_produce`` then ``compute_loss`` per micro-batch)::
+
+    prompts (P = per_device_train_batch_size * gradient_accumulation_steps / num_generations)
+      -> rollout: num_generations completions per prompt (RolloutEngine, seeded by the step)
+      -> reward: every reward function on every completion            (N, F), N = P * G
+      -> advantage: group-normalized, NaN-aware                        (N,)
+      -> old / reference log-probs (no-grad forwards, only when needed)
+      -> gradient_accumulation_steps micro-batches of per_device_train_batch_size completions
+      -> loss per micro-batch, normalized over the whole step (the loop's contract)
+
+Features and their flags (field names follow TRL 1.16's GRPOConfig):
+
+* losses ``loss_type``: grpo, dr_grpo, dapo (default), bnpo, cispo, sapo, luspo, vespo;
+  ``importance_sampling_level`` token / sequence (GSPO); ``epsilon`` / ``epsilon_high`` /
+  ``delta`` (two-sided clipping); ``beta`` k3 KL to a frozen reference (a copy of the initial
+  policy, or the adapter-disabled policy under PEFT) with ``use_bias_correction_kl`` and
+  ``sync_ref_model`` (TR-DPO); ``top_entropy_quantile``; ``mask_truncated_completions``;
+  ``off_policy_mask_threshold`` (DeepSeek-V3.2); ``entropy_coef`` / ``use_adaptive_entropy``
+  (Skywork-OR1); a MoE model's router load-balancing loss (``router_aux_loss_coef``).
+* advantages: ``scale_rewards`` group / batch / none, ``multi_objective_aggregation``
+  sum_then_normalize / normalize_then_sum (GDPO); completions for which every reward function
+  returned None get advantage 0 and are excluded from the group baseline.
+* ``num_iterations`` > 1 reuses a rollout for several optimizer steps; its old log-probs come from
+  a no-grad forward at generation time. With one iteration and the transformers backend (the
+  sampler IS the trained model) ``old = logps.detach()`` and no extra forward runs.
+* importance-sampling correction against the engine's sampling log-probs
+  (``vllm_importance_sampling_*``), applied only when the rollout engine is not the trained model.
+* rollouts from the engine, or from a user ``rollout_func(prompts, trainer)`` (TRL's hook).
+
+Assumptions: prompt-only data (a ``prompt`` column, string or messages, or pre-tokenized
+``prompt_ids``); every other column is passed to the reward functions. Departures from TRL are
+listed in docs/methods/grpo.md.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+
+import torch
+
+from posttrain import (  # the loop and the core's online steps (the online scaffold, plugin API 1.5)
+    CompletionLog, ConfigError, ProduceRequest, RolloutBatch, RolloutProducer, TrainerSurface, TrainingLoop, add_old_and_ref_logps, as_config,
+    attach_rollout_metrics, build_reference_model, build_rollout_engine, check_online_arguments, check_sync_ref_model, completion_logps,
+    default_output_dir, evaluate_online, expand_prompts, gather_across_processes, generate_rollout, load_online_policy, nanstd,
+    prepare_prompt_dataset, prompt_token_ids, resolve_online_rewards, reward_and_length_metrics, rollout_micro_batches, router_aux_loss_settings,
+    sampler_is_old_policy, sampling_from_config, score_rollout, sync_reference_model,
+)
+
+from posttrain_grpo_replay.config import GRPOWithReplayBufferConfig
+
+__all__ = ["GRPOWithReplayBufferTrainer", "GRPOWithReplayBufferConfig", "ReplayBuffer", "group_replay_scores", "compute_group_advantages"]
+
+logger = logging.getLogger(__name__)
+
+_TOKEN_LEVEL_LOSSES = ("dapo", "cispo", "vespo", "bnpo")  # normalized by completion tokens
+_CLIPPED_LOSSES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+
+# ----------------------------------------------------------------------------- math (pure functions; nanstd is the core's)
+def compute_group_advantages(
+    rewards_per_func: torch.Tensor, reward_weights: torch.Tensor, num_generations: int, scale_rewards: str, multi_objective_aggregation: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(advantages (N,), is_std_zero (N,))`` from rewards grouped ``num_generations`` at a time.
+
+    Args:
+        rewards_per_func: ``(N, F)`` rewards, NaN where a function returned None.
+        reward_weights: ``(F,)`` weights.
+        num_generations: Group size G (N is a multiple of G; groups are consecutive rows).
+        scale_rewards: ``"group"``, ``"batch"`` or ``"none"``.
+        multi_objective_aggregation: ``"sum_then_normalize"`` or ``"normalize_then_sum"`` (GDPO).
+
+    Returns:
+        Advantages (0 where every reward function returned None, or where a std is undefined) and
+        whether the std used for each row is zero (for ``frac_reward_zero_std``).
+    """
+    unscorable = torch.isnan(rewards_per_func).all(dim=1)  # (N,)
+    if multi_objective_aggregation == "sum_then_normalize":
+        rewards = (rewards_per_func * reward_weights.unsqueeze(0)).nansum(dim=1)  # (N,)
+        rewards[unscorable] = torch.nan  # keep unscorable rows out of the group baseline
+        grouped = rewards.view(-1, num_generations)  # (N/G, G)
+        mean = torch.nanmean(grouped, dim=1).repeat_interleave(num_generations)  # (N,)
+        if scale_rewards == "batch":
+            std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        else:  # "group", or "none" (then only logged)
+            std = nanstd(grouped, dim=1).repeat_interleave(num_generations)
+        advantages = rewards - mean
+        if scale_rewards != "none":
+            advantages = advantages / (std + 1e-4)
+    else:  # GDPO: normalize each reward within its group, sum, then normalize over the batch
+        grouped = rewards_per_func.view(-1, num_generations, rewards_per_func.shape[1])  # (N/G, G, F)
+        normalized = (grouped - torch.nanmean(grouped, dim=1, keepdim=True)) / (nanstd(grouped, dim=1, keepdim=True) + 1e-4)
+        rewards = (normalized.view_as(rewards_per_func) * reward_weights.unsqueeze(0)).nansum(dim=1)  # (N,)
+        rewards[unscorable] = torch.nan
+        std = nanstd(rewards).expand_as(rewards) if rewards.numel() > 1 else torch.zeros_like(rewards)
+        advantages = (rewards - torch.nanmean(rewards)) / (std + 1e-4)
+    is_std_zero = torch.isclose(std, torch.zeros_like(std))
+    return torch.nan_to_num(advantages, nan=0.0), is_std_zero
+
+
+def importance_sampling_ratio(
+    old_per_token_logps: torch.Tensor, sampling_per_token_logps: torch.Tensor, mask: torch.Tensor, mode: str, clip_min: float | None, clip_max: float | None
+) -> torch.Tensor:
+    """Return the trainer/sampler IS weight: ``(B, C)`` for token modes, ``(B, 1)`` for sequence modes.
+
+    ``*_truncate`` clamps the ratio to ``[clip_min, clip_max]``; ``*_mask`` zeroes it outside.
+    """
+    diff = torch.nan_to_num((old_per_token_logps - sampling_per_token_logps) * mask, nan=0.0)  # (B, C)
+    if mode.startswith("sequence"):
+        diff = diff.sum(dim=-1, keepdim=True)  # (B, 1)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    lo = clip_min if clip_min is not None else -math.inf
+    hi = clip_max if clip_max is not None else math.inf
+    return ratio.masked_fill((ratio < lo) | (ratio > hi), 0.0)
+
+
+@torch.no_grad()
+def gamma_weights(advantages, log_ratio, mask, is_ratio, k_pos, lambda_pos, k_neg, lambda_neg) -> torch.Tensor:
+    """Return VESPO's detached sequence weight ``phi(w) = e^lambda * w^k * e^(-lambda w)`` (B, 1), computed in log space."""
+    lower = math.log(1e-8)
+    seq_log_ratio = (torch.clamp(log_ratio, -20.0, 20.0) * mask).sum(dim=-1, keepdim=True)  # (B, 1) sum, not mean
+    if is_ratio is not None:
+        seq_log_ratio = seq_log_ratio + torch.clamp(torch.log(is_ratio), lower, 20.0).sum(dim=-1, keepdim=True)
+    log_w = torch.clamp(seq_log_ratio, lower, 20.0)
+    nonneg = advantages >= 0
+    k = torch.where(nonneg, k_pos, k_neg)
+    lam = torch.where(nonneg, lambda_pos, lambda_neg).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+
+
+def off_policy_mask(advantages: torch.Tensor, per_token_logps: torch.Tensor, sampling_per_token_logps: torch.Tensor,
+                    mask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Return DeepSeek-V3.2's off-policy sequence mask ``(B, 1)``: 0 where A < 0 and the mean sampler-to-policy KL > threshold.
+
+    The KL of a sequence is the mean over its completion tokens of ``log pi_sampler - log pi`` (NaN
+    log-probs, which an engine could not score, count as 0).
+    """
+    kl = torch.nan_to_num(sampling_per_token_logps - per_token_logps.detach(), nan=0.0)  # (B, C)
+    mean_kl = (kl * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1.0)  # (B, 1)
+    return ((advantages >= 0) | (mean_kl <= threshold)).to(mask.dtype)
+
+
+def per_token_logps_and_entropies(model, batch: dict, temperature: float, compute_entropy: bool = True, chunk_size: int | None = None):
+    """Return ``(logps (B, C), entropies (B, C) or None)`` of the completion tokens at ``temperature`` (``posttrain.completion_logps``)."""
+    logps, entropies, _ = completion_logps(model, batch, temperature, compute_entropy=compute_entropy, chunk_size=chunk_size)
+    return logps, entropies
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``x`` over ``mask``; a ``(B, 1)`` per-sequence ``x`` is averaged over sequences."""
+    if x.shape[1] == 1:
+        return x.float().mean()
+    return (x * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+# ----------------------------------------------------------------------------- the replay buffer
+class ReplayBuffer:
+    """The old TRL's replay buffer: a min-heap of at most ``max_size`` ``(score, data)`` entries; sampling by score.
+
+    ``heap`` holds ``(score, insertion number, data)`` (the number breaks ties between equal scores,
+    which TRL's ``(score, data)`` tuples could not compare). ``sample`` draws with a
+    ``torch.Generator`` of its own (seeded per process), so a resumed run draws the same groups.
+
+    Args:
+        max_size: Entries kept (the highest scores).
+        seed: Seed of the sampling generator.
+    """
+
+    def __init__(self, max_size: int, seed: int = 0):
+        self.max_size = max_size
+        self.heap: list[tuple] = []
+        self._added = 0
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    def __len__(self) -> int:
+        return len(self.heap)
+
+    def add(self, scores: list[float], data: list) -> None:
+        """Push each ``(score, datum)``; when full, a datum replaces the lowest entry only if its score is higher."""
+        if len(scores) != len(data):
+            raise ValueError(f"ReplayBuffer.add: {len(scores)} scores for {len(data)} data.")
+        for score, datum in zip(scores, data):
+            entry = (float(score), self._added, datum)
+            self._added += 1
+            if len(self.heap) < self.max_size:
+                heapq.heappush(self.heap, entry)
+            elif score > self.heap[0][0]:
+                heapq.heapreplace(self.heap, entry)
+
+    def sample(self, num_samples: int) -> list | None:
+        """Return ``num_samples`` data drawn with probability score / sum of scores (None when empty), as TRL.
+
+        Without replacement, unless more are asked for than the buffer holds.
+        """
+        if not self.heap:
+            return None
+        scores = torch.tensor([entry[0] for entry in self.heap], dtype=torch.float32)
+        chosen = torch.multinomial(scores / scores.sum(), num_samples, replacement=num_samples > len(self.heap), generator=self.generator)
+        return [self.heap[i][2] for i in chosen.tolist()]
+
+    def state_dict(self) -> dict:
+        return {"max_size": self.max_size, "heap": [list(entry) for entry in self.heap], "added": self._added,
+                "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.heap = [tuple(entry) for entry in state["heap"]]
+        heapq.heapify(self.heap)
+        self._added = int(state["added"])
+        self.generator.set_state(state["generator"])
+
+
+class _ReplayRolloutProducer(RolloutProducer):
+    """The core producer, whose per-process checkpoint state also carries this process's replay buffer."""
+
+    def __init__(self, *args, replay_buffer: ReplayBuffer | None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.replay_buffer = replay_buffer
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        if self.replay_buffer is not None:
+            state["replay_buffer"] = self.replay_buffer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        if self.replay_buffer is not None and "replay_buffer" in state:
+            self.replay_buffer.load_state_dict(state["replay_buffer"])
+
+
+def group_replay_scores(rewards_per_func: torch.Tensor, reward_weights: torch.Tensor, advantages: torch.Tensor,
+                        num_generations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(std (N/G,), score (N/G,))`` of each group: the std of its weighted rewards and ``sum_i |A_i| * std``.
+
+    Rows no reward function scored are left out of the std (NaN-aware, as the advantages); a group with
+    fewer than two scored rows has std 0.
+    """
+    unscorable = torch.isnan(rewards_per_func).all(dim=1)  # (N,)
+    rewards = (rewards_per_func * reward_weights.unsqueeze(0)).nansum(dim=1)  # (N,)
+    rewards[unscorable] = torch.nan
+    std = torch.nan_to_num(nanstd(rewards.view(-1, num_generations), dim=1), nan=0.0)  # (N/G,)
+    score = (advantages.view(-1, num_generations).abs() * std.unsqueeze(1)).sum(dim=1)  # (N/G,)
+    return std, score
+
+
+# ----------------------------------------------------------------------------- trainer
+class GRPOWithReplayBufferTrainer(TrainerSurface):
+    """Train a causal LM with GRPO and a replay buffer of high-variance groups; the old TRL's ``GRPOWithReplayBufferTrainer`` API (= ``GRPOTrainer``'s).
+
+    Args:
+        model: A model object or Hub id / local directory (default ``args.model_name_or_path``).
+        reward_funcs: A callable, a name ('accuracy', 'module:function', a reward-model path), a
+            ``PreTrainedModel`` reward model, or a list of these (default ``args.reward_funcs``).
+        args: A :class:`GRPOWithReplayBufferConfig`, a ``transformers.TrainingArguments`` or a dict of fields.
+        train_dataset: Prompt-only rows (``datasets.Dataset`` / ``IterableDataset`` / list of dicts): a
+            ``prompt`` column (or pre-tokenized ``prompt_ids``) plus any columns for the rewards. An
+            ``IterableDataset`` is materialized once (``max_steps`` steps' worth when ``max_steps > 0``).
+        eval_dataset: Same format, or a dict of them (metrics ``eval_<name>_<metric>``).
+        processing_class: The tokenizer (default: loaded with the model).
+        reward_processing_classes: Tokenizers of the reward models (one per reward function, None for
+            plain functions; a single one for a single reward function).
+        callbacks: ``transformers.TrainerCallback`` objects (or classes).
+        optimizers: Only ``(None, None)``: the loop builds the optimizer and schedule from ``args``.
+        quantization_config: A ``BitsAndBytesConfig`` for a model given by name.
+        peft_config: A ``peft.PeftConfig``; with ``beta > 0`` the reference is the adapter-disabled model.
+        tools: Only None: multi-turn tool calling during rollouts is not offered.
+        rollout_func: ``rollout_func(prompts, trainer) -> {"prompt_ids", "completion_ids", "logprobs", ...}``
+            generating the completions instead of the engine (one entry per completion; extra keys are
+            passed to the reward functions), as in TRL.
+        environment_factory: Only None (environments are not offered).
+        rollout_engine: A ``posttrain.RolloutEngine`` (default: one on ``args.rollout_backend``).
+        allow_experimental: Python opt-in for this experimental method (importing from ``posttrain.experimental`` opts in).
+
+    Raises:
+        posttrain.ConfigError: no reward functions or dataset, mismatched ``reward_weights`` /
+            ``reward_processing_classes``, a dataset without ``prompt``, or an argument that cannot be honoured.
+    """
+
+    _tag_names = ["trl", "grpo", "grpo_with_replay_buffer"]
+
+    def __init__(self, model=None, reward_funcs=None, args: GRPOWithReplayBufferConfig | None = None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, reward_processing_classes=None, callbacks=None, optimizers=(None, None), quantization_config=None,
+                 peft_config=None, tools=None, rollout_func=None, environment_factory=None, rollout_engine=None, allow_experimental=False):
+        self.args = args = as_config(args, GRPOWithReplayBufferConfig, default_output_dir=default_output_dir(model, "GRPOWithReplayBuffer"))
+        # the maturity gate runs first: TrainingLoop refuses an experimental method without an opt-in
+        self.loop = TrainingLoop(args, method="grpo_replay", allow_experimental=allow_experimental, callbacks=callbacks)
+        if tools:
+            raise ConfigError("tools= (multi-turn tool calling during rollouts) is not offered by posttrain's GRPO: give tool schemas in the prompt (a 'tools' column is rendered by the chat template) and score tool calls with a reward function, or use TRL for tool execution.")
+        if environment_factory is not None:
+            raise ConfigError("environment_factory= is not offered by posttrain's GRPO: keep the data in train_dataset and score completions with reward_funcs (or generate with rollout_func).")
+        check_online_arguments("GRPO", train_dataset=train_dataset, reward_funcs=reward_funcs or args.reward_funcs, optimizers=optimizers)
+        self._setup_model(model, processing_class, peft_config, quantization_config, lm_head_fp32=args.cast_lm_head_to_fp32)  # before the reference copy
+        self._setup_rewards(reward_funcs, reward_processing_classes)
+        self.ref_model = build_reference_model(self.model, None, loop=self.loop, model_init_kwargs=args.model_init_kwargs,
+                                               disable_dropout_in_ref=args.disable_dropout, needed=args.beta != 0.0)
+        check_sync_ref_model(args, self.ref_model)
+        self._setup_datasets(train_dataset, eval_dataset)
+        self.loop.setup(self.model, method=self)
+        self.rollout_func = rollout_func
+        self.engine = rollout_engine or build_rollout_engine(args, model=self.model, tokenizer=self.processing_class, accelerator=self.loop.accelerator)
+        # the transformers backend samples from the trained model itself: no sampler/trainer mismatch to correct
+        self.engine_is_policy = self.engine.samples_from_policy and rollout_func is None
+        # the prompts and rollouts of every step: the loop consumes the producer's steps; its state is checkpointed per process
+        # this process's buffer of past high-variance groups (per process: each rank sees other prompts), checkpointed with its producer
+        rank = self.loop.accelerator.process_index
+        self.replay_buffer = ReplayBuffer(args.replay_buffer_size, seed=args.seed + 7919 * rank + 1) if args.replay_buffer_size > 0 else None
+        self.producer = _ReplayRolloutProducer(self.loop.prompt_source(len(self.train_dataset), self._prompts_per_step()), self.train_dataset,
+                                               self._produce, reuse=self.args.num_iterations, replay_buffer=self.replay_buffer)
+        self._sampling = sampling_from_config(args)  # SamplingParams keywords (generation_kwargs applied; unknown keys warn)
+        self._setup_logging()
+        # entropy bonus (TRL's attribute names); the coefficient moves per step under use_adaptive_entropy
+        self.entropy_coef = args.entropy_coef
+        self.use_adaptive_entropy = args.use_adaptive_entropy
+        self._entropy_bonus_enabled = self.entropy_coef != 0.0 or self.use_adaptive_entropy
+        self._last_world_entropy = float("inf")  # no bonus until a first step has measured the entropy
+        self._entropy_window_stats: torch.Tensor | None = None  # [entropy sum, token count] of the current step
+        self._warn_about_loss_settings()
+
+    # -------------------------------------------------------------------------- setup (the core's online steps)
+    def _setup_model(self, model, processing_class, peft_config, quantization_config, lm_head_fp32: bool = False) -> None:
+        """Load the policy (``posttrain.load_online_policy``) and read its MoE router-loss settings."""
+        self.model, self.processing_class = load_online_policy(model, self.args, loop=self.loop, processing_class=processing_class, peft_config=peft_config,
+                                                               quantization_config=quantization_config, tags=self._tag_names, lm_head_fp32=lm_head_fp32)
+        self.pad_token_id = self.processing_class.pad_token_id
+        self.router_aux_loss_coef, self.aux_loss_enabled = router_aux_loss_settings(self.model, self.args.router_aux_loss_coef)
+
+    def _setup_rewards(self, reward_funcs, reward_processing_classes) -> None:
+        """Resolve the reward functions (TRL's ``reward_funcs`` / ``reward_func_names`` / ``reward_weights`` / ``reward_processing_classes``)."""
+        rewards = resolve_online_rewards(reward_funcs, self.args, loop=self.loop, reward_processing_classes=reward_processing_classes)
+        self.reward_funcs, self.reward_func_names, self.reward_weights = rewards.funcs, rewards.names, rewards.weights  # weights (F,)
+        self.reward_processing_classes = rewards.processing_classes
+
+    def _setup_datasets(self, train_dataset, eval_dataset) -> None:
+        self.train_dataset = self.process_dataset(train_dataset, "train_dataset")
+        if isinstance(eval_dataset, dict):
+            self.eval_dataset = {key: self.process_dataset(part, f"eval_dataset[{key!r}]") for key, part in eval_dataset.items()}
+        else:
+            self.eval_dataset = self.process_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+
+    def _setup_logging(self) -> None:
+        """TRL's completion log (``_logs``; written at each training log with ``log_completions``)."""
+        args = self.args
+        self._completion_log = CompletionLog(args.per_device_train_batch_size * args.gradient_accumulation_steps)  # one rollout
+        self._logs = self._completion_log.logs
+        self.add_callback(self._completion_log.callback(args, self.loop))
+
+    def _warn_about_loss_settings(self) -> None:
+        args = self.args
+        if args.loss_type == "luspo" and args.importance_sampling_level != "sequence":
+            logger.warning("loss_type='luspo' is meant for importance_sampling_level='sequence' (the paper's setup).")
+        if args.loss_type == "vespo" and args.importance_sampling_level != "token":
+            logger.warning("VESPO computes its sequence-level weight itself: set importance_sampling_level='token' (the default).")
+        if args.importance_sampling_level == "sequence" and args.loss_type in ("bnpo", "dr_grpo", "dapo", "cispo"):
+            logger.warning(
+                f"importance_sampling_level='sequence' with loss_type={args.loss_type!r}: the loss sums per-token contributions, which "
+                "weights each sequence by its completion length instead of optimizing the per-sequence objective; use loss_type='grpo' "
+                "for the GSPO paper's setup."
+            )
+        if (args.loss_type == "vespo" and not self.engine_is_policy and args.vllm_importance_sampling_correction
+                and args.vllm_importance_sampling_mode not in ("token_truncate", "token_mask")):
+            raise ConfigError(f"loss_type='vespo' with an external sampler needs vllm_importance_sampling_mode 'token_truncate' or 'token_mask' (got {args.vllm_importance_sampling_mode!r}).")
+
+    # -------------------------------------------------------------------------- data
+    def process_dataset(self, dataset, name: str):
+        """Return ``dataset`` as prompt rows (``posttrain.prepare_prompt_dataset``); a streamed ``train_dataset`` keeps the rows ``max_steps`` draw."""
+        limit = None
+        if name == "train_dataset" and self.args.max_steps > 0:
+            limit = self.args.max_steps * self._prompts_per_step() * self.loop.accelerator.num_processes
+        return prepare_prompt_dataset(dataset, name, method="GRPO", prompt_ids=self._prompt_ids, limit=limit)
+
+    def _prompt_ids(self, row: dict) -> list[int]:
+        """Token ids of a row's prompt: its ``prompt_ids`` as given, or the tokenized ``prompt`` (messages via the chat template)."""
+        return prompt_token_ids(row, self.processing_class, chat_template_kwargs=self.args.chat_template_kwargs)
+
+    def _prompts_per_step(self) -> int:
+        args = self.args
+        return args.per_device_train_batch_size * args.gradient_accumulation_steps // args.num_generations
+
+    @property
+    def data_collator(self):
+        """The collator of raw prompt rows (TRL's attribute; TRL's is the identity): :meth:`collate`, which keeps them raw."""
+        return self.collate
+
+    # -------------------------------------------------------------------------- loop protocol
+    def collate(self, rows: list[dict]) -> dict:
+        return {"rows": [dict(row) for row in rows]}  # prompts stay raw (the producer reads the dataset's rows itself)
+
+    def count_items(self, batch: dict) -> int:
+        return batch["num_completion_tokens"] if self.args.loss_type in _TOKEN_LEVEL_LOSSES else batch["completion_ids"].shape[0]
+
+    def _produce(self, request: ProduceRequest) -> list[dict]:
+        """The producer's callback: generate, score and split one step's rollouts (the producer reuses them ``num_iterations`` times)."""
+        seed = self.args.seed + request.step + 1_000_003 * request.rank
+        return self._generate_and_score(request.rows, seed)
+
+    def _generate(self, prompts: list, prompt_ids: list[list[int]] | None = None, num_generations: int = 1, seed: int | None = None) -> RolloutBatch:
+        """Return the rollout of ``prompts`` (``posttrain.generate_rollout``): the engine's, or ``self.rollout_func``'s (TRL's hook)."""
+        if prompt_ids is None and self.rollout_func is None:
+            prompt_ids = [self._prompt_ids({"prompt": p}) for p in prompts]
+        return generate_rollout(prompts, prompt_ids, engine=self.engine, sampling=self._sampling, num_generations=num_generations, seed=seed,
+                                rollout_func=self.rollout_func, trainer=self, max_completion_length=self.args.max_completion_length,
+                                stop_token_ids=(self.processing_class.eos_token_id, self.pad_token_id))
+
+    def _generate_and_score(self, rows: list[dict], seed: int, mode: str = "train") -> list[dict]:
+        args = self.args
+        num_generations = args.num_generations if mode == "train" else (args.num_generations_eval or args.num_generations)
+        # 1. rollout: G completions per prompt, grouped prompt0 x G, prompt1 x G, ...
+        prompts, prompt_ids = expand_prompts(rows, num_generations, self._prompt_ids, self.processing_class)  # (N,) each
+        rollout = self._generate(prompts, prompt_ids, num_generations, seed)  # N = P * G completions
+
+        # 2. reward: (N, F), NaN where a function returned None
+        rewards_per_func = score_rollout(rows, prompts, rollout, num_generations, reward_funcs=self.reward_funcs, reward_func_names=self.reward_func_names,
+                                         tokenizer=self.processing_class, trainer_state=self.loop.state, log=self._completion_log)  # (N, F)
+
+        # 3. advantage: (N,) from the global batch's rewards (this process's in eval)
+        if mode == "train":
+            (all_rewards,), local = gather_across_processes(self.loop.accelerator, rewards_per_func)  # (world * N, F)
+        else:
+            all_rewards, local = rewards_per_func, slice(0, len(rollout))
+        advantages, is_std_zero = compute_group_advantages(
+            all_rewards, self.reward_weights, num_generations, args.scale_rewards, args.multi_objective_aggregation
+        )
+        advantages, is_std_zero = advantages[local], is_std_zero[local]  # both per row (N,)
+        fresh_rollout, fresh_advantages = rollout, advantages  # what the completion log records
+
+        # 4. replay (training only): buffer this process's high-variance groups, replace its zero-variance ones from the buffer
+        replay_metrics = {}
+        if mode == "train" and self.replay_buffer is not None:
+            rollout, advantages, replay_metrics = self._replay(rollout, rewards_per_func, advantages, num_generations)
+
+        # 5. micro-batches of per_device_train_batch_size completions (one in eval), with old / reference log-probs
+        size = args.per_device_train_batch_size if mode == "train" else len(rollout)
+        micro_batches = [self._with_logps(batch, mode) for batch in rollout_micro_batches(
+            rollout, size, self.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of, mask_truncated=args.mask_truncated_completions)]
+        world = self.loop.accelerator.num_processes if mode == "train" else 1
+        step_tokens = max(1, sum(b["num_completion_tokens"] for b in micro_batches))
+        for start, batch in zip(range(0, len(rollout), size), micro_batches):
+            batch["advantages"] = advantages[start : start + size]  # (b,)
+            # a micro-batch's share of a per-step mean is its mean / (micro-batches x processes): the loop sums the shares
+            batch["share_divisor"] = torch.tensor(float(len(micro_batches) * world))
+            if args.loss_type == "bnpo":  # BNPO normalizes by this process's step tokens, then averages over processes
+                batch["bnpo_normalizer"] = torch.tensor(float(step_tokens * world))
+
+        # 6. metrics of the fresh rollout (the loss returns them with its own); the completion log keeps training rollouts only
+        metrics = reward_and_length_metrics(fresh_rollout, rewards_per_func, self.reward_weights, self.reward_func_names, is_std_zero, num_generations)
+        attach_rollout_metrics(micro_batches, {**metrics, **replay_metrics, **self._completion_log.pop_metrics(), **self._importance_sampling_metrics(micro_batches)})
+        if mode == "train":
+            completions = self.processing_class.batch_decode(fresh_rollout.completion_ids, skip_special_tokens=True)
+            self._completion_log.record(prompts, completions, rewards_per_func, self.reward_func_names, fresh_advantages)
+        else:
+            self._completion_log.discard_extra()
+        return micro_batches
+
+    def _replay(self, rollout: RolloutBatch, rewards_per_func: torch.Tensor, advantages: torch.Tensor, num_generations: int):
+        """Return ``(rollout, advantages, metrics)`` after the replay step (see the module docstring), on this process's groups.
+
+        The buffer takes the high-variance groups first, then serves the zero-variance ones (a group can
+        be replayed in the step that buffered it, as in TRL). With an empty buffer the zero-variance groups
+        stay (advantage 0: no gradient), where TRL failed.
+        """
+        if rollout.extras:  # per-completion extras (a rollout_func's) cannot follow a replayed group: train the rollout as sampled
+            if not getattr(self, "_warned_extras", False):
+                logger.warning("grpo_replay: the rollout carries extras (from rollout_func); the replay buffer is skipped for such rollouts.")
+                self._warned_extras = True
+            return rollout, advantages, {}
+        std, scores = group_replay_scores(rewards_per_func, self.reward_weights, advantages, num_generations)  # (P,), (P,)
+        G = num_generations
+        rows = lambda field, g: [list(x) for x in field[g * G : (g + 1) * G]]  # noqa: E731
+        versions = rollout.policy_versions or [rollout.policy_version] * len(rollout)
+        with_variance = [g for g in range(len(std)) if std[g] > 0]
+        self.replay_buffer.add([float(scores[g]) for g in with_variance], [
+            {"prompt_ids": rows(rollout.prompt_ids, g), "completion_ids": rows(rollout.completion_ids, g), "logprobs": rows(rollout.logprobs, g),
+             "truncated": [bool(t) for t in rollout.truncated[g * G : (g + 1) * G]], "policy_versions": [int(v) for v in versions[g * G : (g + 1) * G]],
+             "advantages": advantages[g * G : (g + 1) * G].tolist()}
+            for g in with_variance])
+        to_replace = [g for g in range(len(std)) if not std[g] > 0]
+        sampled = self.replay_buffer.sample(len(to_replace)) if to_replace else None
+        metrics = {"replay/buffer_size": float(len(self.replay_buffer)), "replay/replaced_groups": float(len(to_replace) if sampled else 0)}
+        if not sampled:
+            return rollout, advantages, metrics
+        prompt_ids, completion_ids, logprobs = list(rollout.prompt_ids), list(rollout.completion_ids), list(rollout.logprobs)
+        truncated, versions, advantages = list(rollout.truncated), list(versions), advantages.clone()
+        for g, item in zip(to_replace, sampled):
+            part = slice(g * G, (g + 1) * G)
+            prompt_ids[part], completion_ids[part], logprobs[part] = item["prompt_ids"], item["completion_ids"], item["logprobs"]
+            truncated[part], versions[part] = item["truncated"], item["policy_versions"]
+            advantages[part] = torch.tensor(item["advantages"], dtype=advantages.dtype)
+        replaced = RolloutBatch(prompt_ids, completion_ids, logprobs, truncated, min(versions), extras=rollout.extras, policy_versions=versions)
+        return replaced, advantages, metrics
+
+    def _with_logps(self, batch: dict, mode: str) -> dict:
+        """Add a micro-batch's no-grad log-probs: pi_old and the reference's when needed, and the sampler correction when another engine sampled."""
+        args = self.args
+        sampling_logps = batch.pop("sampling_logprobs")  # (b, C)
+        apply_is = not self.engine_is_policy and args.vllm_importance_sampling_correction
+        need_old = (mode == "train" and args.num_iterations > 1) or not self.engine_is_policy
+        add_old_and_ref_logps(batch, sampling_logps, model=self.model, temperature=args.temperature, need_old=need_old, need_ref=args.beta != 0.0,
+                              ref_model=self.ref_model, old_from_sampler=sampler_is_old_policy(self._sampling, args.temperature, self.engine_is_policy),
+                              device=self.loop.device, accelerator=self.loop.accelerator, chunk_size=args.logprob_chunk_size)
+        if apply_is:
+            mask = batch["completion_mask"].float()
+            batch["importance_sampling_ratio"] = importance_sampling_ratio(
+                batch["old_per_token_logps"], sampling_logps, mask, args.vllm_importance_sampling_mode,
+                args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max,
+            )
+        if args.off_policy_mask_threshold is not None and not self.engine_is_policy:
+            batch["sampling_per_token_logps"] = sampling_logps.float()  # the sampler's own view of the rollout
+        return batch
+
+    @staticmethod
+    def _importance_sampling_metrics(micro_batches: list[dict]) -> dict:
+        """``sampling/importance_sampling_ratio/{mean,min,max}`` over the rollout's completion tokens (when a correction applies)."""
+        if "importance_sampling_ratio" not in micro_batches[0]:
+            return {}
+        ratios = []
+        for b in micro_batches:
+            r = b["importance_sampling_ratio"]
+            ratios.append(r.flatten() if r.shape[1] == 1 else r[b["completion_mask"].bool()])
+        flat = torch.cat(ratios)
+        return {f"sampling/importance_sampling_ratio/{k}": getattr(flat, k)().item() for k in ("mean", "min", "max")} if flat.numel() else {}
+
+    def get_high_entropy_mask(self, entropies: torch.Tensor, mask: torch.Tensor, threshold: float) -> torch.Tensor:
+        """Return the tokens whose entropy is at or above the ``threshold`` quantile of the unmasked entropies (TRL's signature).
+
+        The quantile is taken over this micro-batch's completion tokens (TRL gathers them across
+        processes); padding is never selected, and nothing is when every token is masked.
+        """
+        valid = entropies[mask.bool()].float()
+        if valid.numel() == 0:
+            return torch.zeros_like(entropies, dtype=torch.bool)
+        return ((entropies * mask) >= torch.quantile(valid, threshold)) & mask.bool()
+
+    @staticmethod
+    def get_off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold) -> torch.Tensor:
+        """TRL's name for :func:`off_policy_mask`: ``(B, 1)`` 1.0 = keep, 0.0 = drop."""
+        return off_policy_mask(advantages, per_token_logps, sampling_per_token_logps, mask, off_policy_threshold)
+
+    def compute_loss(self, model, batch: dict, num_items_in_batch):
+        """Return the micro-batch's share of the step loss and its metrics (no host syncs)."""
+        args = self.args
+        training = model.training
+        mask = batch["completion_mask"].float()  # (B, C)
+        per_token_logps, entropies, aux_loss = completion_logps(model, batch, args.temperature, entropy_grad=self._entropy_bonus_enabled,
+                                                        router_aux_loss=self.aux_loss_enabled, chunk_size=args.logprob_chunk_size)  # (B, C), (B, C)
+        advantages = batch["advantages"].unsqueeze(1)  # (B, 1)
+        # with one iteration on the trained model's own samples, old == current (detached): no extra forward
+        old_per_token_logps = batch.get("old_per_token_logps", per_token_logps.detach())  # (B, C)
+        is_ratio = batch.get("importance_sampling_ratio")  # (B, C) / (B, 1) / None
+
+        entropy_mask = None
+        if args.top_entropy_quantile < 1.0:  # keep the top-rho tokens by entropy (this micro-batch's quantile)
+            entropy_mask = self.get_high_entropy_mask(entropies.detach(), mask, 1 - args.top_entropy_quantile)  # (B, C)
+        keep = None
+        if args.off_policy_mask_threshold is not None:  # sampler log-probs when another engine sampled, else pi_old
+            sampling = batch.get("sampling_per_token_logps", old_per_token_logps)
+            keep = off_policy_mask(advantages, per_token_logps, sampling, mask, args.off_policy_mask_threshold)  # (B, 1)
+
+        log_ratio = per_token_logps - old_per_token_logps  # (B, C)
+        if args.importance_sampling_level == "token":
+            log_importance_weights = log_ratio  # (B, C)
+        else:  # GSPO: length-normalized sequence log-ratio
+            log_importance_weights = ((log_ratio * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).unsqueeze(-1)  # (B, 1)
+        coef_1 = torch.exp(log_importance_weights)  # (B, C) or (B, 1)
+
+        if args.beta != 0.0:  # k3 estimate of KL(pi || pi_ref), per token
+            ref = batch["ref_per_token_logps"]
+            per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1  # (B, C)
+            if args.use_bias_correction_kl:
+                per_token_kl = per_token_kl * coef_1
+
+        eps_low, eps_high = args.epsilon, args.epsilon_high if args.epsilon_high is not None else args.epsilon
+        if args.loss_type == "cispo":
+            per_token_loss = -torch.clamp(coef_1, max=eps_high).detach() * advantages * per_token_logps
+        elif args.loss_type in _CLIPPED_LOSSES:
+            coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+            if args.delta is not None:  # two-sided clipping
+                coef_1 = torch.clamp(coef_1, max=args.delta)
+            per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+        elif args.loss_type == "sapo":
+            tau = torch.where(advantages > 0, args.sapo_temperature_pos, args.sapo_temperature_neg)
+            per_token_loss = -torch.sigmoid(tau * (coef_1 - 1)) * 4 / tau * advantages
+        else:  # vespo
+            phi_seq = gamma_weights(advantages, log_ratio, mask, is_ratio, args.vespo_k_pos, args.vespo_lambda_pos, args.vespo_k_neg, args.vespo_lambda_neg)
+            per_token_loss = -phi_seq * advantages * per_token_logps
+        if keep is not None:
+            per_token_loss = per_token_loss * keep
+        if entropy_mask is not None:
+            per_token_loss = per_token_loss * entropy_mask
+        if is_ratio is not None and args.loss_type != "vespo":
+            per_token_loss = per_token_loss * is_ratio
+        if args.beta != 0.0:
+            per_token_loss = per_token_loss + args.beta * per_token_kl
+        per_token_loss = per_token_loss.expand_as(mask)  # (B, C) also for sequence-level ratios
+
+        # aggregate: the micro-batch's SUM of per-item losses / items in the whole step (see count_items)
+        if args.loss_type in ("grpo", "sapo"):  # items = sequences, each a token mean
+            loss = ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).sum() / num_items_in_batch
+        elif args.loss_type == "dr_grpo":  # items = sequences, each a sum / max_completion_length
+            loss = (per_token_loss * mask).sum() / args.max_completion_length / num_items_in_batch
+        elif args.loss_type == "luspo":  # items = sequences, each a token sum
+            loss = (per_token_loss * mask).sum() / num_items_in_batch
+        elif args.loss_type == "bnpo":  # this process's step tokens (local batch), averaged over processes
+            loss = (per_token_loss * mask).sum() / batch["bnpo_normalizer"]
+        else:  # dapo, cispo, vespo: items = completion tokens of the whole step, every process
+            loss = (per_token_loss * mask).sum() / num_items_in_batch
+
+        metrics = {"entropy": masked_mean(entropies.detach(), mask)}
+        share = batch.get("share_divisor", torch.ones(()))
+        if self._entropy_bonus_enabled:
+            # the bonus is the mean per-token entropy H over the trained tokens (L = L_policy - coef * H), the
+            # same for every loss_type; each micro-batch contributes its mean divided by its share
+            trained = mask if entropy_mask is None else mask * entropy_mask
+            mean_entropy = (entropies * trained).sum() / trained.sum().clamp(min=1.0)
+            applied = self.entropy_coef
+            if self.use_adaptive_entropy and self._last_world_entropy > args.entropy_target:
+                applied = 0.0  # adaptive control applies the bonus only at or below the target entropy
+            metrics["policy_loss"] = loss.detach() * share
+            loss = loss - applied * mean_entropy / share
+            if training:
+                metrics["entropy_coef"] = torch.tensor(float(self.entropy_coef), device=mask.device)
+                if self.use_adaptive_entropy:
+                    stats = torch.stack([(entropies.detach() * trained).sum(), trained.sum()]).float()
+                    self._entropy_window_stats = stats if self._entropy_window_stats is None else self._entropy_window_stats + stats
+        if self.aux_loss_enabled and aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss / share.to(aux_loss.device)
+            metrics["aux_loss"] = aux_loss.detach().float()
+        if args.beta != 0.0:
+            metrics["kl"] = masked_mean(per_token_kl.detach(), mask)
+        if args.loss_type in _CLIPPED_LOSSES:
+            is_low = (coef_1 < 1 - eps_low) & (advantages < 0)
+            is_high = (coef_1 > 1 + eps_high) & (advantages > 0)
+            metrics["clip_ratio/low_mean"] = masked_mean(is_low.float(), mask)
+            metrics["clip_ratio/high_mean"] = masked_mean(is_high.float(), mask)
+            metrics["clip_ratio/region_mean"] = masked_mean((is_low | is_high).float(), mask)
+        elif args.loss_type == "cispo":
+            metrics["cispo_clip_ratio"] = masked_mean(((coef_1 > eps_high) & (advantages > 0)).float(), mask)
+        elif args.loss_type == "vespo":
+            metrics["vespo/phi_seq_mean"] = phi_seq.mean()
+        if "rollout_metric_values" in batch:
+            metrics.update(zip(batch["rollout_metric_names"], batch["rollout_metric_values"]))
+        return loss, metrics
+
+    def on_step_end(self, model, state) -> None:
+        self.engine.update_weights(model)  # the next rollout samples from the updated policy
+        self._sync_ref_model(model, state)
+        if self.use_adaptive_entropy:
+            self._update_entropy_coef()
+
+    def _update_entropy_coef(self) -> None:
+        """Skywork-OR1's controller: raise the coefficient when the step's entropy is at or below the target, else lower it."""
+        args, accelerator = self.args, self.loop.accelerator
+        stats = self._entropy_window_stats if self._entropy_window_stats is not None else torch.zeros(2)
+        if accelerator.num_processes > 1:
+            stats = accelerator.reduce(stats.to(accelerator.device), reduction="sum").cpu()
+        entropy = float(stats[0] / stats[1].clamp(min=1.0))
+        if entropy <= args.entropy_target:
+            self.entropy_coef = min(self.entropy_coef + args.entropy_coef_delta, args.entropy_coef_max)
+        else:
+            self.entropy_coef = max(self.entropy_coef - args.entropy_coef_delta, args.entropy_coef_min)
+        self._last_world_entropy = entropy
+        self._entropy_window_stats = None
+
+    @torch.no_grad()
+    def _sync_ref_model(self, model, state) -> None:
+        """TR-DPO: every ``ref_model_sync_steps`` steps, ref = alpha * policy + (1 - alpha) * ref."""
+        args = self.args
+        if not args.sync_ref_model or self.ref_model is None or state.global_step % args.ref_model_sync_steps != 0:
+            return
+        sync_reference_model(self.ref_model, model, args.ref_model_mixup_alpha, accelerator=self.loop.accelerator)
+
+    def evaluate_batches(self, model, batches) -> dict[str, float]:
+        """Return the eval loss and the rollout metrics of ``num_generations_eval`` samples per eval prompt (seeded by ``seed``).
+
+        Each eval batch is rolled out, scored and given advantages within its groups (no
+        cross-process statistics), then its loss is computed as in training (``posttrain.evaluate_online``).
+        """
+        return evaluate_online(model, batches, produce=lambda rows, seed: self._generate_and_score(rows, seed, mode="eval"),
+                               compute_loss=self.compute_loss, count_items=self.count_items, loop=self.loop, seed=self.args.seed)
+
+    def state_dict(self) -> dict:
+        state = {"policy_version": self.engine.policy_version,
+                 "entropy_coef": float(self.entropy_coef), "last_world_entropy": float(self._last_world_entropy)}
+        if self.args.sync_ref_model and self.ref_model is not None:  # the reference moves: resume needs it
+            state["ref_model"] = {k: v.detach().cpu() for k, v in self.ref_model.state_dict().items()}
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.set_policy_version(int(state.get("policy_version", 0)))
+        self.entropy_coef = float(state.get("entropy_coef", self.args.entropy_coef))
+        self._last_world_entropy = float(state.get("last_world_entropy", float("inf")))
+        if "ref_model" in state and self.ref_model is not None:
+            self.ref_model.load_state_dict(state["ref_model"])

@@ -1,0 +1,20 @@
+"""Fixtures for the GSPO-token tests."""
+
+from __future__ import annotations
+
+import pytest
+from gspo_token_helpers import FixedBackend
+
+
+@pytest.fixture
+def fixed_engine():
+    from posttrain import RolloutEngine
+
+    return RolloutEngine(FixedBackend())
+
+
+@pytest.fixture
+def prompt_dataset():
+    from datasets import Dataset
+
+    return Dataset.from_dict({"prompt": [f"what is {i} + {i % 7}" for i in range(16)], "solution": [str(i + i % 7) for i in range(16)]})
