@@ -1,0 +1,467 @@
+"""PPO for language models on the posttrain loop (heavy: imports torch).
+
+The method of TRL's ``PPOTrainer`` (TRL 1.12.0, the last release that shipped it; Ziegler et al. 2019,
+with the implementation details of Huang et al. 2024), on the core's online steps and producer. One
+rollout per process, then ``num_ppo_epochs * num_mini_batches`` optimizer steps on it::
+
+    prompts (local_batch_size = per_device_train_batch_size * gradient_accumulation_steps * num_mini_batches)
+      -> rollout: one completion per prompt (RolloutEngine, seeded by the step), stopping at the stop token
+      -> score s: reward model and/or reward functions (weighted sum); - missing_eos_penalty without EOS
+      -> no-grad: log pi_old (the sampler's, or a forward), log pi_ref, critic values V_t     (N, C)
+      -> per-token reward r_t = -kl_coef * KL_t (k1 / k3); r_{T+1} += s                          (N, C)
+         (T = the last completion token; position T+1 is the state after it, see "padding" below)
+      -> whiten_rewards (optional); GAE(gamma, lam): advantages A_t, returns R_t = A_t + V_t
+      -> advantages whitened over the completion tokens
+      -> each PPO epoch: a seeded shuffle, num_mini_batches mini-batches, one optimizer step each
+         (gradient_accumulation_steps micro-batches of per_device_train_batch_size completions)
+    policy loss  = masked mean_t max(-A_t * rho_t, -A_t * clip(rho_t, 1 - cliprange, 1 + cliprange))
+    critic loss  = vf_coef * 0.5 * masked mean_t max((V'_t - R_t)^2, (clip(V'_t, V_t +- cliprange_value) - R_t)^2)
+
+Padding (TRL's convention, kept for parity): the policy terms cover completion positions 0..T; the
+value terms cover 0..T+1 (the critic's value of the state after the last token, which receives the
+score). Means are per micro-batch and averaged over the step's micro-batches, as TRL's accelerate
+accumulation does.
+
+The critic is a separate model (a one-label sequence classifier whose ``score`` head is applied at
+every position, as TRL's value model) registered with ``TrainingLoop.add_trainable_model``: its
+own optimizer and schedule, saved in ``checkpoint-N/critic`` and ``output_dir/critic`` (loadable
+with ``AutoModelForSequenceClassification.from_pretrained``) and resumed exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from posttrain import (
+    ConfigError, RolloutEngine, RolloutProducer, TrainerSurface, TrainingLoop, add_old_and_ref_logps, as_config, attach_rollout_metrics,
+    build_reference_model, check_online_arguments, completion_logps, disable_dropout, evaluate_online, expand_prompts, generate_rollout,
+    load_online_policy, load_pretrained, prepare_prompt_dataset, prompt_token_ids, resolve_online_rewards, reward_and_length_metrics,
+    rollout_micro_batches, sampler_is_old_policy, score_rollout,
+)
+
+from posttrain_ppo.config import PPOConfig
+
+__all__ = ["PPOTrainer", "PPOProducer", "INVALID_LOGPROB", "compute_advantages", "explained_variance", "masked_mean", "masked_var", "masked_whiten",
+           "penalize_missing_eos", "ppo_losses", "token_values"]
+
+logger = logging.getLogger(__name__)
+
+#: The log-prob written at padded positions (TRL's value): equal on both sides of every difference, so padding adds 0.
+INVALID_LOGPROB = 1.0
+
+
+# ----------------------------------------------------------------------------- math (pure functions)
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask`` is true."""
+    return (values * mask).sum() / mask.sum()
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``values`` where ``mask`` is true (Bessel-corrected by default)."""
+    centered = values - masked_mean(values, mask)
+    var = masked_mean(centered * centered, mask)
+    if unbiased:
+        count = mask.sum()
+        if count <= 1:
+            raise ValueError(f"masked_var: {int(count)} valued position(s): a variance needs at least 2; raise per_device_train_batch_size or response_length.")
+        var = var * (count / (count - 1))
+    return var
+
+
+def masked_whiten(values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Standardize ``values`` over ``mask`` (``shift_mean=False`` keeps their mean)."""
+    mean, var = masked_mean(values, mask), masked_var(values, mask)
+    whitened = (values - mean) * torch.rsqrt(var + 1e-8)
+    return whitened if shift_mean else whitened + mean
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``1 - Var(returns - values) / Var(returns)`` over ``mask``: 1 = the critic predicts the returns, <= 0 = nothing."""
+    var_returns = masked_var(returns, mask, unbiased=False)
+    return 1.0 - masked_var(returns - values, mask, unbiased=False) / var_returns.clamp(min=1e-12)
+
+
+def compute_advantages(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
+                       completion_mask: torch.Tensor, *, kl_coef: float, kl_estimator: str = "k1", whiten_rewards: bool = False,
+                       gamma: float = 1.0, lam: float = 0.95) -> dict[str, torch.Tensor]:
+    """Per-token rewards, GAE advantages and returns of a rollout (TRL 1.12's PPO conventions).
+
+    Args:
+        logprobs: ``(N, C)`` log pi_old of the completion tokens (any value on padding).
+        ref_logprobs: ``(N, C)`` log pi_ref.
+        values: ``(N, C)`` the critic's values of the states before each completion token.
+        scores: ``(N,)`` sequence scores (reward model / functions, after ``missing_eos_penalty``).
+        completion_mask: ``(N, C)`` 1 on completion tokens (a prefix of each row).
+        kl_coef, kl_estimator, whiten_rewards, gamma, lam: As in :class:`PPOConfig`.
+
+    Returns:
+        ``padding_mask`` (positions after the last token), ``padding_mask_p1`` (after the state that
+        follows it), ``logprobs`` (INVALID_LOGPROB on padding), ``values`` (0 after T+1), ``kl``
+        (per token), ``non_score_reward``, ``rewards``, ``advantages`` (whitened, 0 on padding) and
+        ``returns``; all ``(N, C)``.
+    """
+    n, width = logprobs.shape
+    last = completion_mask.sum(1).long() - 1  # (N,) index T of the last completion token
+    position = torch.arange(width, device=logprobs.device).expand(n, width)
+    padding_mask = position > last.unsqueeze(1)  # (N, C)
+    padding_mask_p1 = position > (last + 1).unsqueeze(1)  # (N, C): the value terms keep T+1
+    logprobs = logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
+    ref_logprobs = ref_logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
+    values = values.masked_fill(padding_mask_p1, 0.0)
+
+    log_ratio = ref_logprobs - logprobs  # log(pi_ref / pi_old)
+    kl = -log_ratio if kl_estimator == "k1" else torch.expm1(log_ratio) - log_ratio
+    non_score_reward = -kl_coef * kl
+    rewards = non_score_reward.clone()
+    end = torch.where(last + 1 < width, last + 1, last)  # the score lands on T+1 (T when the row fills the width)
+    rewards[torch.arange(n, device=rewards.device), end] += scores.to(rewards.dtype)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, ~padding_mask_p1, shift_mean=False).masked_fill(padding_mask_p1, 0.0)
+
+    # GAE, backwards over every position (values and rewards are 0 past T+1)
+    running = torch.zeros(n, dtype=rewards.dtype, device=rewards.device)
+    reversed_advantages = []
+    for t in range(width - 1, -1, -1):
+        next_value = values[:, t + 1] if t + 1 < width else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        reversed_advantages.append(running)
+    advantages = torch.stack(reversed_advantages[::-1], dim=1)  # (N, C)
+    returns = advantages + values
+    advantages = masked_whiten(advantages, ~padding_mask).masked_fill(padding_mask, 0.0)
+    return {"padding_mask": padding_mask, "padding_mask_p1": padding_mask_p1, "logprobs": logprobs, "values": values, "kl": kl,
+            "non_score_reward": non_score_reward, "rewards": rewards, "advantages": advantages, "returns": returns}
+
+
+def ppo_losses(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, vpred: torch.Tensor, old_values: torch.Tensor,
+               returns: torch.Tensor, padding_mask: torch.Tensor, padding_mask_p1: torch.Tensor, *, cliprange: float,
+               cliprange_value: float) -> dict[str, torch.Tensor]:
+    """The clipped policy loss and the clipped value loss of one micro-batch, with their statistics.
+
+    Args:
+        new_logprobs, old_logprobs: ``(B, C)`` log pi_theta / log pi_old (padding: any equal values).
+        advantages, returns, old_values: ``(B, C)`` from :func:`compute_advantages`.
+        vpred: ``(B, C)`` the critic's current values.
+        padding_mask, padding_mask_p1: ``(B, C)`` bool, from :func:`compute_advantages`.
+        cliprange, cliprange_value: As in :class:`PPOConfig`.
+
+    Returns:
+        ``pg_loss`` and ``vf_loss`` (0.5 * clipped squared error, before ``vf_coef``), and detached
+        ``pg_clipfrac``, ``vf_clipfrac``, ``approxkl``, ``ratio``.
+    """
+    policy_tokens, value_tokens = ~padding_mask, ~padding_mask_p1
+    new_logprobs = new_logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
+    old_logprobs = old_logprobs.masked_fill(padding_mask, INVALID_LOGPROB)
+    vpred = vpred.masked_fill(padding_mask_p1, 0.0)
+    vpred_clipped = torch.clamp(vpred, old_values - cliprange_value, old_values + cliprange_value)
+    vf_unclipped = (vpred - returns) ** 2
+    vf_clipped = (vpred_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.maximum(vf_unclipped, vf_clipped), value_tokens)
+
+    log_ratio = new_logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg_unclipped = -advantages * ratio
+    pg_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    pg_loss = masked_mean(torch.maximum(pg_unclipped, pg_clipped), policy_tokens)
+    with torch.no_grad():
+        stats = {
+            "pg_clipfrac": masked_mean((pg_clipped > pg_unclipped).float(), policy_tokens),
+            "vf_clipfrac": masked_mean((vf_clipped > vf_unclipped).float(), value_tokens),
+            "approxkl": 0.5 * (log_ratio**2).mean(),  # TRL's: over every position (padding adds 0)
+            "ratio": ratio.mean(),
+        }
+    return {"pg_loss": pg_loss, "vf_loss": vf_loss, **stats}
+
+
+def penalize_missing_eos(scores: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor, eos_token_id: int | None,
+                         penalty: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return ``(scores - penalty where a completion holds no EOS token, contains_eos (N,))`` (``penalty=None``: unchanged)."""
+    if eos_token_id is None:
+        contains_eos = torch.zeros(completion_ids.shape[0], dtype=torch.bool)
+    else:
+        contains_eos = ((completion_ids == eos_token_id) & completion_mask.bool()).any(dim=1)
+    if penalty is not None:
+        scores = torch.where(contains_eos, scores, scores - penalty)
+    return scores, contains_eos
+
+
+def token_values(critic, batch: dict) -> torch.Tensor:
+    """The critic's value of the state before each completion token, ``(B, C)``: its ``score`` head on every position.
+
+    ``critic`` is a one-label ``AutoModelForSequenceClassification`` (possibly wrapped by DDP): its own
+    forward runs (so a distributed wrapper sees it) and its head is applied to the last hidden states.
+    """
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)  # (B, P+C)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    outputs = critic(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, use_cache=False)
+    start, width = batch["prompt_ids"].shape[1] - 1, batch["completion_ids"].shape[1]
+    head = getattr(critic, "module", critic).score
+    return head(outputs.hidden_states[-1][:, start : start + width]).squeeze(-1)  # (B, C)
+
+
+def _rows_of(batch: dict, index: torch.Tensor) -> dict:
+    """The rows ``index`` of every per-row tensor of a rollout (same widths)."""
+    return {k: v[index] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch["completion_ids"].shape[0]}
+
+
+# ----------------------------------------------------------------------------- the producer: one rollout, many mini-batches
+class PPOProducer(RolloutProducer):
+    """A :class:`posttrain.RolloutProducer` whose production (one rollout) is trained ``num_ppo_epochs * num_mini_batches`` times.
+
+    Each use returns the micro-batches of one mini-batch: use ``u`` of the rollout first consumed at
+    step ``s`` is PPO epoch ``u // num_mini_batches``, mini-batch ``u % num_mini_batches`` of a shuffle
+    seeded by ``(seed, s, epoch, rank)``. ``u = state.global_step - s`` comes from the loop's state, so a
+    run resumed mid-rollout continues with the same mini-batches.
+    """
+
+    def __init__(self, source, dataset, produce, *, args: PPOConfig, rank: int):
+        super().__init__(source, dataset, produce, reuse=args.updates_per_rollout)
+        self.args, self.rank = args, rank
+
+    def next_step(self, state) -> list[dict]:
+        rollout = super().next_step(state)[0]
+        args = self.args
+        first_step = int(rollout["first_step"])
+        use = int(getattr(state, "global_step", 0)) - first_step
+        ppo_epoch, mini_batch = divmod(use, args.num_mini_batches)
+        generator = torch.Generator().manual_seed(int(args.seed) * 1_000_003 + first_step * 7919 + ppo_epoch * 104_729 + self.rank)
+        rows = rollout["completion_ids"].shape[0]  # local_batch_size, or fewer at the end of an epoch of prompts
+        chosen = torch.tensor_split(torch.randperm(rows, generator=generator), args.num_mini_batches)[mini_batch]
+        size = args.per_device_train_batch_size
+        micro = [_rows_of(rollout, chosen[i : i + size]) for i in range(0, len(chosen), size)]
+        for batch in micro:
+            batch["share_divisor"] = torch.tensor(float(len(micro) * rollout["world"]))
+            batch["rollout_metric_names"], batch["rollout_metric_values"] = rollout["rollout_metric_names"], rollout["rollout_metric_values"]
+        return micro
+
+
+# ----------------------------------------------------------------------------- trainer
+class PPOTrainer(TrainerSurface):
+    """Train a causal LM with PPO: a policy, a critic, a frozen reference and a reward model or reward functions (TRL 1.12's ``PPOTrainer`` API).
+
+    Args:
+        args: A :class:`PPOConfig` (or a ``TrainingArguments`` / dict of fields).
+        processing_class: The tokenizer (default: loaded with the policy).
+        model: The policy: a model object or a directory / Hub id (default ``args.model_name_or_path``, then ``args.sft_model_path``).
+        ref_model: The frozen reference: an object or a path (default: a copy of the initial policy; the
+            adapter-disabled policy with PEFT).
+        reward_model: A one-label sequence classifier (object or path) scoring the completions.
+        train_dataset: Prompt rows: ``prompt`` (string or messages), ``prompt_ids``, or TRL's pre-tokenized ``input_ids``.
+        value_model: The critic: a one-label sequence classifier (object or path); default
+            ``args.value_model_path``, else the reward model's path, else the policy's path.
+        data_collator: Accepted for TRL compatibility; must be None (prompts are tokenized by the rollout).
+        eval_dataset: Same format, or a dict of them.
+        optimizers: Only ``(None, None)``: the loop builds both optimizers from ``args``.
+        callbacks: ``transformers.TrainerCallback`` objects.
+        peft_config: A ``peft.PeftConfig`` for the policy.
+        reward_funcs: Reward functions (callables or names, as GRPO's), instead of or beside ``reward_model``.
+        rollout_engine: A ``posttrain.RolloutEngine`` (default: the transformers backend sampling from the policy).
+        allow_experimental: Python opt-in for this experimental method.
+
+    Raises:
+        posttrain.ConfigError: no reward, no dataset, a dataset without prompts, ``ref_model is model``,
+            a critic that cannot be found, or an argument that cannot be honoured.
+    """
+
+    _tag_names = ["trl", "ppo"]
+
+    def __init__(self, args: PPOConfig | None = None, processing_class=None, model=None, ref_model=None, reward_model=None, train_dataset=None,
+                 value_model=None, data_collator=None, eval_dataset=None, optimizers=(None, None), callbacks=None, peft_config=None,
+                 reward_funcs=None, rollout_engine=None, allow_experimental=False):
+        self.args = args = as_config(args, PPOConfig)
+        self.loop = TrainingLoop(args, method="ppo", allow_experimental=allow_experimental, callbacks=callbacks)  # the maturity gate first
+        if ref_model is not None and ref_model is model:
+            raise ConfigError("model and ref_model are the same object: pass ref_model=None (a frozen copy is made) or a separate copy.")
+        if data_collator is not None:
+            raise ConfigError("data_collator is not used by PPO here: prompts are tokenized by the rollout; pass data_collator=None.")
+        reward_spec = self._reward_spec(reward_model, reward_funcs)
+        check_online_arguments("PPO", train_dataset=train_dataset, reward_funcs=reward_spec, optimizers=optimizers)
+        policy = model if model is not None else (args.model_name_or_path or args.sft_model_path)
+        self.model, self.processing_class = load_online_policy(policy, args, loop=self.loop, processing_class=processing_class,
+                                                               peft_config=peft_config, tags=self._tag_names)
+        tok = self.processing_class
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.stop_token_id = tok.eos_token_id if args.stop_token == "eos" else args.stop_token_id
+        # a reward model given as an object shares the policy's tokenizer (as in TRL); named ones load their own
+        processing_classes = [tok] + [None] * (len(reward_spec) - 1) if reward_model is not None and not isinstance(reward_model, str) else None
+        rewards = resolve_online_rewards(reward_spec, args, loop=self.loop, reward_processing_classes=processing_classes)
+        self.reward_funcs, self.reward_func_names, self.reward_weights = rewards.funcs, rewards.names, rewards.weights
+        self.ref_model = build_reference_model(self.model, ref_model, loop=self.loop, model_init_kwargs=args.model_init_kwargs, needed=True)
+        self.critic = self._load_critic(value_model, policy, reward_spec)
+        self.train_dataset = self.process_dataset(train_dataset, "train_dataset")
+        if isinstance(eval_dataset, dict):
+            self.eval_dataset = {key: self.process_dataset(part, f"eval_dataset[{key!r}]") for key, part in eval_dataset.items()}
+        else:
+            self.eval_dataset = self.process_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
+        self.loop.setup(self.model, method=self)
+        self.loop.add_trainable_model("critic", self.critic, learning_rate=args.critic_learning_rate if args.critic_learning_rate is not None else args.learning_rate)
+        world = self.loop.accelerator.num_processes
+        args.world_size, args.micro_batch_size = world, args.per_device_train_batch_size * world
+        args.batch_size, args.mini_batch_size = args.local_batch_size * world, args.local_mini_batch_size * world
+        if args.total_episodes is not None and args.max_steps <= 0:
+            args.max_steps = args.steps_for_episodes(world)
+        self.temperature = args.temperature + 1e-7  # TRL divides every logit by temperature + 1e-7
+        stop = (self.stop_token_id,) if self.stop_token_id is not None else ()
+        self.sampling = dict(max_tokens=args.response_length, temperature=self.temperature, top_p=1.0, top_k=0, min_p=0.0, repetition_penalty=1.0,
+                             **({"stop_token_ids": stop} if stop else {}))
+        self.engine = rollout_engine or RolloutEngine("transformers", model=self.model, tokenizer=tok, accelerator=self.loop.accelerator,
+                                                      generation_batch_size=args.local_rollout_forward_batch_size)
+        self.old_from_sampler = sampler_is_old_policy(self.sampling, self.temperature, self.engine.samples_from_policy)
+        rank = self.loop.accelerator.process_index
+        self.producer = PPOProducer(self.loop.prompt_source(len(self.train_dataset), args.local_batch_size), self.train_dataset, self._produce,
+                                    args=args, rank=rank)
+
+    # -------------------------------------------------------------------------- setup
+    def _reward_spec(self, reward_model, reward_funcs) -> list | None:
+        """The reward functions in scoring order: the reward model first, then the functions (or the config's)."""
+        funcs = reward_funcs if reward_funcs is not None else self.args.reward_funcs
+        funcs = list(funcs) if isinstance(funcs, (list, tuple)) else ([funcs] if funcs is not None else [])
+        if reward_model is not None:
+            return [reward_model, *funcs]
+        return funcs or [self.args.reward_model_path]
+
+    def _load_critic(self, value_model, policy, reward_spec):
+        """The critic: ``value_model``, else ``value_model_path``, else the reward model's path, else the policy's path."""
+        args = self.args
+        source = value_model if value_model is not None else args.value_model_path
+        if source is None:
+            paths = [s for s in reward_spec if isinstance(s, str) and ":" not in s and s not in ("accuracy", "format") and not s.isidentifier()]
+            source = paths[0] if paths else (policy if isinstance(policy, str) else getattr(getattr(policy, "config", None), "_name_or_path", None) or None)
+        if source is None:
+            raise ConfigError("PPO needs a critic: pass value_model= (a one-label AutoModelForSequenceClassification) or set value_model_path; "
+                              "the policy was given as an object without a path to initialize one from.")
+        if isinstance(source, str) or not hasattr(source, "score"):
+            if not isinstance(source, str):
+                raise ConfigError(f"value_model is a {type(source).__name__} without a `score` head: give a one-label AutoModelForSequenceClassification or its path.")
+            source, _ = load_pretrained(source, role="critic", model_init_kwargs=args.model_init_kwargs, trust_remote_code=args.trust_remote_code,
+                                        tokenizer=self.processing_class, load_tokenizer=False)
+        if args.disable_dropout:
+            disable_dropout(source)
+        return source
+
+    def process_dataset(self, dataset, name: str):
+        """Return ``dataset`` as prompt rows; TRL's pre-tokenized ``input_ids`` column is read as ``prompt_ids``."""
+        if dataset is not None and not isinstance(dataset, dict):
+            columns = getattr(dataset, "column_names", None)
+            if columns is not None and "input_ids" in columns and "prompt" not in columns and "prompt_ids" not in columns:
+                dataset = dataset.rename_column("input_ids", "prompt_ids")
+            elif columns is None and isinstance(dataset, list) and dataset and isinstance(dataset[0], dict) and "input_ids" in dataset[0] and "prompt" not in dataset[0]:
+                dataset = [{("prompt_ids" if k == "input_ids" else k): v for k, v in row.items()} for row in dataset]
+        return prepare_prompt_dataset(dataset, name, method="PPO", prompt_ids=self._prompt_ids)
+
+    def _prompt_ids(self, row: dict) -> list[int]:
+        return prompt_token_ids(row, self.processing_class, chat_template_kwargs=self.args.chat_template_kwargs)
+
+    # -------------------------------------------------------------------------- loop protocol
+    def collate(self, rows: list[dict]) -> dict:
+        return {"rows": [dict(row) for row in rows]}  # prompts stay raw: the rollout tokenizes them
+
+    @property
+    def data_collator(self):
+        return self.collate
+
+    def count_items(self, batch: dict) -> int:
+        return batch["completion_ids"].shape[0]
+
+    def _produce(self, request) -> list[dict]:
+        """The producer's callback: one rollout with its advantages (the producer serves its mini-batches)."""
+        rollout = self._rollout(request.rows, seed=self.args.seed + request.step + 1_000_003 * request.rank)
+        rollout["first_step"] = request.step
+        rollout["world"] = self.loop.accelerator.num_processes
+        return [rollout]
+
+    @torch.no_grad()
+    def _rollout(self, rows: list[dict], seed: int) -> dict:
+        """Generate, score, and compute values, rewards, advantages and returns of one rollout (CPU tensors)."""
+        args, tok = self.args, self.processing_class
+        prompts, prompt_ids = expand_prompts(rows, 1, self._prompt_ids, tok)
+        rollout = generate_rollout(prompts, prompt_ids, engine=self.engine, sampling=self.sampling, num_generations=1, seed=seed)
+        rewards_per_func = score_rollout(rows, prompts, rollout, 1, reward_funcs=self.reward_funcs, reward_func_names=self.reward_func_names,
+                                         tokenizer=tok, trainer_state=self.loop.state)  # (N, F)
+        batch = rollout_micro_batches(rollout, len(rollout), self.pad_token_id)[0]  # one (N, .) batch
+        sampling_logps = batch.pop("sampling_logprobs")
+        chunk = self.args.local_rollout_forward_batch_size
+        old, ref, values = [], [], []
+        critic = self.loop.trainable_model("critic")
+        for start in range(0, len(rollout), chunk):
+            index = torch.arange(start, min(start + chunk, len(rollout)))
+            part = _rows_of(batch, index)
+            add_old_and_ref_logps(part, sampling_logps[index], model=self.model, temperature=self.temperature, need_old=True, need_ref=True,
+                                  ref_model=self.ref_model, old_from_sampler=self.old_from_sampler, device=self.loop.device,
+                                  accelerator=self.loop.accelerator, chunk_size=args.logprob_chunk_size)
+            old.append(part["old_per_token_logps"])
+            ref.append(part["ref_per_token_logps"])
+            values.append(token_values(critic, self.loop.to_device({k: v for k, v in part.items() if k.startswith(("prompt_", "completion_"))})).float().cpu())
+        old, ref, values = torch.cat(old), torch.cat(ref), torch.cat(values)  # (N, C)
+        mask = batch["completion_mask"]
+        scores = (rewards_per_func * self.reward_weights.unsqueeze(0)).nansum(dim=1)  # (N,); unscorable rows score 0
+        scores, contains_eos = penalize_missing_eos(scores, batch["completion_ids"], mask, tok.eos_token_id, args.missing_eos_penalty)
+        out = compute_advantages(old, ref, values, scores, mask, kl_coef=args.kl_coef, kl_estimator=args.kl_estimator,
+                                 whiten_rewards=args.whiten_rewards, gamma=args.gamma, lam=args.lam)
+        value_tokens = ~out["padding_mask_p1"]
+        tokens = ~out["padding_mask"]
+        metrics = reward_and_length_metrics(rollout, rewards_per_func, self.reward_weights, self.reward_func_names,
+                                            torch.zeros(len(rollout), dtype=torch.bool), 1)
+        for key in ("reward_std", "frac_reward_zero_std"):  # one completion per prompt: no groups
+            metrics.pop(key, None)
+        metrics.update({
+            "objective/kl": float(out["kl"].masked_fill(~tokens, 0.0).sum(1).mean()),
+            "kl": float(masked_mean(out["kl"], tokens)),
+            "objective/entropy": float((-out["logprobs"].masked_fill(~tokens, 0.0)).sum(1).mean()),
+            "objective/non_score_reward": float(out["non_score_reward"].masked_fill(~tokens, 0.0).sum(1).mean()),
+            "objective/rlhf_reward": float((scores + out["non_score_reward"].masked_fill(~tokens, 0.0).sum(1)).mean()),
+            "objective/scores": float(scores.mean()),
+            "val/num_eos_tokens": float(contains_eos.sum()),
+            "val/explained_variance": float(explained_variance(out["values"], out["returns"], value_tokens)),
+            "val/mean": float(masked_mean(out["values"], value_tokens)),
+            "returns/mean": float(masked_mean(out["returns"], value_tokens)),
+        })
+        result = {k: batch[k] for k in ("prompt_ids", "prompt_mask", "completion_ids", "completion_mask")}
+        result.update({k: out[k] for k in ("padding_mask", "padding_mask_p1", "advantages", "returns")})
+        result["old_logprobs"], result["old_values"] = out["logprobs"], out["values"]
+        attach_rollout_metrics([result], metrics)
+        return result
+
+    def _losses(self, model, batch: dict) -> tuple[dict, dict]:
+        args = self.args
+        logps, entropies, _ = completion_logps(model, batch, self.temperature, chunk_size=args.logprob_chunk_size)  # (B, C)
+        vpred = token_values(self.loop.trainable_model("critic"), batch)  # (B, C)
+        out = ppo_losses(logps, batch["old_logprobs"], batch["advantages"], vpred, batch["old_values"], batch["returns"], batch["padding_mask"],
+                         batch["padding_mask_p1"], cliprange=args.cliprange, cliprange_value=args.cliprange_value)
+        tokens = (~batch["padding_mask"]).float()
+        metrics = {
+            "policy/approxkl_avg": out["approxkl"], "policy/clipfrac_avg": out["pg_clipfrac"], "loss/policy_avg": out["pg_loss"].detach(),
+            "loss/value_avg": out["vf_loss"].detach(), "val/clipfrac_avg": out["vf_clipfrac"], "val/ratio": out["ratio"],
+            "policy/entropy_avg": (entropies * tokens).sum() / tokens.sum().clamp(min=1.0),
+        }
+        if "rollout_metric_values" in batch:
+            metrics.update(zip(batch["rollout_metric_names"], batch["rollout_metric_values"]))
+        return {"model": out["pg_loss"], "critic": args.vf_coef * out["vf_loss"]}, metrics
+
+    def compute_loss(self, model, batch: dict, num_items_in_batch):
+        """Return ``{"model": policy loss share, "critic": value loss share}`` of one micro-batch, and its metrics (no host syncs)."""
+        losses, metrics = self._losses(model, batch)
+        share = batch.get("share_divisor", torch.ones(())).to(losses["model"].device)
+        return {name: loss / share for name, loss in losses.items()}, metrics
+
+    def on_step_end(self, model, state) -> None:
+        self.engine.update_weights(model)  # the next rollout samples from the updated policy
+
+    def evaluate_batches(self, model, batches) -> dict[str, float]:
+        """Roll out each eval batch (seeded by ``seed``), compute its advantages and its loss ``pg_loss + vf_coef * vf_loss`` as in training."""
+        def produce(rows, seed):
+            return [self._rollout(rows, seed)]
+
+        def loss_of(model, batch, n):
+            losses, metrics = self._losses(model, batch)
+            return losses["model"] + losses["critic"], metrics
+
+        return evaluate_online(model, batches, produce=produce, compute_loss=loss_of, count_items=self.count_items, loop=self.loop, seed=self.args.seed)
+
+    def state_dict(self) -> dict:
+        return {"policy_version": self.engine.policy_version}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.engine.set_policy_version(int(state.get("policy_version", 0)))
