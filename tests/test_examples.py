@@ -45,6 +45,16 @@ LEARNING = {
     "bco": ("rewards/margins", 0.07),  # +0.154 .. +0.179
     "tpo": ("rewards/accuracies", 0.2),  # +0.396 .. +0.500
     "sdpo": ("self_distillation/reward_mean", 0.08),  # +0.157 .. +0.165 (a toy reward the random tiny model can earn)
+    # method wave 3 (issue 20); measured with OMP_NUM_THREADS=1, seeds 42 and 1 (ppo also with 2 threads)
+    "ppo": ("objective/scores", 0.2),  # +0.396 .. +0.480
+    "prm": ("accuracy", 0.11),  # +0.226 .. +0.324 (step-label accuracy of the process reward model)
+    "a2po": ("reward", 0.08),  # +0.168 .. +0.188
+    "gmpo": ("reward", 0.1),  # +0.215 .. +0.287
+    "gspo_token": ("reward", 0.07),  # +0.145 .. +0.180
+    "grpo_replay": ("reward", 0.14),  # +0.283 .. +0.382
+    "online_dpo": ("objective/scores", 0.07),  # +0.145 .. +0.160
+    "xpo": ("objective/model_scores", 0.07),  # +0.157 .. +0.159
+    "nash_md": ("objective/model_scores", 1.0),  # +2.06 .. +3.25 (a count of digits, weighted 8)
 }
 #: method -> (metric that must FALL, minimum fall of mean(first 3 logged values) - mean(last 3)): the distillation
 #: methods, judged by their divergence to the teacher (``posttrain.diagnose``'s objective for them, lower is better).
