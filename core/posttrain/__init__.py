@@ -16,7 +16,7 @@ from posttrain.config import ConfigError, TrainingConfig, as_config, closest_fie
 
 #: Version of the plugin contract ("MAJOR.MINOR"). A plugin built for another major, or for a
 #: newer minor, is refused (see STABILITY.md).
-API_VERSION = "1.6"
+API_VERSION = "1.7"
 
 try:  # the distribution's version, single-sourced from pyproject.toml
     from importlib.metadata import version as _dist_version

@@ -138,6 +138,7 @@ class TrainingLoop(_AcceleratorSetup, _DataOrder, _ModelIO, _Optimization, _RunL
         self.model = None  # the prepared (possibly wrapped) model, set in setup()
         #: trainable auxiliary models (a PPO critic, ...): name -> _Auxiliary (its own optimizer and schedule)
         self._auxiliaries: dict[str, _Auxiliary] = {}
+        self._policy_modules: dict[str, torch.nn.Module] = {}  # add_policy_module: trained with the policy, saved beside it
         self.optimizer = None
         self.scheduler = None
         self._direct_step = False  # set by train(): step the torch optimizer without accelerate's wrapper (see _steps_directly)

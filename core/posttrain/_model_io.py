@@ -8,6 +8,7 @@ auxiliaries beside them) and ``push_to_hub``. The module functions need no loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Any
@@ -152,11 +153,49 @@ class _ModelIO:
             if state_dict:  # a gathered state dict holds tied weights twice; save_pretrained of the plain model writes them once
                 tied = getattr(self.unwrapped_model(), "all_tied_weights_keys", None) or {}
                 state_dict = {k: v for k, v in state_dict.items() if not (k in tied and tied[k] in state_dict)}
-            self.unwrapped_model().save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+            module_states = {}
+            for name, module in self._policy_modules.items():  # add_policy_module: beside the policy, not in its files
+                prefix = name + "."
+                if state_dict is not None:
+                    module_states[name] = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+                    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(prefix)}
+                else:
+                    module_states[name] = module.state_dict()
+            with self._policy_modules_detached():
+                self.unwrapped_model().save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+            if module_states:
+                from safetensors.torch import save_file
+
+                for name, tensors in module_states.items():
+                    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, os.path.join(directory, f"{name}.safetensors"))
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(directory)
         for aux in self._auxiliaries.values():  # trainable auxiliaries beside it, each in <directory>/<name>/
             self._save_auxiliary(aux, os.path.join(directory, aux.name))
+
+    @contextlib.contextmanager
+    def _policy_modules_detached(self):
+        """Take the policy modules (add_policy_module) off the unwrapped policy for the duration (its save_pretrained)."""
+        model, taken = self.unwrapped_model(), {}
+        try:
+            for name in self._policy_modules:
+                taken[name] = model._modules.pop(name)
+            yield
+        finally:
+            for name, module in taken.items():
+                model._modules[name] = module
+
+    def _policy_module_states(self, directory: str) -> dict:
+        """``{name: state_dict}`` of the policy modules saved beside the policy in ``directory``."""
+        from safetensors.torch import load_file
+
+        states = {}
+        for name in self._policy_modules:
+            path = os.path.join(directory, f"{name}.safetensors")
+            if not os.path.isfile(path):
+                raise CheckpointNotFoundError(f"{directory!r} has no {name}.safetensors: the policy module {name!r} (add_policy_module) was not saved with it.")
+            states[name] = load_file(path)
+        return states
 
     def _save_auxiliary(self, aux: "_Auxiliary", directory: str) -> None:
         """Write an auxiliary's full weights to ``directory`` (``save_pretrained`` when it has it, else ``model.safetensors``)."""
@@ -217,6 +256,10 @@ class _ModelIO:
             state_dict = {}
             for fname in files:
                 state_dict.update(load_file(os.path.join(directory, fname)))
+        module_states = self._policy_module_states(directory)
+        if not is_adapter:  # the policy modules' weights, under their submodule names
+            for name, tensors in module_states.items():
+                state_dict.update({f"{name}.{k}": v for k, v in tensors.items()})
 
         def check(missing, unexpected) -> None:
             tied = set(getattr(model, "all_tied_weights_keys", {}) or {}) | set(getattr(model, "_tied_weights_keys", None) or [])
@@ -229,6 +272,8 @@ class _ModelIO:
                 from peft import set_peft_model_state_dict
 
                 set_peft_model_state_dict(model, state_dict)
+                for name, tensors in module_states.items():
+                    self._policy_modules[name].load_state_dict(tensors, strict=True)
                 return
             check(*model.load_state_dict(state_dict, strict=False))
             if hasattr(model, "tie_weights"):

@@ -95,6 +95,52 @@ class _Optimization:
             raise ConfigError(f"add_trainable_model({name!r}): the model has no trainable parameters (requires_grad is False everywhere).")
         self._auxiliaries[name] = _Auxiliary(name=name, model=model, learning_rate=learning_rate, weight_decay=weight_decay)
 
+    def add_policy_module(self, name: str, module) -> None:
+        """Train ``module`` as part of the policy (a PPO value head on the policy's hidden states, ...).
+
+        Call before ``train()``. The module becomes a submodule ``name`` of the policy, so it shares the
+        policy's optimizer, learning-rate schedule, gradient clipping and backend wrapping (DDP,
+        DeepSpeed ZeRO-1/2), and its loss may flow into the policy's trunk (unlike
+        :meth:`add_trainable_model`, whose model has its own optimizer). It is **saved beside** the policy:
+        ``<directory>/<name>.safetensors`` next to the policy's own ``model.safetensors`` (which keeps
+        only the policy's weights, so ``from_pretrained`` loads it without unexpected keys), in every
+        checkpoint and in ``output_dir``, and restored on resume. Reach it with :meth:`policy_module`.
+
+        Args:
+            name: A name for the file and the submodule (letters, digits, ``_``).
+            module: A ``torch.nn.Module`` with trainable parameters, on the policy's device and dtype.
+
+        Raises:
+            ConfigError: a bad or repeated name, a call after training started, a module without
+                trainable parameters, or a backend that shards parameters (FSDP, DeepSpeed ZeRO-3:
+                their forward gathers only the policy's own parameters).
+        """
+        import re
+
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", name):
+            raise ConfigError(f"add_policy_module: name {name!r} is invalid: use letters, digits and '_'.")
+        if name in self._policy_modules or hasattr(self.unwrapped_model(), name):
+            raise ConfigError(f"add_policy_module: the policy already has an attribute {name!r}; pick another name.")
+        if self.optimizer is not None:
+            raise ConfigError(f"add_policy_module({name!r}) after training started: add policy modules before calling train().")
+        if not any(p.requires_grad for p in module.parameters()):
+            raise ConfigError(f"add_policy_module({name!r}): the module has no trainable parameters (requires_grad is False everywhere).")
+        if self._is_fsdp2() or getattr(self.accelerator, "is_fsdp2", False) or self._zero_stage() == 3 or getattr(self.accelerator, "distributed_type", None) == "FSDP":
+            raise ConfigError(f"add_policy_module({name!r}) under FSDP / DeepSpeed ZeRO-3 is not supported: their forward gathers only the "
+                              "policy's own parameters; train the module as its own model (add_trainable_model), or use DDP / ZeRO-1/2.")
+        self.unwrapped_model().add_module(name, module)
+        self._policy_modules[name] = module
+
+    def policy_module(self, name: str):
+        """The module ``name`` added with :meth:`add_policy_module` (call it on the policy's hidden states).
+
+        Raises:
+            KeyError: no policy module has that name (the message lists them).
+        """
+        if name not in self._policy_modules:
+            raise KeyError(f"no policy module named {name!r}; added: {sorted(self._policy_modules) or 'none'} (see add_policy_module).")
+        return self._policy_modules[name]
+
     def trainable_model(self, name: str):
         """The prepared (possibly wrapped) trainable model ``name`` added with :meth:`add_trainable_model`; call it for forwards.
 

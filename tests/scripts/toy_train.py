@@ -10,7 +10,8 @@ import sys
 import time
 
 from posttrain._registry import temporary_method
-from posttrain.testing._toy import TOY_CRITIC_SPEC, TOY_SPEC, ToyConfig, ToyCriticConfig, ToyCriticTrainer, ToyLMTrainer, toy_sequences
+from posttrain.testing._toy import (TOY_CRITIC_SPEC, TOY_SPEC, TOY_VALUE_HEAD_SPEC, ToyConfig, ToyCriticConfig, ToyCriticTrainer, ToyLMTrainer,
+                                     ToyValueHeadTrainer, toy_sequences)
 
 
 def main() -> None:
@@ -30,6 +31,8 @@ def main() -> None:
         ckpt._fsync_tree = slow_fsync
     critic = "--critic" in sys.argv  # the toy LM plus a critic trained beside it (its own optimizer)
     spec, config_class, trainer_class = (TOY_CRITIC_SPEC, ToyCriticConfig, ToyCriticTrainer) if critic else (TOY_SPEC, ToyConfig, ToyLMTrainer)
+    if "--value-head" in sys.argv:  # the toy LM plus a value head trained as part of the policy (add_policy_module)
+        spec, config_class, trainer_class = TOY_VALUE_HEAD_SPEC, ToyConfig, ToyValueHeadTrainer
     config = config_class(**json.loads(config_json))
     with temporary_method(spec):
         trainer = trainer_class(model=model_dir, args=config, train_dataset=toy_sequences(32, vocab=500))

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from posttrain._spec import MethodSpec
 from posttrain.config import TrainingConfig
 
-__all__ = ["TOY_SPEC", "TOY_CRITIC_SPEC", "ToyConfig", "ToyCriticConfig", "ToyLMTrainer", "ToyCriticTrainer", "toy_sequences"]
+__all__ = ["TOY_SPEC", "TOY_CRITIC_SPEC", "TOY_VALUE_HEAD_SPEC", "ToyConfig", "ToyCriticConfig", "ToyLMTrainer", "ToyCriticTrainer",
+           "ToyValueHeadTrainer", "toy_sequences"]
 
 TOY_SPEC = MethodSpec(
     name="toy_lm",
@@ -32,6 +33,16 @@ TOY_CRITIC_SPEC = MethodSpec(
     family="sft",
     trainer="posttrain.testing._toy:ToyCriticTrainer",
     config="posttrain.testing._toy:ToyCriticConfig",
+)
+
+TOY_VALUE_HEAD_SPEC = MethodSpec(
+    name="toy_value_head",
+    maturity="stable",
+    plugin_api="1.7",
+    summary="The toy LM plus a value head on its hidden states, trained with the policy (core test method).",
+    family="sft",
+    trainer="posttrain.testing._toy:ToyValueHeadTrainer",
+    config="posttrain.testing._toy:ToyConfig",
 )
 
 
@@ -152,3 +163,40 @@ class ToyCriticTrainer(ToyLMTrainer):
         target = batch["attention_mask"].sum(-1).to(values.dtype) / 16.0  # (B,)
         critic_loss = (lengths * (values - target) ** 2).sum() / num_items_in_batch
         return {"model": policy_loss, "critic": critic_loss}, {"critic_value": values.detach().mean()}
+
+
+class ToyValueHeadTrainer(ToyLMTrainer):
+    """The toy LM plus a value head (a ``Linear(hidden, 1)`` on the last hidden states) regressing, at every token,
+    the number of tokens left in the row / 16: the shape of a PPO value head on the policy.
+
+    The head is part of the policy (``TrainingLoop.add_policy_module``): one optimizer, and its loss reaches the trunk.
+    """
+
+    _method = "toy_value_head"
+
+    def __init__(self, model=None, args=None, train_dataset=None, **kwargs):
+        import torch
+
+        super().__init__(model=model, args=args, train_dataset=train_dataset, **kwargs)
+        config = self.loop.unwrapped_model().config
+        generator = torch.Generator().manual_seed(5)
+        head = torch.nn.Linear(config.hidden_size, 1, dtype=self.loop.unwrapped_model().dtype)
+        with torch.no_grad():
+            head.weight.copy_(torch.randn(head.weight.shape, generator=generator, dtype=torch.float64) * 0.02)
+            head.bias.zero_()
+        self.loop.add_policy_module("value_head", head.to(self.loop.unwrapped_model().device))
+
+    def compute_loss(self, model, batch: dict, num_items_in_batch):
+        import torch
+        import torch.nn.functional as F
+
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        mask = batch["attention_mask"][:, 1:]  # (B, T-1)
+        labels = batch["input_ids"][:, 1:].masked_fill(mask == 0, -100)
+        logits = out.logits[:, :-1].flatten(0, 1)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
+        nll = F.cross_entropy(logits, labels.flatten(), ignore_index=-100, reduction="sum")
+        values = self.loop.policy_module("value_head")(out.hidden_states[-1][:, :-1]).squeeze(-1)  # (B, T-1)
+        left = (mask.flip(-1).cumsum(-1).flip(-1) - 1).to(values.dtype) / 16.0  # tokens after this one, / 16
+        value_loss = (((values - left) ** 2) * mask).sum()
+        return (nll + value_loss) / num_items_in_batch, {"value_loss": value_loss.detach() / mask.sum(), "value_mean": values.detach().mean()}
