@@ -1,0 +1,5 @@
+"""posttrain's conformance suite against this plugin (the same as `pytest -p posttrain.conformance --posttrain-method remax`)."""
+
+from posttrain.conformance.suite import *  # noqa: F401,F403  (the tests, their fixtures and the parametrization)
+
+POSTTRAIN_METHODS = ["remax"]
