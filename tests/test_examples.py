@@ -55,6 +55,8 @@ LEARNING = {
     "online_dpo": ("objective/scores", 0.07),  # +0.145 .. +0.160
     "xpo": ("objective/model_scores", 0.07),  # +0.157 .. +0.159
     "nash_md": ("objective/model_scores", 1.0),  # +2.06 .. +3.25 (a count of digits, weighted 8)
+    "remax": ("reward", 0.03),  # +0.067 .. +0.175
+    "prime": ("reward", 0.12),  # +0.246 .. +0.306
 }
 #: method -> (metric that must FALL, minimum fall of mean(first 3 logged values) - mean(last 3)): the distillation
 #: methods, judged by their divergence to the teacher (``posttrain.diagnose``'s objective for them, lower is better).
