@@ -394,6 +394,25 @@ def test_a_sharp_student_of_a_broad_teacher_fires_teacher_mode_collapse(tiny_mod
     assert "teacher_mode_collapse" in events and events["teacher_mode_collapse"]["evidence"]["ratio"] < 0.5, events
 
 
+def test_a_critic_that_does_not_move_fires_critic_not_learning(tiny_model_dir, tmp_path):
+    # PPO with the critic's learning rate 1e-9: its values stay those of a random model, explaining none of the returns
+    pytest.importorskip("posttrain_ppo")
+    from datasets import Dataset
+
+    from posttrain.experimental.ppo import PPOConfig, PPOTrainer
+    from posttrain.testing import arithmetic_prompts
+
+    out = str(tmp_path / "run")
+    args = PPOConfig(output_dir=out, learning_rate=1e-9, critic_learning_rate=1e-9, lr_scheduler_type="constant", max_steps=22,
+                     per_device_train_batch_size=8, response_length=8, num_ppo_epochs=1, num_mini_batches=1, logging_steps=1,
+                     save_strategy="no", report_to=[], disable_tqdm=True, gradient_checkpointing=False)
+    PPOTrainer(model=tiny_model_dir, args=args, train_dataset=Dataset.from_list(arithmetic_prompts(64)),
+               reward_funcs=["posttrain.testing.rewards:digit_fraction_reward"], allow_experimental=True).train()
+    events = {e["code"]: e for e in diagnose(out)["events"]}
+    assert "critic_not_learning" in events and events["critic_not_learning"]["severity"] == "warning", events
+    assert events["critic_not_learning"]["evidence"]["recent_mean"] <= 0
+
+
 def test_every_code_is_provoked_by_a_test_in_this_file():
     text = open(__file__).read()
     assert all(f'"{code}"' in text for code in CODES), [code for code in CODES if f'"{code}"' not in text]
