@@ -166,9 +166,25 @@ def test_gradients_match_trl(setup):
     print(f"worst relative gradient difference: {worst:.2e}")
 
 
-def _trl_advantages(rewards_per_func, weights, num_generations, scale_rewards, aggregation):
+
+def _exact_nanstd(x, dim=None, keepdim=False):
+    """TRL's nanstd with its Bessel factor count / (count - 1) in x's dtype (TRL takes it in float32: ~1e-8 relative in
+    float64). posttrain's nanstd computes it in the input's dtype since core 1.7, so the transcription does too."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    variance = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
+    count = torch.sum(~torch.isnan(x), dim=dim, keepdim=True).to(x.dtype)
+    correction = torch.where(count > 1, count / (count - 1), torch.full_like(count, float("nan")))
+    std = torch.sqrt(variance * correction)
+    if keepdim:
+        return std
+    return std.squeeze() if dim is None else std.squeeze(dim)
+
+
+def _trl_advantages(rewards_per_func, weights, num_generations, scale_rewards, aggregation, nanstd_fn=None):
     """TRL 1.16's advantage block (grpo_trainer.py, _generate_and_score_completions), transcribed."""
-    from trl.trainer.utils import nanstd
+    from trl.trainer.utils import nanstd as trl_nanstd
+
+    nanstd = trl_nanstd if nanstd_fn is None else nanstd_fn
 
     unscorable_mask = torch.isnan(rewards_per_func).all(dim=1)
     if aggregation == "sum_then_normalize":
@@ -204,8 +220,10 @@ def test_advantages_match_trl_formula(scale_rewards, aggregation):
     rewards[8:12, 1] = 0.5  # a group where one reward is constant
     weights = torch.tensor([1.0, 0.5], dtype=torch.float64)
     ours, _ = compute_group_advantages(rewards.clone(), weights, 4, scale_rewards, aggregation)
-    theirs = _trl_advantages(rewards.clone(), weights, 4, scale_rewards, aggregation)
+    theirs = _trl_advantages(rewards.clone(), weights, 4, scale_rewards, aggregation, nanstd_fn=_exact_nanstd)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    trl_own = _trl_advantages(rewards.clone(), weights, 4, scale_rewards, aggregation)
+    torch.testing.assert_close(ours, trl_own, rtol=1e-6, atol=1e-9)  # TRL's float32 Bessel factor: ~1e-8 relative
     assert ours[5] == 0.0
 
 

@@ -91,9 +91,25 @@ def test_loss_and_gradients_match_trl(setup, overrides):
     assert {"entropy", "clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"} <= set(metrics)
 
 
-def _trl_advantages(rewards_per_func, weights, num_generations, normalize, clip_range, kl, beta):
+
+def _exact_nanstd(x, dim=None, keepdim=False):
+    """TRL's nanstd with its Bessel factor count / (count - 1) in x's dtype (TRL takes it in float32: ~1e-8 relative in
+    float64). posttrain's nanstd computes it in the input's dtype since core 1.7, so the transcription does too."""
+    mean = torch.nanmean(x, dim=dim, keepdim=True)
+    variance = torch.nanmean((x - mean) ** 2, dim=dim, keepdim=True)
+    count = torch.sum(~torch.isnan(x), dim=dim, keepdim=True).to(x.dtype)
+    correction = torch.where(count > 1, count / (count - 1), torch.full_like(count, float("nan")))
+    std = torch.sqrt(variance * correction)
+    if keepdim:
+        return std
+    return std.squeeze() if dim is None else std.squeeze(dim)
+
+
+def _trl_advantages(rewards_per_func, weights, num_generations, normalize, clip_range, kl, beta, nanstd_fn=None):
     """TRL 1.16's RLOO advantage block (rloo_trainer.py, _generate_and_score_completions), transcribed."""
-    from trl.trainer.utils import nanstd
+    from trl.trainer.utils import nanstd as trl_nanstd
+
+    nanstd = trl_nanstd if nanstd_fn is None else nanstd_fn
 
     unscorable_mask = torch.isnan(rewards_per_func).all(dim=1)
     rewards = (rewards_per_func * weights.unsqueeze(0)).nansum(dim=1)
@@ -123,8 +139,10 @@ def test_advantages_match_trl_formula(normalize, clip_range, beta):
     kl = torch.rand(12, generator=gen, dtype=torch.float64)
     weights = torch.tensor([1.0, 0.5], dtype=torch.float64)
     ours, _ = compute_rloo_advantages(rewards.clone(), weights, 3, normalize, clip_range, kl, beta)
-    theirs = _trl_advantages(rewards.clone(), weights, 3, normalize, clip_range, kl, beta)
+    theirs = _trl_advantages(rewards.clone(), weights, 3, normalize, clip_range, kl, beta, nanstd_fn=_exact_nanstd)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    trl_own = _trl_advantages(rewards.clone(), weights, 3, normalize, clip_range, kl, beta)
+    torch.testing.assert_close(ours, trl_own, rtol=1e-6, atol=1e-9)  # TRL's float32 Bessel factor: ~1e-8 relative
 
 
 def test_leave_one_out_baseline_by_hand():
