@@ -23,6 +23,33 @@ def _help(text: str) -> dict:
     return {"help": text}
 
 
+# Copied from posttrain_gmpo.config._accept_positional_output_dir
+def _accept_positional_output_dir(cls):
+    """Let ``cls(output_dir, **fields)`` work as with TRL's configs (transformers' ``TrainingArguments`` takes
+    ``output_dir`` as its first positional argument); every other field stays keyword-only."""
+    import functools
+    import inspect
+
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        if len(args) > 1:
+            raise TypeError(f"{cls.__name__}() takes output_dir as its only positional argument; pass the other {len(args) - 1} by name.")
+        if args:
+            if "output_dir" in kwargs:
+                raise TypeError(f"{cls.__name__}() got multiple values for argument 'output_dir'")
+            kwargs["output_dir"] = args[0]
+        init(self, **kwargs)
+
+    params = list(inspect.signature(init).parameters.values())
+    output_dir = next(p for p in params if p.name == "output_dir").replace(kind=inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    __init__.__signature__ = inspect.Signature([params[0], output_dir, *(p for p in params[1:] if p.name != "output_dir")])
+    cls.__init__ = __init__
+    return cls
+
+
+@_accept_positional_output_dir
 @dataclass(kw_only=True)
 class A2POConfig(TrainingConfig):
     """Settings of A*-PO; field names and defaults follow TRL 1.16's ``A2POConfig``."""

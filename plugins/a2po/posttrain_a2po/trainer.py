@@ -5,8 +5,11 @@ A*-PO (Brantley et al. 2025, arXiv:2505.20686), following TRL 1.16's ``trl.exper
 Stage 1 (offline, once, when the trainer is built): ``num_value_samples`` completions per prompt are
 sampled from the reference policy (the frozen initial policy: before any update the rollout engine
 samples exactly it), scored with the reward functions, and ``V*(x) = beta1 * log(mean_i exp(r_i /
-beta1))`` is kept per prompt (train and eval prompts). With ``filter_all_incorrect``, training prompts
-whose samples all scored 0 are dropped. V* is saved in every checkpoint and restored on resume.
+beta1))`` is kept per prompt text (``_optimal_values``, keyed like TRL's: the prompt string, or
+conversational messages rendered by the chat template) for the train and eval prompts (every split of
+a dict of eval datasets; a dataset given to ``evaluate`` before training gets V* for its new prompts then). With
+``filter_all_incorrect``, training prompts whose samples all scored 0 are dropped. V* is saved in every
+checkpoint and restored on resume.
 
 Stage 2 (online, each step; the core's RolloutProducer supplies the episodes)::
 
@@ -68,7 +71,7 @@ class A2POTrainer(TrainerSurface):
             (default ``args.reward_funcs``). Their weighted sum is the reward r, which A*-PO assumes binary (0/1).
         args: An :class:`A2POConfig`, a ``transformers.TrainingArguments`` or a dict of fields.
         train_dataset: Prompt-only rows (a ``prompt`` column, string or messages, plus any columns for the rewards).
-        eval_dataset: Same format (V* is estimated for its prompts too).
+        eval_dataset: Same format, or a dict of them (metrics ``eval_<name>_<metric>``); V* is estimated for its prompts too.
         processing_class: The tokenizer (default: loaded with the model).
         callbacks: ``transformers.TrainerCallback`` objects (or classes).
         optimizers: Only ``(None, None)``: the loop builds the optimizer and schedule from ``args``.
@@ -98,16 +101,21 @@ class A2POTrainer(TrainerSurface):
         self.ref_model = build_reference_model(self.model, None, loop=self.loop, model_init_kwargs=args.model_init_kwargs,
                                                disable_dropout_in_ref=args.disable_dropout, needed=True)
         self.train_dataset = prepare_prompt_dataset(train_dataset, "train_dataset", method="A2PO", prompt_ids=self._prompt_ids)
-        self.eval_dataset = prepare_prompt_dataset(eval_dataset, "eval_dataset", method="A2PO", prompt_ids=self._prompt_ids) if eval_dataset is not None else None
+        if isinstance(eval_dataset, dict):  # a dict / DatasetDict of named eval splits (TRL's), each scored on its own
+            self.eval_dataset = {key: self._prepare(part, f"eval_dataset[{key!r}]") for key, part in eval_dataset.items()}
+        else:
+            self.eval_dataset = self._prepare(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         self.loop.setup(self.model, method=self)
         engine_args = types.SimpleNamespace(rollout_backend="transformers", generation_batch_size=args.generation_batch_size, seed=args.seed,
                                             trust_remote_code=args.trust_remote_code)
         self.engine = rollout_engine or build_rollout_engine(engine_args, model=self.model, tokenizer=self.processing_class, accelerator=self.loop.accelerator)
         self._sampling = sampling_from_config(args)  # SamplingParams keywords (generation_kwargs applied)
         # Stage 1, before the first update (the engine samples the initial policy = the reference); a resume restores V* from the checkpoint
-        self._optimal_values: dict[tuple[int, ...], float] = {}
-        self._all_incorrect: set[tuple[int, ...]] = set()
-        self._estimate_optimal_values()
+        self._optimal_values: dict[str, float] = {}  # prompt text -> V*(x), TRL's keys
+        self._all_incorrect: set[str] = set()  # training prompts whose reference samples all scored 0
+        self._stage1_calls = 0  # numbers each Stage 1 pass (its sampling seeds)
+        evals = list(self.eval_dataset.values()) if isinstance(self.eval_dataset, dict) else [self.eval_dataset] if self.eval_dataset is not None else []
+        self._estimate_optimal_values([self.train_dataset, *evals], train=True)
         self.producer = RolloutProducer(self.loop.prompt_source(len(self.train_dataset), self._prompts_per_step()), self.train_dataset, self._produce, reuse=1)
 
     # -------------------------------------------------------------------------- data
@@ -116,6 +124,36 @@ class A2POTrainer(TrainerSurface):
         ids = prompt_token_ids(row, self.processing_class, chat_template_kwargs=self.args.chat_template_kwargs)
         limit = self.args.max_prompt_length
         return ids[-limit:] if limit is not None and len(ids) > limit else ids
+
+    def _prompt_key(self, row: dict) -> str:
+        """The key of a row's prompt in ``_optimal_values`` (TRL's): the prompt string, or messages rendered by the chat template
+        (generation prompt added); a pre-tokenized row's decoded ``prompt_ids``."""
+        prompt = row.get("prompt")
+        if isinstance(prompt, str):
+            return prompt
+        if prompt is None:
+            return self.processing_class.decode(list(row["prompt_ids"]))
+        return self.processing_class.apply_chat_template(prompt, tools=row.get("tools"), tokenize=False, add_generation_prompt=True,
+                                                         **(self.args.chat_template_kwargs or {}))
+
+    def _prepare(self, dataset, name: str):
+        return prepare_prompt_dataset(dataset, name, method="A2PO", prompt_ids=self._prompt_ids)
+
+    def process_dataset(self, dataset, name: str):
+        """Return an eval ``dataset`` (given to ``evaluate``) as prompt rows, with Stage 1 run for its prompts that have no V* yet (all processes call).
+
+        Raises:
+            posttrain.DataError: a prompt without V* once training has started (Stage 1 samples the initial policy).
+        """
+        prepared = self._prepare(dataset, name)
+        if self.engine.policy_version == 0:  # the engine still samples the initial policy, i.e. the reference
+            self._estimate_optimal_values([prepared], train=False)
+        else:
+            missing = [key for key in (self._prompt_key(dict(row)) for row in prepared) if key not in self._optimal_values]
+            if missing:
+                raise DataError(f"A*-PO: {len(missing)} prompts of {name} have no V* (e.g. {missing[0][:80]!r}) and Stage 1 can no longer sample the "
+                                "reference policy after training started; pass this dataset as eval_dataset when building the trainer.")
+        return prepared
 
     def _prompts_per_step(self) -> int:
         return self.args.per_device_train_batch_size * self.args.gradient_accumulation_steps
@@ -141,40 +179,56 @@ class A2POTrainer(TrainerSurface):
         return r, rewards_per_func
 
     @torch.no_grad()
-    def _estimate_optimal_values(self) -> None:
-        """Stage 1: V*(x) from ``num_value_samples`` reference samples per prompt, for this process's share of the prompts, then shared."""
+    def _estimate_optimal_values(self, datasets: list, *, train: bool) -> None:
+        """Stage 1: V*(x) from ``num_value_samples`` reference samples per prompt without a V* yet, each process its share, then shared.
+
+        ``train``: ``datasets[0]`` is the training set (its all-incorrect prompts are recorded and, with
+        ``filter_all_incorrect``, dropped). A prompt already estimated (a duplicate, an eval prompt that is
+        also a training prompt) keeps its first V*.
+        """
         from accelerate.utils import gather_object
 
         args, accelerator = self.args, self.loop.accelerator
         n, size = args.num_value_samples, args.per_device_train_batch_size
         values, all_incorrect = {}, []
-        for d_index, dataset in enumerate([self.train_dataset] + ([self.eval_dataset] if self.eval_dataset is not None else [])):
-            indices = list(range(accelerator.process_index, len(dataset), accelerator.num_processes))
+        for d_index, dataset in enumerate(datasets):
+            call = self._stage1_calls
+            self._stage1_calls += 1
+            keys = [self._prompt_key(dict(dataset[i])) for i in range(len(dataset))]
+            todo, seen = [], set(self._optimal_values)
+            for i, key in enumerate(keys):
+                if key not in seen:
+                    seen.add(key)
+                    todo.append(i)
+            indices = todo[accelerator.process_index :: accelerator.num_processes]
             for start in range(0, len(indices), size):
                 rows = [dict(dataset[i]) for i in indices[start : start + size]]
                 prompts, prompt_ids = expand_prompts(rows, n, self._prompt_ids, self.processing_class)
-                seed = args.seed + 7_919 * (start + 1) + 104_729 * d_index + 1_000_003 * accelerator.process_index
+                seed = args.seed + 7_919 * (start + 1) + 104_729 * call + 1_000_003 * accelerator.process_index
                 rollout = generate_rollout(prompts, prompt_ids, engine=self.engine, sampling=self._sampling, num_generations=n, seed=seed,
                                            max_completion_length=args.max_completion_length, stop_token_ids=(self.processing_class.eos_token_id, self.pad_token_id))
                 r, _ = self._score(rows, prompts, rollout, n)
                 grouped = torch.nan_to_num(r, nan=0.0).double().view(len(rows), n)  # an unscorable sample counts as incorrect (0)
                 v_star = optimal_values(grouped, args.beta1)
-                for j in range(len(rows)):
-                    key = tuple(prompt_ids[j * n])
-                    values[key] = float(v_star[j])
-                    if d_index == 0 and float(grouped[j].sum()) == 0.0:
-                        all_incorrect.append(key)
-        if accelerator.num_processes > 1:
-            values = dict(gather_object(list(values.items())))
-            all_incorrect = gather_object(all_incorrect)
-        self._optimal_values, self._all_incorrect = values, set(all_incorrect)
-        self._filter_train_dataset()
-        logger.info("A*-PO Stage 1: V* estimated for %d prompts (%d training prompts all incorrect).", len(values), len(self._all_incorrect))
+                for j, i in enumerate(indices[start : start + size]):
+                    values[keys[i]] = float(v_star[j])
+                    if train and d_index == 0 and float(grouped[j].sum()) == 0.0:
+                        all_incorrect.append(keys[i])
+            if accelerator.num_processes > 1:
+                values = dict(gather_object(list(values.items())))
+                if train and d_index == 0:
+                    all_incorrect = list(gather_object(all_incorrect))
+            self._optimal_values.update(values)  # the next dataset skips the prompts estimated here
+            values = {}
+        if train:
+            self._all_incorrect = set(all_incorrect)
+            self._filter_train_dataset()
+            logger.info("A*-PO Stage 1: V* estimated for %d prompts (%d training prompts all incorrect).", len(self._optimal_values), len(self._all_incorrect))
 
     def _filter_train_dataset(self) -> None:
         if not self.args.filter_all_incorrect or not self._all_incorrect:
             return
-        keep = [i for i in range(len(self.train_dataset)) if tuple(self._prompt_ids(dict(self.train_dataset[i]))) not in self._all_incorrect]
+        keep = [i for i in range(len(self.train_dataset)) if self._prompt_key(dict(self.train_dataset[i])) not in self._all_incorrect]
         if not keep:
             raise DataError(
                 f"A*-PO Stage 1: every one of the {len(self.train_dataset)} training prompts had all {self.args.num_value_samples} reference samples "
@@ -183,12 +237,12 @@ class A2POTrainer(TrainerSurface):
             )
         self.train_dataset = self.train_dataset.select(keep) if hasattr(self.train_dataset, "select") else [self.train_dataset[i] for i in keep]
 
-    def optimal_value(self, prompt_ids: list[int]) -> float:
-        """Return the cached V*(x) of a prompt (its token ids as the trainer tokenizes it)."""
-        key = tuple(prompt_ids)
+    def optimal_value(self, prompt) -> float:
+        """Return the cached V*(x) of a prompt: its text (a string, or messages: rendered by the chat template) or a dataset row."""
+        key = self._prompt_key(prompt if isinstance(prompt, dict) else {"prompt": prompt})
         if key not in self._optimal_values:
-            raise DataError(f"A*-PO has no V* for the prompt {self.processing_class.decode(prompt_ids)[:80]!r}: V* is estimated in Stage 1 for the "
-                            "train_dataset and eval_dataset given to the trainer; evaluate on those prompts.")
+            raise DataError(f"A*-PO has no V* for the prompt {key[:80]!r}: V* is estimated in Stage 1 for the train_dataset and eval_dataset "
+                            "given to the trainer (and for a dataset given to evaluate()); evaluate on those prompts.")
         return self._optimal_values[key]
 
     # -------------------------------------------------------------------------- Stage 2
@@ -203,7 +257,7 @@ class A2POTrainer(TrainerSurface):
         rollout = generate_rollout(prompts, prompt_ids, engine=self.engine, sampling=self._sampling, num_generations=1, seed=seed,
                                    max_completion_length=args.max_completion_length, stop_token_ids=(self.processing_class.eos_token_id, self.pad_token_id))
         rewards, rewards_per_func = self._score(rows, prompts, rollout, 1)  # (N,), (N, F)
-        v_star = torch.tensor([self.optimal_value(ids) for ids in prompt_ids], dtype=torch.float64)  # (N,)
+        v_star = torch.tensor([self.optimal_value(row) for row in rows], dtype=torch.float64)  # (N,) one completion per row
         size = args.per_device_train_batch_size if mode == "train" else len(rollout)
         micro_batches = rollout_micro_batches(rollout, size, self.pad_token_id)
         for start, batch in zip(range(0, len(rollout), size), micro_batches):
@@ -254,14 +308,14 @@ class A2POTrainer(TrainerSurface):
                                compute_loss=self.compute_loss, count_items=self.count_items, loop=self.loop, seed=self.args.seed)
 
     def state_dict(self) -> dict:
-        return {"policy_version": self.engine.policy_version, "optimal_values": [[list(k), v] for k, v in self._optimal_values.items()],
-                "all_incorrect": [list(k) for k in sorted(self._all_incorrect)]}
+        return {"policy_version": self.engine.policy_version, "optimal_values": [[k, v] for k, v in self._optimal_values.items()],
+                "all_incorrect": sorted(self._all_incorrect)}
 
     def load_state_dict(self, state: dict) -> None:
         self.engine.set_policy_version(int(state.get("policy_version", 0)))
         if "optimal_values" in state:  # the checkpoint's V* (estimated by the run that wrote it) replaces this construction's estimate
-            restored = {tuple(k): float(v) for k, v in state["optimal_values"]}
-            if set(map(tuple, state.get("all_incorrect", []))) != self._all_incorrect:
+            restored = {str(k): float(v) for k, v in state["optimal_values"]}
+            if set(state.get("all_incorrect", [])) != self._all_incorrect:
                 raise ConfigError("A*-PO resume: the checkpoint's Stage 1 kept other training prompts than this run's Stage 1 (different model, "
                                   "data, reward or seed); resume with the same settings as the run that wrote the checkpoint.")
             self._optimal_values = restored

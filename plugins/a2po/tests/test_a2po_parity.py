@@ -104,9 +104,9 @@ def test_stage1_optimal_values_and_filter_match_trl(tiny_tokenizer, tmp_path):
     ours = A2POTrainer(model=copy.deepcopy(model), reward_funcs=index_reward, train_dataset=dataset, processing_class=tok,
                        args=A2POConfig(output_dir=str(tmp_path / "ours"), report_to="none", save_strategy="no", per_device_train_batch_size=2,
                                        max_completion_length=4, num_value_samples=N_SAMPLES))
+    assert set(ours._optimal_values) == set(trl_trainer._optimal_values) == set(prompts)  # TRL's keys: the prompt texts
     for p in prompts:
-        mine = ours.optimal_value(tok(p, add_special_tokens=False)["input_ids"])
-        assert mine == pytest.approx(trl_trainer._optimal_values[p], rel=1e-6, abs=1e-7), p  # TRL scores in float32
+        assert ours.optimal_value(p) == pytest.approx(trl_trainer._optimal_values[p], rel=1e-6, abs=1e-7), p  # TRL scores in float32
     assert list(ours.train_dataset["prompt"]) == list(trl_trainer.train_dataset["prompt"])
     assert len(ours.train_dataset) == 6
-    print("A2PO stage 1 V*:", {p: round(ours.optimal_value(tok(p, add_special_tokens=False)["input_ids"]), 6) for p in prompts})
+    print("A2PO stage 1 V*:", {p: round(ours.optimal_value(p), 6) for p in prompts})

@@ -139,3 +139,40 @@ def test_missing_reward_funcs_error(tiny_model, tiny_tokenizer, prompt_dataset, 
     _, A2POTrainer = _classes()
     with pytest.raises(ConfigError, match="A2PO needs reward functions"):
         A2POTrainer(model=tiny_model, args=_config(tmp_path), train_dataset=prompt_dataset, processing_class=tiny_tokenizer)
+
+
+def test_dict_of_eval_datasets_prompt_text_keys_and_a_new_eval_dataset(tiny_model, tiny_tokenizer, tmp_path):
+    """TRL's eval_dataset forms: a dict of splits gets V* for every split's prompts (keyed by prompt text) and
+    metrics per split; a dataset first given to evaluate() before training gets V* then, after training a DataError."""
+    from datasets import Dataset, DatasetDict
+
+    _, A2POTrainer = _classes()
+    train = Dataset.from_dict({"prompt": ["alpha", "beta", "gamma"]})
+    conversational = Dataset.from_dict({"prompt": [[{"role": "user", "content": "delta"}]]})
+    evals = DatasetDict({"plain": Dataset.from_dict({"prompt": ["gamma", "epsilon"]}), "chat": conversational})
+    args = _config(tmp_path, per_device_train_batch_size=2, max_steps=1, num_value_samples=2, filter_all_incorrect=False)
+    trainer = A2POTrainer(model=tiny_model, reward_funcs=low_token_fraction, args=args, train_dataset=train, eval_dataset=evals, processing_class=tiny_tokenizer)
+    chat_text = tiny_tokenizer.apply_chat_template(conversational[0]["prompt"], tokenize=False, add_generation_prompt=True)
+    assert set(trainer.eval_dataset) == {"plain", "chat"}
+    assert set(trainer._optimal_values) == {"alpha", "beta", "gamma", "epsilon", chat_text}  # 'gamma' (train and eval) estimated once
+    metrics = trainer.evaluate()
+    assert {"eval_plain_loss", "eval_chat_loss", "eval_plain_v_star"} <= set(metrics)
+    fresh = trainer.evaluate(eval_dataset=Dataset.from_dict({"prompt": ["zeta"]}))  # before training: Stage 1 samples the reference
+    assert "eval_loss" in fresh and "zeta" in trainer._optimal_values
+    trainer.train()
+    with pytest.raises(DataError, match="pass this dataset as eval_dataset"):
+        trainer.evaluate(eval_dataset=Dataset.from_dict({"prompt": ["eta"]}))
+
+
+def test_output_dir_is_positional_as_in_trl(tmp_path):
+    """TRL's configs (TrainingArguments) take output_dir as their first positional argument; the rest stays keyword-only."""
+    import inspect
+
+    Config = _classes()[0]
+    args = Config(str(tmp_path / "pos"), beta1=0.25)
+    assert args.output_dir == str(tmp_path / "pos") and (args.beta1, args.beta2) == (0.25, 1e-3)
+    assert list(inspect.signature(Config).parameters)[0] == "output_dir"
+    with pytest.raises(TypeError, match="multiple values for argument 'output_dir'"):
+        Config("a", output_dir="b")
+    with pytest.raises(TypeError, match="only positional argument"):
+        Config("a", "b")

@@ -185,6 +185,10 @@ def test_group_advantages_are_grpos():
     adv, is_std_zero = compute_group_advantages(rewards, torch.ones(1, dtype=torch.float64), 4, "group", "sum_then_normalize")
     grouped = adv.view(2, 4)
     torch.testing.assert_close(grouped.mean(1), torch.zeros(2, dtype=torch.float64), rtol=0, atol=1e-12)
-    expected = (rewards.view(2, 4) - rewards.view(2, 4).mean(1, keepdim=True)) / (nanstd(rewards.view(2, 4), dim=1).unsqueeze(1) + 1e-4)
-    torch.testing.assert_close(grouped, expected, rtol=1e-12, atol=1e-12)
+    centred = rewards.view(2, 4) - rewards.view(2, 4).mean(1, keepdim=True)
+    exact = centred / (rewards.view(2, 4).std(1, keepdim=True) + 1e-4)  # the unbiased std, all in float64
+    torch.testing.assert_close(grouped, exact, rtol=1e-12, atol=1e-12)
+    # TRL's nanstd computes its Bessel factor count / (count - 1) from integer counts in the default dtype (float32): 1e-7 relative
+    trl = centred / (nanstd(rewards.view(2, 4), dim=1).unsqueeze(1) + 1e-4)
+    torch.testing.assert_close(grouped, trl, rtol=1e-6, atol=1e-12)
     assert not is_std_zero.any()

@@ -160,3 +160,17 @@ def test_missing_reward_funcs_error(tiny_model, tiny_tokenizer, prompt_dataset, 
     _, GMPOTrainer = _classes()
     with pytest.raises(ConfigError, match="GMPO needs reward functions"):
         GMPOTrainer(model=tiny_model, args=_config(tmp_path), train_dataset=prompt_dataset, processing_class=tiny_tokenizer)
+
+
+def test_output_dir_is_positional_as_in_trl(tmp_path):
+    """TRL's configs (TrainingArguments) take output_dir as their first positional argument; the rest stays keyword-only."""
+    import inspect
+
+    Config = _classes()[0]
+    args = Config(str(tmp_path / "pos"), epsilon_high=0.3)
+    assert args.output_dir == str(tmp_path / "pos") and (args.epsilon, args.epsilon_high) == (0.4, 0.3)
+    assert list(inspect.signature(Config).parameters)[0] == "output_dir"
+    with pytest.raises(TypeError, match="multiple values for argument 'output_dir'"):
+        Config("a", output_dir="b")
+    with pytest.raises(TypeError, match="only positional argument"):
+        Config("a", "b")

@@ -134,6 +134,12 @@ class OnlineDPOTrainer(TrainerSurface):
         self.producer = RolloutProducer(self.loop.prompt_source(len(self.train_dataset), self._prompts_per_step()), self.train_dataset, self._produce)
         self._sampling = sampling_from_config(args)
         self.num_generations = 2  # TRL's attribute: two completions per prompt
+        # TRL's generation attributes: the configured values and, in generation_config, what the rollout engine samples with
+        self.use_vllm = args.rollout_backend == "vllm"
+        self.vllm_mode = args.vllm_mode if self.use_vllm else None
+        self.temperature, self.top_p, self.top_k, self.min_p = args.temperature, args.top_p, args.top_k, args.min_p
+        self.repetition_penalty = args.repetition_penalty
+        self.generation_config = self._generation_config()
 
     # -------------------------------------------------------------------------- setup
     def _eos_token_ids(self) -> list[int]:
@@ -144,6 +150,26 @@ class OnlineDPOTrainer(TrainerSurface):
         if eos is not None and eos not in ids:
             ids = [eos, *ids]
         return ids
+
+    def _generation_config(self):
+        """The rollout engine's sampling settings (the config's, ``generation_kwargs`` applied) as TRL's ``generation_config``.
+
+        A ``transformers.GenerationConfig`` (``do_sample=False`` when ``generation_kwargs`` asks for greedy decoding; the
+        configured temperature is then kept and unused); with the vLLM backend a ``vllm.SamplingParams`` with ``n=2``.
+        """
+        sampling = dict(self._sampling)
+        greedy = sampling["temperature"] == 0.0
+        if self.use_vllm:
+            from vllm import SamplingParams
+
+            return SamplingParams(n=2, **sampling)
+        from transformers import GenerationConfig
+
+        values = dict(max_new_tokens=sampling["max_tokens"], do_sample=not greedy, temperature=self.args.temperature if greedy else sampling["temperature"],
+                      top_p=sampling["top_p"], top_k=sampling["top_k"], repetition_penalty=sampling["repetition_penalty"],
+                      min_p=sampling["min_p"] or None, pad_token_id=self.pad_token_id, bos_token_id=self.processing_class.bos_token_id,
+                      eos_token_id=self.eos_token_ids)
+        return GenerationConfig(**{key: value for key, value in values.items() if value is not None})
 
     def _setup_preferences(self, judge, reward_funcs, reward_processing_classes) -> None:
         """Resolve the preference source: a judge, else reward functions / a reward model (TRL's path)."""

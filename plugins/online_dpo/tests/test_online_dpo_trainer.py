@@ -256,3 +256,25 @@ def test_example_yaml_trains_through_the_cli(tiny_model_dir, tmp_path, monkeypat
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert [r["step"] for r in rows if "loss" in r][:2] == [1, 2]
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
+def test_generation_config_describes_what_the_engine_samples(tiny_model, tiny_tokenizer, prompt_dataset, tmp_path):
+    """TRL's generation attributes: the config's values, generation_kwargs applied; greedy really samples both completions alike."""
+    from posttrain_online_dpo import OnlineDPOConfig
+
+    assert OnlineDPOConfig(str(tmp_path / "positional")).output_dir == str(tmp_path / "positional")  # TRL's configs take output_dir positionally
+    trainer = _trainer(tiny_model, tiny_tokenizer, prompt_dataset, tmp_path, temperature=0.8, top_p=0.9, top_k=40, repetition_penalty=1.2,
+                       generation_kwargs={"do_sample": False, "max_new_tokens": 5})
+    config = trainer.generation_config
+    assert not trainer.use_vllm and trainer.vllm_mode is None and (trainer.temperature, trainer.top_k) == (0.8, 40)
+    assert (config.do_sample, config.temperature, config.top_p, config.top_k, config.repetition_penalty, config.max_new_tokens) == (False, 0.8, 0.9, 40, 1.2, 5)
+    assert config.eos_token_id == trainer.eos_token_ids and config.pad_token_id == tiny_tokenizer.pad_token_id
+    rows = [dict(prompt_dataset[i]) for i in range(3)]
+    from posttrain import expand_prompts
+
+    prompts, ids = expand_prompts(rows, 2, trainer._prompt_ids, tiny_tokenizer)
+    rollout = trainer._generate(prompts, ids, seed=0)
+    completions = rollout.completion_ids
+    assert all(completions[2 * i] == completions[2 * i + 1] for i in range(3)) and max(map(len, completions)) <= 5
+    sampled = _trainer(tiny_model, tiny_tokenizer, prompt_dataset, tmp_path).generation_config
+    assert sampled.do_sample and sampled.temperature == 0.9 and sampled.max_new_tokens == 6  # TRL's default temperature 0.9
