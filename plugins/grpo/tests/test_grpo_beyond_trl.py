@@ -131,9 +131,9 @@ def test_reinforce_pp_baseline_advantages_follow_the_paper():
     mean = sum(centered) / 12
     std = math.sqrt(sum((a - mean) ** 2 for a in centered) / 11)
     expected = torch.tensor([(a - mean) / (std + 1e-4) for a in centered], dtype=torch.float64)
-    # 1e-6: posttrain.nanstd forms its Bessel factor count / (count - 1) in float32 (~1e-8 relative), a
-    # wrong normalization (population std, group std, no centering) is off by >= 4e-2 here
-    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-9)
+    # float64 throughout (posttrain.nanstd forms its Bessel factor in the input's dtype since core 1.7); a wrong
+    # normalization (population std, group std, no centering) is off by >= 4e-2 here
+    torch.testing.assert_close(ours, expected, rtol=1e-12, atol=1e-12)
 
 
 # ----------------------------------------------------------------------------- losses on a fixed batch (float64 derivations)
