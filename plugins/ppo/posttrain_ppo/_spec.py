@@ -5,8 +5,8 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="ppo",
     maturity="experimental",
-    plugin_api="1.6",
-    summary="PPO for language models (TRL's PPOTrainer): policy + critic, per-token KL penalty to a reference, GAE, clipped policy and value losses.",
+    plugin_api="1.7",
+    summary="PPO for language models (TRL's PPOTrainer): policy + critic (a separate model or a value head on the policy), per-token KL penalty to a reference, GAE, clipped policy and value losses.",
     family="online-rl",
     trainer="posttrain_ppo.trainer:PPOTrainer",
     config="posttrain_ppo.config:PPOConfig",
@@ -36,7 +36,8 @@ SPEC = MethodSpec(
         "entropy_collapse": "lower `learning_rate`, raise `temperature` or `kl_coef` (PPO here has no entropy bonus).",
         "length_drift": "check the reward for a length bias; set `missing_eos_penalty` or lower `response_length`.",
         "critic_not_learning": "raise `critic_learning_rate` (or `vf_coef`), train each rollout longer (`num_ppo_epochs`), or set "
-                               "`whiten_rewards=True` when scores are large; initialize the critic from a trained reward model (`value_model_path`).",
+                               "`whiten_rewards=True` when scores are large; initialize the critic from a trained reward model (`value_model_path`); with `value_head=True` the head shares the "
+                               "policy's `learning_rate`: raise `vf_coef`, or train a separate critic (`value_head=False`).",
     },
     papers=(
         "Schulman et al. 2017, Proximal Policy Optimization Algorithms, arXiv:1707.06347",

@@ -10,7 +10,9 @@ gradient_accumulation_steps`` completions, one optimizer step per mini-batch. So
 
 Fields posttrain adds (TRL's PPOTrainer had none of them): ``reward_funcs`` / ``reward_weights``
 (reward functions instead of, or beside, a reward model), ``value_model_path`` and
-``critic_learning_rate`` (the critic), ``chat_template_kwargs``.
+``critic_learning_rate`` (the separate critic), ``value_head`` and ``value_head_init_std`` (a value
+head on the policy instead of a critic, the design of TRL <= 0.11's ``AutoModelForCausalLMWithValueHead``),
+``chat_template_kwargs``.
 """
 
 from __future__ import annotations
@@ -77,6 +79,12 @@ class PPOConfig(TrainingConfig):
     reward_weights: list[float] | None = field(default=None, metadata=_help("One weight per reward function (default all 1.0)."))
     value_model_path: str | None = field(default=None, metadata=_help("The critic when the trainer gets no value_model: a directory / Hub id loaded as a one-label sequence classifier (default: the reward model's path when it is one, else the policy's)."))
     critic_learning_rate: float | None = field(default=None, metadata=_help("Learning rate of the critic's own optimizer (default: learning_rate, as TRL's single optimizer)."))
+    value_head: bool = field(default=False, metadata=_help(
+        "Instead of a separate critic, a value head Linear(hidden, 1) on the policy's last hidden states, trained with the policy "
+        "(one optimizer; loss = policy loss + vf_coef * value loss) and saved as value_head.safetensors beside the policy's weights. "
+        "Continues from <policy dir>/value_head.safetensors when the policy directory has one."))
+    value_head_init_std: float = field(default=0.02, metadata=_help(
+        "With value_head: std of the normal init of the head's weight (seeded by seed; bias 0) when the policy directory has no value_head.safetensors."))
     chat_template_kwargs: dict | None = field(default=None, metadata=_help("Extra keyword arguments of apply_chat_template for conversational prompts."))
     disable_dropout: bool = field(default=True, metadata=_help("Set every dropout probability of the policy, reference and critic to 0 (TRL's PPOTrainer always does)."))
 
@@ -107,6 +115,14 @@ class PPOConfig(TrainingConfig):
             raise ConfigError(f"missing_eos_penalty={self.missing_eos_penalty} is invalid: the penalty is subtracted, give a value >= 0.")
         if self.critic_learning_rate is not None and self.critic_learning_rate < 0:
             raise ConfigError(f"critic_learning_rate={self.critic_learning_rate} is invalid: it must be >= 0 (None = learning_rate).")
+        if self.value_head and self.value_model_path is not None:
+            raise ConfigError(f"value_head=True and value_model_path={self.value_model_path!r} are both set: the value head replaces the separate "
+                              "critic; drop value_model_path (or set value_head=False to train that critic).")
+        if self.value_head and self.critic_learning_rate is not None:
+            raise ConfigError(f"critic_learning_rate={self.critic_learning_rate} has no effect with value_head=True: the head trains with the policy's "
+                              "optimizer at learning_rate; drop critic_learning_rate (or raise vf_coef).")
+        if not self.value_head_init_std >= 0:
+            raise ConfigError(f"value_head_init_std={self.value_head_init_std} is invalid: give a standard deviation >= 0.")
         if self.total_episodes is not None and (isinstance(self.total_episodes, bool) or self.total_episodes < 1):
             raise ConfigError(f"total_episodes={self.total_episodes!r} is invalid: give a number of completions >= 1, or None.")
         if isinstance(self.reward_funcs, str):

@@ -22,10 +22,18 @@ value terms cover 0..T+1 (the critic's value of the state after the last token, 
 score). Means are per micro-batch and averaged over the step's micro-batches, as TRL's accelerate
 accumulation does.
 
-The critic is a separate model (a one-label sequence classifier whose ``score`` head is applied at
-every position, as TRL's value model) registered with ``TrainingLoop.add_trainable_model``: its
-own optimizer and schedule, saved in ``checkpoint-N/critic`` and ``output_dir/critic`` (loadable
+The critic is, by default, a separate model (a one-label sequence classifier whose ``score`` head is
+applied at every position, as TRL's value model) registered with ``TrainingLoop.add_trainable_model``:
+its own optimizer and schedule, saved in ``checkpoint-N/critic`` and ``output_dir/critic`` (loadable
 with ``AutoModelForSequenceClassification.from_pretrained``) and resumed exactly.
+
+With ``value_head=True`` (the design of TRL <= 0.11's ``AutoModelForCausalLMWithValueHead``) the
+critic is instead a ``Linear(hidden, 1)`` named ``value_head`` on the policy's last hidden states at
+the same positions, registered with ``TrainingLoop.add_policy_module``: one forward gives the
+log-probs and the values, the loss is ``pg_loss + vf_coef * vf_loss`` through the policy's one
+optimizer (so the value loss also trains the trunk), and the head is saved as
+``value_head.safetensors`` beside the policy's ``model.safetensors`` (which stays a plain
+transformers checkpoint) in every checkpoint and ``output_dir``.
 """
 
 from __future__ import annotations
@@ -36,20 +44,23 @@ import torch
 
 from posttrain import (
     ConfigError, RolloutEngine, RolloutProducer, TrainerSurface, TrainingLoop, add_old_and_ref_logps, as_config, attach_rollout_metrics,
-    build_reference_model, check_online_arguments, completion_logps, disable_dropout, evaluate_online, expand_prompts, generate_rollout,
-    load_online_policy, load_pretrained, prepare_prompt_dataset, prompt_token_ids, resolve_online_rewards, reward_and_length_metrics,
-    rollout_micro_batches, sampler_is_old_policy, score_rollout,
+    build_reference_model, causal_lm_states, check_online_arguments, completion_logps, disable_dropout, evaluate_online, expand_prompts,
+    generate_rollout, load_online_policy, load_pretrained, prepare_prompt_dataset, prompt_token_ids, resolve_online_rewards,
+    reward_and_length_metrics, rollout_micro_batches, sampler_is_old_policy, score_rollout,
 )
 
 from posttrain_ppo.config import PPOConfig
 
-__all__ = ["PPOTrainer", "PPOProducer", "INVALID_LOGPROB", "compute_advantages", "explained_variance", "masked_mean", "masked_var", "masked_whiten",
-           "penalize_missing_eos", "ppo_losses", "token_values"]
+__all__ = ["PPOTrainer", "PPOProducer", "INVALID_LOGPROB", "VALUE_HEAD_FILE", "compute_advantages", "explained_variance", "masked_mean",
+           "masked_var", "masked_whiten", "penalize_missing_eos", "policy_logps_and_values", "ppo_losses", "token_values"]
 
 logger = logging.getLogger(__name__)
 
 #: The log-prob written at padded positions (TRL's value): equal on both sides of every difference, so padding adds 0.
 INVALID_LOGPROB = 1.0
+
+#: The value head's file beside the policy's ``model.safetensors`` (``TrainingLoop.add_policy_module("value_head", ...)``).
+VALUE_HEAD_FILE = "value_head.safetensors"
 
 
 # ----------------------------------------------------------------------------- math (pure functions)
@@ -201,6 +212,27 @@ def token_values(critic, batch: dict) -> torch.Tensor:
     return head(outputs.hidden_states[-1][:, start : start + width]).squeeze(-1)  # (B, C)
 
 
+def policy_logps_and_values(model, value_head, batch: dict, temperature: float, *, compute_entropy: bool = True,
+                            chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """One policy forward: the completion log-probs (as :func:`posttrain.completion_logps`) and the value head's values.
+
+    The values are ``value_head`` on the policy's last hidden states at the positions the separate
+    critic scores (:func:`token_values`): the state before each completion token. Differentiable:
+    the value loss reaches the head and the trunk.
+
+    Returns:
+        ``(logps (B, C), entropies (B, C) or None, values (B, C))``.
+    """
+    input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)  # (B, P+C)
+    attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)
+    start, width = batch["prompt_ids"].shape[1] - 1, batch["completion_ids"].shape[1]
+    outputs, states = causal_lm_states(model, chunk_size=chunk_size, input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=width + 1,
+                                       output_hidden_states=True, use_cache=False)
+    scores = states[:, :-1].score(batch["completion_ids"], temperature=temperature, return_entropy=compute_entropy)  # position t predicts token t
+    values = value_head(outputs.hidden_states[-1][:, start : start + width]).squeeze(-1)  # (B, C)
+    return scores.logps, scores.entropy, values
+
+
 def _rows_of(batch: dict, index: torch.Tensor) -> dict:
     """The rows ``index`` of every per-row tensor of a rollout (same widths)."""
     return {k: v[index] for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == batch["completion_ids"].shape[0]}
@@ -250,7 +282,8 @@ class PPOTrainer(TrainerSurface):
         reward_model: A one-label sequence classifier (object or path) scoring the completions.
         train_dataset: Prompt rows: ``prompt`` (string or messages), ``prompt_ids``, or TRL's pre-tokenized ``input_ids``.
         value_model: The critic: a one-label sequence classifier (object or path); default
-            ``args.value_model_path``, else the reward model's path, else the policy's path.
+            ``args.value_model_path``, else the reward model's path, else the policy's path. Must be
+            None with ``args.value_head`` (the head on the policy is the critic then).
         data_collator: Accepted for TRL compatibility; must be None (prompts are tokenized by the rollout).
         eval_dataset: Same format, or a dict of them.
         optimizers: Only ``(None, None)``: the loop builds both optimizers from ``args``.
@@ -262,7 +295,8 @@ class PPOTrainer(TrainerSurface):
 
     Raises:
         posttrain.ConfigError: no reward, no dataset, a dataset without prompts, ``ref_model is model``,
-            a critic that cannot be found, or an argument that cannot be honoured.
+            a critic that cannot be found, ``value_model`` with ``value_head=True``, a saved value head that
+            does not fit the policy, or an argument that cannot be honoured.
     """
 
     _tag_names = ["trl", "ppo"]
@@ -289,14 +323,20 @@ class PPOTrainer(TrainerSurface):
         rewards = resolve_online_rewards(reward_spec, args, loop=self.loop, reward_processing_classes=processing_classes)
         self.reward_funcs, self.reward_func_names, self.reward_weights = rewards.funcs, rewards.names, rewards.weights
         self.ref_model = build_reference_model(self.model, ref_model, loop=self.loop, model_init_kwargs=args.model_init_kwargs, needed=True)
-        self.critic = self._load_critic(value_model, policy, reward_spec)
+        if args.value_head and value_model is not None:
+            raise ConfigError("value_model is given but value_head=True: the value head on the policy replaces the separate critic; pass "
+                              "value_model=None (or set value_head=False to train that critic).")
+        self.critic = None if args.value_head else self._load_critic(value_model, policy, reward_spec)
         self.train_dataset = self.process_dataset(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
             self.eval_dataset = {key: self.process_dataset(part, f"eval_dataset[{key!r}]") for key, part in eval_dataset.items()}
         else:
             self.eval_dataset = self.process_dataset(eval_dataset, "eval_dataset") if eval_dataset is not None else None
         self.loop.setup(self.model, method=self)
-        self.loop.add_trainable_model("critic", self.critic, learning_rate=args.critic_learning_rate if args.critic_learning_rate is not None else args.learning_rate)
+        if args.value_head:
+            self.loop.add_policy_module("value_head", self._build_value_head(policy))
+        else:
+            self.loop.add_trainable_model("critic", self.critic, learning_rate=args.critic_learning_rate if args.critic_learning_rate is not None else args.learning_rate)
         world = self.loop.accelerator.num_processes
         args.world_size, args.micro_batch_size = world, args.per_device_train_batch_size * world
         args.batch_size, args.mini_batch_size = args.local_batch_size * world, args.local_mini_batch_size * world
@@ -341,6 +381,35 @@ class PPOTrainer(TrainerSurface):
             disable_dropout(source)
         return source
 
+    def _build_value_head(self, policy) -> torch.nn.Linear:
+        """``Linear(hidden, 1)`` in the policy's dtype and device: loaded from ``<policy dir>/value_head.safetensors`` when the
+        policy's directory has one (a run continued from an earlier output_dir), else seeded ``N(0, value_head_init_std)``, bias 0."""
+        import os
+
+        from safetensors.torch import load_file
+
+        model = self.loop.unwrapped_model()
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        hidden = config.hidden_size
+        ref = next(model.parameters())
+        head = torch.nn.Linear(hidden, 1, dtype=ref.dtype, device=ref.device)
+        directory = policy if isinstance(policy, str) else getattr(getattr(policy, "config", None), "_name_or_path", None)
+        path = os.path.join(directory, VALUE_HEAD_FILE) if directory and os.path.isdir(directory) else None
+        with torch.no_grad():
+            if path is not None and os.path.isfile(path):
+                saved = load_file(path)
+                shapes = {k: tuple(v.shape) for k, v in saved.items()}
+                if shapes != {"weight": (1, hidden), "bias": (1,)}:
+                    raise ConfigError(f"{path} holds {shapes}, not a value head of this policy (weight (1, {hidden}), bias (1,)): "
+                                      f"remove it to start a fresh head, or load the policy it was trained with.")
+                head.load_state_dict({k: v.to(ref.dtype) for k, v in saved.items()})
+                logger.info("PPO value head loaded from %s", path)
+            else:
+                generator = torch.Generator().manual_seed(int(self.args.seed))
+                head.weight.copy_(torch.randn(head.weight.shape, generator=generator, dtype=torch.float64) * self.args.value_head_init_std)
+                head.bias.zero_()
+        return head
+
     def process_dataset(self, dataset, name: str):
         """Return ``dataset`` as prompt rows; TRL's pre-tokenized ``input_ids`` column is read as ``prompt_ids``."""
         if dataset is not None and not isinstance(dataset, dict):
@@ -384,16 +453,25 @@ class PPOTrainer(TrainerSurface):
         sampling_logps = batch.pop("sampling_logprobs")
         chunk = self.args.local_rollout_forward_batch_size
         old, ref, values = [], [], []
-        critic = self.loop.trainable_model("critic")
+        head = self.loop.policy_module("value_head") if args.value_head else None
         for start in range(0, len(rollout), chunk):
             index = torch.arange(start, min(start + chunk, len(rollout)))
             part = _rows_of(batch, index)
-            add_old_and_ref_logps(part, sampling_logps[index], model=self.model, temperature=self.temperature, need_old=True, need_ref=True,
-                                  ref_model=self.ref_model, old_from_sampler=self.old_from_sampler, device=self.loop.device,
-                                  accelerator=self.loop.accelerator, chunk_size=args.logprob_chunk_size)
+            # with the value head, one policy forward gives pi_old (unless the sampler's log-probs are pi_old) and the values
+            add_old_and_ref_logps(part, sampling_logps[index], model=self.model, temperature=self.temperature,
+                                  need_old=head is None or self.old_from_sampler, need_ref=True, ref_model=self.ref_model,
+                                  old_from_sampler=self.old_from_sampler, device=self.loop.device, accelerator=self.loop.accelerator,
+                                  chunk_size=args.logprob_chunk_size)
+            inputs = self.loop.to_device({k: v for k, v in part.items() if k.startswith(("prompt_", "completion_"))})
+            if head is None:
+                values.append(token_values(self.loop.trainable_model("critic"), inputs).float().cpu())
+            else:
+                logps, _, head_values = policy_logps_and_values(self.model, head, inputs, self.temperature, compute_entropy=False,
+                                                                chunk_size=args.logprob_chunk_size)
+                part.setdefault("old_per_token_logps", logps.float().cpu())
+                values.append(head_values.float().cpu())
             old.append(part["old_per_token_logps"])
             ref.append(part["ref_per_token_logps"])
-            values.append(token_values(critic, self.loop.to_device({k: v for k, v in part.items() if k.startswith(("prompt_", "completion_"))})).float().cpu())
         old, ref, values = torch.cat(old), torch.cat(ref), torch.cat(values)  # (N, C)
         mask = batch["completion_mask"]
         scores = (rewards_per_func * self.reward_weights.unsqueeze(0)).nansum(dim=1)  # (N,); unscorable rows score 0
@@ -425,9 +503,14 @@ class PPOTrainer(TrainerSurface):
         return result
 
     def _losses(self, model, batch: dict) -> tuple[dict, dict]:
+        """``({"model": pg_loss, "critic" or "value_head": vf_coef * vf_loss}, metrics)`` of one micro-batch."""
         args = self.args
-        logps, entropies, _ = completion_logps(model, batch, self.temperature, chunk_size=args.logprob_chunk_size)  # (B, C)
-        vpred = token_values(self.loop.trainable_model("critic"), batch)  # (B, C)
+        if args.value_head:  # one forward of the policy: log-probs and the head's values
+            logps, entropies, vpred = policy_logps_and_values(model, self.loop.policy_module("value_head"), batch, self.temperature,
+                                                              chunk_size=args.logprob_chunk_size)
+        else:
+            logps, entropies, _ = completion_logps(model, batch, self.temperature, chunk_size=args.logprob_chunk_size)  # (B, C)
+            vpred = token_values(self.loop.trainable_model("critic"), batch)  # (B, C)
         out = ppo_losses(logps, batch["old_logprobs"], batch["advantages"], vpred, batch["old_values"], batch["returns"], batch["padding_mask"],
                          batch["padding_mask_p1"], cliprange=args.cliprange, cliprange_value=args.cliprange_value)
         tokens = (~batch["padding_mask"]).float()
@@ -438,12 +521,15 @@ class PPOTrainer(TrainerSurface):
         }
         if "rollout_metric_values" in batch:
             metrics.update(zip(batch["rollout_metric_names"], batch["rollout_metric_values"]))
-        return {"model": out["pg_loss"], "critic": args.vf_coef * out["vf_loss"]}, metrics
+        return {"model": out["pg_loss"], ("value_head" if args.value_head else "critic"): args.vf_coef * out["vf_loss"]}, metrics
 
     def compute_loss(self, model, batch: dict, num_items_in_batch):
-        """Return ``{"model": policy loss share, "critic": value loss share}`` of one micro-batch, and its metrics (no host syncs)."""
+        """Return one micro-batch's loss share and its metrics (no host syncs): ``{"model": policy loss, "critic": value loss}``
+        with the separate critic (two optimizers); ``policy loss + value loss`` with the value head (the policy's one optimizer)."""
         losses, metrics = self._losses(model, batch)
         share = batch.get("share_divisor", torch.ones(())).to(losses["model"].device)
+        if self.args.value_head:
+            return (losses["model"] + losses["value_head"]) / share, metrics
         return {name: loss / share for name, loss in losses.items()}, metrics
 
     def on_step_end(self, model, state) -> None:
@@ -456,7 +542,7 @@ class PPOTrainer(TrainerSurface):
 
         def loss_of(model, batch, n):
             losses, metrics = self._losses(model, batch)
-            return losses["model"] + losses["critic"], metrics
+            return sum(losses.values()), metrics
 
         return evaluate_online(model, batches, produce=produce, compute_loss=loss_of, count_items=self.count_items, loop=self.loop, seed=self.args.seed)
 

@@ -121,10 +121,12 @@ def test_resume_mid_rollout_is_exact_and_the_critic_loads_with_transformers(opt_
         assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
-def test_gradient_accumulation_8x1_equals_4x2_when_micro_batches_hold_equal_tokens(opt_in, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("value_head", [False, True], ids=["critic", "value_head"])
+def test_gradient_accumulation_8x1_equals_4x2_when_micro_batches_hold_equal_tokens(opt_in, tiny_tokenizer, tmp_path, value_head):
     """TRL's loss is a mean per micro-batch, averaged over the accumulation: equal to the 8x1 step when every
     micro-batch holds as many tokens (completions of one fixed length). float64: the layouts' other summation
-    orders cost ~1e-16; the parameters after one step agree to 1e-10 relative per tensor (measured ~1e-15)."""
+    orders cost ~1e-16; the parameters after one step agree to 1e-10 relative per tensor (measured ~1e-15).
+    The same with the value head (its weights are part of the policy's state dict)."""
     from datasets import Dataset
 
     from posttrain import RolloutEngine
@@ -135,13 +137,17 @@ def test_gradient_accumulation_8x1_equals_4x2_when_micro_batches_hold_equal_toke
     after = []
     for per_device, accumulation in ((8, 1), (4, 2)):
         args = _config(tmp_path, f"ga{accumulation}", per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
-                       max_steps=1, num_ppo_epochs=1, kl_coef=0.1, adam_epsilon=1.0)
+                       max_steps=1, num_ppo_epochs=1, kl_coef=0.1, adam_epsilon=1.0, value_head=value_head, value_head_init_std=0.1)
+        critic = None if value_head else build_reward_model(tiny_tokenizer, seed=1, dtype=torch.float64)
         trainer = PPOTrainer(args=args, processing_class=tiny_tokenizer, model=build_model(tiny_tokenizer, dtype=torch.float64),
-                             value_model=build_reward_model(tiny_tokenizer, seed=1, dtype=torch.float64), reward_funcs=low_token_fraction,
-                             train_dataset=prompts, rollout_engine=RolloutEngine(FixedLengthBackend()), allow_experimental=True)
+                             value_model=critic, reward_funcs=low_token_fraction, train_dataset=prompts,
+                             rollout_engine=RolloutEngine(FixedLengthBackend()), allow_experimental=True)
         trainer.train()
-        after.append({**{f"policy.{k}": v.clone() for k, v in trainer.model.state_dict().items()},
-                      **{f"critic.{k}": v.clone() for k, v in trainer.loop.trainable_model("critic").state_dict().items()}})
+        after.append({f"policy.{k}": v.clone() for k, v in trainer.model.state_dict().items()})
+        if value_head:
+            assert {"policy.value_head.weight", "policy.value_head.bias"} <= set(after[-1])
+        else:
+            after[-1].update({f"critic.{k}": v.clone() for k, v in trainer.loop.trainable_model("critic").state_dict().items()})
     for key, a in after[0].items():
         b = after[1][key]
         assert ((a - b).norm() / a.norm().clamp(min=1e-300)).item() <= 1e-10, key
