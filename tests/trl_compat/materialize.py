@@ -12,15 +12,19 @@ Layout written (all ignored by git, see ``tests/trl_compat/.gitignore``)::
     .cache/<target>/         one pytest root per target ("trl" or "posttrain"):
         pytest.ini, conftest.py (ours), tests/{__init__,conftest,testing_utils,testing_constants}.py,
         tests/data/..., tests/test_<trainer>_trainer.py
+    .cache/trl@<version>/    the "trl" root of the trainers whose baseline is an older TRL release
+                             (:data:`BASELINE_TRL`), run with that release first on PYTHONPATH
+    .cache/trl-<version>/    that release's wheel, extracted (pure Python)
+    .cache/wheels/           downloaded TRL wheels
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -52,10 +56,33 @@ TRAINERS = {
     "online_dpo": ("tests/experimental/test_online_dpo_trainer.py", "posttrain.experimental.online_dpo", "OnlineDPOConfig", "OnlineDPOTrainer"),
     "a2po": ("tests/experimental/test_a2po_trainer.py", "posttrain.experimental.a2po", "A2POConfig", "A2POTrainer"),
     "gmpo": ("tests/experimental/test_gmpo_trainer.py", "posttrain.experimental.gmpo", "GMPOConfig", "GMPOTrainer"),
+    # method wave 3 (issue 20): trainers TRL deleted after the mirror's snapshot (their baseline: BASELINE_TRL)
+    "ppo": ("tests/experimental/test_ppo_trainer.py", "posttrain.experimental.ppo", "PPOConfig", "PPOTrainer"),
+    "prm": ("tests/experimental/test_prm_trainer.py", "posttrain.experimental.prm", "PRMConfig", "PRMTrainer"),
+    "xpo": ("tests/experimental/test_xpo_trainer.py", "posttrain.experimental.xpo", "XPOConfig", "XPOTrainer"),
+    "nash_md": ("tests/experimental/test_nash_md_trainer.py", "posttrain.experimental.nash_md", "NashMDConfig", "NashMDTrainer"),
+    "gspo_token": ("tests/experimental/test_gspo_token_trainer.py", "posttrain.experimental.gspo_token", "GSPOTokenConfig", "GSPOTokenTrainer"),
+    "grpo_replay": ("tests/experimental/test_grpo_with_replay_buffer_trainer.py", "posttrain.experimental.grpo_replay",
+                    "GRPOWithReplayBufferConfig", "GRPOWithReplayBufferTrainer"),
 }
 #: trainer -> the trl module its test file imports the config and trainer from (default ``trl``)
 TRL_MODULES = {name: "trl.experimental." + name for name in ("orpo", "cpo", "tpo", "gkd", "gold", "iw_opd", "sdft", "sdpo", "online_dpo", "a2po", "gmpo")}
 TRL_MODULES.update({"distill": "trl.experimental.distillation", "server_distill": "trl.experimental.server_distillation"})
+TRL_MODULES.update({name: "trl.experimental." + name for name in ("ppo", "prm", "xpo", "nash_md", "gspo_token")})
+TRL_MODULES["grpo_replay"] = "trl.experimental.grpo_with_replay_buffer"
+#: trainer -> the trl names its test file imports that are swapped for posttrain's, when they are not just
+#: ``XConfig``/``XTrainer`` from :data:`TRL_MODULES`: {(trl module, trl name): name in the posttrain module}
+SWAPS = {
+    # the GSPO-token test builds trl's GRPOConfig and imports the trainer as `GRPOTrainer as GSPOTokenTrainer`
+    "gspo_token": {("trl", "GRPOConfig"): "GSPOTokenConfig", ("trl.experimental.gspo_token", "GRPOTrainer"): "GSPOTokenTrainer"},
+    "grpo_replay": {
+        ("trl.experimental.grpo_with_replay_buffer", name): name
+        for name in ("GRPOWithReplayBufferConfig", "GRPOWithReplayBufferTrainer", "ReplayBuffer")
+    },
+}
+#: trainer -> the TRL release its "trl" baseline runs against, for trainers the installed trl no longer ships
+#: (the last release that shipped them); every other trainer's baseline is the installed trl
+BASELINE_TRL = {"ppo": "1.12.0", "prm": "1.13.0", "xpo": "1.13.0", "nash_md": "1.13.0", "gspo_token": "1.13.0", "grpo_replay": "1.13.0"}
 SUPPORT_FILES = ["tests/__init__.py", "tests/experimental/__init__.py", "tests/conftest.py", "tests/testing_utils.py", "tests/testing_constants.py"]
 TARGETS = ("trl", "posttrain")
 
@@ -123,86 +150,155 @@ def find_source() -> TRLSource | None:
     return src if src.read(TRAINERS["sft"][0]) is not None else None
 
 
-def rewrite_imports(text: str, trainer: str) -> str:
-    """Swap ``from trl import XConfig, XTrainer`` for posttrain's gate; every other line stays as is.
-
-    For an experimental trainer the line is ``from trl.experimental.<name> import ...`` (see :data:`TRL_MODULES`).
-    """
-    _, module, config_cls, trainer_cls = TRAINERS[trainer]
-    wanted = {config_cls, trainer_cls}
+def swaps(trainer: str) -> dict[tuple[str, str], str]:
+    """{(trl module, trl name): posttrain name} swapped in ``trainer``'s test file (default: XConfig, XTrainer)."""
+    if trainer in SWAPS:
+        return dict(SWAPS[trainer])
+    _, _, config_cls, trainer_cls = TRAINERS[trainer]
     trl_module = TRL_MODULES.get(trainer, "trl")
-    import_re = re.compile(rf"^from {re.escape(trl_module)} import (?:\((?P<paren>[A-Za-z0-9_,\s]+)\)|(?P<names>[A-Za-z0-9_, ]+))$", re.MULTILINE)
+    return {(trl_module, config_cls): config_cls, (trl_module, trainer_cls): trainer_cls}
 
-    def repl(match: re.Match) -> str:
-        names = [n.strip() for n in (match.group("names") or match.group("paren")).split(",") if n.strip()]
-        ours = [n for n in names if n in wanted]
-        rest = [n for n in names if n not in wanted]
-        lines = []
-        if rest:
-            lines.append(f"from {trl_module} import {', '.join(rest)}")
-        if ours:
-            lines.append(f"from {module} import {', '.join(ours)}  # trl_compat: swapped from trl")
-        return "\n".join(lines)
 
-    new, count = import_re.subn(repl, text)
-    if count == 0 or module not in new:
-        raise RuntimeError(f"could not find `from {trl_module} import {config_cls}, {trainer_cls}` in the {trainer} test file")
-    return new
+def rewrite_imports(text: str, trainer: str) -> str:
+    """Swap the config/trainer names of ``trainer``'s test file for posttrain's gate; every other line stays as is.
+
+    ``from trl import XConfig, XTrainer`` (for an experimental trainer ``from trl.experimental.<name> import ...``,
+    see :data:`TRL_MODULES`; other names and aliases: :data:`SWAPS`) becomes
+    ``from posttrain.<...>.<name> import XConfig, XTrainer``; the line's other names stay imported from trl.
+    A local alias is kept (``import GRPOTrainer as GSPOTokenTrainer`` -> ``import GSPOTokenTrainer``).
+    """
+    import ast
+
+    module = TRAINERS[trainer][1]
+    wanted = swaps(trainer)
+    tree = ast.parse(text)
+    lines = text.splitlines(keepends=True)
+    edits, found = [], set()
+    for node in tree.body:
+        if not (isinstance(node, ast.ImportFrom) and node.level == 0 and any(node.module == m for m, _ in wanted)):
+            continue
+        rest, ours = [], []
+        for alias in node.names:
+            key = (node.module, alias.name)
+            if key not in wanted:
+                rest.append(alias.name + (f" as {alias.asname}" if alias.asname else ""))
+                continue
+            found.add(key)
+            local, ours_name = alias.asname or alias.name, wanted[key]
+            ours.append(ours_name if ours_name == local else f"{ours_name} as {local}")
+        if not ours:
+            continue
+        new = [f"from {node.module} import {', '.join(rest)}\n"] if rest else []
+        new.append(f"from {module} import {', '.join(ours)}  # trl_compat: swapped from trl\n")
+        edits.append((node.lineno - 1, node.end_lineno, new))
+    if not found:  # a partial swap is fine (gold's test imports GOLDTrainer from trl's gold_trainer module: kept)
+        names = ", ".join(f"{m}.{n}" for m, n in wanted)
+        raise RuntimeError(f"the {trainer} test file has no top-level import of any of {names} to swap")
+    for start, end, new in sorted(edits, reverse=True):
+        lines[start:end] = new
+    return "".join(lines)
 
 
 STUB_HELPER = """
 def _trl_compat_missing(qualname):  # written by tests/trl_compat/materialize.py
-    \"\"\"Stand-in for a name the TRL test imports but the installed trl lacks.\"\"\"
+    \"\"\"Stand-in for a name the TRL test imports but the trl it runs against lacks.\"\"\"
     if qualname.rsplit(".", 1)[-1].startswith("is_") and qualname.endswith("_available"):
         return lambda *args, **kwargs: False
+    message = f"{qualname} does not exist in the trl this test runs against (trl_compat stub)"
 
-    def missing(*args, **kwargs):
-        raise ImportError(f"{qualname} does not exist in the installed trl (trl_compat stub)")
+    class Missing:
+        __name__ = __qualname__ = qualname.rsplit(".", 1)[-1]
 
-    missing.__name__ = qualname.rsplit(".", 1)[-1]
-    return missing
+        def __call__(self, *args, **kwargs):
+            raise ImportError(message)
+
+        def __getattr__(self, attr):  # e.g. SomeMissingModel.from_pretrained(...)
+            raise AttributeError(attr) if attr.startswith("_") else ImportError(message)
+
+    return Missing()
 """
 
 
-def stub_missing_trl_imports(text: str, log=print, filename: str = "") -> str:
-    """Keep a TRL test file importable when it imports ``trl`` internals the installed trl lacks.
-
-    The TRL source snapshot and the installed trl are different versions; a file-level
-    ``from trl.x import name`` of a missing private helper would make pytest drop the whole file.
-    Such names become stubs (``is_*_available`` -> returns False; anything else raises ImportError
-    when called), so only the tests that use them fail -- identically for both targets.
-    """
+def trl_imports(text: str) -> list[tuple[str, str]]:
+    """The (module, name) pairs of a file's top-level ``from trl... import name`` statements."""
     import ast
+
+    return [
+        (node.module, alias.name)
+        for node in ast.parse(text).body
+        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] == "trl"
+        for alias in node.names
+    ]
+
+
+def missing_trl_names(pairs) -> list[tuple[str, str]]:
+    """The (module, name) pairs the ``trl`` importable in this process lacks (neither attribute nor submodule)."""
     import importlib
 
+    missing = []
+    for module_name, name in sorted(set(map(tuple, pairs))):
+        try:
+            module = importlib.import_module(module_name)
+        except Exception:
+            missing.append((module_name, name))
+            continue
+        if hasattr(module, name):
+            continue
+        try:
+            importlib.import_module(f"{module_name}.{name}")
+        except Exception:
+            missing.append((module_name, name))
+    return missing
+
+
+def missing_trl_names_in(pairs, trl_path: Path | None) -> set[tuple[str, str]]:
+    """:func:`missing_trl_names` against the installed trl (``trl_path=None``) or the trl extracted at ``trl_path``.
+
+    The latter runs in a child process with ``trl_path`` first on ``PYTHONPATH``, as the pytest run will.
+    """
+    if trl_path is None:
+        return set(missing_trl_names(pairs))
+    code = (
+        "import json, sys; from tests.trl_compat.materialize import missing_trl_names; "
+        "print(json.dumps(missing_trl_names(json.loads(sys.stdin.read()))))"
+    )
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(trl_path), str(HERE.parents[1])]), TRL_EXPERIMENTAL_SILENCE="1")
+    proc = subprocess.run([sys.executable, "-c", code], input=json.dumps(sorted(set(pairs))), capture_output=True, text=True,
+                          env=env, cwd=HERE.parents[1])
+    if proc.returncode != 0:
+        raise RuntimeError(f"could not import the trl at {trl_path}: {proc.stderr.strip().splitlines()[-1:]}")
+    return {tuple(pair) for pair in json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def stub_missing_trl_imports(text: str, log=print, filename: str = "", missing: set | None = None) -> str:
+    """Keep a TRL test file importable when it imports ``trl`` names the trl it runs against lacks.
+
+    The TRL source snapshot and the trl a root runs against are different versions; a file-level
+    ``from trl.x import name`` of a missing private helper would make pytest drop the whole file.
+    Such names become stubs (``is_*_available`` -> returns False; anything else raises ImportError
+    when called or when an attribute is read), so only the tests that use them fail.
+    ``missing``: the (module, name) pairs to stub (default: those the installed trl lacks).
+    """
+    import ast
+
+    if missing is None:
+        missing = set(missing_trl_names(trl_imports(text)))
     tree = ast.parse(text)
     lines = text.splitlines(keepends=True)
     edits = []
     for node in tree.body:
         if not (isinstance(node, ast.ImportFrom) and node.module and node.level == 0 and node.module.split(".")[0] == "trl"):
             continue
-        try:
-            module = importlib.import_module(node.module)
-        except Exception:
-            module = None
-        present, missing = [], []
-        for alias in node.names:
-            ok = module is not None and hasattr(module, alias.name)
-            if module is not None and not ok:
-                try:
-                    importlib.import_module(f"{node.module}.{alias.name}")
-                    ok = True
-                except Exception:
-                    ok = False
-            (present if ok else missing).append(alias)
-        if not missing:
+        present = [a for a in node.names if (node.module, a.name) not in missing]
+        absent = [a for a in node.names if (node.module, a.name) in missing]
+        if not absent:
             continue
-        log(f"  {filename}: stubbed names missing from the installed trl: {', '.join(f'{node.module}.{a.name}' for a in missing)}")
+        log(f"  {filename}: stubbed names missing from the trl it runs against: {', '.join(f'{node.module}.{a.name}' for a in absent)}")
         new = []
         if present:
             names = ", ".join(a.name + (f" as {a.asname}" if a.asname else "") for a in present)
             new.append(f"from {node.module} import {names}\n")
-        for alias in missing:
+        for alias in absent:
             new.append(f"{alias.asname or alias.name} = _trl_compat_missing({node.module + '.' + alias.name!r})  # trl_compat stub\n")
         edits.append((node.lineno - 1, node.end_lineno, new))
     if not edits:
@@ -231,12 +327,90 @@ filterwarnings =
 """
 
 
-def _quiet(*_args, **_kwargs):
-    pass
+def baseline_trl_dir(version: str, log=print) -> Path | None:
+    """TRL ``version`` extracted from its wheel into ``.cache/trl-<version>/`` (pure Python); None when unavailable.
+
+    The wheel is looked up in ``$TRL_COMPAT_WHEELS`` (directories, ``os.pathsep``-separated) and
+    ``.cache/wheels/``, else downloaded there with ``pip download trl==<version> --no-deps``.
+    """
+    import zipfile
+
+    dest = CACHE / f"trl-{version}"
+    if (dest / "trl" / "__init__.py").is_file():
+        return dest
+    name = f"trl-{version}-py3-none-any.whl"
+    wheels = CACHE / "wheels"
+    dirs = [Path(d) for d in os.environ.get("TRL_COMPAT_WHEELS", "").split(os.pathsep) if d] + [wheels]
+    wheel = next((d / name for d in dirs if (d / name).is_file()), None)
+    if wheel is None:
+        wheels.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", f"trl=={version}", "--no-deps", "--only-binary", ":all:",
+               "--retries", "1", "--timeout", "20", "-q", "-d", str(wheels)]
+        try:
+            subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        if not (wheels / name).is_file():
+            return None
+        wheel = wheels / name
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    with zipfile.ZipFile(wheel) as archive:
+        archive.extractall(tmp)
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    log(f"  TRL {version}: extracted {wheel} into {dest}")
+    return dest
+
+
+def plan_roots(targets, trainers) -> list[dict]:
+    """One pytest root per (target, trl version): the "trl" target of a trainer in :data:`BASELINE_TRL` runs
+    against that release (root ``.cache/trl@<version>/``), everything else against the installed trl."""
+    roots = []
+    for target in targets:
+        groups: dict[str | None, list[str]] = {}
+        for trainer in trainers:
+            groups.setdefault(BASELINE_TRL.get(trainer) if target == "trl" else None, []).append(trainer)
+        for version, names in sorted(groups.items(), key=lambda kv: kv[0] or ""):
+            roots.append({"name": target if version is None else f"{target}@{version}", "target": target,
+                          "trl_version": version, "trainers": names})
+    return roots
+
+
+def _write_root(root: Path, source: TRLSource, target: str, trainers, trl_path: Path | None, data_files, log) -> None:
+    if root.exists():
+        shutil.rmtree(root)
+    (root / "tests").mkdir(parents=True)
+    (root / "pytest.ini").write_text(PYTEST_INI)
+    shutil.copy(HERE / "_root_conftest.py", root / "conftest.py")
+    files = {rel: source.read(rel) for rel in SUPPORT_FILES}
+    for trainer in trainers:
+        rel = TRAINERS[trainer][0]
+        text = source.read(rel)
+        if text is None:
+            log(f"  {rel}: not in the TRL source")
+            continue
+        files[rel] = rewrite_imports(text, trainer) if target == "posttrain" else text
+    python_files = {rel: text for rel, text in files.items() if text and rel.endswith(".py")}
+    missing = missing_trl_names_in([pair for text in python_files.values() for pair in trl_imports(text)], trl_path)
+    for rel, text in files.items():
+        if rel in python_files:
+            text = stub_missing_trl_imports(text, log=log, filename=f"{root.name}/{rel}", missing=missing)
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text(text if text is not None else "")
+    for rel in data_files:
+        dest = root / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(source.read_bytes(rel) or b"")
 
 
 def materialize(source: TRLSource, targets=TARGETS, trainers=None, log=print) -> dict:
-    """Write the pytest roots, the hub stand-ins and the datasets. Returns a manifest dict."""
+    """Write the pytest roots, the hub stand-ins and the datasets. Returns a manifest dict.
+
+    ``manifest["roots"]``: the pytest roots to run (name, target, trl_version -- None for the installed trl --,
+    trl_path, trainers); ``manifest["unavailable"]``: trainers skipped because their baseline TRL release
+    could not be found or downloaded.
+    """
     from . import standins
 
     trainers = list(trainers or TRAINERS)
@@ -250,41 +424,26 @@ def materialize(source: TRLSource, targets=TARGETS, trainers=None, log=print) ->
     (CACHE / "datasets.json").write_text(json.dumps(datasets, indent=1))
 
     data_files = [p for p in source.list_dir("tests/data")]
-    for target in targets:
-        root = CACHE / target
-        if root.exists():
-            shutil.rmtree(root)
-        (root / "tests").mkdir(parents=True)
-        (root / "pytest.ini").write_text(PYTEST_INI)
-        shutil.copy(HERE / "_root_conftest.py", root / "conftest.py")
-        for rel in SUPPORT_FILES:
-            text = source.read(rel)
-            if text and rel.endswith(".py"):
-                text = stub_missing_trl_imports(text, log=log if target == targets[0] else _quiet, filename=rel)
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_text(text if text is not None else "")
-        for rel in data_files:
-            blob = source.read_bytes(rel)
-            dest = root / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(blob or b"")
-        for trainer in trainers:
-            rel = TRAINERS[trainer][0]
-            text = source.read(rel)
-            if text is None:
-                log(f"  {rel}: not in the TRL source")
+    roots, unavailable = [], {}
+    for plan in plan_roots(targets, trainers):
+        trl_path = None
+        if plan["trl_version"] is not None:
+            trl_path = baseline_trl_dir(plan["trl_version"], log=log)
+            if trl_path is None:
+                reason = f"TRL {plan['trl_version']} wheel not cached and not downloadable (set TRL_COMPAT_WHEELS to a folder holding it)"
+                log(f"skipping {', '.join(plan['trainers'])} on target {plan['target']}: {reason}")
+                unavailable.update({t: reason for t in plan["trainers"]})
                 continue
-            text = stub_missing_trl_imports(text, log=log if target == targets[0] else _quiet, filename=rel)
-            if target == "posttrain":
-                text = rewrite_imports(text, trainer)
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            (root / rel).write_text(text)
+        _write_root(CACHE / plan["name"], source, plan["target"], plan["trainers"], trl_path, data_files, log)
+        roots.append({**plan, "trl_path": str(trl_path) if trl_path else None})
     manifest = {
         "source": source.describe(),
         "trl_source_version": source.version(),
         "models": models,
         "datasets": sorted(datasets),
         "trainers": trainers,
+        "roots": roots,
+        "unavailable": unavailable,
     }
     (CACHE / "manifest.json").write_text(json.dumps(manifest, indent=1))
     return manifest

@@ -43,12 +43,36 @@ def trainer_of(nodeid: str) -> str | None:
 
 
 def run_pytest(target: str, trainers: list[str], workers: int, timeout: int, extra: list[str], log=print) -> dict:
-    root = CACHE / target
-    results_file = CACHE / f"raw-{target}.json"
+    """Run ``target``'s pytest roots (see ``materialize.plan_roots``: one per TRL release) and merge their reports."""
+    manifest = json.loads((CACHE / "manifest.json").read_text()) if (CACHE / "manifest.json").exists() else {}
+    roots = [r for r in manifest.get("roots", []) if r["target"] == target]
+    tests, deselected, versions, wall, returncode = {}, {}, {}, 0.0, 0
+    for root in roots:
+        names = [t for t in root["trainers"] if t in trainers]
+        if not names:
+            continue
+        raw, desel, seconds, code = _run_root(root, names, workers, timeout, extra, log)
+        tests.update(raw)
+        deselected.update(desel)
+        versions.update({t: root["trl_version"] or _installed_trl() for t in names})
+        wall, returncode = wall + seconds, max(returncode, code)
+    unavailable = {t: why for t, why in manifest.get("unavailable", {}).items() if t in trainers}
+    report = build_report(target, [t for t in trainers if t not in unavailable], tests, deselected, wall, returncode)
+    for trainer, data in report["trainers"].items():
+        data["trl_version"] = versions.get(trainer)
+    report["unavailable"] = unavailable
+    return report
+
+
+def _run_root(root: dict, trainers: list[str], workers: int, timeout: int, extra: list[str], log) -> tuple:
+    """One pytest invocation on one materialized root; returns (tests, deselected, wall seconds, returncode)."""
+    name = root["name"]
+    path = CACHE / name
+    results_file = CACHE / f"raw-{name}.json"
     for stale in (results_file, Path(str(results_file) + ".deselected.json")):
         stale.unlink(missing_ok=True)
-    files = [TRAINERS[t][0] for t in trainers if (root / TRAINERS[t][0]).exists()]
-    cmd = [sys.executable, "-m", "pytest", "-c", str(root / "pytest.ini"), "--rootdir", str(root), "-p", "no:cacheprovider"]
+    files = [TRAINERS[t][0] for t in trainers if (path / TRAINERS[t][0]).exists()]
+    cmd = [sys.executable, "-m", "pytest", "-c", str(path / "pytest.ini"), "--rootdir", str(path), "-p", "no:cacheprovider"]
     cmd += ["-q", "-rN", "--no-header", "--color=no", f"--timeout={timeout}", "-o", "console_output_style=count"]
     if workers > 1 and importlib.util.find_spec("xdist") is not None:
         cmd += ["-n", str(workers), "--dist", "load"]
@@ -59,18 +83,19 @@ def run_pytest(target: str, trainers: list[str], workers: int, timeout: int, ext
         HF_HUB_CACHE=str(CACHE / "hub"), HF_HOME=str(CACHE / "hf_home"),
         TOKENIZERS_PARALLELISM="false", TRL_COMPAT_RESULTS=str(results_file), TRL_COMPAT_DESELECT=str(DESELECT_FILE),
     )
+    if root.get("trl_path"):  # an older TRL release shadows the installed one
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root["trl_path"], env.get("PYTHONPATH", "")) if p)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("MKL_NUM_THREADS", "1")
     env.pop("PYTEST_ADDOPTS", None)
-    log(f"[{target}] {' '.join(cmd[3:])}")
+    log(f"[{name}] {' '.join(cmd[3:])}")
     start = time.time()
-    with open(CACHE / f"pytest-{target}.log", "w") as out:
-        proc = subprocess.run(cmd, cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
-    wall = time.time() - start
+    with open(CACHE / f"pytest-{name}.log", "w") as out:
+        proc = subprocess.run(cmd, cwd=path, env=env, stdout=out, stderr=subprocess.STDOUT)
     raw = json.loads(results_file.read_text()) if results_file.exists() else {"tests": {}}
     deselected_file = Path(str(results_file) + ".deselected.json")
     deselected = json.loads(deselected_file.read_text()) if deselected_file.exists() else {}
-    return build_report(target, trainers, raw["tests"], deselected, wall, proc.returncode)
+    return raw["tests"], deselected, time.time() - start, proc.returncode
 
 
 def build_report(target, trainers, tests: dict, deselected: dict, wall: float, returncode: int) -> dict:
@@ -121,17 +146,20 @@ def load_baseline() -> dict[str, list[str]] | None:
 
 
 def pass_rates(report: dict, baseline: dict[str, list[str]]) -> dict[str, tuple[int, int]]:
-    """trainer -> (passing on posttrain among the baseline's passes, baseline passes)."""
+    """trainer -> (passing on posttrain among the baseline's passes, baseline passes).
+
+    A baseline id deselected in ``report`` (deselect.txt gained a rule since the baseline was measured) is out of
+    scope and not counted."""
     rates = {}
     for trainer, data in report["trainers"].items():
-        base = set(baseline.get(trainer, []))
+        base = set(baseline.get(trainer, [])) - set(data["deselected"])
         rates[trainer] = (len(base & set(data["passed"])), len(base))
     return rates
 
 
 def print_table(report: dict, baseline=None, log=print) -> None:
     rates = pass_rates(report, baseline) if baseline is not None and report["target"] == "posttrain" else None
-    head = f"{'trainer':8} {'collected':>9} {'passed':>7} {'failed':>7} {'error':>6} {'skipped':>8} {'desel.':>7}"
+    head = f"{'trainer':14} {'trl':>7} {'collected':>9} {'passed':>7} {'failed':>7} {'error':>6} {'skipped':>8} {'desel.':>7}"
     if rates is not None:
         head += f" {'vs TRL baseline':>18}"
     log(f"\n== {report['target']}  (wall {report['wall_s']:.0f} s)")
@@ -142,12 +170,12 @@ def print_table(report: dict, baseline=None, log=print) -> None:
         collected = sum(counts[k] for k in ("passed", "failed", "error", "skipped"))
         totals.update(counts)
         totals["collected"] += collected
-        line = f"{trainer:8} {collected:>9} {counts['passed']:>7} {counts['failed']:>7} {counts['error']:>6} {counts['skipped']:>8} {counts['deselected']:>7}"
+        line = f"{trainer:14} {data.get('trl_version') or '':>7} {collected:>9} {counts['passed']:>7} {counts['failed']:>7} {counts['error']:>6} {counts['skipped']:>8} {counts['deselected']:>7}"
         if rates is not None:
             ok, base = rates[trainer]
             line += f" {ok:>5}/{base:<5} {100 * ok / base if base else 0:5.1f}%"
         log(line)
-    line = f"{'total':8} {totals['collected']:>9} {totals['passed']:>7} {totals['failed']:>7} {totals['error']:>6} {totals['skipped']:>8} {totals['deselected']:>7}"
+    line = f"{'total':14} {'':>7} {totals['collected']:>9} {totals['passed']:>7} {totals['failed']:>7} {totals['error']:>6} {totals['skipped']:>8} {totals['deselected']:>7}"
     if rates is not None:
         ok, base = sum(r[0] for r in rates.values()), sum(r[1] for r in rates.values())
         line += f" {ok:>5}/{base:<5} {100 * ok / base if base else 0:5.1f}%"
@@ -163,14 +191,20 @@ def print_table(report: dict, baseline=None, log=print) -> None:
 
 
 def write_baseline(report: dict) -> None:
-    """Store TRL's passing ids for the trainers in ``report``; trainers not run keep their stored ids."""
-    passed = dict(load_baseline() or {})
+    """Store TRL's passing ids (and the TRL release they ran on) for the trainers in ``report``; trainers not
+    run keep their stored ids."""
+    stored = json.loads(BASELINE_FILE.read_text()) if BASELINE_FILE.exists() else {}
+    passed = dict(stored.get("passed", {}))
+    versions = {t: stored.get("trl_version", {}).get(t, stored.get("trl_installed")) for t in passed}
     passed.update({t: sorted(d["passed"]) for t, d in report["trainers"].items()})
+    versions.update({t: d.get("trl_version") or report["trl_installed"] for t, d in report["trainers"].items()})
     data = {
-        "about": "Test ids of TRL's own trainer tests that pass against the installed trl on this machine "
-        "(measured by `python -m tests.trl_compat.run --target trl --write-baseline`).",
+        "about": "Test ids of TRL's own trainer tests that pass against trl on this machine (measured by "
+        "`python -m tests.trl_compat.run --target trl --write-baseline`): the installed trl, or for the trainers it "
+        "no longer ships the last TRL release that did (trl_version; materialize.BASELINE_TRL).",
         "trl_installed": report["trl_installed"],
         "trl_source": report["trl_source"],
+        "trl_version": {t: versions[t] for t in TRAINERS if t in passed},
         "passed": {t: passed[t] for t in TRAINERS if t in passed},
     }
     BASELINE_FILE.write_text(json.dumps(data, indent=1) + "\n")
@@ -199,12 +233,14 @@ def main(argv=None) -> int:
     baseline = load_baseline()
     for target in targets:
         report = run_pytest(target, trainers, args.workers, args.timeout, args.pytest_args)
+        for trainer, why in report["unavailable"].items():
+            print(f"{trainer}: skipped on {target}: {why}")
         (CACHE / f"report-{target}.json").write_text(json.dumps(report, indent=1))
         if target == "trl" and args.write_baseline:
             write_baseline(report)
             baseline = load_baseline()
         print_table(report, baseline)
-        print(f"report: {CACHE / f'report-{target}.json'}  log: {CACHE / f'pytest-{target}.log'}")
+        print(f"report: {CACHE / f'report-{target}.json'}  logs: {CACHE}/pytest-{target}*.log")
     return 0
 
 
