@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.nn.utils.rnn import pad_sequence
 
-from posttrain import RolloutBatch, SamplingParams
+from posttrain import RolloutBatch, SamplingParams, adapter_disabled
 
 __all__ = ["GeometricMixtureBackend", "mixture_scores"]
 
@@ -60,7 +60,7 @@ class GeometricMixtureBackend:
 
     Args:
         model: The policy (trained; ``update_weights`` may swap in a new object).
-        ref_model: The frozen reference.
+        ref_model: The frozen reference, or None: the policy (a PEFT model) with its adapters disabled.
         tokenizer: Gives the pad and EOS ids.
         mixture_coef: ``c`` in [0, 1]; the trainer sets ``backend.mixture_coef`` per epoch.
         accelerator: An ``accelerate.Accelerator`` (the policy is unwrapped with it), or None.
@@ -94,7 +94,7 @@ class GeometricMixtureBackend:
 
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> RolloutBatch:
         policy = self.accelerator.unwrap_model(self.model) if self.accelerator is not None else self.model
-        ref = self.ref_model
+        ref = self.ref_model if self.ref_model is not None else policy  # None: the adapter-disabled policy (PEFT)
         expanded = [list(p) for p in prompt_ids for _ in range(sampling.n)]
         if not expanded:
             return RolloutBatch([], [], [], [], policy_version=self.policy_version)
@@ -118,7 +118,11 @@ class GeometricMixtureBackend:
                 sequences, token, cache_p, cache_r = ids, None, None, None
                 for _ in range(sampling.max_tokens):
                     z_p, cache_p = self._next_logits(policy, args_p, cache_p, sequences, mask, token, positions)
-                    z_r, cache_r = self._next_logits(ref, args_r, cache_r, sequences, mask, token, positions)
+                    if self.ref_model is None:
+                        with adapter_disabled(policy):
+                            z_r, cache_r = self._next_logits(ref, args_r, cache_r, sequences, mask, token, positions)
+                    else:
+                        z_r, cache_r = self._next_logits(ref, args_r, cache_r, sequences, mask, token, positions)
                     scores = mixture_scores(z_p, z_r, self.mixture_coef).float()  # (b, V)
                     if processors:
                         scores = processors(sequences, scores)

@@ -14,8 +14,9 @@ reference (``c = mixture_coef``). Built on the core's online steps, with TRL 1.1
       -> mean over the step's prompts
 
 The first term is a REINFORCE estimate of the KL's gradient, the second the preference's policy
-gradient with 1/2 as its baseline. Log-probs are taken at temperature 1 (as TRL's). Departures from
-TRL: docs/methods/nash_md.md.
+gradient with 1/2 as its baseline. Log-probs are taken at temperature 1 (as TRL's). With a PEFT
+policy and no ``ref_model``, the reference is the policy with its adapters disabled (in the mixture too).
+Departures from TRL: docs/methods/nash_md.md.
 """
 
 from __future__ import annotations
@@ -79,7 +80,8 @@ class NashMDTrainer(TrainerSurface):
 
     Args:
         model: A model object or Hub id / local directory (default ``args.model_name_or_path``).
-        ref_model: The frozen reference (object or name); default: a frozen copy of the initial policy.
+        ref_model: The frozen reference (object or name); default: a frozen copy of the initial policy, or
+            the policy with its adapters disabled when it is a PEFT model (``peft_config`` or an already-PEFT model).
         reward_funcs: A reward model (``PreTrainedModel`` or path), a reward callable, a name
             ('module:function'), or a list of these (scores are their weighted sum); default
             ``args.reward_funcs`` or ``args.reward_model_path``.
@@ -89,7 +91,8 @@ class NashMDTrainer(TrainerSurface):
         eval_dataset: Same format, or a dict of them.
         processing_class: The tokenizer (default: loaded with the model).
         reward_processing_classes: Tokenizers of reward models (one per reward function).
-        peft_config: Refused: the reference must be a separate model the mixture samples from.
+        peft_config: A ``peft.PeftConfig``: train a LoRA adapter; without ``ref_model`` the adapter-disabled
+            policy is the reference (the mixture's reference half and the KL's reference log-probs).
         compute_metrics: Only None.
         callbacks: ``transformers.TrainerCallback`` objects (or classes).
         optimizers: Only ``(None, None)``.
@@ -111,8 +114,9 @@ class NashMDTrainer(TrainerSurface):
                  optimizers=(None, None), preprocess_logits_for_metrics=None, judge=None, rollout_engine=None, allow_experimental=False):
         self.args = args = as_config(args, NashMDConfig, default_output_dir=default_output_dir(model, self._name))
         self.loop = TrainingLoop(args, method="nash_md", allow_experimental=allow_experimental, callbacks=callbacks)  # the experimental gate first
-        self._check_arguments(train_dataset, reward_funcs, judge, data_collator, peft_config, compute_metrics, optimizers, preprocess_logits_for_metrics)
-        self.model, self.processing_class = load_online_policy(model, args, loop=self.loop, processing_class=processing_class, tags=self._tag_names)
+        self._check_arguments(train_dataset, reward_funcs, judge, data_collator, compute_metrics, optimizers, preprocess_logits_for_metrics)
+        self.model, self.processing_class = load_online_policy(model, args, loop=self.loop, processing_class=processing_class, peft_config=peft_config,
+                                                               tags=self._tag_names)
         self.pad_token_id = self.processing_class.pad_token_id
         self.judge = judge
         self._setup_rewards(reward_funcs, reward_processing_classes)
@@ -129,7 +133,7 @@ class NashMDTrainer(TrainerSurface):
         self._sampling = sampling_from_config(args)
 
     # -------------------------------------------------------------------------- setup
-    def _check_arguments(self, train_dataset, reward_funcs, judge, data_collator, peft_config, compute_metrics, optimizers, preprocess_logits_for_metrics) -> None:
+    def _check_arguments(self, train_dataset, reward_funcs, judge, data_collator, compute_metrics, optimizers, preprocess_logits_for_metrics) -> None:
         args = self.args
         if train_dataset is None:
             raise ConfigError("`train_dataset` is required: pass train_dataset=... (prompt-only rows with a 'prompt' column).")
@@ -143,8 +147,6 @@ class NashMDTrainer(TrainerSurface):
         for name, value in (("data_collator", data_collator), ("compute_metrics", compute_metrics), ("preprocess_logits_for_metrics", preprocess_logits_for_metrics)):
             if value is not None:
                 raise ConfigError(f"{name} is not supported by {self._name}: the trainer tokenizes prompts and computes its own metrics; leave it None.")
-        if peft_config is not None or args.use_peft:
-            raise ConfigError(f"{self._name} with PEFT is not supported yet: the reference must be a separate model that samples completions; train all weights.")
         if tuple(optimizers or (None, None)) != (None, None):
             raise ConfigError("optimizers=(optimizer, scheduler) is not supported: posttrain's loop builds them from the config (optim, learning_rate, lr_scheduler_type).")
 

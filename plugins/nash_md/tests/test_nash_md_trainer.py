@@ -163,5 +163,70 @@ def test_config_errors(tmp_path, overrides, message):
 def test_trainer_errors(tiny_model, tiny_tokenizer, prompt_dataset, tmp_path):
     with pytest.raises(ConfigError, match="No reward source"):
         NashMDTrainer(model=tiny_model, args=_config(tmp_path), train_dataset=prompt_dataset, processing_class=tiny_tokenizer)
-    with pytest.raises(ConfigError, match="PEFT"):
-        NashMDTrainer(model=tiny_model, reward_funcs=low_token_fraction, args=_config(tmp_path, use_peft=True), train_dataset=prompt_dataset, processing_class=tiny_tokenizer)
+    from peft import LoraConfig, get_peft_model
+
+    with pytest.raises(ConfigError, match="already a PeftModel"):
+        NashMDTrainer(model=get_peft_model(tiny_model, LoraConfig(r=4, target_modules="all-linear")), reward_funcs=low_token_fraction, args=_config(tmp_path),
+                      train_dataset=prompt_dataset, processing_class=tiny_tokenizer, peft_config=LoraConfig(r=4, target_modules="all-linear"))
+
+
+# ------------------------------------------------------------------ PEFT (TRL 1.13.0: a LoRA policy, the adapter-disabled base as the reference)
+def _lora(**kwargs):
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **kwargs)
+
+
+def test_mixture_of_a_peft_policy_without_ref_model_uses_the_adapter_disabled_base(tiny_tokenizer):
+    """ref_model=None on a PEFT policy: the mixture's reference half is the base (adapters off): the same samples and log-probs as with a copy of the base."""
+    from peft import get_peft_model
+    from posttrain import RolloutEngine, SamplingParams
+    from posttrain.testing.tiny_model import build_model
+    from posttrain_nash_md._mixture import GeometricMixtureBackend
+
+    base = build_model(tiny_tokenizer, seed=0).double()
+    policy = get_peft_model(copy.deepcopy(base), _lora(init_lora_weights=False))  # random adapter: the policy differs from the base
+    sampling = SamplingParams(max_tokens=6, n=2, seed=3, temperature=1.0)
+    prompts = [[5, 6, 7, 8], [9, 10]]
+    implicit = RolloutEngine(GeometricMixtureBackend(policy, None, tiny_tokenizer, mixture_coef=0.4)).generate(prompts, sampling)
+    explicit = RolloutEngine(GeometricMixtureBackend(policy, base, tiny_tokenizer, mixture_coef=0.4)).generate(prompts, sampling)
+    assert implicit.completion_ids == explicit.completion_ids
+    assert implicit.logprobs == explicit.logprobs  # the same float64 computations on the same weights
+    with_adapter = RolloutEngine(GeometricMixtureBackend(policy, policy, tiny_tokenizer, mixture_coef=0.4)).generate(prompts, sampling)
+    assert with_adapter.logprobs != implicit.logprobs  # the adapter is really off in the reference half
+
+
+def test_peft_config_without_ref_model_trains_the_adapter(tiny_tokenizer, prompt_dataset, tmp_path):
+    """peft_config, no ref_model: no reference copy; only the adapter trains; the KL to the adapter-disabled base is logged."""
+    from posttrain import is_peft_model
+    from posttrain.testing.tiny_model import build_model
+
+    args = _config(tmp_path, max_steps=2)
+    trainer = NashMDTrainer(model=build_model(tiny_tokenizer), reward_funcs=low_token_fraction, args=args, train_dataset=prompt_dataset,
+                            processing_class=tiny_tokenizer, peft_config=_lora())
+    assert trainer.ref_model is None and trainer.mixture_backend.ref_model is None and is_peft_model(trainer.model)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())]
+    assert changed and all("lora_" in n for n in changed), changed
+    assert _metrics(args.output_dir)[-1]["kl"] != 0.0  # step 2: the adapter moved the policy away from the base
+
+
+def test_pre_pefted_model_and_peft_with_ref_model(tiny_tokenizer, prompt_dataset, tmp_path):
+    """TRL's implicit reference of an already-PEFT model (adapter disabled), and peft_config beside an explicit ref_model."""
+    from peft import get_peft_model
+    from posttrain.testing.tiny_model import build_model
+
+    trainer = NashMDTrainer(model=get_peft_model(build_model(tiny_tokenizer), _lora()), ref_model=None, reward_funcs=low_token_fraction,
+                            args=_config(tmp_path, max_steps=1, per_device_train_batch_size=2), train_dataset=prompt_dataset, processing_class=tiny_tokenizer)
+    assert trainer.ref_model is None
+    trainer.train()
+    assert "loss" in _metrics(trainer.args.output_dir)[-1]
+
+    ref = build_model(tiny_tokenizer, seed=1)
+    args = _config(tmp_path / "explicit", max_steps=1, per_device_train_batch_size=2)
+    trainer = NashMDTrainer(model=build_model(tiny_tokenizer), ref_model=ref, reward_funcs=low_token_fraction, args=args, train_dataset=prompt_dataset,
+                            processing_class=tiny_tokenizer, peft_config=_lora())
+    assert trainer.ref_model is ref and trainer.mixture_backend.ref_model is ref
+    trainer.train()
+    assert "loss" in _metrics(args.output_dir)[-1]

@@ -16,7 +16,9 @@ per micro-batch)::
       -> loss per pair = DPO (sigmoid) or IPO loss on (chosen, rejected)  +  alpha * sum_t log pi(y'_t)
       -> mean over the step's pairs
 
-Log-probs in the loss are taken at temperature 1 (as TRL's XPO). Departures from TRL: docs/methods/xpo.md.
+Log-probs in the loss are taken at temperature 1 (as TRL's XPO). With a PEFT policy and no
+``ref_model``, the reference is the policy with its adapters disabled: it samples y' and scores both
+completions that way (as TRL 1.13.0 did). Departures from TRL: docs/methods/xpo.md.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from posttrain import (  # the loop and the core's online steps
-    ConfigError, RolloutEngine, TrainerSurface, TrainingLoop, add_old_and_ref_logps, as_config, attach_rollout_metrics, build_reference_model,
+    ConfigError, RolloutBatch, RolloutEngine, SamplingParams, TrainerSurface, TrainingLoop, adapter_disabled, add_old_and_ref_logps, as_config, attach_rollout_metrics, build_reference_model,
     completion_logps, default_output_dir, evaluate_online, expand_prompts, generate_rollout, load_online_policy, prepare_prompt_dataset,
     prompt_token_ids, resolve_online_rewards, rollout_micro_batches, sampling_from_config, score_rollout,
 )
@@ -35,7 +37,7 @@ from posttrain import ProduceRequest, RolloutProducer
 
 from posttrain_xpo.config import XPOConfig
 
-__all__ = ["XPOTrainer", "compute_xpo_losses"]
+__all__ = ["AdapterDisabledBackend", "XPOTrainer", "compute_xpo_losses"]
 
 logger = logging.getLogger(__name__)
 
@@ -82,13 +84,43 @@ def _scheduled(value, epoch: float) -> float:
     return float(value)
 
 
+class AdapterDisabledBackend:
+    """A rollout backend that samples a PEFT policy with its adapters disabled: the frozen base model, XPO's reference under PEFT.
+
+    It runs the core's transformers backend on the policy object inside ``posttrain.adapter_disabled``,
+    so the reference needs no copy of the base weights. The base never changes, so ``update_weights``
+    only counts versions.
+
+    Args:
+        model: The PEFT policy (possibly wrapped by the accelerator).
+        tokenizer: Its tokenizer.
+        accelerator: The loop's ``accelerate.Accelerator`` (unwraps the policy), or None.
+    """
+
+    name = "adapter_disabled"
+    samples_from_policy = False  # the samples are the base model's, never the trained policy's
+
+    def __init__(self, model, tokenizer, *, accelerator=None):
+        self.model, self.accelerator = model, accelerator
+        self.engine = RolloutEngine("transformers", model=model, tokenizer=tokenizer, accelerator=accelerator)
+        self.policy_version = 0
+
+    def update_weights(self, model) -> None:
+        self.policy_version += 1
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams) -> RolloutBatch:
+        with adapter_disabled(self.model, self.accelerator):
+            return self.engine.generate(prompt_ids, sampling)
+
+
 # ----------------------------------------------------------------------------- trainer
 class XPOTrainer(TrainerSurface):
     """Train a causal LM with XPO (Exploratory Preference Optimization); TRL 1.13.0's ``XPOTrainer`` API.
 
     Args:
         model: A model object or Hub id / local directory (default ``args.model_name_or_path``).
-        ref_model: The frozen reference (object or name); default: a frozen copy of the initial policy.
+        ref_model: The frozen reference (object or name); default: a frozen copy of the initial policy, or
+            the policy with its adapters disabled when it is a PEFT model (``peft_config`` or an already-PEFT model).
         reward_funcs: A reward model (``PreTrainedModel`` or path), a reward callable, a name
             ('module:function'), or a list of these (scores are their weighted sum); default
             ``args.reward_funcs`` or ``args.reward_model_path``.
@@ -98,7 +130,8 @@ class XPOTrainer(TrainerSurface):
         eval_dataset: Same format, or a dict of them.
         processing_class: The tokenizer (default: loaded with the model).
         reward_processing_classes: Tokenizers of reward models (one per reward function).
-        peft_config: Refused: the reference must be a separate model that samples.
+        peft_config: A ``peft.PeftConfig``: train a LoRA adapter; without ``ref_model`` the adapter-disabled
+            policy is the reference (samples y' and scores the pairs).
         compute_metrics: Only None.
         callbacks: ``transformers.TrainerCallback`` objects (or classes).
         optimizers: Only ``(None, None)``.
@@ -120,8 +153,9 @@ class XPOTrainer(TrainerSurface):
                  optimizers=(None, None), preprocess_logits_for_metrics=None, judge=None, rollout_engine=None, allow_experimental=False):
         self.args = args = as_config(args, XPOConfig, default_output_dir=default_output_dir(model, self._name))
         self.loop = TrainingLoop(args, method="xpo", allow_experimental=allow_experimental, callbacks=callbacks)  # the experimental gate first
-        self._check_arguments(train_dataset, reward_funcs, judge, data_collator, peft_config, compute_metrics, optimizers, preprocess_logits_for_metrics)
-        self.model, self.processing_class = load_online_policy(model, args, loop=self.loop, processing_class=processing_class, tags=self._tag_names)
+        self._check_arguments(train_dataset, reward_funcs, judge, data_collator, compute_metrics, optimizers, preprocess_logits_for_metrics)
+        self.model, self.processing_class = load_online_policy(model, args, loop=self.loop, processing_class=processing_class, peft_config=peft_config,
+                                                               tags=self._tag_names)
         self.pad_token_id = self.processing_class.pad_token_id
         self.judge = judge
         self._setup_rewards(reward_funcs, reward_processing_classes)
@@ -130,13 +164,17 @@ class XPOTrainer(TrainerSurface):
         self._setup_datasets(train_dataset, eval_dataset)
         self.loop.setup(self.model, method=self)
         self.engine = rollout_engine or RolloutEngine("transformers", model=self.model, tokenizer=self.processing_class, accelerator=self.loop.accelerator)
-        # the reference's samples: the core's transformers backend on the frozen reference (never updated)
-        self.ref_engine = RolloutEngine("transformers", model=self.ref_model, tokenizer=self.processing_class, accelerator=self.loop.accelerator)
+        # the reference's samples: the core's transformers backend on the frozen reference (never updated), or on the
+        # adapter-disabled policy when the policy is a PEFT model without a separate ref_model
+        if self.ref_model is None:
+            self.ref_engine = RolloutEngine(AdapterDisabledBackend(self.model, self.processing_class, accelerator=self.loop.accelerator))
+        else:
+            self.ref_engine = RolloutEngine("transformers", model=self.ref_model, tokenizer=self.processing_class, accelerator=self.loop.accelerator)
         self.producer = RolloutProducer(self.loop.prompt_source(len(self.train_dataset), self._prompts_per_step()), self.train_dataset, self._produce)
         self._sampling = sampling_from_config(args)
 
     # -------------------------------------------------------------------------- setup
-    def _check_arguments(self, train_dataset, reward_funcs, judge, data_collator, peft_config, compute_metrics, optimizers, preprocess_logits_for_metrics) -> None:
+    def _check_arguments(self, train_dataset, reward_funcs, judge, data_collator, compute_metrics, optimizers, preprocess_logits_for_metrics) -> None:
         args = self.args
         if train_dataset is None:
             raise ConfigError("`train_dataset` is required: pass train_dataset=... (prompt-only rows with a 'prompt' column).")
@@ -150,8 +188,6 @@ class XPOTrainer(TrainerSurface):
         for name, value in (("data_collator", data_collator), ("compute_metrics", compute_metrics), ("preprocess_logits_for_metrics", preprocess_logits_for_metrics)):
             if value is not None:
                 raise ConfigError(f"{name} is not supported by {self._name}: the trainer tokenizes prompts and computes its own metrics; leave it None.")
-        if peft_config is not None or args.use_peft:
-            raise ConfigError(f"{self._name} with PEFT is not supported yet: the reference must be a separate model that samples completions; train all weights.")
         if tuple(optimizers or (None, None)) != (None, None):
             raise ConfigError("optimizers=(optimizer, scheduler) is not supported: posttrain's loop builds them from the config (optim, learning_rate, lr_scheduler_type).")
 

@@ -134,5 +134,63 @@ def test_config_errors(tmp_path, overrides, message):
 def test_trainer_errors(tiny_model, tiny_tokenizer, prompt_dataset, tmp_path):
     with pytest.raises(ConfigError, match="No reward source"):
         XPOTrainer(model=tiny_model, args=_config(tmp_path), train_dataset=prompt_dataset, processing_class=tiny_tokenizer)
-    with pytest.raises(ConfigError, match="PEFT"):
-        XPOTrainer(model=tiny_model, reward_funcs=low_token_fraction, args=_config(tmp_path, use_peft=True), train_dataset=prompt_dataset, processing_class=tiny_tokenizer)
+    from peft import LoraConfig, get_peft_model
+
+    with pytest.raises(ConfigError, match="already a PeftModel"):
+        XPOTrainer(model=get_peft_model(tiny_model, LoraConfig(r=4, target_modules="all-linear")), reward_funcs=low_token_fraction, args=_config(tmp_path),
+                   train_dataset=prompt_dataset, processing_class=tiny_tokenizer, peft_config=LoraConfig(r=4, target_modules="all-linear"))
+
+
+# ------------------------------------------------------------------ PEFT (TRL 1.13.0: a LoRA policy, the adapter-disabled base as the reference)
+PROMPTS = [[5, 6, 7, 8], [9, 10]]
+
+
+def _lora(**kwargs):
+    from peft import LoraConfig
+
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **kwargs)
+
+
+def test_peft_config_without_ref_model_samples_and_scores_with_the_adapter_disabled_base(tiny_tokenizer, prompt_dataset, tmp_path):
+    """peft_config, no ref_model: no reference copy is made; only the adapter trains; the reference engine samples what a copy of the base samples."""
+    from posttrain import RolloutEngine, SamplingParams, is_peft_model
+    from posttrain.testing.tiny_model import build_model
+
+    model = build_model(tiny_tokenizer)
+    base = copy.deepcopy(model)
+    args = _config(tmp_path, max_steps=2, alpha=[1e-2])
+    trainer = XPOTrainer(model=model, reward_funcs=low_token_fraction, args=args, train_dataset=prompt_dataset, processing_class=tiny_tokenizer, peft_config=_lora())
+    assert trainer.ref_model is None and is_peft_model(trainer.model)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p.detach())]
+    assert changed and all("lora_" in n for n in changed), changed
+    logged = _metrics(args.output_dir)
+    assert logged[-1]["kl"] != 0.0  # step 2: the adapter moved the policy away from the base (the reference)
+    sampling = SamplingParams(max_tokens=6, n=2, seed=3, temperature=1.0)
+    got = trainer.ref_engine.generate(PROMPTS, sampling)
+    want = RolloutEngine("transformers", model=base, tokenizer=tiny_tokenizer).generate(PROMPTS, sampling)
+    assert got.completion_ids == want.completion_ids
+    assert torch.allclose(torch.tensor([x for lp in got.logprobs for x in lp]), torch.tensor([x for lp in want.logprobs for x in lp]), atol=1e-6)
+    assert not trainer.ref_engine.samples_from_policy
+
+
+def test_pre_pefted_model_and_peft_with_ref_model(tiny_tokenizer, prompt_dataset, tmp_path):
+    """TRL's implicit reference of an already-PEFT model (adapter disabled), and peft_config beside an explicit ref_model (that model samples y')."""
+    from peft import get_peft_model
+    from posttrain.testing.tiny_model import build_model
+
+    peft_model = get_peft_model(build_model(tiny_tokenizer), _lora())
+    trainer = XPOTrainer(model=peft_model, ref_model=None, reward_funcs=low_token_fraction, args=_config(tmp_path, max_steps=1, per_device_train_batch_size=2),
+                         train_dataset=prompt_dataset, processing_class=tiny_tokenizer)
+    assert trainer.ref_model is None
+    trainer.train()
+    assert "loss" in _metrics(trainer.args.output_dir)[-1]
+
+    ref = build_model(tiny_tokenizer, seed=1)
+    args = _config(tmp_path / "explicit", max_steps=1, per_device_train_batch_size=2)
+    trainer = XPOTrainer(model=build_model(tiny_tokenizer), ref_model=ref, reward_funcs=low_token_fraction, args=args, train_dataset=prompt_dataset,
+                         processing_class=tiny_tokenizer, peft_config=_lora())
+    assert trainer.ref_model is ref and trainer.ref_engine.backend.model is ref
+    trainer.train()
+    assert "loss" in _metrics(args.output_dir)[-1]
