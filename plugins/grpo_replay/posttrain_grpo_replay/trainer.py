@@ -61,7 +61,7 @@ import math
 import torch
 
 from posttrain import (  # the loop and the core's online steps (the online scaffold, plugin API 1.5)
-    CompletionLog, ConfigError, ProduceRequest, RolloutBatch, RolloutProducer, TrainerSurface, TrainingLoop, add_old_and_ref_logps, as_config,
+    CompletionLog, ConfigError, DataError, ProduceRequest, RolloutBatch, RolloutProducer, TrainerSurface, TrainingLoop, add_old_and_ref_logps, as_config,
     attach_rollout_metrics, build_reference_model, build_rollout_engine, check_online_arguments, check_sync_ref_model, completion_logps,
     default_output_dir, evaluate_online, expand_prompts, gather_across_processes, generate_rollout, load_online_policy, nanstd,
     prepare_prompt_dataset, prompt_token_ids, resolve_online_rewards, reward_and_length_metrics, rollout_micro_batches, router_aux_loss_settings,
@@ -177,12 +177,34 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- the replay buffer
-class ReplayBuffer:
-    """The old TRL's replay buffer: a min-heap of at most ``max_size`` ``(score, data)`` entries; sampling by score.
+class _Entry(tuple):
+    """A heap entry: the pair ``(score, data)`` (TRL's layout: ``entry[0]``, ``entry[1]``) ordered by ``(score, order)``.
 
-    ``heap`` holds ``(score, insertion number, data)`` (the number breaks ties between equal scores,
-    which TRL's ``(score, data)`` tuples could not compare). ``sample`` draws with a
-    ``torch.Generator`` of its own (seeded per process), so a resumed run draws the same groups.
+    ``order`` (the insertion number) breaks ties between equal scores, which TRL's plain tuples could
+    not: comparing them fell through to comparing the data (dicts) and raised.
+    """
+
+    def __new__(cls, score: float, data, order: int):
+        entry = super().__new__(cls, (score, data))
+        entry.order = order
+        return entry
+
+    def __lt__(self, other) -> bool:
+        return (self[0], self.order) < (other[0], other.order)
+
+    def __gt__(self, other) -> bool:
+        return (self[0], self.order) > (other[0], other.order)
+
+    def __getnewargs__(self):  # copy / pickle rebuild the entry with its order
+        return (self[0], self[1], self.order)
+
+
+class ReplayBuffer:
+    """The old TRL's replay buffer: a min-heap of at most ``max_size`` ``(score, data)`` pairs; sampling by score.
+
+    ``heap`` holds ``(score, data)`` pairs as TRL's (``heap[0]`` has the lowest score); equal scores
+    are ordered by insertion. ``sample`` draws with a ``torch.Generator`` of its own (seeded per
+    process), so a resumed run draws the same groups.
 
     Args:
         max_size: Entries kept (the highest scores).
@@ -203,7 +225,7 @@ class ReplayBuffer:
         if len(scores) != len(data):
             raise ValueError(f"ReplayBuffer.add: {len(scores)} scores for {len(data)} data.")
         for score, datum in zip(scores, data):
-            entry = (float(score), self._added, datum)
+            entry = _Entry(float(score), datum, self._added)
             self._added += 1
             if len(self.heap) < self.max_size:
                 heapq.heappush(self.heap, entry)
@@ -219,14 +241,14 @@ class ReplayBuffer:
             return None
         scores = torch.tensor([entry[0] for entry in self.heap], dtype=torch.float32)
         chosen = torch.multinomial(scores / scores.sum(), num_samples, replacement=num_samples > len(self.heap), generator=self.generator)
-        return [self.heap[i][2] for i in chosen.tolist()]
+        return [self.heap[i][1] for i in chosen.tolist()]
 
     def state_dict(self) -> dict:
-        return {"max_size": self.max_size, "heap": [list(entry) for entry in self.heap], "added": self._added,
+        return {"max_size": self.max_size, "heap": [[entry[0], entry.order, entry[1]] for entry in self.heap], "added": self._added,
                 "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.heap = [tuple(entry) for entry in state["heap"]]
+        self.heap = [_Entry(float(score), data, int(order)) for score, order, data in state["heap"]]
         heapq.heapify(self.heap)
         self._added = int(state["added"])
         self.generator.set_state(state["generator"])
@@ -327,6 +349,7 @@ class GRPOWithReplayBufferTrainer(TrainerSurface):
         # this process's buffer of past high-variance groups (per process: each rank sees other prompts), checkpointed with its producer
         rank = self.loop.accelerator.process_index
         self.replay_buffer = ReplayBuffer(args.replay_buffer_size, seed=args.seed + 7919 * rank + 1) if args.replay_buffer_size > 0 else None
+        self.num_generations = args.num_generations  # TRL's attribute (the group size update_with_replay_buffer slices by)
         self.producer = _ReplayRolloutProducer(self.loop.prompt_source(len(self.train_dataset), self._prompts_per_step()), self.train_dataset,
                                                self._produce, reuse=self.args.num_iterations, replay_buffer=self.replay_buffer)
         self._sampling = sampling_from_config(args)  # SamplingParams keywords (generation_kwargs applied; unknown keys warn)
@@ -510,6 +533,108 @@ class GRPOWithReplayBufferTrainer(TrainerSurface):
             advantages[part] = torch.tensor(item["advantages"], dtype=advantages.dtype)
         replaced = RolloutBatch(prompt_ids, completion_ids, logprobs, truncated, min(versions), extras=rollout.extras, policy_versions=versions)
         return replaced, advantages, metrics
+
+    # -------------------------------------------------------------------------- TRL 1.13's tensor-level replay step
+    def update_with_replay_buffer(self, group_advantages: torch.Tensor, group_std_rewards: torch.Tensor, prompt_ids: torch.Tensor,
+                                  prompt_mask: torch.Tensor, completion_ids: torch.Tensor, completion_mask: torch.Tensor, forward_kwargs: dict,
+                                  num_items_in_batch, old_per_token_logps: torch.Tensor | None = None,
+                                  ref_per_token_logps: torch.Tensor | None = None, importance_sampling_ratio=None) -> dict | None:
+        """Buffer the groups with reward variance, replace the others by buffered groups; TRL 1.13's method, on padded tensors.
+
+        Training does the same per-group step on the rollout itself (see the module docstring); this
+        method is TRL's public contract, for code written against it. Groups are consecutive blocks of
+        ``self.num_generations`` rows of the batch tensors.
+
+        Args:
+            group_advantages: ``(num_groups, num_generations)`` advantages, one row per group.
+            group_std_rewards: The groups' reward std in TRL's layout: 2-D with group ``g``'s std in
+                column ``g`` (``stds.expand_as(group_advantages)``; a group has variance when its
+                column's max is > 0), or 1-D ``(num_groups,)``.
+            prompt_ids, prompt_mask: ``(B, P)`` left-padded prompts, ``B = num_groups * num_generations``.
+            completion_ids, completion_mask: ``(B, C)`` right-padded completions.
+            forward_kwargs: Extra model inputs (``pixel_values`` ...); those with ``B`` leading rows are
+                buffered and replaced with their groups.
+            num_items_in_batch: Returned as given (TRL's caller recounts it from the returned masks).
+            old_per_token_logps, ref_per_token_logps: ``(B, C)`` log-probs, buffered and replaced with their groups.
+            importance_sampling_ratio: Returned as given when not None.
+
+        Returns:
+            None when no group lacks variance (or the buffer is off or empty: nothing to replace), else a
+            dict with the batch after replacement: ``prompt_ids``, ``prompt_mask``, ``completion_ids``,
+            ``completion_mask``, ``advantages`` (``(num_groups, num_generations)``), the given log-probs
+            and ``forward_kwargs`` fields, ``num_items_in_batch`` (and ``importance_sampling_ratio``). The
+            input tensors are not modified. Sequences are padded to the longest of the batch and the
+            drawn groups (prompts on the left, completions on the right).
+
+        Each buffered group is stored with the padding columns its rows all share removed, scored
+        ``sum_i |A_i| * std_group`` (as in training).
+        """
+        if self.replay_buffer is None or self.replay_buffer.max_size <= 0:
+            return None
+        G = self.num_generations
+        num_groups = group_advantages.shape[0]
+        if prompt_ids.shape[0] != num_groups * G or completion_ids.shape[0] != num_groups * G:
+            raise DataError(f"update_with_replay_buffer: {num_groups} groups of num_generations={G} need {num_groups * G} rows; got "
+                            f"prompt_ids {tuple(prompt_ids.shape)}, completion_ids {tuple(completion_ids.shape)}.")
+        std = group_std_rewards.max(dim=0).values if group_std_rewards.dim() == 2 else group_std_rewards  # (num_groups,)
+        if std.shape != (num_groups,):
+            raise DataError(f"update_with_replay_buffer: group_std_rewards {tuple(group_std_rewards.shape)} gives {tuple(std.shape)} stds for {num_groups} groups.")
+        has_variance = std > 0
+        scores = (group_advantages.abs() * std.unsqueeze(1)).sum(dim=1)  # (num_groups,)
+        per_row = {name: value for name, value in (("old_per_token_logps", old_per_token_logps), ("ref_per_token_logps", ref_per_token_logps)) if value is not None}
+        row_kwargs = [k for k, v in forward_kwargs.items() if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == num_groups * G]
+
+        def trimmed(data: torch.Tensor, mask: torch.Tensor, g: int) -> torch.Tensor:
+            """Group ``g``'s rows without the padding columns every row of it has (either side)."""
+            rows, used = data[g * G : (g + 1) * G], mask[g * G : (g + 1) * G].bool().any(dim=0).nonzero()
+            return rows[:, used.min() : used.max() + 1] if used.numel() else rows[:, :0]
+
+        groups = [g for g in range(num_groups) if has_variance[g]]
+        items = []
+        for g in groups:
+            item = {"prompt_ids": trimmed(prompt_ids, prompt_mask, g), "prompt_mask": trimmed(prompt_mask, prompt_mask, g),
+                    "completion_ids": trimmed(completion_ids, completion_mask, g), "completion_mask": trimmed(completion_mask, completion_mask, g),
+                    "advantages": group_advantages[g].tolist()}
+            for name, value in per_row.items():
+                item[name] = trimmed(value, completion_mask, g)
+            for name in row_kwargs:
+                item[name] = forward_kwargs[name][g * G : (g + 1) * G]
+            items.append(item)
+        self.replay_buffer.add([float(scores[g]) for g in groups], items)
+
+        to_replace = [g for g in range(num_groups) if not has_variance[g]]
+        sampled = self.replay_buffer.sample(len(to_replace)) if to_replace else None
+        if not sampled:
+            return None
+        prompt_len = max([prompt_ids.shape[1]] + [item["prompt_ids"].shape[1] for item in sampled])
+        completion_len = max([completion_ids.shape[1]] + [item["completion_ids"].shape[1] for item in sampled])
+
+        def padded(t: torch.Tensor, length: int, value, left: bool) -> torch.Tensor:
+            extra = length - t.shape[1]
+            return torch.nn.functional.pad(t, (extra, 0) if left else (0, extra), value=value) if extra else t.clone()
+
+        pad_id = self.pad_token_id
+        out = {"prompt_ids": padded(prompt_ids, prompt_len, pad_id, True), "prompt_mask": padded(prompt_mask, prompt_len, 0, True),
+               "completion_ids": padded(completion_ids, completion_len, pad_id, False), "completion_mask": padded(completion_mask, completion_len, 0, False),
+               "advantages": group_advantages.clone()}
+        out.update({name: padded(value, completion_len, 0.0, False) for name, value in per_row.items()})
+        out.update({name: forward_kwargs[name].clone() for name in row_kwargs})
+        for g, item in zip(to_replace, sampled):
+            rows = slice(g * G, (g + 1) * G)
+            out["prompt_ids"][rows] = padded(item["prompt_ids"], prompt_len, pad_id, True)
+            out["prompt_mask"][rows] = padded(item["prompt_mask"], prompt_len, 0, True)
+            out["completion_ids"][rows] = padded(item["completion_ids"], completion_len, pad_id, False)
+            out["completion_mask"][rows] = padded(item["completion_mask"], completion_len, 0, False)
+            out["advantages"][g] = torch.as_tensor(item["advantages"], dtype=group_advantages.dtype).reshape(-1)
+            for name in list(per_row) + row_kwargs:
+                if name not in item:
+                    raise DataError(f"update_with_replay_buffer: the batch has {name!r} but a buffered group was stored without it; "
+                                    "pass the same fields at every call.")
+                out[name][rows] = padded(item[name], completion_len, 0.0, False) if name in per_row else item[name]
+        out["num_items_in_batch"] = num_items_in_batch
+        if importance_sampling_ratio is not None:
+            out["importance_sampling_ratio"] = importance_sampling_ratio
+        return out
 
     def _with_logps(self, batch: dict, mode: str) -> dict:
         """Add a micro-batch's no-grad log-probs: pi_old and the reference's when needed, and the sampler correction when another engine sampled."""

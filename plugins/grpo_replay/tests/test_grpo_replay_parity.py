@@ -61,7 +61,7 @@ def test_replay_buffer_keeps_and_draws_like_trl(seed):
     buffer = ReplayBuffer(max_size=5, seed=seed)
     buffer.add(gen.BUFFER_ADDS, [{"id": i} for i in range(len(gen.BUFFER_ADDS))])
     assert [entry[0] for entry in buffer.heap] == record["heap_scores"]
-    assert [entry[2]["id"] for entry in buffer.heap] == record["heap_ids"]
+    assert [entry[1]["id"] for entry in buffer.heap] == record["heap_ids"]  # (score, data) pairs, as TRL's heap
     assert [d["id"] for d in buffer.sample(3)] == record["sample_3"]
     assert [d["id"] for d in buffer.sample(7)] == record["sample_7"]  # more than it holds: with replacement
 

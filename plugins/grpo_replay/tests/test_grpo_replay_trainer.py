@@ -60,7 +60,7 @@ def test_replay_buffers_high_variance_groups_and_replaces_zero_variance_ones(tin
 
     stds = [torch.tensor([1.0, 0.0], dtype=torch.float64).std().item(), torch.tensor([0.2, 0.9], dtype=torch.float64).std().item()]
     expected = {0: 1.4 * stds[0], 2: 1.2 * stds[1]}  # group -> sum_i |A_i| * std
-    heap = {entry[2]["prompt_ids"][0][0] - 10: entry[0] for entry in trainer.replay_buffer.heap}
+    heap = {entry[1]["prompt_ids"][0][0] - 10: entry[0] for entry in trainer.replay_buffer.heap}  # (score, data) pairs, as TRL
     assert sorted(heap) == [0, 2]
     for g, score in expected.items():
         assert heap[g] == pytest.approx(score, rel=1e-6)

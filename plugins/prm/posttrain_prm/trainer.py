@@ -4,7 +4,7 @@ Data (TRL's stepwise supervision)::
 
     {"prompt": "what is 3 + 4 * 2 ?", "completions": ["4 * 2 = 8", "3 + 8 = 11"], "labels": [True, True]}
 
-Tokenization (as TRL 1.13's ``PRMTrainer.tokenize_row``): ``[bos] + prompt`` then, per step, the
+Tokenization (``PRMTrainer.tokenize_row``, TRL 1.13's static method, same signature and output): ``[bos] + prompt`` then, per step, the
 step's tokens followed by the tokens of ``step_separator``; the step's label (1 correct, 0 wrong)
 sits on the separator's last token, every other position is -100. The completion is cut to
 ``max_completion_length`` tokens, then the whole sequence to ``max_length`` (both on the right).
@@ -40,27 +40,6 @@ _FORMATS = (
 )
 
 
-def tokenize_stepwise_row(prompt: str, steps: list[str], labels: list[Any], tokenizer, *, step_separator: str, max_length: int | None,
-                          max_completion_length: int | None, train_on_last_step_only: bool) -> dict:
-    """Return ``{"input_ids", "labels"}`` of one stepwise row, the way TRL 1.13's PRM trainer builds it (see the module docstring)."""
-    prompt_ids = list(tokenizer(prompt, add_special_tokens=False)["input_ids"])
-    separator_ids = list(tokenizer.encode(step_separator, add_special_tokens=False))
-    step_labels = [int(v) for v in labels]
-    if train_on_last_step_only:
-        step_labels = [-100] * (len(step_labels) - 1) + step_labels[-1:]
-    step_ids = [list(tokenizer(step, add_special_tokens=False)["input_ids"]) + separator_ids for step in steps]
-    completion_ids = list(chain.from_iterable(step_ids))
-    completion_labels = list(chain.from_iterable([-100] * (len(ids) - 1) + [label] for ids, label in zip(step_ids, step_labels)))
-    if tokenizer.bos_token_id is not None:
-        prompt_ids = [tokenizer.bos_token_id] + prompt_ids
-    if max_completion_length is not None:
-        completion_ids, completion_labels = completion_ids[:max_completion_length], completion_labels[:max_completion_length]
-    input_ids, token_labels = prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_labels
-    if max_length is not None:
-        input_ids, token_labels = input_ids[:max_length], token_labels[:max_length]
-    return {"input_ids": input_ids, "labels": token_labels}
-
-
 # Copied from posttrain_kto.trainer._default_output_dir
 def _default_output_dir(model: Any, suffix: str) -> str:
     """TRL's default output directory when ``args`` is None: ``<model name>-<suffix>``."""
@@ -93,7 +72,9 @@ class PRMTrainer(TrainerSurface):
             different lengths, a row without steps, or no labelled token left after truncation.
     """
 
-    _tag_names = ["trl", "prm"]
+    #: the tags the trained model carries (``model.model_tags``, written to its model card): posttrain's loop
+    #: tags every model ``posttrain``, the method and ``trl``; TRL 1.13 used ``["trl", "prm"]``
+    _tag_names = ["posttrain", "prm", "trl"]
 
     def __init__(
         self,
@@ -195,7 +176,6 @@ class PRMTrainer(TrainerSurface):
             raise DataError(f"{name} is empty: give the trainer at least one stepwise row (prompt, completions, labels).")
         columns = set(rows[0])
         args, tokenizer = self.args, self.processing_class
-        last_only = args.train_on_last_step_only and name == "train_dataset"
         out = []
         for index, row in enumerate(rows):
             if "input_ids" in columns:
@@ -221,8 +201,8 @@ class PRMTrainer(TrainerSurface):
                     raise DataError(f"{name} row {index}: 'completions' is empty; give at least one step with its label, or drop the row.")
                 if len(steps) != len(labels):
                     raise DataError(f"{name} row {index}: {len(steps)} steps but {len(labels)} labels; give one bool label per step.")
-                item = tokenize_stepwise_row(prompt, list(steps), list(labels), tokenizer, step_separator=args.step_separator, max_length=args.max_length,
-                                             max_completion_length=args.max_completion_length, train_on_last_step_only=last_only)
+                item = self.tokenize_row({"prompt": prompt, "completions": list(steps), "labels": list(labels)}, tokenizer, args.step_separator,
+                                         args.max_length, args.max_completion_length, args.train_on_last_step_only, is_eval=name != "train_dataset")
             out.append(item)
         if not any(v != -100 for item in out for v in item["labels"]):
             raise DataError(
@@ -230,6 +210,46 @@ class PRMTrainer(TrainerSurface):
                 f"{args.max_completion_length}): raise them, or shorten the prompts."
             )
         return Dataset.from_list(out)
+
+    @staticmethod
+    def tokenize_row(features: dict, tokenizer, step_separator: str, max_length: int | None, max_completion_length: int | None,
+                     train_on_last_step_only: bool, is_eval: bool) -> dict:
+        """Return ``{"input_ids", "labels"}`` of one stepwise row (TRL 1.13's ``PRMTrainer.tokenize_row``, same signature and output).
+
+        ``[bos] + prompt`` (no other special tokens), then per step its tokens and the tokens of
+        ``step_separator``; the step's label (``int``: 1 correct, 0 wrong) sits on the separator's last
+        token, every other position is -100. With ``train_on_last_step_only`` and not ``is_eval``
+        only the last step keeps its label. The completion is cut to ``max_completion_length``
+        tokens, then the whole sequence to ``max_length`` (right truncation; None: no cut). The
+        trainer tokenizes its datasets with this function.
+
+        Args:
+            features: A row with ``"prompt"`` (text), ``"completions"`` (list of step texts) and
+                ``"labels"`` (one bool per step).
+            tokenizer: The tokenizer (called as ``tokenizer(text, add_special_tokens=False)`` and
+                ``tokenizer.encode(step_separator, add_special_tokens=False)``).
+
+        Raises:
+            posttrain.DataError: no step, or steps and labels differ in number.
+        """
+        steps, step_labels = list(features["completions"]), [int(v) for v in features["labels"]]
+        if not steps or len(steps) != len(step_labels):
+            raise DataError(f"a stepwise row needs one label per step and at least one step; got {len(steps)} steps and {len(step_labels)} labels.")
+        if train_on_last_step_only and not is_eval:
+            step_labels = [-100] * (len(step_labels) - 1) + step_labels[-1:]
+        prompt_ids = list(tokenizer(features["prompt"], add_special_tokens=False)["input_ids"])
+        separator_ids = list(tokenizer.encode(step_separator, add_special_tokens=False))
+        step_ids = [list(tokenizer(step, add_special_tokens=False)["input_ids"]) + separator_ids for step in steps]
+        completion_ids = list(chain.from_iterable(step_ids))
+        completion_labels = list(chain.from_iterable([-100] * (len(ids) - 1) + [label] for ids, label in zip(step_ids, step_labels)))
+        if tokenizer.bos_token_id is not None:
+            prompt_ids = [tokenizer.bos_token_id] + prompt_ids
+        if max_completion_length is not None:
+            completion_ids, completion_labels = completion_ids[:max_completion_length], completion_labels[:max_completion_length]
+        input_ids, labels = prompt_ids + completion_ids, [-100] * len(prompt_ids) + completion_labels
+        if max_length is not None:
+            input_ids, labels = input_ids[:max_length], labels[:max_length]
+        return {"input_ids": input_ids, "labels": labels}
 
     @property
     def data_collator(self):

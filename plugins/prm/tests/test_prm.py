@@ -228,3 +228,31 @@ def test_data_formats_and_bad_input(tokenizer64_prm, tmp_path):
 
     with pytest.raises(posttrain.ConfigError, match="num_labels=1.*num_labels=2"):
         PRMTrainer(model=build_reward_model(tokenizer), args=_args(tmp_path), train_dataset=Dataset.from_list(gen.stepwise_rows()), processing_class=tokenizer)
+
+
+def test_tokenize_row_is_the_trainers_tokenizer_and_tags(tokenizer64_prm, tmp_path, monkeypatch):
+    """The trainer tokenizes every stepwise row through the static ``PRMTrainer.tokenize_row`` (TRL 1.13's signature;
+    ``is_eval`` False for the train set, True for eval), and the model carries ``_tag_names`` as its tags (TRL's test_tags)."""
+    from datasets import Dataset
+
+    from posttrain_prm import PRMTrainer
+
+    model, tokenizer = tokenizer64_prm
+    calls = []
+    original = PRMTrainer.tokenize_row
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("is_eval", args[-1] if len(args) == 7 else None))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(PRMTrainer, "tokenize_row", staticmethod(spy))
+    rows = gen.stepwise_rows()
+    trainer = PRMTrainer(model=copy.deepcopy(model), args=_args(tmp_path, train_on_last_step_only=True), train_dataset=Dataset.from_list(rows),
+                         eval_dataset=Dataset.from_list(rows[:3]), processing_class=tokenizer)
+    assert calls == [False] * len(rows) + [True] * 3
+    first = original(rows[0], tokenizer, "\n", None, None, True, False)
+    assert trainer.train_dataset[0] == first and sum(v != -100 for v in first["labels"]) == 1  # last step only, in training
+    assert trainer.eval_dataset[0] == original(rows[0], tokenizer, "\n", None, None, True, True)
+    assert trainer.model.model_tags == PRMTrainer._tag_names and {"trl", "prm"} <= set(PRMTrainer._tag_names)
+    with pytest.raises(posttrain.DataError, match="one label per step"):
+        original({"prompt": "p", "completions": ["a", "b"], "labels": [True]}, tokenizer, "\n", None, None, False, False)

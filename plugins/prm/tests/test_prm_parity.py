@@ -103,3 +103,17 @@ def test_tokenization_loss_and_gradients_match_trl_1_13(tokenizer, name, tmp_pat
                 worst["grad"] = max(worst["grad"], abs(g_norm - norm) / norm)
         model.zero_grad(set_to_none=True)
     print(f"{name}: max relative error vs TRL 1.13: loss {worst['loss']:.2e}, gradients {worst['grad']:.2e}")
+
+
+@pytest.mark.parametrize("name", sorted(gen.CONFIGS))
+def test_static_tokenize_row_matches_trl_1_13(tokenizer, name):
+    """``PRMTrainer.tokenize_row`` (TRL 1.13's static signature) on each recorded row gives TRL 1.13's train and eval rows exactly."""
+    from posttrain_prm import PRMConfig, PRMTrainer
+
+    spec, ref = gen.CONFIGS[name], REFERENCE["configs"][name]
+    args = PRMConfig(output_dir="unused", report_to="none", **spec["args"])
+    tok = gen.tokenizer_for(spec, tokenizer)
+    for is_eval, expected in ((False, ref["train_rows"]), (True, ref["eval_rows"])):
+        got = [PRMTrainer.tokenize_row(row, tok, args.step_separator, args.max_length, args.max_completion_length, args.train_on_last_step_only, is_eval)
+               for row in REFERENCE["rows"]]
+        assert got == expected, (name, is_eval)
