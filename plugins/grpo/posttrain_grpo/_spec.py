@@ -142,8 +142,9 @@ SPEC = MethodSpec(
             paper="arXiv:2505.22617",
         ),
         "kl_cov": Preset(
-            summary="KL-Cov: penalize |log pi - log pi_old| (coefficient 1) on the top 2e-3 of the tokens by log-prob/advantage covariance.",
-            overrides={"cov_regularization": "kl_cov", "kl_cov_ratio": 2e-3, "kl_cov_coef": 1.0},
+            summary="KL-Cov: penalize |log pi - log pi_old| (coefficient 1) on the top 2e-3 of the tokens by log-prob/advantage covariance; "
+                    "each rollout trains 2 updates (the penalty is 0 on a rollout's first update; the paper's PPO takes several).",
+            overrides={"cov_regularization": "kl_cov", "kl_cov_ratio": 2e-3, "kl_cov_coef": 1.0, "num_iterations": 2},
             paper="arXiv:2505.22617",
         ),
         "reinforce_pp_baseline": Preset(

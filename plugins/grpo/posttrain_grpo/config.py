@@ -217,6 +217,14 @@ class GRPOConfig(TrainingConfig):
                 f"step (steps_per_generation = gradient_accumulation_steps = {self.gradient_accumulation_steps}). Leave it None, "
                 "raise gradient_accumulation_steps for a larger rollout, or reuse a rollout for several steps with num_iterations."
             )
+        if self.cov_regularization == "kl_cov" and self.num_iterations == 1:
+            warnings.warn(
+                "cov_regularization='kl_cov' with num_iterations=1 has no effect: its penalty |log pi - log pi_old| is 0 (and so is its "
+                "gradient) on a rollout's first update. Reuse each rollout for several updates (num_iterations=2 or more, as the "
+                "kl_cov preset does), as the paper's PPO mini-batch updates do.",
+                UserWarning,
+                stacklevel=3,
+            )
         if self.auto_find_batch_size:
             raise ConfigError(
                 "auto_find_batch_size=True is not supported by GRPO (as in TRL): a rollout must hold whole groups of "
