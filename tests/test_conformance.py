@@ -19,18 +19,25 @@ from posttrain.conformance.suite import *  # noqa: F401,F403  (the shipped contr
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _plugin_method_names() -> list[str]:
+def _plugin_method_names(*, without_own_suite: bool = False) -> list[str]:
+    """The methods of ``plugins/*``; with ``without_own_suite``, only those whose plugin does not run the suite itself
+    (a ``tests/test_*conformance*.py`` of its own, collected by the same ``make test`` run: running it twice only costs time)."""
+    import glob
     import tomllib
 
     names = []
     for folder in sorted(os.listdir(os.path.join(ROOT, "plugins"))):
+        if without_own_suite and glob.glob(os.path.join(ROOT, "plugins", folder, "tests", "test_*conformance*.py")):
+            continue
         with open(os.path.join(ROOT, "plugins", folder, "pyproject.toml"), "rb") as fh:
             names += sorted(tomllib.load(fh)["project"]["entry-points"]["posttrain.methods"])
     return names
 
 
-#: the shipped suite runs over these (see posttrain.conformance.suite)
-POSTTRAIN_METHODS = _plugin_method_names()
+#: the shipped suite runs here over the plugins that do not run it in their own tests (the experimental plugins each
+#: have a one-line tests/test_<name>_conformance.py; `make test` collects both); test_every_plugin_runs_the_suite checks
+#: that together they cover every plugin
+POSTTRAIN_METHODS = _plugin_method_names(without_own_suite=True)
 
 
 def installed_methods():
@@ -73,6 +80,18 @@ def test_posttrain_list_json_shows_every_installed_plugin():
     out = subprocess.run([sys.executable, "-m", "posttrain", "list", "--format", "json"], capture_output=True, text=True, check=True).stdout
     listed = {m["name"] for m in json.loads(out)["methods"]}
     assert set(IDS) <= listed
+
+
+def test_every_plugin_runs_the_suite_here_or_in_its_own_tests():
+    import glob
+
+    own = set()
+    for path in glob.glob(os.path.join(ROOT, "plugins", "*", "tests", "test_*conformance*.py")):
+        text = open(path).read()
+        assert "from posttrain.conformance.suite import *" in text and "POSTTRAIN_METHODS" in text, path
+        own.add(path.split(os.sep)[-3])
+    assert set(POSTTRAIN_METHODS) | own >= set(_plugin_method_names()), set(_plugin_method_names()) - set(POSTTRAIN_METHODS) - own
+    assert not set(POSTTRAIN_METHODS) & own
 
 
 def test_the_project_ships_at_least_80_paper_backed_methods_across_28_families():

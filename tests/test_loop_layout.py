@@ -24,7 +24,7 @@ PUBLIC_MEMBERS = {
     "add_trainable_model", "data_seed", "device", "evaluate", "evaluate_and_record", "is_deepspeed", "is_main_process",
     "load_model", "load_model_weights", "log", "prepare_frozen", "prompt_source", "push_to_hub", "record_evaluation",
     "save_model", "setup", "to_device", "train", "trainable_model", "trainable_model_names", "unwrapped_model", "zero_stage",
-}
+} | {"add_policy_module", "policy_module"}  # added in plugin API 1.7 (core 1.7.0)
 # the parts of train(), in order: they stay in _loop.py, where a newcomer reads the loop
 TRAIN_PARTS = ("__init__", "setup", "train", "_begin_run", "_draw_step", "_draw_produced_step", "_collated_by_workers", "_optimizer_step",
                "_backward_auxiliaries", "_step_auxiliaries", "_after_step", "_end_epoch", "_end_run")
