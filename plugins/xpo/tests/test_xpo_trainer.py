@@ -16,6 +16,13 @@ posttrain.activate("xpo", allow_experimental=True)
 from posttrain.experimental.xpo import XPOConfig, XPOTrainer  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _opted_in():
+    """Opt in before every test: another test module of the same session (make test's rerun of the parity files) may reset
+    the registry's activations after this module's import-time opt-in."""
+    posttrain.activate("xpo", allow_experimental=True)
+
+
 def low_token_fraction(completion_ids, **kwargs):
     """Verifiable toy reward: fraction of completion tokens whose id is in [3, 67)."""
     return [sum(3 <= t < 67 for t in c) / max(1, len(c)) for c in completion_ids]
