@@ -1,5 +1,9 @@
 """Config of GMPO (light: imports only posttrain).
 
+Copied from posttrain_grpo.config (posttrain-grpo 3.1.0), with: the class name, ``epsilon``'s default and meaning, and the
+help of the GRPO loss fields GMPO ignores (kept aligned by hand: tests/test_copied_blocks.py checks marked functions, not
+config fields).
+
 TRL 1.16's ``trl.experimental.gmpo.GMPOConfig`` is ``GRPOConfig`` with one change: ``epsilon``
 defaults to 0.4 and, with ``epsilon_high``, is a LOG-space clipping range (the token ratio is
 clipped to ``(exp(-epsilon), exp(epsilon_high))``). Every field of TRL's class is here with its
