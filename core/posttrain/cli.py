@@ -514,7 +514,34 @@ def _cmd_train(args: argparse.Namespace, registry: Registry) -> int:
             raise
         raise UsageError(f"{type(exc).__name__}: {exc}") from exc
     trainer.train()
+    _end_distributed()
     return 0
+
+
+def _end_distributed() -> None:
+    """End a finished multi-process run's process here (the CLI owns the process; a library caller's ``train()`` never does this).
+
+    Every rank reaches this point after the last save. The process group is torn down, the streams
+    and log handlers are flushed, and the process exits with status 0 without running C++ static
+    destructors: left to a normal interpreter exit, a rank of a DeepSpeed run on CPU (gloo) aborts
+    now and then with "terminate called without an active exception" in a destructor that runs
+    after Python is gone (no Python frame; seen about once in 10 ZeRO-3 runs on a loaded 2-core
+    machine, with or without ``destroy_process_group``), which turns a good run's exit status into a
+    failure. Nothing is lost by skipping them: checkpoints and the final model are written and
+    synced by then, and trackers were ended by the loop. Single-process runs exit normally.
+    """
+    import logging
+
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return
+    dist.barrier()
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _print_config(config: TrainingConfig, sources: Mapping[str, str]) -> None:
