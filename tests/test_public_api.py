@@ -38,7 +38,8 @@ def test_plugin_api_is_1_6():
     # supports_encoder_decoder; 1.1-1.4 plugins still load
     # 1.5: online core 2.0 (episodes, producers, judges, the online steps, several models); 1.6: distillation
     # (TeacherServer / TeacherServerClient / TeacherServerError, the teacher_entropy role, the distillation diagnostics)
-    assert posttrain.API_VERSION == "1.7"
+    # 1.7: policy modules, the critic roles; 1.8: tools and environments (ToolCallingRollout, posttrain.environments entry points)
+    assert posttrain.API_VERSION == "1.8"
     assert "triple_preference" in posttrain.DATA_FORMATS
     for name in ("Episode", "EpisodeBatch", "RolloutProducer", "PromptSource", "PairwiseJudge", "load_pretrained", "generate_rollout"):
         assert name in posttrain.__all__, name

@@ -16,7 +16,7 @@ from posttrain.config import ConfigError, TrainingConfig, as_config, closest_fie
 
 #: Version of the plugin contract ("MAJOR.MINOR"). A plugin built for another major, or for a
 #: newer minor, is refused (see STABILITY.md).
-API_VERSION = "1.7"
+API_VERSION = "1.8"
 
 try:  # the distribution's version, single-sourced from pyproject.toml
     from importlib.metadata import version as _dist_version
@@ -138,6 +138,17 @@ _LAZY = {
     "EpisodeBatch": "posttrain._episode:EpisodeBatch",
     "Environment": "posttrain._episode:Environment",
     "rollout_episodes": "posttrain._episode:rollout_episodes",
+    # tools and environments during rollouts: TRL's tools= / environment_factory= (plugin API 1.8)
+    "ToolCallingRollout": "posttrain._tools:ToolCallingRollout",
+    "ToolRolloutResult": "posttrain._tools:ToolRolloutResult",
+    "tool_schema": "posttrain._tools:tool_schema",
+    "parse_tool_calls": "posttrain._tools:parse_tool_calls",
+    "tool_response_ids": "posttrain._tools:tool_response_ids",
+    "run_tool_call": "posttrain._tools:run_tool_call",
+    "ToolCallResult": "posttrain._tools:ToolCallResult",
+    "EnvironmentInfo": "posttrain._environments:EnvironmentInfo",
+    "list_environments": "posttrain._environments:list_environments",
+    "load_environment": "posttrain._environments:load_environment",
     # the producer the loop does not own (plugin API 1.5)
     "PromptSource": "posttrain._producer:PromptSource",
     "ProduceRequest": "posttrain._producer:ProduceRequest",

@@ -17,7 +17,7 @@ CODES = {
     "memory_pressure": "warning", "throughput_bound": "info", "reward_plateau": "warning", "reward_hacking": "warning",
     "entropy_collapse": "warning", "length_drift": "warning", "preference_saturation": "warning", "eval_divergence": "warning",
     "data_repeated": "info", "divergence_stalled": "warning", "teacher_mode_collapse": "warning",
-    "critic_not_learning": "warning",
+    "critic_not_learning": "warning", "tool_calls_failing": "warning", "turn_limit_reached": "warning",
 }
 
 #: Thresholds of the checks; override any of them with ``TrainingConfig.diagnostics_thresholds``.
@@ -41,4 +41,6 @@ DEFAULT_THRESHOLDS = {
     "divergence_stalled": 0.5,  # recent divergence / the run's first above which a divergence that stopped falling is reported
     "teacher_mode_collapse": 0.5,  # student entropy / teacher entropy below which the student sits on a mode of the teacher
     "critic_not_learning": 0.0,  # recent mean explained variance at or below which the critic predicts nothing of the return
+    "tool_calls_failing": 0.5,  # recent mean fraction of tool calls that failed (exception, unknown tool, bad arguments, timeout)
+    "turn_limit_reached": 0.9,  # recent mean fraction of episodes cut by the tool-calling turn limit
 }

@@ -446,8 +446,10 @@ def generate_rollout(prompts: list, prompt_ids: list[list[int]], *, engine: Roll
     """Return the rollout of ``prompts``: one entry per completion, each prompt repeated ``num_generations`` times in a row.
 
     A ``rollout_func`` (TRL's hook) gets ``prompts`` as they are and ``trainer``, and returns
-    ``prompt_ids``, ``completion_ids`` and ``logprobs`` (one list per completion) plus optional extra
-    keys for the reward functions (kept in ``RolloutBatch.extras["reward_kwargs"]``); a completion of
+    ``prompt_ids``, ``completion_ids`` and ``logprobs`` (one list per completion), optionally
+    ``env_mask`` (1 at model-written tokens, 0 at environment feedback: kept as ``extras["tool_mask"]``,
+    see :func:`rollout_micro_batches`) and extra keys for the reward functions (kept in
+    ``RolloutBatch.extras["reward_kwargs"]``); a completion of
     ``max_completion_length`` tokens not ending in a stop token is truncated. Otherwise the engine
     samples ``num_generations`` completions of each distinct prompt.
 
@@ -477,15 +479,19 @@ def generate_rollout(prompts: list, prompt_ids: list[list[int]], *, engine: Roll
         completion_ids = [list(c) for c in output["completion_ids"]]
         stop = set(stop_token_ids) - {None}
         truncated = [len(c) >= max_completion_length and (not c or c[-1] not in stop) for c in completion_ids]
-        extras = {k: list(v) for k, v in output.items() if k not in ("prompt_ids", "completion_ids", "logprobs")}
+        extras = {k: list(v) for k, v in output.items() if k not in ("prompt_ids", "completion_ids", "logprobs", "env_mask")}
+        batch_extras: dict[str, Any] = {"reward_kwargs": extras}
+        if output.get("env_mask") is not None:  # TRL's name: 1 at model-written tokens, 0 at environment feedback
+            batch_extras["tool_mask"] = [list(m) for m in output["env_mask"]]
         return RolloutBatch([list(p) for p in output["prompt_ids"]], completion_ids, [list(lp) for lp in output["logprobs"]], truncated,
-                            policy_version=engine.policy_version, extras={"reward_kwargs": extras})
+                            policy_version=engine.policy_version, extras=batch_extras)
     distinct = prompt_ids[::num_generations]
     return engine.generate(distinct, SamplingParams(n=num_generations, seed=seed, **sampling))
 
 
 def score_rollout(rows: list[dict], prompts: list, rollout: RolloutBatch, num_generations: int, *, reward_funcs: Sequence[Any],
-                  reward_func_names: Sequence[str], tokenizer: Any, trainer_state: Any = None, log: CompletionLog | None = None) -> torch.Tensor:
+                  reward_func_names: Sequence[str], tokenizer: Any, trainer_state: Any = None, log: CompletionLog | None = None,
+                  completions: list | None = None, reward_kwargs: dict | None = None) -> torch.Tensor:
     """Return every reward function's reward of every completion, ``(N, F)``, NaN where a function returned None.
 
     Reward functions get TRL's keywords: ``prompts``, ``completions`` (messages when the prompts are),
@@ -503,18 +509,23 @@ def score_rollout(rows: list[dict], prompts: list, rollout: RolloutBatch, num_ge
         tokenizer: Decodes the completions.
         trainer_state: Passed to the reward functions.
         log: Receives ``log_extra`` / ``log_metric`` calls (None: they are dropped).
+        completions: What the reward functions receive as ``completions`` (e.g. a tool-calling
+            episode's assistant and tool messages, :class:`~posttrain.ToolRolloutResult`); None: the
+            decoded completions (one assistant message each when the prompts are conversational).
+        reward_kwargs: More keywords for every reward function (e.g. ``environments``).
 
     Returns:
         ``(N, F)`` float32 rewards.
     """
     from posttrain.rewards import compute_rewards
 
-    texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
-    conversational = isinstance(prompts[0], list)
-    completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
+    if completions is None:
+        texts = tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+        conversational = isinstance(prompts[0], list)
+        completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else texts
     expanded = [r for r in rows for _ in range(num_generations)]  # (N,) one row per completion
     columns = {key: [row.get(key) for row in expanded] for key in expanded[0] if key not in ("prompt", "completion")}
-    extra = dict(rollout.extras.get("reward_kwargs", {}))
+    extra = {**rollout.extras.get("reward_kwargs", {}), **(reward_kwargs or {})}
     log = log if log is not None else CompletionLog(0)
     result = compute_rewards(
         list(zip(reward_func_names, reward_funcs)), prompts=prompts, completions=completions,
@@ -565,12 +576,29 @@ def slice_rollout(rollout: RolloutBatch, part: slice) -> RolloutBatch:
 def _pad_to_multiple(batch: dict, multiple: int, pad_token_id: int) -> None:
     """Pad (in place) the prompt tensors on the left and the completion tensors on the right to a multiple of ``multiple``."""
     for key, value, side in (("prompt_ids", pad_token_id, "left"), ("prompt_mask", 0, "left"), ("completion_ids", pad_token_id, "right"),
-                             ("completion_mask", 0, "right"), ("sampling_logprobs", 0.0, "right")):
+                             ("completion_mask", 0, "right"), ("sampling_logprobs", 0.0, "right"), ("tool_mask", 0, "right")):
+        if key not in batch:
+            continue
         tensor = batch[key]
         extra = -tensor.shape[1] % multiple
         if extra:
             filler = torch.full((tensor.shape[0], extra), value, dtype=tensor.dtype)
             batch[key] = torch.cat([filler, tensor] if side == "left" else [tensor, filler], dim=1)
+
+
+def _tool_mask(rollout: RolloutBatch, width: int) -> torch.Tensor | None:
+    """The ``(b, width)`` tool mask of ``rollout.extras["tool_mask"]`` (or ``"env_mask"``), right-padded with 0; None when absent."""
+    masks = rollout.extras.get("tool_mask", rollout.extras.get("env_mask"))
+    if masks is None:
+        return None
+    out = torch.zeros(len(rollout), width, dtype=torch.long)
+    for i, (mask, ids) in enumerate(zip(masks, rollout.completion_ids)):
+        mask = list(mask)
+        if len(mask) != len(ids):
+            raise ValueError(f"tool_mask[{i}] has {len(mask)} entries but completion {i} has {len(ids)} tokens; give one 0/1 per completion token.")
+        if mask:
+            out[i, : len(mask)] = torch.tensor(mask, dtype=torch.long)
+    return out
 
 
 def rollout_micro_batches(rollout: RolloutBatch, size: int, pad_token_id: int, *, pad_to_multiple_of: int | None = None,
@@ -589,6 +617,10 @@ def rollout_micro_batches(rollout: RolloutBatch, size: int, pad_token_id: int, *
         ``completion_mask`` ``(b, C)``, ``sampling_logprobs`` ``(b, C)`` (the sampler's, 0 on padding),
         ``truncated`` ``(b,)`` bool, ``num_completion_tokens`` / ``num_tokens`` (ints, after masking)
         and, when the rollout has extras, ``extras`` sliced to the micro-batch (see :func:`slice_rollout`).
+        A rollout whose ``extras`` has ``tool_mask`` (one 0/1 list per completion: 1 at model-written
+        tokens, 0 at tool or environment tokens; ``rollout_func`` may return it as ``env_mask``, TRL's
+        name) also gets ``tool_mask`` ``(b, C)`` long, and ``num_completion_tokens`` counts the
+        model-written tokens only: losses, KL and importance ratios multiply ``completion_mask`` by it.
 
     Raises:
         ValueError: ``size < 1``, or the rollout is empty.
@@ -599,12 +631,16 @@ def rollout_micro_batches(rollout: RolloutBatch, size: int, pad_token_id: int, *
     for start in range(0, len(rollout), size):
         sub = slice_rollout(rollout, slice(start, start + size))
         batch = sub.to_tensors(pad_token_id)  # CPU tensors, (b, P) / (b, C)
+        tool_mask = _tool_mask(sub, batch["completion_ids"].shape[1])
+        if tool_mask is not None:
+            batch["tool_mask"] = tool_mask
         if pad_to_multiple_of:
             _pad_to_multiple(batch, pad_to_multiple_of, pad_token_id)
         if mask_truncated:
             kept = ~torch.tensor(sub.truncated, dtype=torch.bool)  # (b,)
             batch["completion_mask"] = batch["completion_mask"] * kept.unsqueeze(1).long()
-        batch["num_completion_tokens"] = int(batch["completion_mask"].sum())
+        trained = batch["completion_mask"] * batch["tool_mask"] if tool_mask is not None else batch["completion_mask"]
+        batch["num_completion_tokens"] = int(trained.sum())
         batch["num_tokens"] = int(batch["prompt_mask"].sum()) + batch["num_completion_tokens"]
         batch["truncated"] = torch.tensor(sub.truncated, dtype=torch.bool)
         if sub.extras:
@@ -735,11 +771,19 @@ def reward_and_length_metrics(rollout: RolloutBatch, rewards_per_func: torch.Ten
     Returns:
         ``reward``, ``reward_std``, ``frac_reward_zero_std``, ``completions/{mean,min,max}_length``,
         ``completions/clipped_ratio``, ``completions/{mean,min,max}_terminated_length`` and per function
-        ``rewards/<name>/mean`` / ``std`` (unscorable rows are left out).
+        ``rewards/<name>/mean`` / ``std`` (unscorable rows are left out). With tool-calling episodes
+        (:class:`~posttrain.ToolCallingRollout`) lengths count model-written tokens, and
+        ``tools/call_frequency`` (calls per completion), ``tools/failure_frequency`` (failed / all
+        calls), ``tools/mean_turns`` (model turns per episode) and ``tools/turn_limit_ratio``
+        (episodes cut by ``max_tool_calling_iterations``) are added.
     """
     rewards = (rewards_per_func * reward_weights.unsqueeze(0)).nansum(dim=1)  # (N,)
     rewards[torch.isnan(rewards_per_func).all(dim=1)] = torch.nan  # unscorable rows are not logged
-    lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)  # (N,)
+    tool_mask = rollout.extras.get("tool_mask")
+    if tool_mask is not None:  # tool-calling episodes: the model-written tokens only, as TRL counts them
+        lengths = torch.tensor([float(sum(m)) for m in tool_mask], dtype=torch.float32)  # (N,)
+    else:
+        lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)  # (N,)
     terminated = lengths[~torch.tensor(rollout.truncated, dtype=torch.bool)]
     terminated = terminated if terminated.numel() else torch.zeros(1)
     metrics = {
@@ -757,6 +801,13 @@ def reward_and_length_metrics(rollout: RolloutBatch, rewards_per_func: torch.Ten
     for j, name in enumerate(reward_func_names):
         metrics[f"rewards/{name}/mean"] = torch.nanmean(rewards_per_func[:, j]).item()
         metrics[f"rewards/{name}/std"] = nanstd(rewards_per_func[:, j]).item()
+    if "tool_call_count" in rollout.extras:  # ToolCallingRollout's episodes
+        calls, failures = sum(rollout.extras["tool_call_count"]), sum(rollout.extras["tool_failure_count"])
+        turns = rollout.extras["turns"]
+        metrics["tools/call_frequency"] = calls / len(rollout)  # TRL's: tool calls per completion
+        metrics["tools/failure_frequency"] = failures / calls if calls else 0.0
+        metrics["tools/mean_turns"] = sum(turns) / len(turns)
+        metrics["tools/turn_limit_ratio"] = sum(r == "max_turns" for r in rollout.extras["stop_reason"]) / len(rollout)
     return metrics
 
 

@@ -57,6 +57,10 @@ class SignalRole(str, Enum):
     GENERATION_TIME_FRACTION = "generation_time_fraction"  #: fraction of a step's wall time spent generating
     VALUE_LOSS = "value_loss"  #: the critic's (value model's) regression loss (plugin API 1.7; PPO-style methods)
     EXPLAINED_VARIANCE = "explained_variance"  #: 1 - Var(returns - values) / Var(returns): how much of the return the critic predicts (1 = all, <= 0 = nothing)
+    TOOL_CALL_RATE = "tool_call_rate"  #: tool calls per episode (plugin API 1.8; tools / environments)
+    TOOL_FAILURE_RATE = "tool_failure_rate"  #: fraction of tool calls that failed (exception, unknown tool, bad arguments, timeout)
+    TURNS_PER_EPISODE = "turns_per_episode"  #: mean model turns per episode
+    TURN_LIMIT_RATE = "turn_limit_rate"  #: fraction of episodes cut by the tool-calling turn limit (max_tool_calling_iterations)
 
 
 #: The role names, in declaration order.

@@ -370,7 +370,29 @@ def paper_backed_count(infos: list) -> tuple[int, int]:
     return methods, families
 
 
+def _cmd_list_environments(args: argparse.Namespace) -> int:
+    """``posttrain list --environments``: the installed environments (entry-point group ``posttrain.environments``), each imported to check it."""
+    from posttrain._environments import list_environments
+
+    infos = list_environments()
+    if args.format == "json":
+        print(json.dumps({"schema_version": 1, "environments": [info.to_dict() for info in infos]}, indent=2))
+    elif not infos:
+        print('No posttrain environments installed. A distribution adds one with [project.entry-points."posttrain.environments"] '
+              'name = "package.module:EnvClass"; or pass environment_factory=EnvClass directly.')
+    else:
+        header = ("name", "distribution", "version", "status", "tools / error")
+        rows = [(i.name, i.distribution, i.version, i.status,
+                 i.error if i.error else (", ".join(i.tools) or "-") + (" (+ get_reward)" if i.has_reward else "")) for i in infos]
+        widths = [max(len(row[k]) for row in [header, *rows]) for k in range(len(header) - 1)]
+        for row in [header, *rows]:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1])
+    return 1 if args.strict and any(i.status != "ok" for i in infos) else 0
+
+
 def _cmd_list(args: argparse.Namespace, registry: Registry) -> int:
+    if getattr(args, "environments", False):
+        return _cmd_list_environments(args)
     # tier 2 only (DESIGN.md section 3): entry points and spec modules, never a plugin's config or trainer
     infos = registry.list_methods()
     papers, families = paper_backed_count(infos)
@@ -826,6 +848,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "json"), default="table", help="Output format (default: table).")
     p.add_argument("--presets", action="store_true", help="Also show each method's presets, and count the paper-backed ones.")
     p.add_argument("--strict", action="store_true", help="Exit 1 if a method is incompatible, conflicting or broken.")
+    p.add_argument("--environments", action="store_true",
+                   help="List the installed environments (entry-point group posttrain.environments) instead, with their tools and status.")
     p.set_defaults(handler=_cmd_list)
 
     p = sub.add_parser("info", help="Show a method's spec, presets, papers and config fields.", allow_abbrev=False)

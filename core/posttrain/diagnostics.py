@@ -43,6 +43,8 @@ Codes (stable; see STABILITY.md and docs/diagnostics.md):
     divergence_stalled     the divergence to the teacher stopped falling while still far above zero (distillation)
     teacher_mode_collapse  the student's entropy fell far below the teacher's: it sits on one mode of the teacher
     critic_not_learning    the critic's explained variance stays at or below 0 and its loss does not fall (PPO-style methods)
+    tool_calls_failing     most tool calls fail (exceptions, unknown tools, bad arguments, timeouts)
+    turn_limit_reached     nearly every episode is cut by the tool-calling turn limit
 """
 
 from __future__ import annotations
@@ -107,6 +109,9 @@ DEFAULT_ACTIONS = {
                           "and the prompt format, and that the student can represent the teacher (a larger student)" + _SETTINGS,
     "critic_not_learning": "raise the critic's learning rate or train longer (`max_steps`); check the return scale (whiten or scale "
                            "the rewards) and that the critic sees the same tokens as the policy" + _SETTINGS,
+    "tool_calls_failing": "read the failing calls' error messages in the logged completions; fix the tools or their docstrings (the "
+                          "schema the model reads), allow slow tools more time, or reward well-formed calls" + _SETTINGS,
+    "turn_limit_reached": "allow more tool-calling rounds or longer completions, or reward episodes that end with an answer" + _SETTINGS,
     "teacher_mode_collapse": "move the divergence from reverse KL (mode-seeking) toward forward KL or JSD, sample the student at a "
                              "higher temperature, or lower `learning_rate`" + _SETTINGS,
 }
@@ -481,6 +486,23 @@ def check_history(train_rows, eval_rows=(), *, signals=None, thresholds=None, wi
                       {metric("explained_variance"): latest("explained_variance"), "recent_mean": _round(ev_level),
                        **(_trend_evidence("value_loss", value_loss_trend) if value_loss_trend is not None else {})},
                       DEFAULT_ACTIONS["critic_not_learning"], CODES["critic_not_learning"]))
+    failures = series("tool_failure_rate", rows[-_RECENT:])
+    call_rates = series("tool_call_rate", rows[-_RECENT:])
+    if len(failures) >= 3 and (not call_rates or sum(call_rates) > 0) and sum(failures) / len(failures) >= th["tool_calls_failing"]:
+        level = sum(failures) / len(failures)
+        add(Event("tool_calls_failing", step, f"{level:.0%} of tool calls failed over the last {len(failures)} logged steps: the model learns from "
+                  "error messages instead of tool results.",
+                  {metric("tool_failure_rate"): latest("tool_failure_rate"), "recent_mean": _round(level),
+                   **({metric("tool_call_rate"): latest("tool_call_rate")} if call_rates else {})},
+                  DEFAULT_ACTIONS["tool_calls_failing"], CODES["tool_calls_failing"]))
+    limited = series("turn_limit_rate", rows[-_RECENT:])
+    if len(limited) >= 3 and sum(limited) / len(limited) >= th["turn_limit_reached"]:
+        level = sum(limited) / len(limited)
+        add(Event("turn_limit_reached", step, f"{level:.0%} of episodes were cut by the tool-calling turn limit over the last {len(limited)} logged steps: "
+                  "they never reach an answer, so the reward sees unfinished work.",
+                  {metric("turn_limit_rate"): latest("turn_limit_rate"), "recent_mean": _round(level),
+                   **({metric("turns_per_episode"): latest("turns_per_episode")} if metric("turns_per_episode") else {})},
+                  DEFAULT_ACTIONS["turn_limit_reached"], CODES["turn_limit_reached"]))
     accuracy_name = metric("preference_accuracy")
     margin_trend = trend_of("preference_margin")
     eval_accuracy = series("eval_" + accuracy_name, list(eval_rows), raw=True) if accuracy_name else []

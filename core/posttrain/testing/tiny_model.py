@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import random
 
-__all__ = ["CHATML_TEMPLATE", "build_tokenizer", "build_model", "build_reward_model", "synthetic_corpus", "save_tiny_model",
+__all__ = ["CHATML_TEMPLATE", "TOOL_CHATML_TEMPLATE", "TOOL_TOKENS", "build_tokenizer", "build_model", "build_reward_model", "synthetic_corpus", "save_tiny_model",
            "save_tiny_teacher", "train_teacher", "main"]
 
 #: ChatML template with ``{% generation %}`` markers so ``return_assistant_tokens_mask`` works.
@@ -30,6 +30,45 @@ CHATML_TEMPLATE = (
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
+#: The tool markers of the Hermes / Qwen2.5 format, added as plain (not special) tokens by
+#: ``build_tokenizer(tools=True)``, as Qwen's tokenizers have them: decoding keeps them.
+TOOL_TOKENS = ["<tool_call>", "</tool_call>", "<tool_response>", "</tool_response>"]
+
+#: :data:`CHATML_TEMPLATE` plus tools, as Qwen2.5's template renders them: the tools' JSON schemas
+#: in a system block, an assistant's ``tool_calls`` as ``<tool_call>`` JSON blocks, and consecutive
+#: ``tool`` messages as ``<tool_response>`` blocks in one user turn.
+TOOL_CHATML_TEMPLATE = (
+    "{%- if tools %}"
+    "{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] + '\\n\\n' }}{%- endif %}"
+    "{{- '# Tools\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' + (tool | tojson) }}{%- endfor %}"
+    "{{- '\\n</tools>\\nCall a tool with <tool_call>{\"name\": ..., \"arguments\": {...}}</tool_call>.<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'system' and loop.first and tools %}"
+    "{%- elif message['role'] == 'assistant' %}"
+    "{{- '<|im_start|>assistant\\n' }}"
+    "{%- generation %}"
+    "{{- message['content'] or '' }}"
+    "{%- for call in message.get('tool_calls') or [] %}"
+    "{%- if (message['content'] or '') or not loop.first %}{{- '\\n' }}{%- endif %}"
+    "{{- '<tool_call>\\n{\"name\": \"' + call['function']['name'] + '\", \"arguments\": ' + (call['function']['arguments'] | tojson) + '}\\n</tool_call>' }}"
+    "{%- endfor %}"
+    "{{- '<|im_end|>' }}"
+    "{%- endgeneration %}"
+    "{{- '\\n' }}"
+    "{%- elif message['role'] == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + (message['content'] if message['content'] is string else (message['content'] | tojson)) + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1]['role'] != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- else %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
 _WORDS = (
     "the a cat dog sat on mat red blue green what is plus minus times answer yes no good bad "
     "hello world please think step question number sum equals user assistant system helpful"
@@ -47,8 +86,12 @@ def synthetic_corpus(n: int = 400, seed: int = 0) -> list[str]:
     return lines
 
 
-def build_tokenizer(vocab_size: int = 512, seed: int = 0):
-    """Return a byte-level BPE ``PreTrainedTokenizerFast`` with a ChatML template (about 0.1 s)."""
+def build_tokenizer(vocab_size: int = 512, seed: int = 0, *, tools: bool = False):
+    """Return a byte-level BPE ``PreTrainedTokenizerFast`` with a ChatML template (about 0.1 s).
+
+    With ``tools=True`` the template is :data:`TOOL_CHATML_TEMPLATE` and the :data:`TOOL_TOKENS` are
+    added (ids ``vocab_size`` and up; :func:`build_model` sizes the model to ``len(tokenizer)``).
+    """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -70,6 +113,9 @@ def build_tokenizer(vocab_size: int = 512, seed: int = 0):
         model_max_length=2048,
     )
     hf_tok.chat_template = CHATML_TEMPLATE
+    if tools:
+        hf_tok.add_tokens(TOOL_TOKENS)
+        hf_tok.chat_template = TOOL_CHATML_TEMPLATE
     return hf_tok
 
 
