@@ -78,7 +78,8 @@ class GRPOConfig(TrainingConfig):
     transformers_continuous_batching_config: dict | None = field(default=None, metadata=_help("Accepted, no effect: see use_transformers_continuous_batching."))
     use_transformers_paged: bool = field(default=False, metadata=_help("Accepted, no effect: deprecated in TRL (use_transformers_continuous_batching)."))
     ds3_gather_for_generation: bool = field(default=True, metadata=_help("Accepted, no effect: under DeepSpeed ZeRO-3 the transformers backend generates with the engine's own per-layer parameter gathering."))
-    max_tool_calling_iterations: int | None = field(default=None, metadata=_help("Accepted, no effect: multi-turn tool calling during rollouts is not offered (tools= is refused)."))
+    max_tool_calling_iterations: int | None = field(default=None, metadata=_help("With tools= / environment_factory=: the most tool-calling rounds per episode (None: until max_completion_length, which counts model-written and tool tokens over all turns)."))
+    tool_call_timeout: float | None = field(default=60.0, metadata=_help("posttrain: seconds one tool call may run; a call that runs longer is abandoned and ends its episode with stop reason 'tool_timeout' (None: no limit, as in TRL)."))
 
     # > Parameters that control vLLM (rollout_backend='vllm')
     use_vllm: bool = field(default=False, metadata=_help("TRL-compatible switch: True sets rollout_backend='vllm'."))

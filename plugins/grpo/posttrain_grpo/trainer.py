@@ -30,6 +30,9 @@ Features and their flags (field names follow TRL 1.16's GRPOConfig):
 * importance-sampling correction against the engine's sampling log-probs
   (``vllm_importance_sampling_*``), applied only when the rollout engine is not the trained model.
 * rollouts from the engine, or from a user ``rollout_func(prompts, trainer)`` (TRL's hook).
+* tool calling and environments (TRL's ``tools=`` / ``environment_factory=``): multi-turn episodes
+  from the core's ``ToolCallingRollout``; the loss, KL and importance ratios cover the
+  model-written tokens only (``tool_mask``).
 
 Assumptions: prompt-only data (a ``prompt`` column, string or messages, or pre-tokenized
 ``prompt_ids``); every other column is passed to the reward functions. Departures from TRL are
@@ -48,7 +51,7 @@ from posttrain import (  # the loop and the core's online steps (the online scaf
     attach_rollout_metrics, build_reference_model, build_rollout_engine, check_online_arguments, check_sync_ref_model, completion_logps,
     default_output_dir, evaluate_online, expand_prompts, gather_across_processes, generate_rollout, load_online_policy, nanstd,
     prepare_prompt_dataset, prompt_token_ids, resolve_online_rewards, reward_and_length_metrics, rollout_micro_batches, router_aux_loss_settings,
-    sampler_is_old_policy, sampling_from_config, score_rollout, slice_rollout, sync_reference_model,
+    sampler_is_old_policy, sampling_from_config, score_rollout, slice_rollout, sync_reference_model, SamplingParams, ToolCallingRollout,
 )
 
 from posttrain_grpo.config import GRPOConfig
@@ -258,11 +261,18 @@ class GRPOTrainer(TrainerSurface):
         optimizers: Only ``(None, None)``: the loop builds the optimizer and schedule from ``args``.
         quantization_config: A ``BitsAndBytesConfig`` for a model given by name.
         peft_config: A ``peft.PeftConfig``; with ``beta > 0`` the reference is the adapter-disabled model.
-        tools: Only None: multi-turn tool calling during rollouts is not offered.
+        tools: Tool functions (sync or ``async def``, with type hints and a Google-style docstring): the
+            policy may call them; their results are inserted as tokens and it writes on, up to
+            ``max_tool_calling_iterations`` rounds (``posttrain.ToolCallingRollout``). Needs
+            conversational prompts and a chat template that renders tools.
         rollout_func: ``rollout_func(prompts, trainer) -> {"prompt_ids", "completion_ids", "logprobs", ...}``
-            generating the completions instead of the engine (one entry per completion; extra keys are
-            passed to the reward functions), as in TRL.
-        environment_factory: Only None (environments are not offered).
+            generating the completions instead of the engine (one entry per completion; an
+            ``env_mask`` marks the model-written tokens; extra keys are passed to the reward
+            functions), as in TRL.
+        environment_factory: An environment class (instantiated without arguments, pooled), or a dict
+            of them selected per row by an ``environment`` column: ``reset(**row)`` starts each
+            episode (a returned string is appended to the prompt), its other public methods are
+            tools, an optional ``get_reward()`` is a reward; reward functions receive ``environments=``.
         rollout_engine: A ``posttrain.RolloutEngine`` (default: one on ``args.rollout_backend``).
         allow_experimental: Unused for a stable method; kept for a uniform signature.
 
@@ -277,14 +287,21 @@ class GRPOTrainer(TrainerSurface):
                  processing_class=None, reward_processing_classes=None, callbacks=None, optimizers=(None, None), quantization_config=None,
                  peft_config=None, tools=None, rollout_func=None, environment_factory=None, rollout_engine=None, allow_experimental=False):
         self.args = args = as_config(args, GRPOConfig, default_output_dir=default_output_dir(model, "GRPO"))
-        if tools:
-            raise ConfigError("tools= (multi-turn tool calling during rollouts) is not offered by posttrain's GRPO: give tool schemas in the prompt (a 'tools' column is rendered by the chat template) and score tool calls with a reward function, or use TRL for tool execution.")
-        if environment_factory is not None:
-            raise ConfigError("environment_factory= is not offered by posttrain's GRPO: keep the data in train_dataset and score completions with reward_funcs (or generate with rollout_func).")
-        check_online_arguments("GRPO", train_dataset=train_dataset, reward_funcs=reward_funcs or args.reward_funcs, optimizers=optimizers)
+        if (tools or environment_factory is not None) and rollout_func is not None:
+            raise ConfigError("tools= / environment_factory= and rollout_func= both generate the completions: pass one of them.")
+        if train_dataset is None and environment_factory is not None:
+            train_dataset = self._placeholder_prompts(args, environment_factory)
+        check_online_arguments("GRPO", train_dataset=train_dataset, optimizers=optimizers,
+                               reward_funcs=(reward_funcs or args.reward_funcs) if environment_factory is None else True)  # an environment's get_reward is checked later
         self.loop = TrainingLoop(args, method="grpo", allow_experimental=allow_experimental, callbacks=callbacks)
         self._setup_model(model, processing_class, peft_config, quantization_config, lm_head_fp32=args.cast_lm_head_to_fp32)  # before the reference copy
-        self._setup_rewards(reward_funcs, reward_processing_classes)
+        self.tools = list(tools or [])
+        self.tool_rollout = self._setup_tools(tools, environment_factory)
+        if reward_funcs or args.reward_funcs or environment_factory is None:
+            self._setup_rewards(reward_funcs, reward_processing_classes)
+        else:  # an environment's get_reward() is the only reward
+            self.reward_funcs, self.reward_func_names, self.reward_weights, self.reward_processing_classes = [], [], torch.zeros(0), []
+        self._add_environment_rewards()
         self.ref_model = build_reference_model(self.model, None, loop=self.loop, model_init_kwargs=args.model_init_kwargs,
                                                disable_dropout_in_ref=args.disable_dropout, needed=args.beta != 0.0)
         check_sync_ref_model(args, self.ref_model)
@@ -315,11 +332,45 @@ class GRPOTrainer(TrainerSurface):
         self.pad_token_id = self.processing_class.pad_token_id
         self.router_aux_loss_coef, self.aux_loss_enabled = router_aux_loss_settings(self.model, self.args.router_aux_loss_coef)
 
+    @staticmethod
+    def _placeholder_prompts(args, environment_factory) -> list[dict]:
+        """Without a ``train_dataset`` the environment writes the task in ``reset()`` (TRL 1.16): one step's rows of empty user prompts, cycled ``max_steps`` steps."""
+        if isinstance(environment_factory, dict):
+            raise ConfigError("A dict environment_factory (several environments) needs a train_dataset with an 'environment' column routing each row; "
+                              "pass one, or a single environment class.")
+        if args.max_steps <= 0:
+            raise ConfigError("Without a train_dataset (the environment writes each prompt in reset()), set max_steps > 0: it is the training length.")
+        rows = args.per_device_train_batch_size * args.gradient_accumulation_steps // args.num_generations
+        return [{"prompt": [{"role": "user", "content": ""}]} for _ in range(max(1, rows))]
+
+    def _setup_tools(self, tools, environment_factory) -> ToolCallingRollout | None:
+        """The core's tool-calling rollout for ``tools=`` / ``environment_factory=`` (None without them)."""
+        if not tools and environment_factory is None:
+            return None
+        args = self.args
+        try:
+            return ToolCallingRollout(self.processing_class, tools=tools, environment_factory=environment_factory,
+                                      max_tool_calling_iterations=args.max_tool_calling_iterations, max_completion_length=args.max_completion_length,
+                                      tool_timeout=args.tool_call_timeout, chat_template_kwargs=args.chat_template_kwargs)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
     def _setup_rewards(self, reward_funcs, reward_processing_classes) -> None:
         """Resolve the reward functions (TRL's ``reward_funcs`` / ``reward_func_names`` / ``reward_weights`` / ``reward_processing_classes``)."""
         rewards = resolve_online_rewards(reward_funcs, self.args, loop=self.loop, reward_processing_classes=reward_processing_classes)
         self.reward_funcs, self.reward_func_names, self.reward_weights = rewards.funcs, rewards.names, rewards.weights  # weights (F,)
         self.reward_processing_classes = rewards.processing_classes
+
+    def _add_environment_rewards(self) -> None:
+        """Append one reward function per environment class with ``get_reward()``, named after the class, weight 1 (TRL's rule:
+        ``reward_weights`` covers ``reward_funcs``); refuse a run with no reward source at all."""
+        for name, func in self.tool_rollout.reward_functions() if self.tool_rollout is not None else []:
+            self.reward_funcs = [*self.reward_funcs, func]
+            self.reward_func_names = [*self.reward_func_names, name]
+            self.reward_processing_classes = [*self.reward_processing_classes, None]
+            self.reward_weights = torch.cat([self.reward_weights, torch.ones(1)])
+        if not self.reward_funcs:
+            raise ConfigError("No reward source provided: pass reward_funcs=[...], or an environment_factory whose environment defines get_reward().")
 
     def _setup_datasets(self, train_dataset, eval_dataset) -> None:
         self.train_dataset = self.process_dataset(train_dataset, "train_dataset")
@@ -443,6 +494,14 @@ class GRPOTrainer(TrainerSurface):
 
     def _rollout_and_rewards(self, rows: list[dict], seed: int, num_generations: int) -> tuple[list, RolloutBatch, torch.Tensor]:
         """Return ``(prompts (N,), rollout, rewards_per_func (N, F))`` of ``num_generations`` completions of each row."""
+        if self.tool_rollout is not None:  # multi-turn episodes with tools / environments (one per completion)
+            expanded = [row for row in rows for _ in range(num_generations)]  # (N,)
+            result = self.tool_rollout.rollout(self.engine, expanded, SamplingParams(n=1, seed=seed, **self._sampling))
+            rewards_per_func = score_rollout(rows, result.prompts, result.rollout, num_generations, reward_funcs=self.reward_funcs,
+                                             reward_func_names=self.reward_func_names, tokenizer=self.processing_class, trainer_state=self.loop.state,
+                                             log=self._completion_log, completions=result.completions,
+                                             reward_kwargs={"environments": result.environments} if result.environments is not None else None)
+            return result.prompts, result.rollout, rewards_per_func
         prompts, prompt_ids = expand_prompts(rows, num_generations, self._prompt_ids, self.processing_class)  # (N,) each
         rollout = self._generate(prompts, prompt_ids, num_generations, seed)  # N = P * G completions
         rewards_per_func = score_rollout(rows, prompts, rollout, num_generations, reward_funcs=self.reward_funcs, reward_func_names=self.reward_func_names,
@@ -501,7 +560,7 @@ class GRPOTrainer(TrainerSurface):
                               ref_model=self.ref_model, old_from_sampler=sampler_is_old_policy(self._sampling, args.temperature, self.engine_is_policy),
                               device=self.loop.device, accelerator=self.loop.accelerator, chunk_size=args.logprob_chunk_size)
         if apply_is:
-            mask = batch["completion_mask"].float()
+            mask = batch["completion_mask"].float() * batch["tool_mask"] if "tool_mask" in batch else batch["completion_mask"].float()
             batch["importance_sampling_ratio"] = importance_sampling_ratio(
                 batch["old_per_token_logps"], sampling_logps, mask, args.vllm_importance_sampling_mode,
                 args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max,
@@ -518,7 +577,8 @@ class GRPOTrainer(TrainerSurface):
         ratios = []
         for b in micro_batches:
             r = b["importance_sampling_ratio"]
-            ratios.append(r.flatten() if r.shape[1] == 1 else r[b["completion_mask"].bool()])
+            trained = b["completion_mask"] * b["tool_mask"] if "tool_mask" in b else b["completion_mask"]  # tool tokens have no ratio
+            ratios.append(r.flatten() if r.shape[1] == 1 else r[trained.bool()])
         flat = torch.cat(ratios)
         return {f"sampling/importance_sampling_ratio/{k}": getattr(flat, k)().item() for k in ("mean", "min", "max")} if flat.numel() else {}
 
@@ -543,6 +603,8 @@ class GRPOTrainer(TrainerSurface):
         args = self.args
         training = model.training
         mask = batch["completion_mask"].float()  # (B, C)
+        if "tool_mask" in batch:  # tool / environment tokens: attended to, never trained on (TRL's tool_mask)
+            mask = mask * batch["tool_mask"]
         per_token_logps, entropies, aux_loss = completion_logps(model, batch, args.temperature, entropy_grad=self._entropy_bonus_enabled,
                                                         router_aux_loss=self.aux_loss_enabled, chunk_size=args.logprob_chunk_size)  # (B, C), (B, C)
         advantages = batch["advantages"].unsqueeze(1)  # (B, 1)

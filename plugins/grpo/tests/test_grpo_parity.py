@@ -47,6 +47,9 @@ CASES = {
     "temperature": dict(loss_type="dapo", temperature=0.7),
     "is_token_truncate": dict(loss_type="dapo", vllm_importance_sampling_mode="token_truncate", vllm_importance_sampling_clip_max=1.02),
     "is_sequence_mask": dict(loss_type="grpo", vllm_importance_sampling_mode="sequence_mask", vllm_importance_sampling_clip_max=1.05),
+    # tool-calling episodes: tool tokens (tool_mask 0) are attended to but carry no loss, KL or ratio
+    "tool_mask_dapo": dict(loss_type="dapo", beta=0.1),
+    "tool_mask_grpo_sequence": dict(loss_type="grpo", beta=0.1, importance_sampling_level="sequence"),
 }
 
 
@@ -128,6 +131,10 @@ def test_loss_matches_trl(setup, case):
         sampling = batch["old_per_token_logps"] - 0.01 * torch.arange(MAX_LEN).float()  # engine log-probs differ a little
         batch["importance_sampling_ratio"] = importance_sampling_ratio(batch["old_per_token_logps"], sampling, mask.float(),
                                                                        args.vllm_importance_sampling_mode, None, args.vllm_importance_sampling_clip_max)
+    if case.startswith("tool_mask"):  # tokens 2-3 of every completion are a tool's result
+        batch["tool_mask"] = torch.ones_like(mask)
+        batch["tool_mask"][:, 2:4] = 0
+        mask = mask * batch["tool_mask"]
     trl_inputs = dict(batch, num_items_in_batch=mask.sum())
     trl_loss = setup["trl"]._compute_loss(setup["trl"].model, trl_inputs)
 
