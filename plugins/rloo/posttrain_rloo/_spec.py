@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="rloo",
     maturity="stable",
-    plugin_api="1.5",  # the plugin API it is written against (1.5: MethodSpec.actions)
+    plugin_api="1.8",  # the plugin API it is written against (1.8: ToolCallingRollout, the tool signal roles)
     summary="REINFORCE Leave-One-Out: online RL from reward functions with a leave-one-out baseline and a KL penalty in the reward.",
     family="online-rl",
     trainer="posttrain_rloo.trainer:RLOOTrainer",
@@ -21,11 +21,19 @@ SPEC = MethodSpec(
         "completion_length": "completions/mean_length",
         "truncation": "completions/clipped_ratio",
         "generation_time_fraction": "prepare_step_fraction",  # logged by the loop: prepare_step generates
+        "tool_call_rate": "tools/call_frequency",  # tools= / environment_factory= runs only
+        "tool_failure_rate": "tools/failure_frequency",
+        "turns_per_episode": "tools/mean_turns",
+        "turn_limit_rate": "tools/turn_limit_ratio",
     },
     actions={  # advice for the diagnostics' codes, naming this method's config fields (in backticks)
         "reward_std_collapse": "raise `num_generations` or `temperature`, use easier/harder prompts, or give the reward "
                                "function partial credit.",
         "completions_truncated": "raise `max_completion_length`, or set `mask_truncated_completions=True`.",
+        "tool_calls_failing": "read the failing calls' error messages in the logged completions (`log_completions=True`); fix the tools or "
+                              "their docstrings (the schema the model reads), raise `tool_call_timeout` if they time out, or reward "
+                              "well-formed calls.",
+        "turn_limit_reached": "raise `max_tool_calling_iterations` (or `max_completion_length`), or reward episodes that end with an answer.",
         "throughput_bound": "generate with vLLM (`use_vllm=True`, with `vllm_mode='colocate'` or `vllm_mode='server'`), "
                             "lower `max_completion_length`, or reuse each generation for several updates "
                             "(`num_iterations` > 1).",

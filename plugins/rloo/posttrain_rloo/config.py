@@ -106,6 +106,10 @@ class RLOOConfig(TrainingConfig):
     vllm_importance_sampling_clip_max: float | None = field(default=3.0, metadata=_help("Upper bound of the IS ratio."))
     vllm_importance_sampling_clip_min: float | None = field(default=None, metadata=_help("Lower bound of the IS ratio (None = none)."))
 
+    # > Tools and environments (posttrain-rloo 3.2; TRL's RLOOConfig has none: GRPOConfig's fields, same defaults)
+    max_tool_calling_iterations: int | None = field(default=None, metadata=_help("With tools= / environment_factory=: the most tool-calling rounds per episode (None: until max_completion_length, which counts model-written and tool tokens over all turns)."))
+    tool_call_timeout: float | None = field(default=60.0, metadata=_help("posttrain: seconds one tool call may run; a call that runs longer is abandoned and ends its episode with stop reason 'tool_timeout' (None: no limit, as in TRL)."))
+
     # > Parameters that control the reference model
     sync_ref_model: bool = field(default=False, metadata=_help("TR-DPO: every ref_model_sync_steps steps set ref = alpha * policy + (1 - alpha) * ref (needs beta > 0, not with PEFT)."))
     ref_model_mixup_alpha: float = field(default=0.6, metadata=_help("alpha of the reference update (sync_ref_model)."))
@@ -189,6 +193,10 @@ class RLOOConfig(TrainingConfig):
             raise ConfigError(f"vllm_importance_sampling_clip_min={lo} must be < vllm_importance_sampling_clip_max={hi}; lower the min or raise the max.")
         if self.vllm_importance_sampling_mode.endswith("_truncate") and lo is None and hi is None:
             raise ConfigError(f"vllm_importance_sampling_mode={self.vllm_importance_sampling_mode!r} needs a bound: set vllm_importance_sampling_clip_max (e.g. 3.0) or vllm_importance_sampling_clip_min.")
+        if self.max_tool_calling_iterations is not None and (isinstance(self.max_tool_calling_iterations, bool) or self.max_tool_calling_iterations < 0):
+            raise ConfigError(f"max_tool_calling_iterations={self.max_tool_calling_iterations!r} is invalid: use None (until max_completion_length) or an integer >= 0 (0: tools are never run).")
+        if self.tool_call_timeout is not None and not self.tool_call_timeout > 0:
+            raise ConfigError(f"tool_call_timeout={self.tool_call_timeout!r} is invalid: use seconds > 0 (e.g. 60), or None for no limit.")
         if self.max_num_gen_batches < 0:
             raise ConfigError(f"max_num_gen_batches={self.max_num_gen_batches} is invalid: use 0 (up to one epoch of prompts) or a positive cap on the generation rounds per step.")
         if self.reward_clip_range is not None:

@@ -22,7 +22,10 @@ or the adapter-disabled PEFT model; ``sync_ref_model`` moves it towards the poli
 ``epsilon_high`` (clipping of the sequence ratio exp(sum_t log pi - log pi_old)), ``num_iterations``
 (rollout reuse with old log-probs from generation time), ``normalize_advantages`` (REINFORCE++),
 ``reward_clip_range``, ``reward_weights``, ``mask_truncated_completions``, a MoE model's router
-load-balancing loss (``router_aux_loss_coef``). Departures from TRL: docs/methods/rloo.md.
+load-balancing loss (``router_aux_loss_coef``). Beyond TRL's RLOO: tool calling and environments
+(``tools=`` / ``environment_factory=``, GRPO's contract): multi-turn episodes from the core's
+``ToolCallingRollout``; the loss, the KL penalty and the importance ratios cover the model-written
+tokens only (``tool_mask``). Departures from TRL: docs/methods/rloo.md.
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ import math
 import torch
 
 from posttrain import (  # the loop and the core's online steps (the online scaffold, plugin API 1.5)
-    CompletionLog, ProduceRequest, RolloutBatch, RolloutProducer, TrainerSurface, TrainingLoop, add_old_and_ref_logps, as_config,
+    CompletionLog, ConfigError, ProduceRequest, RolloutBatch, RolloutProducer, TrainerSurface, TrainingLoop, add_old_and_ref_logps, as_config,
     attach_rollout_metrics, build_reference_model, build_rollout_engine, check_online_arguments, check_sync_ref_model, completion_logps,
     default_output_dir, evaluate_online, expand_prompts, gather_across_processes, generate_rollout, load_online_policy, nanstd,
     prepare_prompt_dataset, prompt_token_ids, resolve_online_rewards, reward_and_length_metrics, rollout_micro_batches, router_aux_loss_settings,
-    sampler_is_old_policy, sampling_from_config, score_rollout, slice_rollout, sync_reference_model,
+    sampler_is_old_policy, sampling_from_config, score_rollout, slice_rollout, sync_reference_model, SamplingParams, ToolCallingRollout,
 )
 
 from posttrain_rloo.config import RLOOConfig
@@ -158,6 +161,19 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def _trained_mask(batch: dict) -> torch.Tensor:
+    """``(B, C)`` float mask of the tokens the loss, the KL penalty and the importance ratios cover.
+
+    ``completion_mask`` times ``tool_mask`` (1 at model-written tokens, 0 at inserted tool /
+    environment tokens) when the batch comes from tool-calling episodes. The attention mask stays
+    the full ``completion_mask``: inserted tokens are read by the model, never trained on.
+    """
+    mask = batch["completion_mask"].float()
+    if "tool_mask" in batch:
+        mask = mask * batch["tool_mask"].to(mask.device)
+    return mask
+
+
 # ----------------------------------------------------------------------------- trainer
 class RLOOTrainer(TrainerSurface):
     """Train a causal LM with RLOO (REINFORCE Leave-One-Out) or REINFORCE++ (``normalize_advantages``); TRL 1.16's ``RLOOTrainer`` API.
@@ -170,6 +186,8 @@ class RLOOTrainer(TrainerSurface):
         train_dataset: Prompt-only rows (``datasets.Dataset`` / ``IterableDataset`` / list of dicts): a
             ``prompt`` column (or pre-tokenized ``prompt_ids``) plus any columns for the rewards. An
             ``IterableDataset`` is materialized once (``max_steps`` steps' worth when ``max_steps > 0``).
+            May be omitted with a single ``environment_factory`` whose ``reset()`` writes each task
+            (empty user prompts, ``max_steps`` steps).
         eval_dataset: Same format, or a dict of them (metrics ``eval_<name>_<metric>``).
         processing_class: The tokenizer (default: loaded with the model).
         reward_processing_classes: Tokenizers of the reward models (one per reward function, None for
@@ -180,22 +198,42 @@ class RLOOTrainer(TrainerSurface):
         peft_config: A ``peft.PeftConfig``; with ``beta > 0`` the reference is the adapter-disabled model.
         rollout_engine: A ``posttrain.RolloutEngine`` (default: one on ``args.rollout_backend``).
         allow_experimental: Unused for a stable method; kept for a uniform signature.
+        tools: (posttrain; TRL's RLOOTrainer has none, GRPO's contract) Tool functions (sync or
+            ``async def``, with type hints and a Google-style docstring): the policy may call them;
+            their results are inserted as tokens and it writes on, up to ``max_tool_calling_iterations``
+            rounds (``posttrain.ToolCallingRollout``). Needs conversational prompts and a chat
+            template that renders tools.
+        environment_factory: (posttrain) An environment class (instantiated without arguments,
+            pooled), or a dict of them selected per row by an ``environment`` column:
+            ``reset(**row)`` starts each episode (a returned string is appended to the prompt), its
+            other public methods are tools, an optional ``get_reward()`` is a reward (then
+            ``reward_funcs`` may be omitted); reward functions receive ``environments=``.
 
     Raises:
-        posttrain.ConfigError: no reward functions or dataset, mismatched ``reward_weights`` /
-            ``reward_processing_classes``, a dataset without ``prompt``, or an argument that cannot be honoured.
+        posttrain.ConfigError: no reward functions (nor an environment with ``get_reward``) or dataset,
+            mismatched ``reward_weights`` / ``reward_processing_classes``, a dataset without ``prompt``,
+            a tool without a usable schema, an environment without ``reset``, or an argument that cannot be honoured.
     """
 
     _tag_names = ["trl", "rloo"]
 
     def __init__(self, model=None, reward_funcs=None, args: RLOOConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, reward_processing_classes=None, callbacks=None, optimizers=(None, None), quantization_config=None,
-                 peft_config=None, rollout_engine=None, allow_experimental=False):
+                 peft_config=None, rollout_engine=None, allow_experimental=False, tools=None, environment_factory=None):
         self.args = args = as_config(args, RLOOConfig, default_output_dir=default_output_dir(model, "RLOO"))
-        check_online_arguments("RLOO", train_dataset=train_dataset, reward_funcs=reward_funcs or args.reward_funcs, optimizers=optimizers)
+        if train_dataset is None and environment_factory is not None:
+            train_dataset = self._placeholder_prompts(args, environment_factory)
+        check_online_arguments("RLOO", train_dataset=train_dataset, optimizers=optimizers,
+                               reward_funcs=(reward_funcs or args.reward_funcs) if environment_factory is None else True)  # an environment's get_reward is checked later
         self.loop = TrainingLoop(args, method="rloo", allow_experimental=allow_experimental, callbacks=callbacks)
         self._setup_model(model, processing_class, peft_config, quantization_config)
-        self._setup_rewards(reward_funcs, reward_processing_classes)
+        self.tools = list(tools or [])
+        self.tool_rollout = self._setup_tools(tools, environment_factory)
+        if reward_funcs or args.reward_funcs or environment_factory is None:
+            self._setup_rewards(reward_funcs, reward_processing_classes)
+        else:  # an environment's get_reward() is the only reward
+            self.reward_funcs, self.reward_func_names, self.reward_weights, self.reward_processing_classes = [], [], torch.zeros(0), []
+        self._add_environment_rewards()
         self.ref_model = build_reference_model(self.model, None, loop=self.loop, model_init_kwargs=args.model_init_kwargs,
                                                disable_dropout_in_ref=args.disable_dropout, needed=args.beta != 0.0)
         check_sync_ref_model(args, self.ref_model)
@@ -220,6 +258,31 @@ class RLOOTrainer(TrainerSurface):
         self.pad_token_id = self.processing_class.pad_token_id
         self.router_aux_loss_coef, self.aux_loss_enabled = router_aux_loss_settings(self.model, self.args.router_aux_loss_coef)
 
+    # Copied from posttrain_grpo.trainer.GRPOTrainer._placeholder_prompts
+    @staticmethod
+    def _placeholder_prompts(args, environment_factory) -> list[dict]:
+        """Without a ``train_dataset`` the environment writes the task in ``reset()`` (TRL 1.16): one step's rows of empty user prompts, cycled ``max_steps`` steps."""
+        if isinstance(environment_factory, dict):
+            raise ConfigError("A dict environment_factory (several environments) needs a train_dataset with an 'environment' column routing each row; "
+                              "pass one, or a single environment class.")
+        if args.max_steps <= 0:
+            raise ConfigError("Without a train_dataset (the environment writes each prompt in reset()), set max_steps > 0: it is the training length.")
+        rows = args.per_device_train_batch_size * args.gradient_accumulation_steps // args.num_generations
+        return [{"prompt": [{"role": "user", "content": ""}]} for _ in range(max(1, rows))]
+
+    # Copied from posttrain_grpo.trainer.GRPOTrainer._setup_tools
+    def _setup_tools(self, tools, environment_factory) -> ToolCallingRollout | None:
+        """The core's tool-calling rollout for ``tools=`` / ``environment_factory=`` (None without them)."""
+        if not tools and environment_factory is None:
+            return None
+        args = self.args
+        try:
+            return ToolCallingRollout(self.processing_class, tools=tools, environment_factory=environment_factory,
+                                      max_tool_calling_iterations=args.max_tool_calling_iterations, max_completion_length=args.max_completion_length,
+                                      tool_timeout=args.tool_call_timeout, chat_template_kwargs=args.chat_template_kwargs)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
     # Copied from posttrain_grpo.trainer.GRPOTrainer._setup_rewards
     def _setup_rewards(self, reward_funcs, reward_processing_classes) -> None:
         """Resolve the reward functions (TRL's ``reward_funcs`` / ``reward_func_names`` / ``reward_weights`` / ``reward_processing_classes``)."""
@@ -227,7 +290,18 @@ class RLOOTrainer(TrainerSurface):
         self.reward_funcs, self.reward_func_names, self.reward_weights = rewards.funcs, rewards.names, rewards.weights  # weights (F,)
         self.reward_processing_classes = rewards.processing_classes
 
-    # Copied from posttrain_grpo.trainer.GRPOTrainer._setup_datasets
+    # Copied from posttrain_grpo.trainer.GRPOTrainer._add_environment_rewards
+    def _add_environment_rewards(self) -> None:
+        """Append one reward function per environment class with ``get_reward()``, named after the class, weight 1 (TRL's rule:
+        ``reward_weights`` covers ``reward_funcs``); refuse a run with no reward source at all."""
+        for name, func in self.tool_rollout.reward_functions() if self.tool_rollout is not None else []:
+            self.reward_funcs = [*self.reward_funcs, func]
+            self.reward_func_names = [*self.reward_func_names, name]
+            self.reward_processing_classes = [*self.reward_processing_classes, None]
+            self.reward_weights = torch.cat([self.reward_weights, torch.ones(1)])
+        if not self.reward_funcs:
+            raise ConfigError("No reward source provided: pass reward_funcs=[...], or an environment_factory whose environment defines get_reward().")
+
     def _setup_datasets(self, train_dataset, eval_dataset) -> None:
         self.train_dataset = self.process_dataset(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
@@ -309,7 +383,7 @@ class RLOOTrainer(TrainerSurface):
         # 4. advantage: (N,) from the global batch (this process's in eval), sliced into the micro-batches; the k1 KL penalty goes into the reward
         kl = None
         if args.beta != 0.0:  # sum_t (log pi_old - log pi_ref) per sequence; may be negative (k1, Ahmadian et al. 2024)
-            kl = torch.cat([((b["old_per_token_logps"] - b["ref_per_token_logps"]) * b["completion_mask"]).sum(-1) for b in micro_batches])  # (N,)
+            kl = torch.cat([((b["old_per_token_logps"] - b["ref_per_token_logps"]) * _trained_mask(b)).sum(-1) for b in micro_batches])  # (N,)
         kl_or_zeros = kl if kl is not None else torch.zeros(len(rollout))
         if mode == "train":
             (all_rewards, all_kl), local = gather_across_processes(self.loop.accelerator, rewards_per_func, kl_or_zeros)
@@ -330,7 +404,7 @@ class RLOOTrainer(TrainerSurface):
         metrics = {**reward_and_length_metrics(rollout, rewards_per_func, self.reward_weights, self.reward_func_names, is_std_zero, num_generations),
                    **self._completion_log.pop_metrics(), **self._importance_sampling_metrics(micro_batches), **sampling_metrics}
         if args.beta != 0.0:  # mean per-token k1 KL of the rollout (the penalty's estimate)
-            kl_sum = sum(((b["old_per_token_logps"] - b["ref_per_token_logps"]) * b["completion_mask"]).sum() for b in micro_batches)
+            kl_sum = sum(((b["old_per_token_logps"] - b["ref_per_token_logps"]) * _trained_mask(b)).sum() for b in micro_batches)
             metrics["kl"] = float(kl_sum) / max(1, sum(b["num_completion_tokens"] for b in micro_batches))
         attach_rollout_metrics(micro_batches, metrics)
         if mode == "train":
@@ -343,6 +417,14 @@ class RLOOTrainer(TrainerSurface):
     # Copied from posttrain_grpo.trainer.GRPOTrainer._rollout_and_rewards
     def _rollout_and_rewards(self, rows: list[dict], seed: int, num_generations: int) -> tuple[list, RolloutBatch, torch.Tensor]:
         """Return ``(prompts (N,), rollout, rewards_per_func (N, F))`` of ``num_generations`` completions of each row."""
+        if self.tool_rollout is not None:  # multi-turn episodes with tools / environments (one per completion)
+            expanded = [row for row in rows for _ in range(num_generations)]  # (N,)
+            result = self.tool_rollout.rollout(self.engine, expanded, SamplingParams(n=1, seed=seed, **self._sampling))
+            rewards_per_func = score_rollout(rows, result.prompts, result.rollout, num_generations, reward_funcs=self.reward_funcs,
+                                             reward_func_names=self.reward_func_names, tokenizer=self.processing_class, trainer_state=self.loop.state,
+                                             log=self._completion_log, completions=result.completions,
+                                             reward_kwargs={"environments": result.environments} if result.environments is not None else None)
+            return result.prompts, result.rollout, rewards_per_func
         prompts, prompt_ids = expand_prompts(rows, num_generations, self._prompt_ids, self.processing_class)  # (N,) each
         rollout = self._generate(prompts, prompt_ids, num_generations, seed)  # N = P * G completions
         rewards_per_func = score_rollout(rows, prompts, rollout, num_generations, reward_funcs=self.reward_funcs, reward_func_names=self.reward_func_names,
@@ -406,7 +488,7 @@ class RLOOTrainer(TrainerSurface):
                               device=self.loop.device, accelerator=self.loop.accelerator, chunk_size=args.logprob_chunk_size)
         if args.vllm_importance_sampling_correction and not self.engine_is_policy:
             batch["importance_sampling_ratio"] = importance_sampling_ratio(
-                batch["old_per_token_logps"], sampling_logps, batch["completion_mask"].float(), args.vllm_importance_sampling_mode,
+                batch["old_per_token_logps"], sampling_logps, _trained_mask(batch), args.vllm_importance_sampling_mode,
                 args.vllm_importance_sampling_clip_min, args.vllm_importance_sampling_clip_max,
             )
         return batch
@@ -420,14 +502,15 @@ class RLOOTrainer(TrainerSurface):
         ratios = []
         for b in micro_batches:
             r = b["importance_sampling_ratio"]
-            ratios.append(r.flatten() if r.shape[1] == 1 else r[b["completion_mask"].bool()])
+            trained = b["completion_mask"] * b["tool_mask"] if "tool_mask" in b else b["completion_mask"]  # tool tokens have no ratio
+            ratios.append(r.flatten() if r.shape[1] == 1 else r[trained.bool()])
         flat = torch.cat(ratios)
         return {f"sampling/importance_sampling_ratio/{k}": getattr(flat, k)().item() for k in ("mean", "min", "max")} if flat.numel() else {}
 
     def compute_loss(self, model, batch: dict, num_items_in_batch):
         """Return the micro-batch's share of the step loss and its metrics (no host syncs)."""
         args = self.args
-        mask = batch["completion_mask"].float()  # (B, C)
+        mask = _trained_mask(batch)  # (B, C): completion tokens the model wrote (tool / environment tokens: attended to, never trained on)
         per_token_logps, entropies, aux_loss = completion_logps(model, batch, args.temperature, router_aux_loss=self.aux_loss_enabled, chunk_size=args.logprob_chunk_size)  # (B, C), (B, C)
         advantages = batch["advantages"]  # (B,)
         # with one iteration on the trained model's own samples, old == current (detached): no extra forward
