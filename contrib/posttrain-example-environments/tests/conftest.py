@@ -1,0 +1,8 @@
+"""Make the plugin importable from a source checkout when it is not pip-installed."""
+
+import os
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
