@@ -68,3 +68,15 @@ clean:
 # TRL-compatibility suite: TRL's own trainer tests against posttrain (see tests/trl_compat/README.md)
 trl-compat: install
 	$(BIN)/python -m tests.trl_compat.run --target posttrain
+
+.PHONY: test-environments
+
+# The OpenEnv and verifiers adapters against the real libraries (tests/test_environment_adapters.py; they skip in
+# `make test`, whose fresh install stays under CI's budget without the ~90 packages these two pull in).
+# openenv-core is installed without its dependency on gradio (used only by its optional web UI, and it would
+# downgrade pillow); its other dependencies come with verifiers and the list below.
+test-environments: install
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt "verifiers==0.4.0" fastapi uvicorn typer pyyaml tomli tomli-w websockets fastmcp \
+		httpx openai huggingface_hub requests rich pydantic
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt --no-deps "openenv-core==0.3.0"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest tests/test_environment_adapters.py -q -ra -p no:cacheprovider
