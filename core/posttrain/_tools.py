@@ -306,6 +306,13 @@ class ToolCallingRollout:
             tools[name] = tool
         return _EpisodeTools(tools, [tool_schema(t) for t in tools.values()], environment)
 
+    def all_tools(self) -> list[Callable]:
+        """Every tool an episode may get: ``tools=`` then each probed environment's methods (TRL's ``trainer.tools``), without repeats."""
+        out = list(self.tools)
+        for pool in self._pools.values():
+            out += [m for m in self.environment_methods(pool[0]) if m not in out]
+        return out
+
     def reward_functions(self) -> list[tuple[str, Callable]]:
         """One reward function per environment class that defines ``get_reward()`` (named after the class), as TRL adds them.
 

@@ -291,12 +291,14 @@ class GRPOTrainer(TrainerSurface):
             raise ConfigError("tools= / environment_factory= and rollout_func= both generate the completions: pass one of them.")
         if train_dataset is None and environment_factory is not None:
             train_dataset = self._placeholder_prompts(args, environment_factory)
+        elif environment_factory is not None:
+            train_dataset = self._with_default_prompts(train_dataset)
         check_online_arguments("GRPO", train_dataset=train_dataset, optimizers=optimizers,
                                reward_funcs=(reward_funcs or args.reward_funcs) if environment_factory is None else True)  # an environment's get_reward is checked later
         self.loop = TrainingLoop(args, method="grpo", allow_experimental=allow_experimental, callbacks=callbacks)
         self._setup_model(model, processing_class, peft_config, quantization_config, lm_head_fp32=args.cast_lm_head_to_fp32)  # before the reference copy
-        self.tools = list(tools or [])
         self.tool_rollout = self._setup_tools(tools, environment_factory)
+        self.tools = self.tool_rollout.all_tools() if self.tool_rollout is not None else []  # TRL's: tools= plus the environments' methods
         if reward_funcs or args.reward_funcs or environment_factory is None:
             self._setup_rewards(reward_funcs, reward_processing_classes)
         else:  # an environment's get_reward() is the only reward
@@ -336,12 +338,23 @@ class GRPOTrainer(TrainerSurface):
     def _placeholder_prompts(args, environment_factory) -> list[dict]:
         """Without a ``train_dataset`` the environment writes the task in ``reset()`` (TRL 1.16): one step's rows of empty user prompts, cycled ``max_steps`` steps."""
         if isinstance(environment_factory, dict):
-            raise ConfigError("A dict environment_factory (several environments) needs a train_dataset with an 'environment' column routing each row; "
-                              "pass one, or a single environment class.")
+            raise ConfigError("A dict environment_factory (several environments) requires a `train_dataset` with an 'environment' column "
+                              "routing each row; pass one, or a single environment class.")
         if args.max_steps <= 0:
             raise ConfigError("Without a train_dataset (the environment writes each prompt in reset()), set max_steps > 0: it is the training length.")
         rows = args.per_device_train_batch_size * args.gradient_accumulation_steps // args.num_generations
         return [{"prompt": [{"role": "user", "content": ""}]} for _ in range(max(1, rows))]
+
+    @staticmethod
+    def _with_default_prompts(dataset):
+        """With an environment, rows may omit ``prompt`` (TRL 1.16): ``reset()`` then writes it into an empty user message."""
+        empty = [{"role": "user", "content": ""}]
+        names = getattr(dataset, "column_names", None)
+        if isinstance(names, list):  # a datasets.Dataset
+            return dataset if "prompt" in names else dataset.add_column("prompt", [empty] * len(dataset))
+        if isinstance(dataset, (list, tuple)):
+            return [row if "prompt" in row else {**row, "prompt": empty} for row in dataset]
+        return dataset
 
     def _setup_tools(self, tools, environment_factory) -> ToolCallingRollout | None:
         """The core's tool-calling rollout for ``tools=`` / ``environment_factory=`` (None without them)."""

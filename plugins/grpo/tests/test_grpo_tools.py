@@ -231,5 +231,5 @@ def test_bad_tool_setups_are_one_line(tok, tmp_path):
         GRPOTrainer(model=build_model(tok), args=_config(tmp_path), processing_class=tok, environment_factory=NoReward)
     with pytest.raises(ConfigError, match="set max_steps > 0"):
         GRPOTrainer(model=build_model(tok), args=_config(tmp_path, max_steps=-1), processing_class=tok, environment_factory=IncrementEnv)
-    with pytest.raises(ConfigError, match="needs a train_dataset with an 'environment' column"):
+    with pytest.raises(ConfigError, match="requires a `train_dataset` with an .environment. column"):
         GRPOTrainer(model=build_model(tok), args=_config(tmp_path), processing_class=tok, environment_factory={"a": IncrementEnv})
