@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="distill",
     maturity="stable",
-    plugin_api="1.6",  # the plugin API it is written against (1.6: the teacher_entropy role, the distillation diagnostics, TeacherServer)
+    plugin_api="1.8",  # the plugin API it is written against (1.6: the teacher_entropy role, the distillation diagnostics, TeacherServer; 1.8: ToolCallingRollout, the tool signal roles)
     summary="On-policy distillation: the student samples, a teacher scores every token; generalized JSD (reverse KL by default), one or several local teachers or a served one.",
     family="distillation",
     trainer="posttrain_distill.trainer:DistillationTrainer",
@@ -20,6 +20,10 @@ SPEC = MethodSpec(
         "completion_length": "completions/mean_length",
         "truncation": "completions/clipped_ratio",
         "generation_time_fraction": "prepare_step_fraction",  # logged by the loop: the producer generates
+        "tool_call_rate": "tools/call_frequency",  # tools= runs only
+        "tool_failure_rate": "tools/failure_frequency",
+        "turns_per_episode": "tools/mean_turns",
+        "turn_limit_rate": "tools/turn_limit_ratio",
     },
     actions={  # advice for the diagnostics' codes, naming this method's config fields (in backticks)
         "divergence_stalled": "raise `learning_rate` (TRL's default 1e-6 is meant for large models), sample more prompts per step "
@@ -30,6 +34,10 @@ SPEC = MethodSpec(
         "entropy_collapse": "lower `beta` (reverse KL is mode-seeking), raise `temperature`, or lower `learning_rate`.",
         "completions_truncated": "raise `max_completion_length` (the divergence is taken on the truncated completions too).",
         "length_drift": "check the teacher's own answer lengths on these prompts; cap `max_completion_length`.",
+        "tool_calls_failing": "read the failing calls' error messages in the logged completions (`log_completions=True`); fix the tools or "
+                              "their docstrings (the schema the student reads), or raise `tool_call_timeout` if they time out.",
+        "turn_limit_reached": "raise `max_tool_calling_iterations` (or `max_completion_length`): the divergence is taken on episodes cut "
+                              "before their answer.",
         "throughput_bound": "generate with vLLM (`use_vllm=True`), lower `max_completion_length`, or sample more completions at once "
                             "(`generation_batch_size`).",
     },

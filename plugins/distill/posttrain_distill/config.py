@@ -9,7 +9,7 @@ cannot mean anything on posttrain's loop say so in a help text starting with "Ac
 (setting one to a non-default value warns once). Fields TRL lacks: ``teacher_models`` (several teachers,
 chosen per row by a ``teacher`` column), ``teacher_model_server_url`` with ``loss_top_k`` and ``loss_add_tail``
 (a served teacher; TRL's server_distillation names and defaults), ``teacher_server_timeout``,
-``teacher_server_max_retries``, ``rollout_backend``, ``generation_batch_size``.
+``teacher_server_max_retries``, ``tool_call_timeout``, ``rollout_backend``, ``generation_batch_size``.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ class DistillationConfig(TrainingConfig):
 
     # > Parameters that control the training
     beta: float = field(default=1.0, metadata=_help("Interpolation of the generalized JSD loss: 0.0 = forward KL(teacher || student), 0.5 = JSD, 1.0 = reverse KL(student || teacher). It selects the divergence; there is no reference model."))
-    max_tool_calling_iterations: int | None = field(default=None, metadata=_help("Maximum tool-calling turns when training with tools= (None: no limit). Tools are not offered in this release: tools= is refused."))
+    max_tool_calling_iterations: int | None = field(default=None, metadata=_help("With tools=: the most tool-calling rounds per episode (None: until max_completion_length, which counts model-written and tool tokens over all turns)."))
+    tool_call_timeout: float | None = field(default=60.0, metadata=_help("posttrain: seconds one tool call may run; a call that runs longer is abandoned and ends its episode with stop reason 'tool_timeout' (None: no limit, as in TRL)."))
 
     # > Parameters of a served teacher (teacher_model_server_url; names and defaults of TRL's server_distillation)
     loss_top_k: int = field(default=1, metadata=_help("With a served teacher: teacher tokens the server returns per position and the loss's support: >= 1 with beta=0 (forward KL on the teacher's top-k); exactly 1 with beta > 0 (the teacher's top-1 and the sampled token). Without a server the loss uses the whole vocabulary and this is unused."))
@@ -128,8 +129,10 @@ class DistillationConfig(TrainingConfig):
             raise ConfigError(f"temperature={self.temperature} is invalid: it must be > 0 (sampling and the loss use it).")
         if self.max_completion_length is None or self.max_completion_length < 1:
             raise ConfigError(f"max_completion_length={self.max_completion_length} is invalid: it must be >= 1.")
-        if self.max_tool_calling_iterations is not None and self.max_tool_calling_iterations < 0:
-            raise ConfigError(f"max_tool_calling_iterations={self.max_tool_calling_iterations} is invalid: use None (no limit) or >= 0.")
+        if self.max_tool_calling_iterations is not None and (isinstance(self.max_tool_calling_iterations, bool) or self.max_tool_calling_iterations < 0):
+            raise ConfigError(f"max_tool_calling_iterations={self.max_tool_calling_iterations!r} is invalid: use None (until max_completion_length) or an integer >= 0 (0: tools are never run).")
+        if self.tool_call_timeout is not None and not self.tool_call_timeout > 0:
+            raise ConfigError(f"tool_call_timeout={self.tool_call_timeout!r} is invalid: use seconds > 0 (e.g. 60), or None for no limit.")
         if self.auto_find_batch_size:
             raise ConfigError("auto_find_batch_size=True is not supported by distill: lower per_device_train_batch_size instead.")
         if self.teacher_models is not None:

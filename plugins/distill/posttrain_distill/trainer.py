@@ -20,7 +20,10 @@ Features and their flags (TRL 1.16's ``DistillationConfig`` names): ``beta`` (0 
 several teachers (``teacher_model={name: model}`` or ``teacher_models``, a ``teacher`` column per row), and a
 served teacher (``teacher_model_server_url``: no local teacher; per step ONE request to the server for the
 top ``loss_top_k`` and sampled-token log-probs of every completion position, and the loss on that support,
-``loss_add_tail``: posttrain_distill/served.py).
+``loss_add_tail``: posttrain_distill/served.py). Tool calling (TRL's ``tools=``, ``max_tool_calling_iterations``;
+``tool_call_timeout``): each completion is a multi-turn episode from the core's ``ToolCallingRollout``; student and
+teacher (local or served) read the whole sequence, inserted tool tokens included, and the divergence and every
+per-token metric cover the model-written tokens only (``completion_mask * tool_mask``).
 Departures from TRL: docs/methods/distill.md.
 """
 
@@ -32,10 +35,11 @@ import math
 import torch
 import torch.nn.functional as F
 
-from posttrain import (  # the loop, the core's online steps and chunked numerics (plugin API 1.5)
-    CompletionLog, ConfigError, DataError, ProduceRequest, RolloutProducer, TeacherServerClient, TrainerSurface, TrainingLoop, as_config,
-    attach_rollout_metrics, build_rollout_engine, causal_lm_states, chunked_distillation_divergence, default_output_dir, evaluate_online, expand_prompts,
-    generate_rollout, load_online_policy, load_pretrained, prepare_prompt_dataset, prompt_token_ids, rollout_micro_batches, sampling_from_config,
+from posttrain import (  # the loop, the core's online steps and chunked numerics (plugin API 1.5), tool-calling rollouts (1.8)
+    CompletionLog, ConfigError, DataError, ProduceRequest, RolloutProducer, SamplingParams, TeacherServerClient, ToolCallingRollout, TrainerSurface,
+    TrainingLoop, as_config, attach_rollout_metrics, build_rollout_engine, causal_lm_states, chunked_distillation_divergence, default_output_dir,
+    evaluate_online, expand_prompts, generate_rollout, load_online_policy, load_pretrained, prepare_prompt_dataset, prompt_token_ids,
+    rollout_micro_batches, sampling_from_config,
 )
 
 from posttrain_distill.config import DistillationConfig
@@ -58,6 +62,31 @@ def generalized_jsd(student_logp: torch.Tensor, teacher_logp: torch.Tensor, beta
         return (student_logp.exp() * (student_logp - teacher_logp)).sum(-1)
     mixture = torch.logaddexp(student_logp + math.log1p(-beta), teacher_logp + math.log(beta))
     return beta * (teacher_logp.exp() * (teacher_logp - mixture)).sum(-1) + (1 - beta) * (student_logp.exp() * (student_logp - mixture)).sum(-1)
+
+
+def _trained_mask(batch: dict) -> torch.Tensor:
+    """``(B, C)`` mask of the completion tokens the divergence and the per-token metrics cover.
+
+    ``completion_mask`` times ``tool_mask`` (1 at model-written tokens, 0 at inserted tool tokens) when the
+    batch comes from tool-calling episodes (TRL's ``loss_mask``). Attention keeps the full ``completion_mask``:
+    student and teacher read the tool tokens, which are never trained on.
+    """
+    mask = batch["completion_mask"]
+    if "tool_mask" in batch:
+        mask = mask * batch["tool_mask"].to(mask.device, mask.dtype)
+    return mask
+
+
+def _tool_metrics(rollout) -> dict[str, float]:
+    """The ``tools/*`` metrics of a ``ToolCallingRollout`` rollout (the core's names, as ``posttrain.reward_and_length_metrics`` logs them)."""
+    extras = rollout.extras
+    calls, failures, turns = sum(extras["tool_call_count"]), sum(extras["tool_failure_count"]), extras["turns"]
+    return {
+        "tools/call_frequency": calls / len(rollout),  # TRL's: tool calls per completion
+        "tools/failure_frequency": failures / calls if calls else 0.0,
+        "tools/mean_turns": sum(turns) / len(turns),
+        "tools/turn_limit_ratio": sum(r == "max_turns" for r in extras["stop_reason"]) / len(rollout),
+    }
 
 
 def _rows_of(states, valid: torch.Tensor) -> torch.Tensor:
@@ -143,15 +172,20 @@ class DistillationTrainer(TrainerSurface):
         optimizers: Only ``(None, None)``: the loop builds the optimizer and schedule from ``args``.
         quantization_config: A ``BitsAndBytesConfig`` for a student given by name.
         peft_config: A ``peft.PeftConfig`` for the student.
-        tools: Not offered in this release (refused with a one-line error).
+        tools: Tool functions (sync or ``async def``, with type hints and a Google-style docstring), TRL's
+            ``tools=``: the student may call them while it samples; their results are inserted as tokens and it
+            writes on, up to ``max_tool_calling_iterations`` rounds (``posttrain.ToolCallingRollout``). The
+            teacher scores the whole sequence; the divergence covers the student's own tokens only. Needs
+            conversational prompts and a chat template that renders tools.
         rollout_engine: A ``posttrain.RolloutEngine`` (default: one on ``args.rollout_backend``).
         allow_experimental: Unused for a stable method; kept for a uniform signature.
 
     Raises:
         posttrain.ConfigError: no dataset or no teacher, a teacher whose vocabulary differs from the student's,
-            ``teacher_model_init_kwargs`` with a teacher object, ``tools``, an ``optimizers`` pair, or a
-            ``teacher_model`` together with ``teacher_model_server_url``.
-        posttrain.DataError: a row without ``prompt``, or whose ``teacher`` names no known teacher.
+            ``teacher_model_init_kwargs`` with a teacher object, a tool without a usable schema (or two tools of one
+            name), an ``optimizers`` pair, or a ``teacher_model`` together with ``teacher_model_server_url``.
+        posttrain.DataError: a row without ``prompt``, whose ``teacher`` names no known teacher, or (with ``tools``)
+            whose prompt is not a list of messages.
         posttrain.TeacherServerError: the teacher server is unreachable at construction (its ``/v1/models``), or
             dies, times out or answers a wrong shape during training (one line: the URL and what came back); the
             checkpoints saved before stay loadable.
@@ -168,14 +202,12 @@ class DistillationTrainer(TrainerSurface):
         if tuple(optimizers or (None, None)) != (None, None):
             raise ConfigError("optimizers=(optimizer, scheduler) is not supported: posttrain's loop builds them from the config; set optim, "
                               "optim_args, learning_rate, lr_scheduler_type and lr_scheduler_kwargs instead.")
-        if tools:
-            raise ConfigError("tools= is not offered by distill in this release (multi-turn tool calling through posttrain's episode contract "
-                              "is planned); train without tools, or use TRL's DistillationTrainer for tool-calling distillation.")
-        self.tools = []
         self.loop = TrainingLoop(args, method="distill", allow_experimental=allow_experimental, callbacks=callbacks)
         self.model, self.processing_class = load_online_policy(model, args, loop=self.loop, processing_class=processing_class, peft_config=peft_config,
                                                                quantization_config=quantization_config, tags=self._tag_names)
         self.pad_token_id = self.processing_class.pad_token_id
+        self.tools = list(tools or [])
+        self.tool_rollout = self._setup_tools(tools, None)  # TRL's DistillationTrainer has tools=, no environment_factory=
         self.teacher_client = None
         if args.teacher_model_server_url is not None:
             self._setup_server(teacher_model)
@@ -194,6 +226,19 @@ class DistillationTrainer(TrainerSurface):
         self._completion_log = CompletionLog(args.per_device_train_batch_size * args.gradient_accumulation_steps)  # one rollout
         self._logs = self._completion_log.logs
         self.add_callback(self._completion_log.callback(args, self.loop))
+
+    # Copied from posttrain_grpo.trainer.GRPOTrainer._setup_tools
+    def _setup_tools(self, tools, environment_factory) -> ToolCallingRollout | None:
+        """The core's tool-calling rollout for ``tools=`` / ``environment_factory=`` (None without them)."""
+        if not tools and environment_factory is None:
+            return None
+        args = self.args
+        try:
+            return ToolCallingRollout(self.processing_class, tools=tools, environment_factory=environment_factory,
+                                      max_tool_calling_iterations=args.max_tool_calling_iterations, max_completion_length=args.max_completion_length,
+                                      tool_timeout=args.tool_call_timeout, chat_template_kwargs=args.chat_template_kwargs)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
     # -------------------------------------------------------------------------- teachers
     def _setup_server(self, teacher_model) -> None:
@@ -259,7 +304,7 @@ class DistillationTrainer(TrainerSurface):
 
     # -------------------------------------------------------------------------- data
     def process_dataset(self, dataset, name: str):
-        """Return ``dataset`` as prompt rows (``posttrain.prepare_prompt_dataset``) after checking every row's ``teacher``."""
+        """Return ``dataset`` as prompt rows (``posttrain.prepare_prompt_dataset``) after checking every row's ``teacher`` (and, with tools, its prompt)."""
         limit = None
         if name == "train_dataset" and self.args.max_steps > 0:
             limit = self.args.max_steps * self._prompts_per_step() * self.loop.accelerator.num_processes
@@ -269,6 +314,12 @@ class DistillationTrainer(TrainerSurface):
             chosen = dataset["teacher"] if columns is not None else [row.get("teacher") for row in dataset]
             for i, value in enumerate(chosen):
                 self._teacher_index({"teacher": value}, i, name)
+        if self.tool_rollout is not None:  # an episode renders messages with the tools: a text or pre-tokenized prompt cannot
+            prompts = (dataset["prompt"] if "prompt" in columns else [None] * len(dataset)) if columns is not None else [row.get("prompt") for row in dataset]
+            for i, prompt in enumerate(prompts):
+                if not (isinstance(prompt, list) and prompt and all(isinstance(m, dict) and "role" in m for m in prompt)):
+                    raise DataError(f"{name} row {i}: tools= needs a conversational 'prompt' (a list of {{'role', 'content'}} messages), got "
+                                    f"{str(prompt)[:60]!r}; wrap a text prompt as [{{'role': 'user', 'content': text}}].")
         return dataset
 
     def _prompt_ids(self, row: dict) -> list[int]:
@@ -297,14 +348,20 @@ class DistillationTrainer(TrainerSurface):
 
     def _generate(self, rows: list[dict], seed: int, mode: str = "train") -> list[dict]:
         args = self.args
-        prompts, prompt_ids = expand_prompts(rows, 1, self._prompt_ids, self.processing_class)  # (N,)
-        rollout = generate_rollout(prompts, prompt_ids, engine=self.engine, sampling=self._sampling, num_generations=1, seed=seed,
-                                   max_completion_length=args.max_completion_length, stop_token_ids=(self.processing_class.eos_token_id, self.pad_token_id))
+        if self.tool_rollout is not None:  # multi-turn episodes with tools (one per prompt): model turns + inserted tool tokens
+            result = self.tool_rollout.rollout(self.engine, rows, SamplingParams(n=1, seed=seed, **self._sampling))
+            prompts, rollout = result.prompts, result.rollout
+        else:
+            prompts, prompt_ids = expand_prompts(rows, 1, self._prompt_ids, self.processing_class)  # (N,)
+            rollout = generate_rollout(prompts, prompt_ids, engine=self.engine, sampling=self._sampling, num_generations=1, seed=seed,
+                                       max_completion_length=args.max_completion_length,
+                                       stop_token_ids=(self.processing_class.eos_token_id, self.pad_token_id))
         teacher_index = torch.tensor([self._teacher_index(row, i, "train_dataset" if mode == "train" else "eval_dataset") for i, row in enumerate(rows)])
         size = args.per_device_train_batch_size if mode == "train" else len(rollout)
         micro_batches = rollout_micro_batches(rollout, size, self.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of)
         served = None
         if self.teacher_client is not None:  # one request for the step: the server's top-k and sampled-token log-probs, (N, T, .)
+            # the full sequences, inserted tool tokens included: the teacher reads what the student read
             sequences = [list(p) + list(c) for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
             served = self.teacher_client.sequence_logprobs(sequences, [len(p) for p in rollout.prompt_ids], top_logprobs=args.loss_top_k,
                                                            temperature=self.temperature)
@@ -313,7 +370,9 @@ class DistillationTrainer(TrainerSurface):
             batch["teacher_index"] = teacher_index[start : start + size]  # (b,)
             if served is not None:
                 batch.update(slice_teacher(served, slice(start, start + size), batch["completion_ids"].shape[1]))
-        lengths = torch.tensor([len(c) for c in rollout.completion_ids], dtype=torch.float32)  # (N,)
+        tool_mask = rollout.extras.get("tool_mask")  # tool episodes: lengths count the model-written tokens (as TRL)
+        lengths = torch.tensor([float(sum(m)) for m in tool_mask] if tool_mask is not None else [len(c) for c in rollout.completion_ids],
+                               dtype=torch.float32)  # (N,)
         truncated = torch.tensor(rollout.truncated, dtype=torch.bool)
         terminated = lengths[~truncated] if bool((~truncated).any()) else torch.zeros(1)
         metrics = {
@@ -322,6 +381,8 @@ class DistillationTrainer(TrainerSurface):
             "completions/mean_terminated_length": terminated.mean().item(), "completions/min_terminated_length": terminated.min().item(),
             "completions/max_terminated_length": terminated.max().item(),
         }
+        if self.tool_rollout is not None:
+            metrics.update(_tool_metrics(rollout))
         attach_rollout_metrics(micro_batches, metrics)
         if mode == "train":
             completions = self.processing_class.batch_decode(rollout.completion_ids, skip_special_tokens=True)
@@ -335,8 +396,8 @@ class DistillationTrainer(TrainerSurface):
         """Return the micro-batch's share of the step loss (summed divergence / the step's valid tokens) and its metrics."""
         args = self.args
         input_ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], dim=1)  # (B, P+C)
-        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)  # (B, P+C)
-        loss_mask = batch["completion_mask"]  # (B, C)
+        attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)  # (B, P+C): tool tokens are read
+        loss_mask = _trained_mask(batch)  # (B, C): ... and never trained on (TRL's completion_mask * tool_mask)
         keep = batch["completion_ids"].shape[1] + 1
         _, student_states = causal_lm_states(model, chunk_size=args.logprob_chunk_size, input_ids=input_ids, attention_mask=attention_mask,
                                              logits_to_keep=keep, use_cache=False)
@@ -371,7 +432,7 @@ class DistillationTrainer(TrainerSurface):
 
     def _served_loss(self, student_states, batch: dict, num_items_in_batch):
         """The loss on the served support: the generalized JSD of the student's and the served teacher's log-probs of its tokens."""
-        mask = batch["completion_mask"]  # (B, C)
+        mask = _trained_mask(batch)  # (B, C): model-written completion tokens
         teacher = {source: batch[key] for key, source in TEACHER_KEYS.items()}
         support_ids, support_mask, teacher_lp = served_support(teacher, batch["completion_ids"], mask, beta=self.beta, loss_top_k=self.args.loss_top_k)
         student_lp, entropy = support_logprobs(student_states, support_ids, temperature=self.temperature, return_entropy=True)

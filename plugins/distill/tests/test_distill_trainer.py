@@ -183,7 +183,7 @@ def test_missing_prompt_column_is_one_line(tiny_tokenizer, tmp_path):
 
 @pytest.mark.parametrize("kwargs,overrides,match", [
     ({"teacher_model": None}, {}, "no teacher"),
-    ({"tools": [len]}, {}, "tools= is not offered"),
+    ({"tools": [len]}, {}, r"^tool 'len': its schema cannot be built"),
     ({}, {"teacher_model_init_kwargs": {"dtype": "float32"}}, "teacher_model_init_kwargs is set but the teacher"),
 ])
 def test_trainer_argument_errors(tiny_tokenizer, prompt_rows, tmp_path, kwargs, overrides, match):
