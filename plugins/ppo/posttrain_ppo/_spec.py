@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="ppo",
     maturity="experimental",
-    plugin_api="1.7",
+    plugin_api="1.8",  # the plugin API it is written against (1.8: ToolCallingRollout, the tool signal roles)
     summary="PPO for language models (TRL's PPOTrainer): policy + critic (a separate model or a value head on the policy), per-token KL penalty to a reference, GAE, clipped policy and value losses.",
     family="online-rl",
     trainer="posttrain_ppo.trainer:PPOTrainer",
@@ -24,9 +24,18 @@ SPEC = MethodSpec(
         "completion_length": "completions/mean_length",
         "truncation": "completions/clipped_ratio",
         "generation_time_fraction": "prepare_step_fraction",  # logged by the loop: the producer generates
+        "tool_call_rate": "tools/call_frequency",  # tools= / environment_factory= runs only
+        "tool_failure_rate": "tools/failure_frequency",
+        "turns_per_episode": "tools/mean_turns",
+        "turn_limit_rate": "tools/turn_limit_ratio",
     },
     actions={  # advice for the diagnostics' codes, naming this method's config fields (in backticks)
         "completions_truncated": "raise `response_length`, set `stop_token='eos'`, or penalize missing EOS with `missing_eos_penalty`.",
+        "tool_calls_failing": "read the failing calls' error messages (the episodes' tool messages, which reward functions receive in "
+                              "their completions); fix the tools or their docstrings (the schema the model reads), raise `tool_call_timeout` if "
+                              "they time out, or reward well-formed calls.",
+        "turn_limit_reached": "raise `max_tool_calling_iterations` (or `response_length`, which counts every turn's tokens), or reward "
+                              "episodes that end with an answer.",
         "throughput_bound": "lower `response_length`, raise `local_rollout_forward_batch_size`, or train each rollout longer "
                             "(`num_ppo_epochs`, `num_mini_batches`).",
         "reward_plateau": "stop here if the score is good enough (`max_steps`); otherwise raise `learning_rate` or lower `kl_coef`.",

@@ -12,7 +12,8 @@ Fields posttrain adds (TRL's PPOTrainer had none of them): ``reward_funcs`` / ``
 (reward functions instead of, or beside, a reward model), ``value_model_path`` and
 ``critic_learning_rate`` (the separate critic), ``value_head`` and ``value_head_init_std`` (a value
 head on the policy instead of a critic, the design of TRL <= 0.11's ``AutoModelForCausalLMWithValueHead``),
-``chat_template_kwargs``.
+``chat_template_kwargs``, and (0.2) ``max_tool_calling_iterations`` / ``tool_call_timeout`` (tool calling and
+environments during rollouts, GRPOConfig's fields; the trainer's ``tools=`` / ``environment_factory=``).
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ class PPOConfig(TrainingConfig):
     chat_template_kwargs: dict | None = field(default=None, metadata=_help("Extra keyword arguments of apply_chat_template for conversational prompts."))
     disable_dropout: bool = field(default=True, metadata=_help("Set every dropout probability of the policy, reference and critic to 0 (TRL's PPOTrainer always does)."))
 
+    # > Tools and environments (posttrain-ppo 0.2; TRL's PPOTrainer had none: GRPOConfig's fields, same defaults)
+    max_tool_calling_iterations: int | None = field(default=None, metadata=_help("With tools= / environment_factory=: the most tool-calling rounds per episode (None: until response_length, which then counts model-written and tool tokens over all turns)."))
+    tool_call_timeout: float | None = field(default=60.0, metadata=_help("posttrain: seconds one tool call may run; a call that runs longer is abandoned and ends its episode with stop reason 'tool_timeout' (None: no limit, as in TRL)."))
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.stop_token is not None and self.stop_token_id is not None:
@@ -123,6 +128,10 @@ class PPOConfig(TrainingConfig):
                               "optimizer at learning_rate; drop critic_learning_rate (or raise vf_coef).")
         if not self.value_head_init_std >= 0:
             raise ConfigError(f"value_head_init_std={self.value_head_init_std} is invalid: give a standard deviation >= 0.")
+        if self.max_tool_calling_iterations is not None and (isinstance(self.max_tool_calling_iterations, bool) or self.max_tool_calling_iterations < 0):
+            raise ConfigError(f"max_tool_calling_iterations={self.max_tool_calling_iterations!r} is invalid: use None (until response_length) or an integer >= 0 (0: tools are never run).")
+        if self.tool_call_timeout is not None and not self.tool_call_timeout > 0:
+            raise ConfigError(f"tool_call_timeout={self.tool_call_timeout!r} is invalid: use seconds > 0 (e.g. 60), or None for no limit.")
         if self.total_episodes is not None and (isinstance(self.total_episodes, bool) or self.total_episodes < 1):
             raise ConfigError(f"total_episodes={self.total_episodes!r} is invalid: give a number of completions >= 1, or None.")
         if isinstance(self.reward_funcs, str):

@@ -34,6 +34,14 @@ log-probs and the values, the loss is ``pg_loss + vf_coef * vf_loss`` through th
 optimizer (so the value loss also trains the trunk), and the head is saved as
 ``value_head.safetensors`` beside the policy's ``model.safetensors`` (which stays a plain
 transformers checkpoint) in every checkpoint and ``output_dir``.
+
+Tools and environments (``tools=`` / ``environment_factory=``, GRPO's contract through the core's
+``ToolCallingRollout``; TRL's PPOTrainer had none): each prompt is one multi-turn episode whose
+completion holds model-written tokens (``tool_mask`` 1) and inserted tool tokens (0). GAE runs over
+the model's own tokens only (as multi-turn PPO in veRL): :func:`compute_tool_advantages` compresses
+each row's model tokens into a prefix, runs :func:`compute_advantages` on it (the score lands on the
+state after the last model token) and scatters the results back; tool positions are padding for
+:func:`ppo_losses` (no policy, value or KL term). The forwards still read the full sequences.
 """
 
 from __future__ import annotations
@@ -46,12 +54,12 @@ from posttrain import (
     ConfigError, RolloutEngine, RolloutProducer, TrainerSurface, TrainingLoop, add_old_and_ref_logps, as_config, attach_rollout_metrics,
     build_reference_model, causal_lm_states, check_online_arguments, completion_logps, disable_dropout, evaluate_online, expand_prompts,
     generate_rollout, load_online_policy, load_pretrained, prepare_prompt_dataset, prompt_token_ids, resolve_online_rewards,
-    reward_and_length_metrics, rollout_micro_batches, sampler_is_old_policy, score_rollout,
+    reward_and_length_metrics, rollout_micro_batches, sampler_is_old_policy, score_rollout, SamplingParams, ToolCallingRollout,
 )
 
 from posttrain_ppo.config import PPOConfig
 
-__all__ = ["PPOTrainer", "PPOProducer", "INVALID_LOGPROB", "VALUE_HEAD_FILE", "compute_advantages", "explained_variance", "masked_mean",
+__all__ = ["PPOTrainer", "PPOProducer", "INVALID_LOGPROB", "VALUE_HEAD_FILE", "compute_advantages", "compute_tool_advantages", "explained_variance", "masked_mean",
            "masked_var", "masked_whiten", "penalize_missing_eos", "policy_logps_and_values", "ppo_losses", "token_values"]
 
 logger = logging.getLogger(__name__)
@@ -144,6 +152,66 @@ def compute_advantages(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, value
     advantages = masked_whiten(advantages, ~padding_mask).masked_fill(padding_mask, 0.0)
     return {"padding_mask": padding_mask, "padding_mask_p1": padding_mask_p1, "logprobs": logprobs, "values": values, "kl": kl,
             "non_score_reward": non_score_reward, "rewards": rewards, "advantages": advantages, "returns": returns}
+
+
+def compute_tool_advantages(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, values: torch.Tensor, scores: torch.Tensor,
+                            completion_mask: torch.Tensor, tool_mask: torch.Tensor, **kwargs) -> dict[str, torch.Tensor]:
+    """:func:`compute_advantages` of tool-calling episodes: GAE over the model-written tokens only (multi-turn PPO as in veRL).
+
+    Each row's model-written positions (``completion_mask * tool_mask``) are compressed into a prefix
+    of an ``(N, C')`` batch (``C'`` = the most model tokens of a row), followed by one more slot, the
+    state after the row's last model token (full column ``last + 1``: the critic's value at the hidden
+    state of that token); :func:`compute_advantages` runs on it unchanged (so the score lands on that
+    slot, or on the last token of a row that fills ``C'``), and every output is scattered back to the
+    full columns. Tool / environment positions (and padding) get padding semantics: ``padding_mask``
+    and ``padding_mask_p1`` true, ``advantages`` / ``returns`` / ``values`` / ``kl`` / ``rewards`` 0,
+    ``logprobs`` ``INVALID_LOGPROB``; the column after a row's last model token keeps its value terms
+    (TRL's T+1 rule in compressed coordinates). With ``tool_mask`` all ones it equals
+    :func:`compute_advantages`.
+
+    Args:
+        logprobs, ref_logprobs, values: ``(N, W)`` as for :func:`compute_advantages`, over the full completions.
+        scores: ``(N,)``.
+        completion_mask: ``(N, W)`` 1 on completion tokens (model-written and inserted; a prefix of each row).
+        tool_mask: ``(N, W)`` 1 on model-written tokens.
+        **kwargs: ``kl_coef``, ``kl_estimator``, ``whiten_rewards``, ``gamma``, ``lam`` of :func:`compute_advantages`.
+
+    Returns:
+        :func:`compute_advantages`' keys, ``(N, W)`` each, in full coordinates.
+
+    Raises:
+        ValueError: A row needs the state after its last model token but that token is in the last
+            column (append one padding column to the completions before the forwards: the trainer does).
+    """
+    n, width = logprobs.shape
+    device = logprobs.device
+    model = completion_mask.bool() & tool_mask.bool()  # (N, W)
+    count = model.sum(1)  # (N,) model-written tokens per row
+    compressed_width = max(int(count.max()), 1) if n else 1
+    last = torch.where(model, torch.arange(width, device=device).expand(n, width), -1).max(1).values  # (N,) column of the last model token
+    index = torch.zeros(n, compressed_width, dtype=torch.long, device=device)  # (N, C'): the full column of each compressed slot
+    rows, cols = model.nonzero(as_tuple=True)
+    index[rows, (model.long().cumsum(1) - 1)[rows, cols]] = cols
+    has_next = count < compressed_width  # the slot after the last model token is inside C'
+    after = last + 1
+    outside = has_next & (after >= width)
+    if bool(outside.any()):
+        raise ValueError(f"compute_tool_advantages: row {int(outside.nonzero()[0])}'s last model token is in the last of the {width} columns, so "
+                         "the state after it has no value; append one padding column to the completions before the forwards.")
+    index[has_next, count[has_next]] = after[has_next]
+    slot = torch.arange(compressed_width, device=device).expand(n, compressed_width)
+    prefix = (slot < count.unsqueeze(1)).to(completion_mask.dtype)  # (N, C')
+    out = compute_advantages(logprobs.gather(1, index), ref_logprobs.gather(1, index), values.gather(1, index), scores, prefix, **kwargs)
+    kept = slot <= count.unsqueeze(1)  # (N, C'): the model tokens and the slot after them
+    target_rows = torch.arange(n, device=device).unsqueeze(1).expand(n, compressed_width)[kept]
+    target_cols = index[kept]
+    fills = {"padding_mask": True, "padding_mask_p1": True, "logprobs": INVALID_LOGPROB}
+    full = {}
+    for key, value in out.items():
+        scattered = torch.full((n, width), fills.get(key, 0), dtype=value.dtype, device=value.device)
+        scattered[target_rows, target_cols] = value[kept]
+        full[key] = scattered
+    return full
 
 
 def ppo_losses(new_logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, vpred: torch.Tensor, old_values: torch.Tensor,
@@ -292,6 +360,18 @@ class PPOTrainer(TrainerSurface):
         reward_funcs: Reward functions (callables or names, as GRPO's), instead of or beside ``reward_model``.
         rollout_engine: A ``posttrain.RolloutEngine`` (default: the transformers backend sampling from the policy).
         allow_experimental: Python opt-in for this experimental method.
+        tools: Tool functions (sync or ``async def``, with type hints and a Google-style docstring), a
+            posttrain extension (GRPO's contract): each prompt becomes a multi-turn episode in which the
+            policy may call them; their results are inserted as tokens, up to ``max_tool_calling_iterations``
+            rounds and ``response_length`` tokens in all (``posttrain.ToolCallingRollout``). Needs
+            conversational prompts and a chat template that renders tools. GAE, the losses and the KL
+            cover the model-written tokens only (:func:`compute_tool_advantages`).
+        environment_factory: An environment class (instantiated without arguments, pooled), or a dict
+            of them selected per row by an ``environment`` column: ``reset(**row)`` starts each episode
+            (a returned string is appended to the prompt), its other public methods are tools, an
+            optional ``get_reward()`` is a reward (weight 1, after the reward model and functions);
+            reward functions receive ``environments=``. Without a ``train_dataset`` a single class writes
+            each prompt in ``reset()`` (empty user prompts, ``max_steps`` steps).
 
     Raises:
         posttrain.ConfigError: no reward, no dataset, a dataset without prompts, ``ref_model is model``,
@@ -303,15 +383,21 @@ class PPOTrainer(TrainerSurface):
 
     def __init__(self, args: PPOConfig | None = None, processing_class=None, model=None, ref_model=None, reward_model=None, train_dataset=None,
                  value_model=None, data_collator=None, eval_dataset=None, optimizers=(None, None), callbacks=None, peft_config=None,
-                 reward_funcs=None, rollout_engine=None, allow_experimental=False):
+                 reward_funcs=None, rollout_engine=None, allow_experimental=False, tools=None, environment_factory=None):
         self.args = args = as_config(args, PPOConfig)
         self.loop = TrainingLoop(args, method="ppo", allow_experimental=allow_experimental, callbacks=callbacks)  # the maturity gate first
         if ref_model is not None and ref_model is model:
             raise ConfigError("model and ref_model are the same object: pass ref_model=None (a frozen copy is made) or a separate copy.")
         if data_collator is not None:
             raise ConfigError("data_collator is not used by PPO here: prompts are tokenized by the rollout; pass data_collator=None.")
-        reward_spec = self._reward_spec(reward_model, reward_funcs)
-        check_online_arguments("PPO", train_dataset=train_dataset, reward_funcs=reward_spec, optimizers=optimizers)
+        if train_dataset is None and environment_factory is not None:
+            train_dataset = self._placeholder_prompts(args, environment_factory)
+        elif environment_factory is not None:
+            train_dataset = self._with_default_prompts(train_dataset)
+        # no reward model nor functions beside an environment: its get_reward() is the reward (checked once the tools are set up)
+        environment_only = environment_factory is not None and reward_model is None and not reward_funcs and not args.reward_funcs
+        reward_spec = [] if environment_only else self._reward_spec(reward_model, reward_funcs)
+        check_online_arguments("PPO", train_dataset=train_dataset, reward_funcs=reward_spec or environment_only, optimizers=optimizers)
         policy = model if model is not None else (args.model_name_or_path or args.sft_model_path)
         self.model, self.processing_class = load_online_policy(policy, args, loop=self.loop, processing_class=processing_class,
                                                                peft_config=peft_config, tags=self._tag_names)
@@ -320,8 +406,15 @@ class PPOTrainer(TrainerSurface):
         self.stop_token_id = tok.eos_token_id if args.stop_token == "eos" else args.stop_token_id
         # a reward model given as an object shares the policy's tokenizer (as in TRL); named ones load their own
         processing_classes = [tok] + [None] * (len(reward_spec) - 1) if reward_model is not None and not isinstance(reward_model, str) else None
-        rewards = resolve_online_rewards(reward_spec, args, loop=self.loop, reward_processing_classes=processing_classes)
-        self.reward_funcs, self.reward_func_names, self.reward_weights = rewards.funcs, rewards.names, rewards.weights
+        self.tool_rollout = self._setup_tools(tools, environment_factory)
+        self.tools = self.tool_rollout.all_tools() if self.tool_rollout is not None else []  # TRL's: tools= plus the environments' methods
+        if reward_spec:
+            rewards = resolve_online_rewards(reward_spec, args, loop=self.loop, reward_processing_classes=processing_classes)
+            self.reward_funcs, self.reward_func_names, self.reward_weights = rewards.funcs, rewards.names, rewards.weights
+            self.reward_processing_classes = rewards.processing_classes
+        else:  # an environment's get_reward() is the only reward
+            self.reward_funcs, self.reward_func_names, self.reward_weights, self.reward_processing_classes = [], [], torch.zeros(0), []
+        self._add_environment_rewards()
         self.ref_model = build_reference_model(self.model, ref_model, loop=self.loop, model_init_kwargs=args.model_init_kwargs, needed=True)
         if args.value_head and value_model is not None:
             raise ConfigError("value_model is given but value_head=True: the value head on the policy replaces the separate critic; pass "
@@ -354,6 +447,55 @@ class PPOTrainer(TrainerSurface):
                                     args=args, rank=rank)
 
     # -------------------------------------------------------------------------- setup
+    @staticmethod
+    def _placeholder_prompts(args, environment_factory) -> list[dict]:
+        """Without a ``train_dataset`` the environment writes the task in ``reset()`` (TRL 1.16's GRPO rule): one rollout's rows
+        (``local_batch_size``) of empty user prompts, cycled ``max_steps`` steps."""
+        if isinstance(environment_factory, dict):
+            raise ConfigError("A dict environment_factory (several environments) requires a `train_dataset` with an 'environment' column "
+                              "routing each row; pass one, or a single environment class.")
+        if args.max_steps <= 0 and args.total_episodes is None:
+            raise ConfigError("Without a train_dataset (the environment writes each prompt in reset()), set max_steps > 0 (or total_episodes): "
+                              "it is the training length.")
+        return [{"prompt": [{"role": "user", "content": ""}]} for _ in range(args.local_batch_size)]
+
+    # Copied from posttrain_grpo.trainer.GRPOTrainer._with_default_prompts
+    @staticmethod
+    def _with_default_prompts(dataset):
+        """With an environment, rows may omit ``prompt`` (TRL 1.16): ``reset()`` then writes it into an empty user message."""
+        empty = [{"role": "user", "content": ""}]
+        names = getattr(dataset, "column_names", None)
+        if isinstance(names, list):  # a datasets.Dataset
+            return dataset if "prompt" in names else dataset.add_column("prompt", [empty] * len(dataset))
+        if isinstance(dataset, (list, tuple)):
+            return [row if "prompt" in row else {**row, "prompt": empty} for row in dataset]
+        return dataset
+
+    # Copied from posttrain_grpo.trainer.GRPOTrainer._setup_tools
+    def _setup_tools(self, tools, environment_factory) -> ToolCallingRollout | None:
+        """The core's tool-calling rollout for ``tools=`` / ``environment_factory=`` (None without them)."""
+        if not tools and environment_factory is None:
+            return None
+        args = self.args
+        try:
+            return ToolCallingRollout(self.processing_class, tools=tools, environment_factory=environment_factory,
+                                      max_tool_calling_iterations=args.max_tool_calling_iterations, max_completion_length=args.max_completion_length,
+                                      tool_timeout=args.tool_call_timeout, chat_template_kwargs=args.chat_template_kwargs)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+
+    # Copied from posttrain_grpo.trainer.GRPOTrainer._add_environment_rewards
+    def _add_environment_rewards(self) -> None:
+        """Append one reward function per environment class with ``get_reward()``, named after the class, weight 1 (TRL's rule:
+        ``reward_weights`` covers ``reward_funcs``); refuse a run with no reward source at all."""
+        for name, func in self.tool_rollout.reward_functions() if self.tool_rollout is not None else []:
+            self.reward_funcs = [*self.reward_funcs, func]
+            self.reward_func_names = [*self.reward_func_names, name]
+            self.reward_processing_classes = [*self.reward_processing_classes, None]
+            self.reward_weights = torch.cat([self.reward_weights, torch.ones(1)])
+        if not self.reward_funcs:
+            raise ConfigError("No reward source provided: pass reward_funcs=[...], or an environment_factory whose environment defines get_reward().")
+
     def _reward_spec(self, reward_model, reward_funcs) -> list | None:
         """The reward functions in scoring order: the reward model first, then the functions (or the config's)."""
         funcs = reward_funcs if reward_funcs is not None else self.args.reward_funcs
@@ -441,21 +583,31 @@ class PPOTrainer(TrainerSurface):
         rollout["world"] = self.loop.accelerator.num_processes
         return [rollout]
 
-    @torch.no_grad()
-    def _rollout(self, rows: list[dict], seed: int) -> dict:
-        """Generate, score, and compute values, rewards, advantages and returns of one rollout (CPU tensors)."""
-        args, tok = self.args, self.processing_class
+    def _rollout_and_rewards(self, rows: list[dict], seed: int) -> tuple:
+        """Return ``(rollout, rewards_per_func (N, F))``: one completion per row, or one tool-calling episode per row."""
+        tok = self.processing_class
+        if self.tool_rollout is not None:  # multi-turn episodes with tools / environments
+            result = self.tool_rollout.rollout(self.engine, rows, SamplingParams(n=1, seed=seed, **self.sampling))
+            rewards_per_func = score_rollout(rows, result.prompts, result.rollout, 1, reward_funcs=self.reward_funcs,
+                                             reward_func_names=self.reward_func_names, tokenizer=tok, trainer_state=self.loop.state,
+                                             completions=result.completions,
+                                             reward_kwargs={"environments": result.environments} if result.environments is not None else None)
+            return result.rollout, rewards_per_func
         prompts, prompt_ids = expand_prompts(rows, 1, self._prompt_ids, tok)
         rollout = generate_rollout(prompts, prompt_ids, engine=self.engine, sampling=self.sampling, num_generations=1, seed=seed)
         rewards_per_func = score_rollout(rows, prompts, rollout, 1, reward_funcs=self.reward_funcs, reward_func_names=self.reward_func_names,
                                          tokenizer=tok, trainer_state=self.loop.state)  # (N, F)
-        batch = rollout_micro_batches(rollout, len(rollout), self.pad_token_id)[0]  # one (N, .) batch
-        sampling_logps = batch.pop("sampling_logprobs")
+        return rollout, rewards_per_func
+
+    def _rollout_forwards(self, batch: dict, sampling_logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The rollout's no-grad forwards over the full sequences: ``(log pi_old, log pi_ref, critic values)``, ``(N, C)`` each (CPU)."""
+        args = self.args
+        n = batch["completion_ids"].shape[0]
         chunk = self.args.local_rollout_forward_batch_size
         old, ref, values = [], [], []
         head = self.loop.policy_module("value_head") if args.value_head else None
-        for start in range(0, len(rollout), chunk):
-            index = torch.arange(start, min(start + chunk, len(rollout)))
+        for start in range(0, n, chunk):
+            index = torch.arange(start, min(start + chunk, n))
             part = _rows_of(batch, index)
             # with the value head, one policy forward gives pi_old (unless the sampler's log-probs are pi_old) and the values
             add_old_and_ref_logps(part, sampling_logps[index], model=self.model, temperature=self.temperature,
@@ -472,12 +624,33 @@ class PPOTrainer(TrainerSurface):
                 values.append(head_values.float().cpu())
             old.append(part["old_per_token_logps"])
             ref.append(part["ref_per_token_logps"])
-        old, ref, values = torch.cat(old), torch.cat(ref), torch.cat(values)  # (N, C)
+        return torch.cat(old), torch.cat(ref), torch.cat(values)  # (N, C)
+
+    @torch.no_grad()
+    def _rollout(self, rows: list[dict], seed: int) -> dict:
+        """Generate, score, and compute values, rewards, advantages and returns of one rollout (CPU tensors)."""
+        args, tok = self.args, self.processing_class
+        rollout, rewards_per_func = self._rollout_and_rewards(rows, seed)
+        batch = rollout_micro_batches(rollout, len(rollout), self.pad_token_id)[0]  # one (N, .) batch
+        tool_mask = batch.pop("tool_mask", None)  # (N, C) 1 at model-written tokens: tool-calling episodes only
+        if tool_mask is not None:  # one padding column more, so the state after a last model token in the last column has a value
+            for key, fill in (("completion_ids", self.pad_token_id), ("completion_mask", 0), ("sampling_logprobs", 0.0)):
+                batch[key] = torch.cat([batch[key], torch.full((len(rollout), 1), fill, dtype=batch[key].dtype)], dim=1)
+            tool_mask = torch.cat([tool_mask, torch.zeros(len(rollout), 1, dtype=tool_mask.dtype)], dim=1)
+        sampling_logps = batch.pop("sampling_logprobs")
+        old, ref, values = self._rollout_forwards(batch, sampling_logps)  # (N, C): the forwards read the full sequences
         mask = batch["completion_mask"]
         scores = (rewards_per_func * self.reward_weights.unsqueeze(0)).nansum(dim=1)  # (N,); unscorable rows score 0
-        scores, contains_eos = penalize_missing_eos(scores, batch["completion_ids"], mask, tok.eos_token_id, args.missing_eos_penalty)
-        out = compute_advantages(old, ref, values, scores, mask, kl_coef=args.kl_coef, kl_estimator=args.kl_estimator,
-                                 whiten_rewards=args.whiten_rewards, gamma=args.gamma, lam=args.lam)
+        gae = dict(kl_coef=args.kl_coef, kl_estimator=args.kl_estimator, whiten_rewards=args.whiten_rewards, gamma=args.gamma, lam=args.lam)
+        if tool_mask is None:
+            scores, contains_eos = penalize_missing_eos(scores, batch["completion_ids"], mask, tok.eos_token_id, args.missing_eos_penalty)
+            out = compute_advantages(old, ref, values, scores, mask, **gae)
+        else:  # an episode holds its EOS when its last model-written token is the EOS (its last turn was not cut)
+            model = mask.bool() & tool_mask.bool()  # (N, C)
+            last = torch.where(model, torch.arange(model.shape[1]).expand_as(model), 0).max(1).values  # (N,)
+            last_token = batch["completion_ids"].gather(1, last.unsqueeze(1))  # (N, 1)
+            scores, contains_eos = penalize_missing_eos(scores, last_token, model.any(1, keepdim=True), tok.eos_token_id, args.missing_eos_penalty)
+            out = compute_tool_advantages(old, ref, values, scores, mask, tool_mask, **gae)  # tool positions: padding semantics
         value_tokens = ~out["padding_mask_p1"]
         tokens = ~out["padding_mask"]
         metrics = reward_and_length_metrics(rollout, rewards_per_func, self.reward_weights, self.reward_func_names,
