@@ -413,6 +413,46 @@ def test_a_critic_that_does_not_move_fires_critic_not_learning(tiny_model_dir, t
     assert events["critic_not_learning"]["evidence"]["recent_mean"] <= 0
 
 
+def test_tools_that_always_fail_in_episodes_cut_by_the_turn_limit_fire_both_tool_codes(tmp_path):
+    # GRPO with tools: a policy that calls a tool in every turn (a scripted rollout backend: a random tiny model never
+    # writes a tool call), a tool that always raises, and one tool round allowed: every call fails and every episode is
+    # cut by the turn limit
+    from posttrain import RolloutBatch, RolloutEngine
+    from posttrain.methods.grpo import GRPOConfig, GRPOTrainer
+    from posttrain.testing.tiny_model import build_model, build_tokenizer
+
+    tok = build_tokenizer(tools=True)
+    call = tok('<tool_call>\n{"name": "lookup", "arguments": {"key": "x"}}\n</tool_call><|im_end|>', add_special_tokens=False)["input_ids"]
+
+    class AlwaysCalls:
+        policy_version, samples_from_policy = 0, False
+
+        def generate(self, prompt_ids, sampling, model_inputs=None):
+            return RolloutBatch([list(p) for p in prompt_ids], [call] * len(prompt_ids), [[-0.5] * len(call)] * len(prompt_ids), [False] * len(prompt_ids))
+
+        def update_weights(self, model):
+            self.policy_version += 1
+
+    def lookup(key: str) -> str:
+        """Look a key up.
+
+        Args:
+            key: The key.
+        """
+        raise KeyError(key)
+
+    out = str(tmp_path / "run")
+    args = GRPOConfig(output_dir=out, max_steps=5, per_device_train_batch_size=4, num_generations=4, max_completion_length=200, logging_steps=1,
+                      save_strategy="no", report_to=[], disable_tqdm=True, max_tool_calling_iterations=1)
+    rows = [{"prompt": [{"role": "user", "content": f"find {i}"}]} for i in range(8)]
+    GRPOTrainer(model=build_model(tok), reward_funcs=[_constant], args=args, train_dataset=rows, processing_class=tok, tools=[lookup],
+                rollout_engine=RolloutEngine(AlwaysCalls())).train()
+    events = {e["code"]: e for e in diagnose(out)["events"]}
+    assert events["tool_calls_failing"]["evidence"]["recent_mean"] == 1.0, events
+    assert events["turn_limit_reached"]["evidence"]["recent_mean"] == 1.0 and events["turn_limit_reached"]["severity"] == "warning"
+    assert "`max_tool_calling_iterations`" in events["turn_limit_reached"]["action"]
+
+
 def test_every_code_is_provoked_by_a_test_in_this_file():
     text = open(__file__).read()
     assert all(f'"{code}"' in text for code in CODES), [code for code in CODES if f'"{code}"' not in text]
