@@ -275,6 +275,7 @@ class ToolCallingRollout:
         if not self.tools and not self.factories:
             raise ValueError("ToolCallingRollout: give tools=[...] or environment_factory=...; with neither there is nothing to call.")
         self._pools: dict[Any, list] = {}
+        self._schemas: dict[Any, list[dict]] = {}  # environment class (None: no environment) -> the tools' schemas
         self._reward_types: list[type] = []
         if self.factories is not None:
             for name, factory in self.factories.items():
@@ -304,7 +305,11 @@ class ToolCallingRollout:
             if name in tools:
                 raise ValueError(f"tools: two tools are named {name!r}; tool names must be unique (rename one).")
             tools[name] = tool
-        return _EpisodeTools(tools, [tool_schema(t) for t in tools.values()], environment)
+        key = type(environment) if environment is not None else None  # a class's methods have one schema: built once
+        schemas = self._schemas.get(key)
+        if schemas is None:
+            schemas = self._schemas[key] = [tool_schema(t) for t in tools.values()]
+        return _EpisodeTools(tools, schemas, environment)
 
     def all_tools(self) -> list[Callable]:
         """Every tool an episode may get: ``tools=`` then each probed environment's methods (TRL's ``trainer.tools``), without repeats."""

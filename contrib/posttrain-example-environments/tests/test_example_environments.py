@@ -10,29 +10,13 @@ import sys
 import pytest
 
 import posttrain
-from posttrain import RolloutBatch, SamplingParams, ToolCallingRollout
+from posttrain import SamplingParams, ToolCallingRollout
+from posttrain.testing.scripted import ScriptedToolTurns
 from posttrain.testing.tiny_model import build_model, build_tokenizer
 from posttrain_example_environments import CalculatorEnv, GuessNumberEnv
 
 pytestmark = pytest.mark.skipif(not any(i.name == "guess_number" for i in posttrain.list_environments()),
                                 reason="posttrain-example-environments is not pip-installed (its entry points are not registered)")
-
-
-class ScriptedTurns:
-    """The k-th model turn of every episode is ``turns[k]`` (k read from the context's <|im_start|> headers)."""
-
-    policy_version = 0
-    samples_from_policy = False
-
-    def __init__(self, tok, turns):
-        self.turns, self.header = turns, tok.convert_tokens_to_ids("<|im_start|>")
-
-    def generate(self, prompt_ids, sampling, model_inputs=None):
-        out = [self.turns[min((list(p).count(self.header) - 3) // 2, len(self.turns) - 1)][: sampling.max_tokens] for p in prompt_ids]
-        return RolloutBatch([list(p) for p in prompt_ids], out, [[-0.5] * len(c) for c in out], [False] * len(out))
-
-    def update_weights(self, model):
-        self.policy_version += 1
 
 
 def _call(tok, name, **arguments):
@@ -63,7 +47,7 @@ def test_a_multi_turn_guessing_game_with_feedback(tok):
     turns = [_call(tok, "guess", n=10), _call(tok, "guess", n=15), _call(tok, "guess", n=13), tok("got it<|im_end|>", add_special_tokens=False)["input_ids"]]
     runner = ToolCallingRollout(tok, environment_factory="guess_number", max_tool_calling_iterations=5, max_completion_length=1000)
     rows = [{"prompt": [{"role": "user", "content": "Play."}], "target": 13}, {"prompt": [{"role": "user", "content": "Play."}], "target": 3}]
-    result = runner.rollout(ScriptedTurns(tok, turns), rows, SamplingParams(max_tokens=100))
+    result = runner.rollout(ScriptedToolTurns(tok, turns), rows, SamplingParams(max_tokens=100))
     feedback = [[m["content"] for m in c if m["role"] == "tool"] for c in result.completions]
     assert feedback == [["higher", "lower", "correct"], ["lower", "lower", "lower"]]
     assert result.prompts[0][-1]["content"] == "Play. Guess my number between 1 and 20."

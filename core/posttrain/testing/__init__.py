@@ -16,6 +16,9 @@ Fixtures:
     register_method: ``register_method(spec, distribution=..., version=...)`` makes a spec visible
         to the default registry until the test ends.
     clean_gate: no maturity-gate environment variables and a fresh default registry for one test.
+
+Helpers: :class:`posttrain.testing.scripted.ScriptedToolTurns` (a rollout backend writing fixed model turns,
+for tests of the tool-calling path).
 """
 
 from __future__ import annotations

@@ -17,8 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from posttrain import ConfigError, DataError, RolloutBatch, RolloutEngine
+from posttrain import ConfigError, DataError, RolloutEngine
 from posttrain.methods.distill import DistillationConfig, DistillationTrainer
+from posttrain.testing.scripted import ScriptedToolTurns
 from posttrain.testing.tiny_model import build_model, build_tokenizer
 
 from distill_helpers import rel_err
@@ -60,26 +61,6 @@ def _call_ids(tok, name, **arguments) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-class ScriptedTurns:
-    """Writes ``turns[k]`` as the k-th model turn of every episode (read from the context's <|im_start|> count); log-prob -0.7."""
-
-    policy_version = 0
-    samples_from_policy = False
-
-    def __init__(self, tok, turns):
-        self.turns, self.header = turns, tok.convert_tokens_to_ids("<|im_start|>")
-
-    def generate(self, prompt_ids, sampling, model_inputs=None):
-        out = []
-        for p in prompt_ids:
-            k = (list(p).count(self.header) - 3) // 2  # system (tools), user, assistant; +2 per tool round
-            out.append(self.turns[min(k, len(self.turns) - 1)][: sampling.max_tokens])
-        return RolloutBatch([list(p) for p in prompt_ids], out, [[-0.7] * len(c) for c in out], [False] * len(out))
-
-    def update_weights(self, model):
-        self.policy_version += 1
-
-
 def _turns(tok) -> list[list[int]]:
     return [_call_ids(tok, "multiply", a=6, b=7), tok("it is 42<|im_end|>", add_special_tokens=False)["input_ids"]]
 
@@ -91,7 +72,7 @@ def _trainer(tok, tmp_path, *, dtype=torch.float32, sharpen=False, **overrides) 
             student.lm_head.weight.mul_(8.0)
             teacher.lm_head.weight.mul_(20.0)
     return DistillationTrainer(model=student, teacher_model=teacher, args=_config(tmp_path, **overrides), train_dataset=ROWS, processing_class=tok,
-                               tools=[multiply], rollout_engine=RolloutEngine(ScriptedTurns(tok, _turns(tok))))
+                               tools=[multiply], rollout_engine=RolloutEngine(ScriptedToolTurns(tok, _turns(tok), logprob=-0.7)))
 
 
 def _tool_batch(trainer) -> dict:
@@ -224,7 +205,7 @@ def test_served_teacher_reads_the_tool_tokens_and_the_loss_skips_them(tok, tmp_p
     with TeacherServer(copy.deepcopy(local.teacher_model), tok) as server:
         served = DistillationTrainer(model=copy.deepcopy(local.model), processing_class=tok, tools=[multiply], train_dataset=ROWS,
                                      args=_config(tmp_path / "served", temperature=0.9, teacher_model_server_url=server.url, teacher_server_max_retries=0),
-                                     rollout_engine=RolloutEngine(ScriptedTurns(tok, _turns(tok))))
+                                     rollout_engine=RolloutEngine(ScriptedToolTurns(tok, _turns(tok), logprob=-0.7)))
         batch = _tool_batch(served)
     ids = torch.cat([batch["prompt_ids"], batch["completion_ids"]], 1)
     attention = torch.cat([batch["prompt_mask"], batch["completion_mask"]], 1)

@@ -13,8 +13,9 @@ import random
 import pytest
 import torch
 
-from posttrain import ConfigError, RolloutBatch, RolloutEngine
+from posttrain import ConfigError, RolloutEngine
 from posttrain.methods.grpo import GRPOConfig, GRPOTrainer
+from posttrain.testing.scripted import ScriptedToolTurns
 from posttrain.testing.tiny_model import build_model, build_tokenizer
 
 
@@ -121,26 +122,6 @@ def _call_ids(tok, name, **arguments):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-class ScriptedTurns:
-    """Writes ``turns[k]`` as the k-th model turn of every episode (read from the context's <|im_start|> count); log-prob -0.7."""
-
-    policy_version = 0
-    samples_from_policy = False
-
-    def __init__(self, tok, turns):
-        self.turns, self.header = turns, tok.convert_tokens_to_ids("<|im_start|>")
-
-    def generate(self, prompt_ids, sampling, model_inputs=None):
-        out = []
-        for p in prompt_ids:
-            k = (list(p).count(self.header) - 3) // 2  # system (tools), user, assistant; +2 per tool round
-            out.append(self.turns[min(k, len(self.turns) - 1)][: sampling.max_tokens])
-        return RolloutBatch([list(p) for p in prompt_ids], out, [[-0.7] * len(c) for c in out], [False] * len(out))
-
-    def update_weights(self, model):
-        self.policy_version += 1
-
-
 # ----------------------------------------------------------------------------- tests
 def test_trl_environment_without_a_dataset_trains(tok, tmp_path):
     """TRL's IncrementEnv, no train_dataset: reset() writes the prompt, get_reward() is the reward, increment() a tool."""
@@ -170,7 +151,7 @@ def test_trl_tools_and_dataset_environment_with_a_reward_function(tok, tmp_path)
     args = _config(tmp_path, max_completion_length=200, max_tool_calling_iterations=3, reward_weights=[1.0, 0.5])
     trainer = GRPOTrainer(model=build_model(tok), reward_funcs=[format_reward, env_state], args=args, train_dataset=dataset, processing_class=tok,
                           tools=[multiply, async_add], environment_factory=DatasetIncrementEnv,
-                          rollout_engine=RolloutEngine(ScriptedTurns(tok, turns)))
+                          rollout_engine=RolloutEngine(ScriptedToolTurns(tok, turns, logprob=-0.7)))
     assert trainer.reward_func_names == ["format_reward", "env_state", "DatasetIncrementEnv"]
     assert trainer.reward_weights.tolist() == [1.0, 0.5, 1.0]  # reward_weights covers reward_funcs; the environment's weight is 1
     trainer.train()
@@ -191,7 +172,7 @@ def test_tool_tokens_carry_no_loss(tok, tmp_path):
     args = _config(tmp_path, max_completion_length=200, beta=0.1, num_iterations=2, loss_type="grpo")
     rows = [{"prompt": [{"role": "user", "content": "what is 6 times 7"}]}, {"prompt": [{"role": "user", "content": "6 x 7 ="}]}]
     trainer = GRPOTrainer(model=model, reward_funcs=[lambda completions, **kw: [float(i) for i in range(len(completions))]], args=args,
-                          train_dataset=rows, processing_class=tok, tools=[multiply], rollout_engine=RolloutEngine(ScriptedTurns(tok, turns)))
+                          train_dataset=rows, processing_class=tok, tools=[multiply], rollout_engine=RolloutEngine(ScriptedToolTurns(tok, turns, logprob=-0.7)))
     (batch, *_) = trainer._generate_and_score(rows[:1], seed=0)
     tool = batch["tool_mask"]
     assert tool.shape == batch["completion_mask"].shape and 0 < int(tool.sum()) < int(batch["completion_mask"].sum())

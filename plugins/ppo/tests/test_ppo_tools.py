@@ -13,7 +13,8 @@ import random
 import pytest
 import torch
 
-from posttrain import ConfigError, RolloutBatch, RolloutEngine
+from posttrain import ConfigError, RolloutEngine
+from posttrain.testing.scripted import ScriptedToolTurns
 from posttrain.testing.tiny_model import build_model, build_reward_model, build_tokenizer
 
 
@@ -82,26 +83,6 @@ def _call_ids(tok, name, **arguments):
 
 
 # as in plugins/grpo/tests/test_grpo_tools.py (unchanged)
-class ScriptedTurns:
-    """Writes ``turns[k]`` as the k-th model turn of every episode (read from the context's <|im_start|> count); log-prob -0.7."""
-
-    policy_version = 0
-    samples_from_policy = False
-
-    def __init__(self, tok, turns):
-        self.turns, self.header = turns, tok.convert_tokens_to_ids("<|im_start|>")
-
-    def generate(self, prompt_ids, sampling, model_inputs=None):
-        out = []
-        for p in prompt_ids:
-            k = (list(p).count(self.header) - 3) // 2  # system (tools), user, assistant; +2 per tool round
-            out.append(self.turns[min(k, len(self.turns) - 1)][: sampling.max_tokens])
-        return RolloutBatch([list(p) for p in prompt_ids], out, [[-0.7] * len(c) for c in out], [False] * len(out))
-
-    def update_weights(self, model):
-        self.policy_version += 1
-
-
 def _calculator_trainer(tok, tmp_path, dtype=None, **overrides):
     from posttrain_ppo.trainer import PPOTrainer
 
@@ -115,7 +96,7 @@ def _calculator_trainer(tok, tmp_path, dtype=None, **overrides):
     rows = [{"prompt": [{"role": "user", "content": f"what is 6 times 7? ({i})"}]} for i in range(8)]
     trainer = PPOTrainer(args=_config(tmp_path, **overrides), processing_class=tok, model=build_model(tok, dtype=dtype),
                          value_model=build_reward_model(tok, dtype=dtype, seed=1), reward_funcs=[answer_reward], train_dataset=rows,
-                         tools=[multiply], rollout_engine=RolloutEngine(ScriptedTurns(tok, turns)), allow_experimental=True)
+                         tools=[multiply], rollout_engine=RolloutEngine(ScriptedToolTurns(tok, turns, logprob=-0.7)), allow_experimental=True)
     return trainer, rows, turns, seen
 
 
@@ -143,7 +124,7 @@ def test_ppo_trains_with_a_trl_environment_and_no_dataset(opt_in, tok, tmp_path)
     turns = [_call_ids(tok, "increment", step=3), tok("done<|im_end|>", add_special_tokens=False)["input_ids"]]
     args = _config(tmp_path, value_head=True)
     trainer = PPOTrainer(args=args, processing_class=tok, model=build_model(tok), environment_factory=IncrementEnv,
-                         rollout_engine=RolloutEngine(ScriptedTurns(tok, turns)), allow_experimental=True)
+                         rollout_engine=RolloutEngine(ScriptedToolTurns(tok, turns, logprob=-0.7)), allow_experimental=True)
     assert trainer.reward_func_names == ["IncrementEnv"] and trainer.reward_weights.tolist() == [1.0]
     assert [t.__name__ for t in trainer.tools] == ["increment"]
     trainer.train()
