@@ -177,7 +177,7 @@ def run_tool_call(call: Mapping, tools: Mapping[str, Callable], *, timeout: floa
         try:
             value = tool(**arguments)
             if inspect.isawaitable(value):
-                value = asyncio.run(_awaited(value))
+                value = _run_sync(value)
             box["value"] = value
         except BaseException as exc:  # reported to the model, never raised into the run
             box["error"] = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
@@ -194,8 +194,32 @@ def run_tool_call(call: Mapping, tools: Mapping[str, Callable], *, timeout: floa
     return ToolCallResult(name, value if isinstance(value, list) else str(value))
 
 
-async def _awaited(value: Any) -> Any:
-    return await value
+def _run_sync(awaitable: Any) -> Any:
+    """Run a coroutine to completion from synchronous code (in a worker thread when this thread already runs an event loop)."""
+    if not inspect.isawaitable(awaitable):
+        return awaitable
+
+    async def main() -> Any:
+        return await awaitable
+
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(main())
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = asyncio.run(main())
+        except BaseException as exc:  # re-raised in the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="posttrain-environment-async", daemon=True)
+    thread.start()
+    thread.join()
+    if "error" in box:
+        raise box["error"]
+    return box.get("value")
 
 
 class ToolRolloutResult(NamedTuple):
@@ -335,7 +359,7 @@ class ToolCallingRollout:
                         continue
                     value = env.get_reward()
                     if inspect.isawaitable(value):
-                        value = asyncio.run(_awaited(value))
+                        value = _run_sync(value)
                     out.append(value)
                 return out
             get_reward.__name__ = env_type.__name__

@@ -19,13 +19,11 @@ missing one is reported in one line with the ``pip`` command.
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 import inspect
 import json
 import keyword
 import re
-import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Optional, Union
 
@@ -50,32 +48,8 @@ def _require(module: str, *, pip: str, adapter: str) -> Any:
         raise ImportError(f"{adapter} needs the {pip.split()[-1]!r} library ({missing!r} is not importable): pip install {pip}") from None
 
 
-def _run_sync(awaitable: Any) -> Any:
-    """Run a coroutine to completion from synchronous code (in a worker thread when this thread already runs an event loop)."""
-    if not inspect.isawaitable(awaitable):
-        return awaitable
-
-    async def main() -> Any:
-        return await awaitable
-
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(main())
-    box: dict[str, Any] = {}
-
-    def target() -> None:
-        try:
-            box["value"] = asyncio.run(main())
-        except BaseException as exc:  # re-raised in the caller's thread
-            box["error"] = exc
-
-    thread = threading.Thread(target=target, name="posttrain-environment-async", daemon=True)
-    thread.start()
-    thread.join()
-    if "error" in box:
-        raise box["error"]
-    return box.get("value")
+# one implementation, shared with the tool runner
+from posttrain._tools import _run_sync  # noqa: E402
 
 
 def _snake(name: str) -> str:
