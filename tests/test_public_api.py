@@ -39,7 +39,7 @@ def test_plugin_api_is_1_6():
     # 1.5: online core 2.0 (episodes, producers, judges, the online steps, several models); 1.6: distillation
     # (TeacherServer / TeacherServerClient / TeacherServerError, the teacher_entropy role, the distillation diagnostics)
     # 1.7: policy modules, the critic roles; 1.8: tools and environments (ToolCallingRollout, posttrain.environments entry points)
-    assert posttrain.API_VERSION == "1.8"
+    assert posttrain.API_VERSION == "1.9"
     assert "triple_preference" in posttrain.DATA_FORMATS
     for name in ("Episode", "EpisodeBatch", "RolloutProducer", "PromptSource", "PairwiseJudge", "load_pretrained", "generate_rollout"):
         assert name in posttrain.__all__, name

@@ -57,7 +57,7 @@ def test_invalid_spec_is_status_error_naming_the_field(make_plugin):
 
 @pytest.mark.parametrize(
     ("plugin_api", "fix"),
-    [("2.0", "upgrade posttrain to a release with plugin API 2.x"), ("0.9", "install a posttrain-demo release built for API 1.x"), ("1.9", "upgrade posttrain (pip install -U posttrain)")],
+    [("2.0", "upgrade posttrain to a release with plugin API 2.x"), ("0.9", "install a posttrain-demo release built for API 1.x"), ("1.10", "upgrade posttrain (pip install -U posttrain)")],
 )
 def test_plugin_api_of_other_major_or_newer_minor_is_incompatible_naming_versions_and_fix(plugin_api, fix):
     info = Registry(entry_points=[FakeEntryPoint("demo", obj=spec(plugin_api=plugin_api))]).get_info("demo")

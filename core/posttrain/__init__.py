@@ -16,7 +16,7 @@ from posttrain.config import ConfigError, TrainingConfig, as_config, closest_fie
 
 #: Version of the plugin contract ("MAJOR.MINOR"). A plugin built for another major, or for a
 #: newer minor, is refused (see STABILITY.md).
-API_VERSION = "1.8"
+API_VERSION = "1.9"
 
 try:  # the distribution's version, single-sourced from pyproject.toml
     from importlib.metadata import version as _dist_version
@@ -149,6 +149,23 @@ _LAZY = {
     "EnvironmentInfo": "posttrain._environments:EnvironmentInfo",
     "list_environments": "posttrain._environments:list_environments",
     "load_environment": "posttrain._environments:load_environment",
+    # vision-language models: processors, images in rows, extra model inputs in batches (plugin API 1.9)
+    "IMAGE_COLUMNS": "posttrain._vision:IMAGE_COLUMNS",
+    "SEQUENCE_INPUT_KEYS": "posttrain._vision:SEQUENCE_INPUT_KEYS",
+    "is_processor": "posttrain._vision:is_processor",
+    "processor_tokenizer": "posttrain._vision:processor_tokenizer",
+    "image_column": "posttrain._vision:image_column",
+    "load_image": "posttrain._vision:load_image",
+    "row_images": "posttrain._vision:row_images",
+    "prepare_multimodal_messages": "posttrain._vision:prepare_multimodal_messages",
+    "count_image_placeholders": "posttrain._vision:count_image_placeholders",
+    "vision_prompt_inputs": "posttrain._vision:vision_prompt_inputs",
+    "collate_model_inputs": "posttrain._vision:collate_model_inputs",
+    "sequence_model_inputs": "posttrain._vision:sequence_model_inputs",
+    "is_vision_model": "posttrain._vision:is_vision_model",
+    "check_vision_model": "posttrain._vision:check_vision_model",
+    "freeze_vision_tower": "posttrain._vision:freeze_vision_tower",
+    "vision_tower_of": "posttrain._vision:vision_tower_of",
     # the producer the loop does not own (plugin API 1.5)
     "PromptSource": "posttrain._producer:PromptSource",
     "ProduceRequest": "posttrain._producer:ProduceRequest",

@@ -159,6 +159,13 @@ class TrainingLoop(_AcceleratorSetup, _DataOrder, _ModelIO, _Optimization, _RunL
         if method is not None:
             check_method(method, plugin=self.method_name)
             self._checked = True
+        if getattr(self.args, "freeze_vision_tower", False):
+            from posttrain._vision import freeze_vision_tower, is_vision_model
+
+            if not is_vision_model(model):
+                raise ConfigError(f"freeze_vision_tower=True but the model ({type(model).__name__}) is text-only (no vision_config): drop the option.")
+            frozen = freeze_vision_tower(model)
+            self.accelerator.print(f"[posttrain] freeze_vision_tower: {frozen:,} parameters of the vision encoder frozen")
         config = getattr(model, "config", None)
         if getattr(config, "is_encoder_decoder", False) is True and not getattr(method, "supports_encoder_decoder", False):
             raise ConfigError(

@@ -256,6 +256,8 @@ class _ModelIO:
             state_dict = {}
             for fname in files:
                 state_dict.update(load_file(os.path.join(directory, fname)))
+        if not is_adapter:
+            state_dict = _as_model_keys(model, state_dict)
         module_states = self._policy_module_states(directory)
         if not is_adapter:  # the policy modules' weights, under their submodule names
             for name, tensors in module_states.items():
@@ -322,6 +324,31 @@ class _ModelIO:
         api.create_repo(repo_id, exist_ok=True, private=args.hub_private_repo)
         ignore = [] if args.hub_strategy == "all_checkpoints" else ["checkpoint-*", "tmp-*"]
         return api.upload_folder(folder_path=args.output_dir, repo_id=repo_id, revision=args.hub_revision, commit_message=commit_message, ignore_patterns=ignore)
+
+
+def _as_model_keys(model, state_dict: dict) -> dict:
+    """``state_dict`` (read from files ``save_pretrained`` wrote) under the model's own parameter names.
+
+    transformers 5 saves some architectures under their checkpoint names, not their module names
+    (Gemma 3: ``language_model.model.*`` for the module ``model.language_model.*``); its own
+    ``revert_weight_conversion`` gives the saved name of each of the model's tensors, which is
+    inverted here. Keys already the model's, or a conversion that is more than a renaming, are
+    left as they are (the strict check that follows reports a mismatch).
+    """
+    own = model.state_dict()
+    if set(state_dict) <= set(own):
+        return state_dict
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+
+        reverted = revert_weight_conversion(model, dict(own))
+    except Exception:  # an older transformers, or a model without a conversion
+        return state_dict
+    by_id = {id(tensor): key for key, tensor in own.items()}
+    saved_to_model = {saved: by_id.get(id(tensor)) for saved, tensor in reverted.items()}
+    if any(key is None for key in saved_to_model.values()):  # a conversion that builds new tensors: not a renaming
+        return state_dict
+    return {saved_to_model.get(key, key): value for key, value in state_dict.items()}
 
 
 def _shard_frozen_with_deepspeed(model, accelerator):

@@ -48,7 +48,8 @@ def load_pretrained(
     The rules, the same for every role:
 
     * **auto class**: ``auto_class`` when given, else ``AutoModelForCausalLM`` for the policy,
-      reference, teacher and judge, and ``AutoModelForSequenceClassification`` with
+      reference, teacher and judge (``AutoModelForImageTextToText`` when the config has a
+      ``vision_config``, and then the processor, ``AutoProcessor``, is the tokenizer), and ``AutoModelForSequenceClassification`` with
       ``num_labels=1`` (unless ``model_init_kwargs`` names ``num_labels``) for the reward model and
       the critic (TRL's PPO value model is that class with one label).
     * **dtype**: ``model_init_kwargs["dtype"]`` (or its old name ``torch_dtype``): a ``torch.dtype``,
@@ -126,12 +127,14 @@ def load_pretrained(
             if role in _SCALAR_ROLES:
                 auto_class = transformers.AutoModelForSequenceClassification
                 kwargs.setdefault("num_labels", 1)
+            elif _declares_vision(name, trust_remote_code, kwargs):
+                auto_class = transformers.AutoModelForImageTextToText  # a vision-language model (plugin API 1.9)
             else:
                 auto_class = transformers.AutoModelForCausalLM
         model = _from_pretrained(auto_class, name, "model", role, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
         if tokenizer is None and load_tokenizer:
             location = {key: kwargs[key] for key in _LOCATION_KWARGS if key in kwargs}
-            tokenizer = _load_tokenizer(name, role, trust_remote_code=trust_remote_code, **location)
+            tokenizer = _load_tokenizer(name, role, trust_remote_code=trust_remote_code, vision=_model_is_vision(model), **location)
     else:
         model = name_or_model
         if quantization_config is not None:
@@ -146,9 +149,9 @@ def load_pretrained(
                     f"the {role} model object has no config._name_or_path to load its tokenizer from: pass its tokenizer "
                     "(the trainer's processing_class=..., or tokenizer=...)."
                 )
-            tokenizer = _load_tokenizer(name, role, trust_remote_code=trust_remote_code)
+            tokenizer = _load_tokenizer(name, role, trust_remote_code=trust_remote_code, vision=_model_is_vision(model))
     if tokenizer is not None:
-        _ensure_pad_token(tokenizer, model, role)
+        _ensure_pad_token(getattr(tokenizer, "tokenizer", None) if _is_processor(tokenizer) else tokenizer, model, role)
         config = getattr(model, "config", None)
         if role in _SCALAR_ROLES and config is not None and getattr(config, "pad_token_id", None) is None:
             config.pad_token_id = getattr(tokenizer, "pad_token_id", None)
@@ -198,10 +201,33 @@ def _from_pretrained(auto_class: Any, name: str, what: str, role: str, **kwargs:
         raise ConfigError(f"cannot load the {what} {name!r} {of} the {role} model: {_first_line(exc)}{fix}") from exc
 
 
-def _load_tokenizer(name: str, role: str, **kwargs: Any) -> Any:
-    """``AutoTokenizer.from_pretrained(name)``; an empty tokenizer (transformers 5 builds one from a directory without tokenizer files) is refused."""
+def _is_processor(obj: Any) -> bool:
+    return getattr(obj, "image_processor", None) is not None and getattr(obj, "tokenizer", None) is not None
+
+
+def _model_is_vision(model: Any) -> bool:
+    return getattr(getattr(model, "config", None), "vision_config", None) is not None
+
+
+def _declares_vision(name: str, trust_remote_code: bool, kwargs: dict) -> bool:
+    """Whether the config at ``name`` is a vision-language model's (it has a ``vision_config``); False when it cannot be read."""
     import transformers
 
+    location = {key: kwargs[key] for key in _LOCATION_KWARGS if key in kwargs}
+    try:
+        config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **location)
+    except Exception:  # the model load below reports a missing or unreadable model in its own words
+        return False
+    return getattr(config, "vision_config", None) is not None
+
+
+def _load_tokenizer(name: str, role: str, *, vision: bool = False, **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained(name)`` (``AutoProcessor`` for a vision-language model); an empty tokenizer
+    (transformers 5 builds one from a directory without tokenizer files) is refused."""
+    import transformers
+
+    if vision:
+        return _from_pretrained(transformers.AutoProcessor, name, "tokenizer", role, **kwargs)
     tokenizer = _from_pretrained(transformers.AutoTokenizer, name, "tokenizer", role, **kwargs)
     if hasattr(tokenizer, "__len__") and len(tokenizer) <= 1:
         raise ConfigError(

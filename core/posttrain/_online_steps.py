@@ -36,6 +36,7 @@ from posttrain._chunked import causal_lm_states
 from posttrain._online import nanstd
 from posttrain._plumbing import adapter_disabled, build_reward_functions, disable_dropout, is_peft_model, resolve_dtype, tokenize_prompt
 from posttrain._rollout import RolloutBatch, RolloutEngine, SamplingParams
+from posttrain._vision import collate_model_inputs, sequence_model_inputs
 from posttrain.config import ConfigError
 
 __all__ = [
@@ -621,6 +622,11 @@ def rollout_micro_batches(rollout: RolloutBatch, size: int, pad_token_id: int, *
         tokens, 0 at tool or environment tokens; ``rollout_func`` may return it as ``env_mask``, TRL's
         name) also gets ``tool_mask`` ``(b, C)`` long, and ``num_completion_tokens`` counts the
         model-written tokens only: losses, KL and importance ratios multiply ``completion_mask`` by it.
+        A rollout whose ``extras`` has ``model_inputs`` (one dict of a vision-language model's extra
+        inputs per completion, e.g. from :func:`~posttrain.vision_prompt_inputs`) gets them batched as
+        ``model_inputs`` (:func:`~posttrain.collate_model_inputs`; token-aligned ones such as
+        ``token_type_ids`` ``(b, P + C)``, 0 on padding and completion), which :func:`completion_logps`
+        passes to the model; they are not repeated in ``extras``.
 
     Raises:
         ValueError: ``size < 1``, or the rollout is empty.
@@ -643,8 +649,14 @@ def rollout_micro_batches(rollout: RolloutBatch, size: int, pad_token_id: int, *
         batch["num_completion_tokens"] = int(trained.sum())
         batch["num_tokens"] = int(batch["prompt_mask"].sum()) + batch["num_completion_tokens"]
         batch["truncated"] = torch.tensor(sub.truncated, dtype=torch.bool)
-        if sub.extras:
-            batch["extras"] = sub.extras
+        extras = dict(sub.extras or {})
+        per_sample = extras.pop("model_inputs", None)
+        if per_sample is not None and any(per_sample):  # images: the model's extra inputs, batched, token-aligned ones over P + C
+            width, total = batch["prompt_ids"].shape[1], batch["prompt_ids"].shape[1] + batch["completion_ids"].shape[1]
+            batch["model_inputs"] = {**collate_model_inputs(per_sample),
+                                     **sequence_model_inputs(per_sample, [len(p) for p in sub.prompt_ids], width, total_width=total)}
+        if extras:
+            batch["extras"] = extras
         batches.append(batch)
     if not batches:
         raise ValueError("rollout_micro_batches: the rollout is empty; generate at least one completion.")
@@ -661,8 +673,8 @@ def completion_logps(model: Any, batch: dict, temperature: float, *, compute_ent
 
     Args:
         model: The model (policy or reference).
-        batch: A micro-batch (``prompt_ids``, ``prompt_mask``, ``completion_ids``, ``completion_mask``)
-            on the model's device.
+        batch: A micro-batch (``prompt_ids``, ``prompt_mask``, ``completion_ids``, ``completion_mask``,
+            and for a vision-language model ``model_inputs``, passed to the forward) on the model's device.
         temperature: Logits are divided by it.
         compute_entropy: Also return the per-token entropies.
         entropy_grad: Keep the entropies in the graph (an entropy bonus trains them); else detached.
@@ -676,6 +688,7 @@ def completion_logps(model: Any, batch: dict, temperature: float, *, compute_ent
     attention_mask = torch.cat([batch["prompt_mask"], batch["completion_mask"]], dim=1)  # (B, P+C)
     num_completion = batch["completion_ids"].shape[1]
     extra = {"output_router_logits": True} if router_aux_loss else {}
+    extra.update(batch.get("model_inputs") or {})  # a vision-language model's pixel_values, image_grid_thw, token_type_ids, ...
     outputs, states = causal_lm_states(model, chunk_size=chunk_size, input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=num_completion + 1, **extra)
     # position t of states[:, :-1] predicts completion token t
     scores = states[:, :-1].score(batch["completion_ids"], temperature=temperature, return_entropy=compute_entropy, entropy_grad=entropy_grad)
@@ -745,6 +758,8 @@ def add_old_and_ref_logps(batch: dict, sampling_logps: torch.Tensor, *, model: A
     """
     device = device if device is not None else next(model.parameters()).device
     on_device = {k: v.to(device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+    if batch.get("model_inputs"):  # a vision-language model's pixel_values, ...: pi_old and the reference see the images too
+        on_device["model_inputs"] = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch["model_inputs"].items()}
     if need_old and old_from_sampler:
         batch["old_per_token_logps"] = sampling_logps.float()  # (b, C)
     elif need_old:  # policy log-probs at generation time (ratio denominator)

@@ -18,6 +18,7 @@ keeps online-RL resume exact).
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Protocol, runtime_checkable
@@ -525,6 +526,10 @@ class TransformersBackend:
         """``model.generate`` with ``output_scores`` (models the lean loop cannot drive exactly; requests with extra inputs)."""
         if isinstance(model_inputs, (list, tuple)):  # one dict per prompt: concatenated along the batch / patch axis
             model_inputs = _concat_inputs(model_inputs)
+        suppress = _image_token_ids(owner) if model_inputs else []
+        if suppress:  # as TRL: a sampled image token would have no image features behind it in the log-prob forwards
+            gen_config = copy.deepcopy(gen_config)
+            gen_config.suppress_tokens = sorted(set(gen_config.suppress_tokens or []) | set(suppress))
         input_ids = pad([torch.tensor(p, dtype=torch.long) for p in prompts], padding_value=self.pad_token_id, padding_side="left")  # (b, P)
         attention_mask = pad([torch.ones(len(p), dtype=torch.long) for p in prompts], padding_value=0, padding_side="left")  # (b, P)
         saved_config = owner.generation_config
@@ -740,6 +745,17 @@ def _probe_lean_decode(backend: Any, model: Any, owner: Any, cache_arg: str, dev
             return _DecodeChoice("generate", f"probe failed: lean-loop log-probs differ from generate's by {gen_err:.3g} > {tol:.3g} (row {row})")
         worst = max(worst, lp_err, gen_err)
     return _DecodeChoice("lean", f"probe passed: lean loop equals generate and a full forward pass (max |Δ log p| {worst:.3g} <= {tol:.3g})")
+
+
+def _image_token_ids(owner: Any) -> list[int]:
+    """The ids of a vision-language model's image / video placeholder tokens (its config's), never sampled with images."""
+    config = getattr(owner, "config", None)
+    ids = set()
+    for attr in ("image_token_id", "image_token_index", "video_token_id", "video_token_index"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value >= 0:
+            ids.add(value)
+    return sorted(ids)
 
 
 def _decode_choice(backend: Any, model: Any, owner: Any, device: torch.device, *, model_inputs: Any = None) -> _DecodeChoice:

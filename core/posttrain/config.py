@@ -40,6 +40,7 @@ class TrainingConfig:
     model_init_kwargs: dict | None = field(default=None, metadata=_help("Keyword arguments for from_pretrained when the model is given by name (e.g. {'dtype': 'bfloat16'})."))
     gradient_checkpointing: bool = field(default=False, metadata=_help("Recompute activations in backward to save memory (slower)."))
     trust_remote_code: bool = field(default=False, metadata=_help("Allow models and tokenizers loaded by name to run code from their repository (TRL's trust_remote_code)."))
+    freeze_vision_tower: bool = field(default=False, metadata=_help("A vision-language model: freeze its vision encoder (visual / vision_tower / vision_model); the projector and the language model train. Refused for a text-only model."))
     logprob_chunk_size: int | None = field(default=256, metadata=_help("Rows (tokens) per chunk when log-probs, entropies and losses are computed from the hidden states and the LM head, never materializing the (B, T, V) logits (posttrain.causal_lm_states); 0 or None: the model's own full logits."))
 
     # > Parameters that control PEFT (used when the trainer gets no peft_config)
