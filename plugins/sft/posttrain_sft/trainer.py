@@ -27,10 +27,15 @@ from posttrain import (
     TrainingLoop,
     as_config,
     causal_lm_states,
+    check_vision_model,
+    image_column,
     is_peft_model,
+    is_processor,
+    processor_tokenizer,
     prompt_completion_boundary,
 )
 from posttrain_sft.config import SFTConfig
+from posttrain_sft.vision import DATASET_KEY, ROW_KEY, VisionCollator, VisionRows, check_vision_settings, image_token_ids
 
 __all__ = ["SFTTrainer"]
 
@@ -59,6 +64,12 @@ class SFTTrainer(TrainerSurface):
         * pre-tokenized: ``input_ids``, with optional ``labels`` (used as is) or mask columns
           ``assistant_masks`` / ``completion_mask`` (the latter with ``completion_only_loss=True``)
           from which labels are built.
+
+        * vision-language: any of the raw formats above (``messages``, ``prompt`` + ``completion``,
+          ``text``) with an ``images`` (list) or ``image`` column, for a vision-language model and its
+          processor. Such rows are not tokenized at construction: :class:`~posttrain_sft.vision.VisionCollator`
+          loads the images and runs the processor per batch (in DataLoader workers with
+          ``dataloader_num_workers > 0``); image tokens never carry loss.
 
     A ``datasets.IterableDataset`` is read once, completely, at construction (SFT tokenizes every
     row up front); ``trainer.train_dataset`` / ``trainer.eval_dataset`` are ``datasets.Dataset``
@@ -89,7 +100,8 @@ class SFTTrainer(TrainerSurface):
             the formats above.
         eval_dataset: Optional, same formats, or a dict / ``DatasetDict`` of them (metrics
             ``eval_<name>_<metric>``); scored at ``eval_steps`` and at the end.
-        processing_class: The tokenizer; loaded from the model's path when None.
+        processing_class: The tokenizer, or a vision-language model's processor (``AutoProcessor``:
+            its ``tokenizer`` gives EOS, padding and the text side); loaded from the model's path when None.
         compute_loss_func: Optional ``f(outputs, labels, num_items_in_batch=...) -> loss`` (TRL's,
             deprecated there): receives the model's full outputs; the loss must be normalized by
             ``num_items_in_batch``.
@@ -170,6 +182,7 @@ class SFTTrainer(TrainerSurface):
         self._set_chat_template()
         self._setup_tokenizer()
         self._setup_aux_loss()
+        self._vision_collators: dict[str, VisionCollator] = {}  # per dataset name: datasets with images, encoded per batch
 
         self.train_dataset = self.process_dataset(train_dataset, "train_dataset", packing=args.packing)
         if eval_dataset is None:
@@ -206,13 +219,15 @@ class SFTTrainer(TrainerSurface):
         path = self.args.chat_template_path
         if path is None:
             return
-        tok = self.processing_class
+        tok = processor_tokenizer(self.processing_class)
         if path.endswith((".jinja", ".j2")):
             try:
                 with open(path, encoding="utf-8") as fh:
                     tok.chat_template = fh.read()
             except OSError as exc:
                 raise ConfigError(f"chat_template_path={path!r} cannot be read ({exc.strerror}): give an existing .jinja file or a tokenizer id/directory.") from None
+            if tok is not self.processing_class:  # a processor renders conversations with its own template
+                self.processing_class.chat_template = tok.chat_template
             return
         from transformers import AutoTokenizer
 
@@ -230,6 +245,8 @@ class SFTTrainer(TrainerSurface):
                 "is attached: resize the model and tokenizer first (or use a .jinja file whose tokens exist), then pass them with peft_config."
             )
         tok.chat_template = source.chat_template
+        if tok is not self.processing_class:
+            self.processing_class.chat_template = source.chat_template
         tok.add_tokens(new_tokens)
         tok.eos_token = source.eos_token
         text_config = self.model.config.get_text_config()
@@ -240,8 +257,12 @@ class SFTTrainer(TrainerSurface):
             self.model.resize_token_embeddings(len(tok), pad_to_multiple_of=64)
 
     def _setup_tokenizer(self) -> None:
-        """Resolve the EOS string, the pad id and how assistant tokens are found; reject what cannot work."""
-        tok, args = self.processing_class, self.args
+        """Resolve the EOS string, the pad id and how assistant tokens are found; reject what cannot work.
+
+        With a processor, the text side (EOS, padding, text-only rows) is its ``tokenizer``.
+        """
+        args = self.args
+        tok = self._tokenizer = processor_tokenizer(self.processing_class)
         self.eos_token = args.eos_token or getattr(tok, "eos_token", None)
         if self.eos_token is None:
             raise ConfigError("the tokenizer has no eos_token: set eos_token in the config (e.g. '</s>').")
@@ -255,7 +276,7 @@ class SFTTrainer(TrainerSurface):
         for config in (self.model.config.get_text_config(), getattr(self.model, "generation_config", None)):
             if config is not None and getattr(config, "pad_token_id", None) is None:
                 config.pad_token_id = self.pad_token_id
-        template = getattr(tok, "chat_template", None) or ""
+        template = getattr(self.processing_class, "chat_template", None) or getattr(tok, "chat_template", None) or ""
         if isinstance(template, dict):
             template = template.get("default", "")
         #: assistant_only_loss: True -> transformers' mask from {% generation %} markers; False -> turn-by-turn rendering
@@ -296,6 +317,9 @@ class SFTTrainer(TrainerSurface):
 
         args = self.args
         packing = (args.packing if args.eval_packing is None else args.eval_packing) if packing is None else packing
+        vision_rows = self._vision_dataset(dataset, name)
+        if vision_rows is not None:  # rows with images stay raw: the collator encodes them per batch
+            return vision_rows
         if isinstance(dataset, datasets.Dataset) and dataset.format.get("type") == "custom" and not self._skip_prepare:
             raise ConfigError(
                 f"{name} uses Dataset.with_transform(): SFT tokenizes every row once at construction, which would bake a random or stateful "
@@ -342,6 +366,57 @@ class SFTTrainer(TrainerSurface):
             if args.shuffle_dataset:
                 random.Random(args.seed).shuffle(examples)
         return datasets.Dataset.from_list(examples)
+
+    def _vision_dataset(self, dataset, name: str) -> VisionRows | None:
+        """A dataset with an ``images`` / ``image`` column: checked, its collator built, its rows kept raw; None for text-only data.
+
+        Raises:
+            DataError: The model is text-only (``posttrain.check_vision_model``), or the first row is
+                invalid (a missing / unreadable image, image placeholders that do not match).
+            ConfigError: A tokenizer instead of a processor, pre-tokenized rows, ``formatting_func``,
+                or an option TRL refuses for images (packing, padding-free, ``keep_end``).
+        """
+        import datasets
+
+        args = self.args
+        if isinstance(dataset, datasets.Dataset):
+            columns = list(dataset.column_names)
+        elif isinstance(dataset, (list, tuple)):
+            columns = list(dataset[0]) if dataset and isinstance(dataset[0], dict) else []
+        elif isinstance(dataset, datasets.IterableDataset):
+            columns = list(dataset.column_names or next(iter(dataset), {}))
+        else:
+            return None
+        column = image_column(columns)
+        if column is None:
+            return None
+        check_vision_model(self.model, columns, dataset_name=name)
+        rows = dataset if isinstance(dataset, datasets.Dataset) else _materialize(dataset, name)
+        if len(rows) == 0:
+            raise ConfigError(f"{name} is empty (0 rows): give the trainer at least one example.")
+        first = _to_chatml(dict(rows[0]))
+        if "input_ids" in first:
+            raise ConfigError(f"{name} has input_ids and an image column {column!r}: rows with images must be raw ('messages', 'prompt' + "
+                              "'completion' or 'text'), the processor encodes them with their images per batch.")
+        if self.formatting_func is not None:
+            raise ConfigError(f"formatting_func=... cannot be used with {name}'s images (the rows are encoded per batch by the processor): "
+                              "format the rows beforehand (Dataset.map) into 'messages', 'prompt' + 'completion' or 'text'.")
+        fmt = _detect_format(first, args.dataset_text_field, name)
+        check_vision_settings(args, fmt, self.processing_class, name)
+        completion_only = self._check_loss_masks(fmt, first, name)
+        if args.assistant_only_loss and not self._template_has_markers:
+            raise ConfigError("assistant_only_loss=True with images needs {% generation %} ... {% endgeneration %} markers around the assistant "
+                              "output in the processor's chat template (set chat_template_path), or assistant_only_loss=False.")
+        collator = VisionCollator(
+            self.processing_class, fmt=fmt, completion_only=completion_only, assistant_only=args.assistant_only_loss,
+            max_length=args.max_length, pad_to_multiple_of=args.pad_to_multiple_of, eos_token=self.eos_token,
+            pad_token_id=self.pad_token_id, text_field=args.dataset_text_field,
+            masked_ids=image_token_ids(self.processing_class, self.model),
+            name=name,
+        )
+        collator.encode(dict(rows[0]), 0)  # the first row now: a wrong format or processor fails at construction, not in a worker
+        self._vision_collators[name] = collator
+        return VisionRows(rows, name)
 
     def _skipped_preparation(self, dataset, name: str):
         """``skip_prepare_dataset``: the rows as given (a Dataset), refusing mask columns without labels."""
@@ -409,7 +484,7 @@ class SFTTrainer(TrainerSurface):
 
     def _tokenize_row(self, row: dict, fmt: str, completion_only: bool, index: int, name: str) -> tuple[list[int], list[int]]:
         """Return ``(input_ids, labels)`` of one raw row; labels are ``-100`` where the loss is masked."""
-        tok, args = self.processing_class, self.args
+        tok, args = self._tokenizer, self.args
         if fmt == "text":
             text = row[args.dataset_text_field]
             if not isinstance(text, str):
@@ -429,7 +504,7 @@ class SFTTrainer(TrainerSurface):
         matching the tokens of prompt + completion. Standard strings whose tokens merge across the
         boundary fall back to prompt tokens + completion tokens, so the prompt is still exact.
         """
-        tok = self.processing_class
+        tok = self._tokenizer
         prompt, completion = row["prompt"], row["completion"]
         assistant_mask = None
         if isinstance(prompt, str) and isinstance(completion, str):
@@ -509,8 +584,11 @@ class SFTTrainer(TrainerSurface):
         tools = row.get("tools")
         if isinstance(tools, str):
             tools = json.loads(tools)
-        extra = row.get("chat_template_kwargs") or {}
-        return self.processing_class.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True, **extra, **kwargs)
+        extra = dict(row.get("chat_template_kwargs") or {})
+        tok = self._tokenizer
+        if tok is not self.processing_class and not getattr(tok, "chat_template", None):  # text rows for a processor: its template
+            extra.setdefault("chat_template", self.processing_class.chat_template)
+        return tok.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=True, **extra, **kwargs)
 
     def _fit_to_max_length(self, input_ids: list[int], labels: list[int], packing: bool) -> list[tuple[list[int], list[int]]]:
         """Return the sequence as pieces of at most ``max_length`` tokens: truncated, split (bfd_split) or whole (wrapped)."""
@@ -543,6 +621,8 @@ class SFTTrainer(TrainerSurface):
             positions whose next token is a label in some row; ``num_label_tokens`` and
             ``num_tokens`` (non-padding tokens) as ints.
         """
+        if examples and ROW_KEY in examples[0]:
+            return self._collate_vision(examples)
         multiple = self.args.pad_to_multiple_of
         if self._user_collator is not None:
             batch = dict(self._user_collator(examples))
@@ -573,12 +653,24 @@ class SFTTrainer(TrainerSurface):
                 attention_mask[i, :n] = 1
             batch = {"input_ids": input_ids, "attention_mask": attention_mask}
             num_tokens = int(attention_mask.sum())
-        is_target = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
-        batch["labels"] = labels
-        batch["logit_positions"] = is_target.any(dim=0).nonzero().flatten()  # (K,)
-        batch["num_label_tokens"] = int(is_target.sum())
-        batch["num_tokens"] = num_tokens
-        return batch
+        return _with_targets(batch, labels, num_tokens)
+
+    def _collate_vision(self, rows: list[dict]) -> dict[str, Any]:
+        """A batch of raw rows with images (:class:`~posttrain_sft.vision.VisionRows`): encoded by the dataset's collator.
+
+        A ``data_collator`` given to the trainer gets the raw rows (as TRL's); the tensors it returns
+        besides ``input_ids`` / ``attention_mask`` / ``labels`` go to the model as they are.
+        """
+        if self._user_collator is not None:
+            batch = dict(self._user_collator([{k: v for k, v in row.items() if k not in (ROW_KEY, DATASET_KEY)} for row in rows]))
+            text_keys = ("input_ids", "attention_mask", "labels", "position_ids")
+            model_inputs = {k: v for k, v in batch.items() if k not in text_keys and isinstance(v, torch.Tensor)}
+            batch = {**{k: batch[k] for k in text_keys if k in batch}, "model_inputs": model_inputs}
+        else:
+            batch = self._vision_collators[rows[0][DATASET_KEY]](rows)
+        labels = batch.pop("labels")
+        num_tokens = int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        return _with_targets(batch, labels, num_tokens)
 
     def count_items(self, batch: dict[str, Any]) -> int:
         """Return the number of predicted label tokens in ``batch`` (the loss is a per-token mean over the step)."""
@@ -637,6 +729,7 @@ class SFTTrainer(TrainerSurface):
                 inputs[key] = batch[key]
         if self.aux_loss_enabled:
             inputs["output_router_logits"] = True
+        inputs.update(batch.get("model_inputs") or {})  # a vision batch: pixel_values, pixel_attention_mask, token_type_ids, ...
         return inputs
 
     @torch.no_grad()
@@ -667,6 +760,16 @@ class SFTTrainer(TrainerSurface):
 
 
 # ====================================================================== helpers
+def _with_targets(batch: dict[str, Any], labels: torch.Tensor, num_tokens: int) -> dict[str, Any]:
+    """Add ``labels`` and what the loss needs: ``logit_positions`` (K,), ``num_label_tokens``, ``num_tokens``."""
+    is_target = labels[:, 1:] != IGNORE_INDEX  # (B, T-1): position t predicts token t+1
+    batch["labels"] = labels
+    batch["logit_positions"] = is_target.any(dim=0).nonzero().flatten()  # (K,)
+    batch["num_label_tokens"] = int(is_target.sum())
+    batch["num_tokens"] = num_tokens
+    return batch
+
+
 def pack_bfd(examples: list[dict[str, list[int]]], max_length: int) -> list[dict[str, list[int]]]:
     """Pack examples into rows of at most ``max_length`` tokens by best-fit decreasing.
 
