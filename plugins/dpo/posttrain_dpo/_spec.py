@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="dpo",
     maturity="stable",
-    plugin_api="1.5",  # the plugin API it is written against (1.5: MethodSpec.actions)
+    plugin_api="1.9",  # the plugin API it is written against (1.9: vision-language plumbing)
     summary="Direct Preference Optimization on prompt/chosen/rejected pairs, with 15 loss types (IPO, SLiC, EXO, NCA, APO, ...) and a frozen reference.",
     family="preference",
     trainer="posttrain_dpo.trainer:DPOTrainer",

@@ -15,6 +15,12 @@ losses cannot be split that way: ``aot``/``aot_unpaired`` sort the pairs of the 
 accumulation they are computed per micro-batch and averaged over micro-batches, like TRL does.
 Formulas match TRL 1.16 ``DPOTrainer._compute_loss`` (the tests check every loss type). The MoE
 load-balancing loss of a micro-batch is weighted by its share of the step's pairs.
+
+Vision-language models (rows with an ``images`` / ``image`` column, a processor as
+``processing_class``): the texts are rendered and the completions tokenized once, before training;
+each prompt goes through the processor with its images in :meth:`DPOTrainer.collate` (so in the
+DataLoader workers with ``dataloader_num_workers > 0``, as TRL 1.16's ``DataCollatorForVisionPreference``),
+and chosen and rejected share the prompt's image inputs, repeated for the two halves of the batch.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import inspect
 import itertools
 import json
 import math
+import os
 import warnings
 from typing import Any
 
@@ -33,17 +40,27 @@ import torch.nn.functional as F
 from posttrain import (
     BEMA,
     ConfigError,
+    DataError,
     TrainerSurface,
     TrainingLoop,
     adapter_disabled,
     as_config,
     build_reference_model,
     causal_lm_states,
+    check_vision_model,
+    collate_model_inputs,
     disable_dropout,
     is_peft_model,
+    is_processor,
+    load_image,
     pad,
+    prepare_multimodal_messages,
+    processor_tokenizer,
     prompt_completion_boundary,
+    row_images,
+    sequence_model_inputs,
     sync_reference_model,
+    vision_prompt_inputs,
 )
 from posttrain_dpo.config import DPOConfig
 
@@ -161,6 +178,78 @@ def _concat_padded(arrays: list, pad_value: int = -100):
     return np.concatenate(padded, axis=0)
 
 
+# ---------------------------------------------------------------------------------------------- vision data
+def _undecoded_images(dataset):
+    """Return a ``datasets`` dataset with its ``datasets.Image`` columns left encoded (``{"bytes", "path"}`` dicts).
+
+    Reading the rows then decodes no image: images are decoded where the batches are collated (the
+    DataLoader workers). Other datasets are returned as given.
+    """
+    features = getattr(dataset, "features", None)
+    if not features:
+        return dataset
+    from datasets import Image
+
+    def undecoded(feature):
+        if isinstance(feature, Image):
+            return Image(mode=feature.mode, decode=False)
+        if isinstance(feature, list):
+            return [undecoded(f) for f in feature]
+        inner = getattr(feature, "feature", None)
+        if inner is not None and hasattr(feature, "length"):  # datasets' List / Sequence of images
+            return type(feature)(undecoded(inner), length=feature.length)
+        return feature
+
+    for column in ("images", "image"):
+        if column in features:
+            feature = undecoded(features[column])
+            if feature != features[column]:
+                dataset = dataset.cast_column(column, feature)
+    return dataset
+
+
+def _check_images_present(images: list, where: str) -> None:
+    """Raise for a missing image or a path that does not exist, without decoding anything (decoding happens in collate)."""
+    for i, value in enumerate(images):
+        missing = value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None)
+        if missing or (isinstance(value, (str, os.PathLike)) and not os.path.exists(value)):
+            load_image(value, where=f"{where}, image {i}")  # raises DataError naming the row and the fix
+
+
+def _vision_texts(row: dict, processor, conversational: bool, num_images: int, *, where: str, tools: list | None = None) -> tuple[str, str, str]:
+    """Return the ``(prompt, chosen, rejected)`` texts of one vision-language row (TRL 1.16's split).
+
+    Conversations get one ``{"type": "image"}`` part per image (before the first user text when the
+    prompt has none: ``posttrain.prepare_multimodal_messages``) and are rendered by the processor's chat
+    template: the prompt with the generation prompt, and ``prompt + chosen``, ``prompt + rejected``; the
+    prompt text is the longest prefix the three renderings share and each completion the rest. Text
+    rows are used as they are (the prompt holds the model's image placeholders), the EOS token appended
+    to completions that lack it, as DPO does for text-only rows.
+
+    Raises:
+        DataError: The number of image placeholders in the prompt differs from ``num_images``.
+    """
+    if not conversational:
+        eos = processor_tokenizer(processor).eos_token or ""
+        chosen, rejected = row["chosen"], row["rejected"]
+        return row["prompt"], chosen if chosen.endswith(eos) else chosen + eos, rejected if rejected.endswith(eos) else rejected + eos
+    if not getattr(processor, "chat_template", None):
+        raise ConfigError("the dataset is conversational but the processor has no chat template: set processor.chat_template, or give the rows as strings.")
+    kwargs = _chat_kwargs(row, tools)
+    prompt = prepare_multimodal_messages(row["prompt"], num_images, where=where)
+    chosen = prepare_multimodal_messages(row["chosen"], 0, where=f"{where}, column 'chosen'")
+    rejected = prepare_multimodal_messages(row["rejected"], 0, where=f"{where}, column 'rejected'")
+    prompt_text = processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **kwargs)
+    chosen_text = processor.apply_chat_template(prompt + chosen, tokenize=False, **kwargs)
+    rejected_text = processor.apply_chat_template(prompt + rejected, tokenize=False, **kwargs)
+    n = 0
+    for a, b, c in zip(prompt_text, chosen_text, rejected_text):
+        if not a == b == c:
+            break
+        n += 1
+    return prompt_text[:n], chosen_text[n:], rejected_text[n:]
+
+
 # ---------------------------------------------------------------------------------------------- loss
 def _f_scores(logratios: torch.Tensor, f_divergence_type: str, alpha: float) -> torch.Tensor:
     """Return f'(pi/pi_ref) expressed through the log-ratio (f-DPO, Wang et al. 2023, Table 1)."""
@@ -262,6 +351,9 @@ class DPOTrainer(TrainerSurface):
           ``ref_chosen_logps``/``ref_rejected_logps``). ``datasets.Dataset``, ``IterableDataset``
           (materialized once) or a list of dicts. ``max_length``/``truncation_mode`` as TRL 1.16,
           ``max_prompt_length``.
+        - Vision-language models: the rows above (text or messages, explicit or implicit prompt) with
+          an ``images`` (list) or ``image`` column and the model's processor; chosen and rejected share
+          the prompt's images; images are decoded and processed when batches are collated.
         - Chosen and rejected go through the model in one forward pass (batch 2B).
         - Reference: ``ref_model`` (a model or a path), else a frozen copy of the initial policy; with
           a PEFT policy built here, the policy with its adapter disabled (no copy); with a model that
@@ -284,7 +376,7 @@ class DPOTrainer(TrainerSurface):
             batch ``compute_loss`` reads (``input_ids``, ``attention_mask``, ``completion_mask``, chosen
             rows first); default: right padding with ``max_length``/``truncation_mode``/``pad_to_multiple_of``.
         train_dataset, eval_dataset: Preference data (``eval_dataset`` may be a dict / ``DatasetDict``).
-        processing_class: The tokenizer (default: loaded from the model's path).
+        processing_class: The tokenizer, or a vision-language model's processor (default: loaded from the model's path).
         compute_metrics: ``f(EvalPrediction) -> dict``, given the logits (an extra forward pass) and
             ``input_ids`` of every eval row, as TRL 1.16 (deprecated there).
         callbacks: ``transformers.TrainerCallback`` objects.
@@ -498,13 +590,14 @@ class DPOTrainer(TrainerSurface):
         processed = self._tokenize_rows(rows, name)
         if args.precompute_ref_log_probs and not all(k in processed[0] for k in _REF_COLUMNS):
             self._precompute_reference(processed, name)
-        return Dataset.from_list(processed)
+        return _undecoded_images(Dataset.from_list(processed))  # vision rows: images stay encoded until collate
 
     def _materialize(self, dataset, name: str) -> list[dict]:
         """Return the rows of ``dataset`` as a list of dicts (an ``IterableDataset`` is read once, here)."""
         args = self.args
         if isinstance(dataset, dict):
             raise ConfigError(f"{name} is a dict of datasets {sorted(dataset)}: pass one dataset (e.g. dataset['train']); only eval_dataset may be a dict.")
+        dataset = _undecoded_images(dataset)  # images are decoded in collate (DataLoader workers), not here
         if _is_iterable_dataset(dataset):
             limit = None
             if name == "train_dataset" and args.max_steps > 0:  # no more rows than max_steps can consume
@@ -525,8 +618,9 @@ class DPOTrainer(TrainerSurface):
         """Return rows ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` (+ stored reference log-probs) after validation and truncation."""
         args = self.args
         columns = sorted(rows[0])
-        if {"image", "images"} & set(columns):
-            raise ConfigError(f"{name} has image columns {sorted({'image', 'images'} & set(columns))}: vision-language preference data is not supported by posttrain's DPO; drop the images or use TRL.")
+        image_column = check_vision_model(self.model, columns, dataset_name=name)  # DataError for a text-only model
+        if image_column is not None:
+            return self._prepare_vision_rows(rows, name, image_column)
         pretokenized = set(_TOKEN_COLUMNS) <= set(columns)
         if not pretokenized and not {"chosen", "rejected"} <= set(columns):
             hint = " Unpaired prompt/completion/label rows belong to the 'kto' method." if "label" in columns else ""
@@ -566,6 +660,65 @@ class DPOTrainer(TrainerSurface):
             out.append(item)
         if not out:
             raise ConfigError(f"every prompt of {name} has >= max_length={args.max_length} tokens, so no pair is left: raise max_length, set max_prompt_length, or use truncation_mode='keep_end'.")
+        return out
+
+    def _prepare_vision_rows(self, rows: list[dict], name: str, column: str) -> list[dict]:
+        """Return vision-language rows ``{"prompt", "chosen_ids", "rejected_ids", "images", "where"}``: texts rendered, completions tokenized.
+
+        ``prompt`` is the prompt's text (with the chat template's image placeholders) and ``images`` the
+        row's images as given (PIL images, paths, bytes or ``{"bytes", "path"}`` dicts): both go through
+        the processor in :meth:`collate`, where the image tokens are expanded and the images decoded.
+        ``where`` names the row in the errors collate may raise (an unreadable image, a placeholder count
+        the processor refuses, a prompt longer than ``max_length``). Missing images and image files that
+        do not exist are refused here, before training.
+        """
+        args = self.args
+        processor = self.processing_class
+        if not is_processor(processor):
+            raise ConfigError(
+                f"{name} has an image column {column!r} but processing_class is a {type(processor).__name__}, not a processor: "
+                "pass the model's processor (transformers.AutoProcessor.from_pretrained(<model>)) as processing_class."
+            )
+        if args.max_length is not None and args.truncation_mode == "keep_end":
+            raise ConfigError(
+                "truncation_mode='keep_end' cannot be used with images (as in TRL 1.16): the image tokens are in the prompt, which "
+                "keep_end would cut, leaving images without their tokens. Use truncation_mode='keep_start' or max_length=None."
+            )
+        if args.max_prompt_length is not None:
+            raise ConfigError(
+                f"max_prompt_length={args.max_prompt_length} cannot be used with images: cutting the prompt would cut its image "
+                "tokens. Set max_prompt_length=None (max_length still bounds prompt + completion)."
+            )
+        columns = set(rows[0])
+        if set(_TOKEN_COLUMNS) <= columns or not {"chosen", "rejected"} <= columns:
+            raise ConfigError(
+                f"{name} has columns {sorted(columns)}: rows with images need 'chosen' and 'rejected' (and 'prompt', or an implicit "
+                "prompt) as text or messages; pre-tokenized rows cannot carry images."
+            )
+        tokenizer = processor_tokenizer(processor)
+        out = []
+        for index, row in enumerate(rows):
+            where = f"{name} row {index}"
+            for key in ("chosen", "rejected"):
+                if row.get(key) is None:
+                    raise ConfigError(f"{where}, column {key!r}: missing value; {_FORMATS}.")
+            value = row.get(column)
+            images = list(value) if column == "images" and isinstance(value, (list, tuple)) else [value]
+            _check_images_present(images, f"{where}, column {column!r}")
+            if row.get("prompt") is None:  # implicit prompt: the shared prefix (TRL 1.16's vision collator needs 'prompt')
+                conversational = _check_row(row, index, name)
+                row["prompt"], row["chosen"], row["rejected"] = extract_prompt(row["chosen"], row["rejected"])
+                if not row["chosen"] or not row["rejected"]:
+                    raise ConfigError(f"{where}: 'chosen' and 'rejected' are identical or one contains the other; there is nothing to prefer.")
+            conversational = _check_row(row, index, name)
+            prompt, chosen, rejected = _vision_texts(row, processor, conversational, len(images), where=where, tools=args.tools)
+            out.append({
+                "prompt": prompt,
+                "chosen_ids": list(tokenizer(chosen, add_special_tokens=False)["input_ids"]),
+                "rejected_ids": list(tokenizer(rejected, add_special_tokens=False)["input_ids"]),
+                "images": images,
+                "where": where,
+            })
         return out
 
     # ------------------------------------------------------------------ the reference
@@ -641,11 +794,20 @@ class DPOTrainer(TrainerSurface):
 
     # ------------------------------------------------------------------ the method protocol
     def collate(self, rows: list[dict]) -> dict:
-        """Return ``input_ids``/``attention_mask``/``completion_mask`` (2B, T): chosen rows first, then rejected."""
+        """Return ``input_ids``/``attention_mask``/``completion_mask`` (2B, T): chosen rows first, then rejected.
+
+        Vision-language rows also give ``model_inputs`` (the processor's ``pixel_values``, ...: each
+        prompt's inputs for its chosen row, then again for its rejected row; token-aligned ones such as
+        ``token_type_ids`` as (2B, T), 0 on completions and padding): the images are decoded and
+        processed here, in the DataLoader workers when ``dataloader_num_workers > 0``.
+        """
         if self._user_collator is not None:
             batch = dict(self._user_collator(rows))
             batch.setdefault("num_tokens", int(batch["attention_mask"].sum()))
             return batch
+        vision = "images" in rows[0]
+        if vision:  # each prompt with its images through the processor: ids with the image tokens, pixel inputs
+            rows, per_sample = self._process_prompts(rows)
         seqs, masks = [], []
         for key in ("chosen_ids", "rejected_ids"):
             for r in rows:
@@ -668,10 +830,36 @@ class DPOTrainer(TrainerSurface):
             "completion_mask": completion_mask,
             "num_tokens": int(attention_mask.sum()),
         }
+        if vision:  # chosen and rejected share their prompt's images: the per-sample inputs twice, in the batch's order
+            both = per_sample + per_sample
+            model_inputs = collate_model_inputs(both)
+            model_inputs.update(sequence_model_inputs(both, [len(r["prompt_ids"]) for r in rows] * 2, input_ids.shape[1], left=False))
+            batch["model_inputs"] = model_inputs
         if rows[0].get("ref_chosen_logps") is not None:
             batch["ref_chosen_logps"] = torch.tensor([r["ref_chosen_logps"] for r in rows], dtype=torch.float)  # (B,)
             batch["ref_rejected_logps"] = torch.tensor([r["ref_rejected_logps"] for r in rows], dtype=torch.float)  # (B,)
         return batch
+
+    def _process_prompts(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Decode each row's images and run its prompt through the processor: rows with ``prompt_ids``, and their extra model inputs.
+
+        Raises:
+            DataError: An image cannot be read, the processor refuses the prompt's placeholders for its
+                images, or the prompt (image tokens included) has ``>= max_length`` tokens; the row is named.
+        """
+        out, per_sample = [], []
+        for row in rows:
+            where = row["where"]
+            images = row_images({"images": row["images"]}, where=where)
+            ids, model_inputs = vision_prompt_inputs(self.processing_class, row["prompt"], images, where=where)
+            if self.args.max_length is not None and len(ids) >= self.args.max_length:
+                raise DataError(
+                    f"{where}: the prompt has {len(ids)} tokens with its image tokens, >= max_length={self.args.max_length}, so "
+                    "truncation would cut its image tokens and leave no completion: raise max_length, or use fewer / smaller images."
+                )
+            out.append({**row, "prompt_ids": ids})
+            per_sample.append(model_inputs)
+        return out, per_sample
 
     def count_items(self, batch: dict) -> int:
         return batch["input_ids"].shape[0] // 2  # pairs
@@ -699,6 +887,7 @@ class DPOTrainer(TrainerSurface):
         if with_stats and self.aux_loss_enabled:
             kwargs["output_router_logits"] = True
         # hidden states and the LM head, logprob_chunk_size tokens at a time: no (2B, T', V) logits
+        kwargs.update(batch.get("model_inputs") or {})  # a vision-language batch: pixel_values, token_type_ids, ...
         outputs, states = causal_lm_states(model, chunk_size=self.args.logprob_chunk_size, input_ids=input_ids,
                                            attention_mask=batch["attention_mask"], use_cache=False, **kwargs)
         labels = input_ids[:, start:]  # (2B, T')
@@ -794,7 +983,7 @@ class DPOTrainer(TrainerSurface):
             for key, value in {"loss": loss, **metrics}.items():
                 totals[key] = totals.get(key, 0) + value.detach().float() * n
             weight += n
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **(batch.get("model_inputs") or {})).logits
             predictions.append(logits.float().cpu().numpy())
             labels.append(batch["input_ids"].cpu().numpy())
         keys = sorted(totals)

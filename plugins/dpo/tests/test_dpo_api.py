@@ -381,13 +381,15 @@ def test_liger_fused_cross_entropy_is_refused(tiny_tokenizer, tiny_model, pref_d
         _trainer(tiny_tokenizer, tiny_model, tmp_path, pref_data["preference"], use_liger_kernel=True, liger_kernel_config={"fused_linear_cross_entropy": True})
 
 
-def test_train_dataset_dict_and_image_columns_are_refused(tiny_tokenizer, tiny_model, pref_data, tmp_path):
+def test_train_dataset_dict_and_image_columns_on_a_text_model_are_refused(tiny_tokenizer, tiny_model, pref_data, tmp_path):
     from datasets import DatasetDict
+
+    from posttrain import DataError
 
     with pytest.raises(ConfigError, match=r"train_dataset is a dict of datasets \['train'\]: pass one dataset"):
         _trainer(tiny_tokenizer, tiny_model, tmp_path, DatasetDict({"train": pref_data["preference"]}))
     rows = [{"prompt": "a =", "chosen": " 1", "rejected": " 2", "images": []}]
-    with pytest.raises(ConfigError, match=r"image columns \['images'\]: vision-language preference data is not supported"):
+    with pytest.raises(DataError, match=r"train_dataset has an image column 'images' but the model .* is text-only"):  # VLMs: test_dpo_vlm.py
         _trainer(tiny_tokenizer, tiny_model, tmp_path, rows)
 
 
