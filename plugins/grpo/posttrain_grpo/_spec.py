@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="grpo",
     maturity="stable",
-    plugin_api="1.8",  # the plugin API it is written against (1.8: ToolCallingRollout, the tool signal roles)
+    plugin_api="1.9",  # the plugin API it is written against (1.9: vision-language models: processors, images, model_inputs)
     summary="Group Relative Policy Optimization: online RL from reward functions with group-normalized advantages.",
     family="online-rl",
     trainer="posttrain_grpo.trainer:GRPOTrainer",

@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="rloo",
     maturity="stable",
-    plugin_api="1.8",  # the plugin API it is written against (1.8: ToolCallingRollout, the tool signal roles)
+    plugin_api="1.9",  # the plugin API it is written against (1.9: vision-language models: processors, images, model_inputs)
     summary="REINFORCE Leave-One-Out: online RL from reward functions with a leave-one-out baseline and a KL penalty in the reward.",
     family="online-rl",
     trainer="posttrain_rloo.trainer:RLOOTrainer",
