@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="cpo",
     maturity="experimental",  # "stable" needs version >= 1.0 and a committed api_snapshot.json
-    plugin_api="1.5",  # the plugin API it is written against (1.5: MethodSpec.actions)
+    plugin_api="1.9",  # the plugin API it is written against (1.9: vision-language models; 1.5: MethodSpec.actions)
     summary="Reference-free preference optimization: CPO (preference loss + NLL), SimPO (length-normalized, margin) and AlphaPO (reward shape).",
     family="preference",
     trainer="posttrain_cpo.trainer:CPOTrainer",

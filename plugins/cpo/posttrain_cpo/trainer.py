@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from posttrain import ConfigError, TrainerSurface, TrainingLoop, as_config, causal_lm_states, disable_dropout, pad
+from posttrain import ConfigError, TrainerSurface, TrainingLoop, as_config, causal_lm_states, disable_dropout, image_column, pad
 from posttrain_cpo.config import CPOConfig
 
 __all__ = ["CPOTrainer", "PaddingCollator", "concatenate_pair_batch", "cpo_pair_losses", "extract_prompt", "tokenize_encoder_decoder_row", "tokenize_row"]
@@ -329,6 +329,36 @@ def _refuse_unsupported_arguments(model, args, model_init, optimizers) -> None:
             raise ConfigError("generate_during_eval=True requires wandb or comet_ml to be installed (as TRL); set generate_during_eval=False.")
 
 
+# Copied from posttrain_dpo.trainer._undecoded_images
+def _undecoded_images(dataset):
+    """Return a ``datasets`` dataset with its ``datasets.Image`` columns left encoded (``{"bytes", "path"}`` dicts).
+
+    Reading the rows then decodes no image: images are decoded where the batches are collated (the
+    DataLoader workers). Other datasets are returned as given.
+    """
+    features = getattr(dataset, "features", None)
+    if not features:
+        return dataset
+    from datasets import Image
+
+    def undecoded(feature):
+        if isinstance(feature, Image):
+            return Image(mode=feature.mode, decode=False)
+        if isinstance(feature, list):
+            return [undecoded(f) for f in feature]
+        inner = getattr(feature, "feature", None)
+        if inner is not None and hasattr(feature, "length"):  # datasets' List / Sequence of images
+            return type(feature)(undecoded(inner), length=feature.length)
+        return feature
+
+    for column in ("images", "image"):
+        if column in features:
+            feature = undecoded(features[column])
+            if feature != features[column]:
+                dataset = dataset.cast_column(column, feature)
+    return dataset
+
+
 # Copied from posttrain_dpo.trainer._is_iterable_dataset
 def _is_iterable_dataset(dataset: Any) -> bool:
     try:
@@ -494,6 +524,10 @@ class CPOTrainer(TrainerSurface):
 
         rows = self._materialize(dataset, name)
         columns = sorted(rows[0])
+        if image_column(columns) is not None:  # refused, not silently dropped
+            raise ConfigError(f"{name} has an image column {image_column(columns)!r}: posttrain's CPO trains on text only (its pairs are tokenized "
+                              "without a processor and its forward takes no pixel inputs); drop the column, or use the 'dpo' method, which trains "
+                              "vision-language models on preference data.")
         processed = ENCODER_DECODER_COLUMNS if self.is_encoder_decoder else DECODER_COLUMNS
         if set(processed) <= set(columns):  # already tokenized (TRL's columns)
             return Dataset.from_list([{key: row[key] for key in processed} for row in rows])
@@ -537,6 +571,7 @@ class CPOTrainer(TrainerSurface):
         args = self.args
         if isinstance(dataset, dict):
             raise ConfigError(f"{name} is a dict of datasets {sorted(dataset)}: pass one dataset (e.g. dataset['train']); only eval_dataset may be a dict.")
+        dataset = _undecoded_images(dataset)  # images are decoded in collate (DataLoader workers), not here
         if _is_iterable_dataset(dataset):
             limit = None
             if name == "train_dataset" and args.max_steps > 0:  # no more rows than max_steps can consume

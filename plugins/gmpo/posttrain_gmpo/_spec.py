@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="gmpo",
     maturity="experimental",
-    plugin_api="1.6",  # the plugin API it is written against
+    plugin_api="1.9",  # the plugin API it is written against (1.9: vision-language models)
     summary="Geometric-Mean Policy Optimization: GRPO whose sequence weight is the geometric mean of log-space-clipped token ratios (stabler, wider clip range).",
     family="online-rl",
     trainer="posttrain_gmpo.trainer:GMPOTrainer",

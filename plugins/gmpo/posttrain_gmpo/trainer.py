@@ -23,6 +23,9 @@ The clip is sign-aware (PPO's min written in log space): for A > 0 the log-ratio
 ``top_entropy_quantile`` (drop low-entropy tokens from the geometric mean), ``num_iterations``,
 ``scale_rewards``, ``multi_objective_aggregation``, ``mask_truncated_completions``, ``sync_ref_model``,
 the MoE router loss. GRPO's loss variants are accepted and ignored, as in TRL (see the config).
+Vision-language models as GRPO's (``image`` / ``images`` columns, the processor as ``processing_class``):
+GRPO's copied blocks encode each prompt with its images, generation is conditioned on them and every
+forward gets them (``extras["model_inputs"]`` -> ``batch["model_inputs"]``).
 Departures from TRL: docs/methods/gmpo.md.
 """
 
@@ -33,11 +36,14 @@ import logging
 import torch
 
 from posttrain import (  # the loop and the core's online steps (the online scaffold)
-    CompletionLog, ConfigError, ProduceRequest, RolloutBatch, RolloutProducer, TrainerSurface, TrainingLoop, add_old_and_ref_logps, as_config,
+    CompletionLog, ConfigError, DataError, ProduceRequest, RolloutBatch, RolloutProducer, TrainerSurface, TrainingLoop, add_old_and_ref_logps, as_config,
     attach_rollout_metrics, build_reference_model, build_rollout_engine, check_online_arguments, check_sync_ref_model, completion_logps,
-    default_output_dir, evaluate_online, expand_prompts, gather_across_processes, generate_rollout, load_online_policy, nanstd,
+    default_output_dir, evaluate_online, gather_across_processes, generate_rollout, load_online_policy, nanstd,
     prepare_prompt_dataset, prompt_token_ids, resolve_online_rewards, reward_and_length_metrics, rollout_micro_batches, router_aux_loss_settings,
-    sampler_is_old_policy, sampling_from_config, score_rollout, sync_reference_model,
+    sampler_is_old_policy, sampling_from_config, score_rollout, sync_reference_model, SamplingParams,
+)
+from posttrain import (  # vision-language models (plugin API 1.9)
+    check_vision_model, image_column, is_processor, prepare_multimodal_messages, processor_tokenizer, row_images, vision_prompt_inputs,
 )
 
 from posttrain_gmpo.config import GMPOConfig
@@ -124,6 +130,29 @@ def per_token_logps_and_entropies(model, batch: dict, temperature: float, comput
     return logps, entropies
 
 
+# Copied from posttrain_grpo.trainer.prompt_with_images
+def prompt_with_images(prompt, images: list, *, where: str = "the row"):
+    """Return a conversational ``prompt`` with its images in its image parts (``{"type": "image", "image": <PIL.Image>}``), as TRL's reward functions see it.
+
+    String contents become text parts and the images go before the first user text when the
+    conversation has no image part (``posttrain.prepare_multimodal_messages``); a string prompt is
+    returned as is (its placeholders are the model's own image tokens).
+
+    Raises:
+        DataError: The number of image parts differs from the number of images (names ``where``).
+    """
+    if isinstance(prompt, str):
+        return prompt
+    remaining = iter(images)
+    filled = []
+    for message in prepare_multimodal_messages(prompt, len(images), where=where):
+        if message.get("role") != "tool" and isinstance(message.get("content"), list):
+            message = {**message, "content": [{**part, "image": next(remaining)} if isinstance(part, dict) and part.get("type") == "image" else part
+                                              for part in message["content"]]}
+        filled.append(message)
+    return filled
+
+
 # Copied from posttrain_grpo.trainer.masked_mean
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over ``mask``; a ``(B, 1)`` per-sequence ``x`` is averaged over sequences."""
@@ -145,9 +174,10 @@ class GMPOTrainer(TrainerSurface):
             ``PreTrainedModel`` reward model, or a list of these (default ``args.reward_funcs``).
         args: A :class:`GMPOConfig`, a ``transformers.TrainingArguments`` or a dict of fields.
         train_dataset: Prompt-only rows (``datasets.Dataset`` / ``IterableDataset`` / list of dicts): a
-            ``prompt`` column (or pre-tokenized ``prompt_ids``) plus any columns for the rewards.
+            ``prompt`` column (or pre-tokenized ``prompt_ids``) plus any columns for the rewards. With a
+            vision-language model, an ``images`` (list) or ``image`` column conditions each prompt (TRL's format).
         eval_dataset: Same format, or a dict of them (metrics ``eval_<name>_<metric>``).
-        processing_class: The tokenizer (default: loaded with the model).
+        processing_class: The tokenizer, or a vision-language model's processor (``AutoProcessor``) (default: loaded with the model).
         reward_processing_classes: Tokenizers of the reward models (one per reward function, None for plain functions).
         callbacks: ``transformers.TrainerCallback`` objects (or classes).
         optimizers: Only ``(None, None)``: the loop builds the optimizer and schedule from ``args``.
@@ -161,7 +191,9 @@ class GMPOTrainer(TrainerSurface):
 
     Raises:
         posttrain.ConfigError: no reward functions or dataset, mismatched ``reward_weights``, a dataset
-            without ``prompt``, or an argument that cannot be honoured.
+            without ``prompt``, images with a tokenizer (not a processor), or an argument that cannot be honoured.
+        posttrain.DataError: an image column for a text-only model; a missing or unreadable image, or
+            images that do not match the prompt's placeholders (the message names the row).
     """
 
     _tag_names = ["trl", "gmpo"]
@@ -179,13 +211,14 @@ class GMPOTrainer(TrainerSurface):
         check_online_arguments("GMPO", train_dataset=train_dataset, reward_funcs=reward_funcs or args.reward_funcs, optimizers=optimizers)
         self._setup_model(model, processing_class, peft_config, quantization_config, lm_head_fp32=args.cast_lm_head_to_fp32)  # before the reference copy
         self._setup_rewards(reward_funcs, reward_processing_classes)
+        self.tool_rollout = None  # GRPO's shared blocks read it: GMPO has no tool-calling episodes
         self.ref_model = build_reference_model(self.model, None, loop=self.loop, model_init_kwargs=args.model_init_kwargs,
                                                disable_dropout_in_ref=args.disable_dropout, needed=args.beta != 0.0)
         check_sync_ref_model(args, self.ref_model)
         self._setup_datasets(train_dataset, eval_dataset)
         self.loop.setup(self.model, method=self)
         self.rollout_func = rollout_func
-        self.engine = rollout_engine or build_rollout_engine(args, model=self.model, tokenizer=self.processing_class, accelerator=self.loop.accelerator)
+        self.engine = rollout_engine or build_rollout_engine(args, model=self.model, tokenizer=self._tokenizer, accelerator=self.loop.accelerator)
         # the transformers backend samples from the trained model itself: old log-probs equal the current ones
         self.engine_is_policy = self.engine.samples_from_policy and rollout_func is None
         # the prompts and rollouts of every step: the loop consumes the producer's steps; its state is checkpointed per process
@@ -197,10 +230,15 @@ class GMPOTrainer(TrainerSurface):
     # -------------------------------------------------------------------------- setup (the core's online steps)
     # Copied from posttrain_grpo.trainer.GRPOTrainer._setup_model
     def _setup_model(self, model, processing_class, peft_config, quantization_config, lm_head_fp32: bool = False) -> None:
-        """Load the policy (``posttrain.load_online_policy``) and read its MoE router-loss settings."""
+        """Load the policy (``posttrain.load_online_policy``) and read its MoE router-loss settings.
+
+        ``processing_class`` may be a processor: ``self._tokenizer`` (TRL's attribute) is its tokenizer,
+        which pads, decodes and stops generation (for a tokenizer, the tokenizer itself).
+        """
         self.model, self.processing_class = load_online_policy(model, self.args, loop=self.loop, processing_class=processing_class, peft_config=peft_config,
                                                                quantization_config=quantization_config, tags=self._tag_names, lm_head_fp32=lm_head_fp32)
-        self.pad_token_id = self.processing_class.pad_token_id
+        self._tokenizer = processor_tokenizer(self.processing_class)
+        self.pad_token_id = self._tokenizer.pad_token_id
         self.router_aux_loss_coef, self.aux_loss_enabled = router_aux_loss_settings(self.model, self.args.router_aux_loss_coef)
 
     # Copied from posttrain_grpo.trainer.GRPOTrainer._setup_rewards
@@ -233,12 +271,46 @@ class GMPOTrainer(TrainerSurface):
         limit = None
         if name == "train_dataset" and self.args.max_steps > 0:
             limit = self.args.max_steps * self._prompts_per_step() * self.loop.accelerator.num_processes
-        return prepare_prompt_dataset(dataset, name, method="GMPO", prompt_ids=self._prompt_ids, limit=limit)
+        dataset = prepare_prompt_dataset(dataset, name, method="GMPO", prompt_ids=lambda row: self._prompt_ids(row, where=f"{name} row 0"), limit=limit)
+        columns = dataset.column_names if hasattr(dataset, "column_names") else list(dataset[0]) if len(dataset) else []
+        if image_column(columns) is not None and self.tool_rollout is not None:
+            raise ConfigError(f"{name} has an image column {image_column(columns)!r} and tools= / environment_factory= are set: tool-calling "
+                              "episodes do not carry images yet; train on the images without tools, or drop the image column.")
+        return dataset
 
     # Copied from posttrain_grpo.trainer.GRPOTrainer._prompt_ids
-    def _prompt_ids(self, row: dict) -> list[int]:
+    def _prompt_ids(self, row: dict, where: str = "the row") -> list[int]:
         """Token ids of a row's prompt: its ``prompt_ids`` as given, or the tokenized ``prompt`` (messages via the chat template)."""
-        return prompt_token_ids(row, self.processing_class, chat_template_kwargs=self.args.chat_template_kwargs)
+        return self._encode_prompt(row, where)[0]
+
+    # Copied from posttrain_grpo.trainer.GRPOTrainer._encode_prompt
+    def _encode_prompt(self, row: dict, where: str = "the row") -> tuple[list[int], dict | None, list | None]:
+        """Return ``(ids, model_inputs, images)`` of a row's prompt; the last two are None for a text row.
+
+        A tokenizer tokenizes as ever (``posttrain.prompt_token_ids``). A processor renders the prompt
+        with its chat template and, for a row with an ``images`` / ``image`` column, its images
+        (``posttrain.vision_prompt_inputs``: ids with the image tokens expanded, and ``pixel_values`` &
+        co.); an empty image list is a text row (TRL). ``where`` is named in errors.
+
+        Raises:
+            DataError: an image column for a text-only model, a missing or unreadable image, images
+                that do not match the prompt's image placeholders, or pre-tokenized ``prompt_ids`` with images.
+            ConfigError: images with a ``processing_class`` that is not a processor.
+        """
+        images = None
+        if image_column(row) is not None:
+            check_vision_model(self.model, row, dataset_name=where)
+            images = row_images(row, where=where) or None
+        if images is None and (row.get("prompt_ids") is not None or not is_processor(self.processing_class)):
+            return prompt_token_ids(row, self.processing_class, chat_template_kwargs=self.args.chat_template_kwargs), None, None
+        if row.get("prompt_ids") is not None:
+            raise DataError(f"{where}: pre-tokenized 'prompt_ids' cannot carry images (the processor expands the image tokens); give the 'prompt' instead.")
+        if not is_processor(self.processing_class):
+            raise ConfigError(f"{where} has images but processing_class is a {type(self.processing_class).__name__}, not a processor: "
+                              "pass the model's processor (AutoProcessor.from_pretrained(...)) as processing_class.")
+        ids, model_inputs = vision_prompt_inputs(self.processing_class, row["prompt"], images, where=where,
+                                                 chat_template_kwargs=self.args.chat_template_kwargs, tools=row.get("tools"))
+        return ids, model_inputs or None, images
 
     # Copied from posttrain_grpo.trainer.GRPOTrainer._prompts_per_step
     def _prompts_per_step(self) -> int:
@@ -262,27 +334,35 @@ class GMPOTrainer(TrainerSurface):
     def _produce(self, request: ProduceRequest) -> list[dict]:
         """The producer's callback: generate, score and split one step's rollouts (the producer reuses them ``num_iterations`` times)."""
         seed = self.args.seed + request.step + 1_000_003 * request.rank
-        return self._generate_and_score(request.rows, seed)
+        return self._generate_and_score(request.rows, seed, indices=request.indices)
 
     # Copied from posttrain_grpo.trainer.GRPOTrainer._generate
-    def _generate(self, prompts: list, prompt_ids: list[list[int]] | None = None, num_generations: int = 1, seed: int | None = None) -> RolloutBatch:
-        """Return the rollout of ``prompts`` (``posttrain.generate_rollout``): the engine's, or ``self.rollout_func``'s (TRL's hook)."""
+    def _generate(self, prompts: list, prompt_ids: list[list[int]] | None = None, num_generations: int = 1, seed: int | None = None,
+                  model_inputs: list[dict] | None = None) -> RolloutBatch:
+        """Return the rollout of ``prompts`` (``posttrain.generate_rollout``): the engine's, or ``self.rollout_func``'s (TRL's hook).
+
+        ``model_inputs`` (images: one dict per distinct prompt) condition the engine's sampling, and
+        the rollout carries them per completion in ``extras["model_inputs"]`` for the forwards.
+        """
         if prompt_ids is None and self.rollout_func is None:
             prompt_ids = [self._prompt_ids({"prompt": p}) for p in prompts]
-        return generate_rollout(prompts, prompt_ids, engine=self.engine, sampling=self._sampling, num_generations=num_generations, seed=seed,
-                                rollout_func=self.rollout_func, trainer=self, max_completion_length=self.args.max_completion_length,
-                                stop_token_ids=(self.processing_class.eos_token_id, self.pad_token_id))
+        if model_inputs is not None and self.rollout_func is None:
+            rollout = self.engine.generate(prompt_ids[::num_generations], SamplingParams(n=num_generations, seed=seed, **self._sampling),
+                                           model_inputs=model_inputs)
+        else:
+            rollout = generate_rollout(prompts, prompt_ids, engine=self.engine, sampling=self._sampling, num_generations=num_generations, seed=seed,
+                                       rollout_func=self.rollout_func, trainer=self, max_completion_length=self.args.max_completion_length,
+                                       stop_token_ids=(self._tokenizer.eos_token_id, self.pad_token_id))
+        if model_inputs is not None:  # the group members share their prompt's inputs
+            rollout.extras = {**rollout.extras, "model_inputs": [inputs for inputs in model_inputs for _ in range(num_generations)]}
+        return rollout
 
-    def _generate_and_score(self, rows: list[dict], seed: int, mode: str = "train") -> list[dict]:
+    def _generate_and_score(self, rows: list[dict], seed: int, mode: str = "train", indices: list[int] | None = None) -> list[dict]:
         args = self.args
         num_generations = args.num_generations if mode == "train" else (args.num_generations_eval or args.num_generations)
-        # 1. rollout: G completions per prompt, grouped prompt0 x G, prompt1 x G, ...
-        prompts, prompt_ids = expand_prompts(rows, num_generations, self._prompt_ids, self.processing_class)  # (N,) each
-        rollout = self._generate(prompts, prompt_ids, num_generations, seed)  # N = P * G completions
-
+        # 1. rollout: G completions per prompt, grouped prompt0 x G, prompt1 x G, ... (conditioned on the rows' images, if any)
         # 2. reward: (N, F), NaN where a function returned None
-        rewards_per_func = score_rollout(rows, prompts, rollout, num_generations, reward_funcs=self.reward_funcs, reward_func_names=self.reward_func_names,
-                                         tokenizer=self.processing_class, trainer_state=self.loop.state, log=self._completion_log)  # (N, F)
+        prompts, rollout, rewards_per_func = self._rollout_and_rewards(rows, seed, num_generations, self._row_names(rows, indices, mode))
 
         # 3. micro-batches of per_device_train_batch_size completions (one in eval), with old / reference log-probs
         size = args.per_device_train_batch_size if mode == "train" else len(rollout)
@@ -308,11 +388,50 @@ class GMPOTrainer(TrainerSurface):
         metrics = reward_and_length_metrics(rollout, rewards_per_func, self.reward_weights, self.reward_func_names, is_std_zero, num_generations)
         attach_rollout_metrics(micro_batches, {**metrics, **self._completion_log.pop_metrics()})
         if mode == "train":
-            completions = self.processing_class.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+            completions = self._tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
             self._completion_log.record(prompts, completions, rewards_per_func, self.reward_func_names, advantages)
         else:
             self._completion_log.discard_extra()
         return micro_batches
+
+    # Copied from posttrain_grpo.trainer.GRPOTrainer._row_names
+    @staticmethod
+    def _row_names(rows: list[dict], indices: list[int] | None, mode: str = "train") -> list[str]:
+        """What an error names for each row: ``train_dataset row <index>`` (or the row's place in an eval batch)."""
+        if indices is None:
+            return [f"{mode} batch row {i}" for i in range(len(rows))]
+        return [f"train_dataset row {i}" for i in indices]
+
+    # Copied from posttrain_grpo.trainer.GRPOTrainer._rollout_and_rewards
+    def _rollout_and_rewards(self, rows: list[dict], seed: int, num_generations: int, names: list[str] | None = None) -> tuple[list, RolloutBatch, torch.Tensor]:
+        """Return ``(prompts (N,), rollout, rewards_per_func (N, F))`` of ``num_generations`` completions of each row.
+
+        Rows with images: the processor's ids and model inputs condition the rollout; the reward
+        functions get the prompts with their images (TRL's), the returned prompts (for the completion
+        log) keep only the image placeholders. ``names`` (one per row) are what errors name.
+        """
+        if self.tool_rollout is not None:  # multi-turn episodes with tools / environments (one per completion)
+            expanded = [row for row in rows for _ in range(num_generations)]  # (N,)
+            result = self.tool_rollout.rollout(self.engine, expanded, SamplingParams(n=1, seed=seed, **self._sampling))
+            rewards_per_func = score_rollout(rows, result.prompts, result.rollout, num_generations, reward_funcs=self.reward_funcs,
+                                             reward_func_names=self.reward_func_names, tokenizer=self._tokenizer, trainer_state=self.loop.state,
+                                             log=self._completion_log, completions=result.completions,
+                                             reward_kwargs={"environments": result.environments} if result.environments is not None else None)
+            return result.prompts, result.rollout, rewards_per_func
+        names = names or [f"row {i}" for i in range(len(rows))]
+        encoded = [self._encode_prompt(row, where) for row, where in zip(rows, names)]  # (ids, model inputs or None, images or None) per row
+        prompt_ids = [ids for ids, _, _ in encoded for _ in range(num_generations)]  # (N,) grouped: prompt0 x G, prompt1 x G, ...
+        prompts = [row["prompt"] if "prompt" in row else self._tokenizer.decode(ids, skip_special_tokens=True)
+                   for row, (ids, _, _) in zip(rows, encoded) for _ in range(num_generations)]  # (N,) as posttrain.expand_prompts
+        model_inputs, reward_prompts = None, prompts
+        if any(inputs for _, inputs, _ in encoded):  # a vision-language batch: every row conditions on its images
+            model_inputs = [inputs for _, inputs, _ in encoded]  # one dict per distinct prompt
+            reward_prompts = [prompt_with_images(prompt, images, where=where) if images else prompt for prompt, (_, _, images), where in
+                              zip(prompts[::num_generations], encoded, names) for _ in range(num_generations)]  # (N,)
+        rollout = self._generate(reward_prompts, prompt_ids, num_generations, seed, model_inputs)  # N = P * G completions
+        rewards_per_func = score_rollout(rows, reward_prompts, rollout, num_generations, reward_funcs=self.reward_funcs, reward_func_names=self.reward_func_names,
+                                         tokenizer=self._tokenizer, trainer_state=self.loop.state, log=self._completion_log)  # (N, F)
+        return prompts, rollout, rewards_per_func
 
     def _with_logps(self, batch: dict, mode: str) -> dict:
         """Add a micro-batch's no-grad log-probs: pi_old (when it differs from the current policy) and the reference's (beta > 0).

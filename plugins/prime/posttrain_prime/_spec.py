@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="prime",
     maturity="experimental",
-    plugin_api="1.6",  # the plugin API it is written against (loop.add_trainable_model)
+    plugin_api="1.9",  # the plugin API it is written against (1.9: vision-language models; loop.add_trainable_model)
     summary="PRIME: online RL with implicit process rewards from an implicit PRM trained online on outcome labels, RLOO returns and PPO clipping.",
     family="online-rl",
     trainer="posttrain_prime.trainer:PRIMETrainer",

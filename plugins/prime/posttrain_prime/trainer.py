@@ -20,6 +20,9 @@ implicit rewards' return to the outcome reward's leave-one-out advantage. One op
 
 The PRM is a second trainable model (``loop.add_trainable_model("prm", ...)``): its own AdamW at
 ``prm_learning_rate``, saved in ``checkpoint-N/prm/`` with its optimizer and schedule, resumed exactly.
+Vision-language models as RLOO's (``image`` / ``images`` columns, the processor as ``processing_class``):
+RLOO's copied blocks encode each prompt with its images and condition generation on them; the policy,
+pi_old, reference and PRM forwards all get the batch's ``model_inputs`` (a text-only PRM is refused).
 Departures: docs/methods/prime.md.
 """
 
@@ -32,11 +35,14 @@ import torch
 import torch.nn.functional as F
 
 from posttrain import (  # the loop and the core's online steps
-    CompletionLog, ProduceRequest, RolloutBatch, RolloutProducer, TrainerSurface, TrainingLoop, add_old_and_ref_logps, as_config,
+    CompletionLog, ConfigError, DataError, ProduceRequest, RolloutBatch, RolloutProducer, TrainerSurface, TrainingLoop, add_old_and_ref_logps, as_config,
     attach_rollout_metrics, build_reference_model, build_rollout_engine, check_online_arguments, completion_logps, default_output_dir,
-    evaluate_online, expand_prompts, generate_rollout, load_online_policy, load_pretrained, prepare_prompt_dataset, prompt_token_ids,
+    evaluate_online, generate_rollout, load_online_policy, load_pretrained, prepare_prompt_dataset, prompt_token_ids,
     resolve_online_rewards, reward_and_length_metrics, rollout_micro_batches, router_aux_loss_settings, sampler_is_old_policy,
-    sampling_from_config, score_rollout,
+    sampling_from_config, score_rollout, SamplingParams,
+)
+from posttrain import (  # vision-language models (plugin API 1.9)
+    check_vision_model, image_column, is_processor, is_vision_model, prepare_multimodal_messages, processor_tokenizer, row_images, vision_prompt_inputs,
 )
 
 from posttrain_prime.config import PRIMEConfig
@@ -105,6 +111,29 @@ def implicit_prm_loss(prm_logps: torch.Tensor, ref_logps: torch.Tensor, mask: to
     return F.binary_cross_entropy_with_logits(reward, labels.to(reward.dtype), reduction="none")
 
 
+# Copied from posttrain_rloo.trainer.prompt_with_images with RLOO->PRIME, rloo->prime
+def prompt_with_images(prompt, images: list, *, where: str = "the row"):
+    """Return a conversational ``prompt`` with its images in its image parts (``{"type": "image", "image": <PIL.Image>}``), as TRL's reward functions see it.
+
+    String contents become text parts and the images go before the first user text when the
+    conversation has no image part (``posttrain.prepare_multimodal_messages``); a string prompt is
+    returned as is (its placeholders are the model's own image tokens).
+
+    Raises:
+        DataError: The number of image parts differs from the number of images (names ``where``).
+    """
+    if isinstance(prompt, str):
+        return prompt
+    remaining = iter(images)
+    filled = []
+    for message in prepare_multimodal_messages(prompt, len(images), where=where):
+        if message.get("role") != "tool" and isinstance(message.get("content"), list):
+            message = {**message, "content": [{**part, "image": next(remaining)} if isinstance(part, dict) and part.get("type") == "image" else part
+                                              for part in message["content"]]}
+        filled.append(message)
+    return filled
+
+
 # ----------------------------------------------------------------------------- trainer
 class PRIMETrainer(TrainerSurface):
     """Train a causal LM with PRIME: implicit process rewards from an implicit PRM trained online (experimental).
@@ -117,9 +146,10 @@ class PRIMETrainer(TrainerSurface):
             reward-model path), a ``PreTrainedModel``, or a list (default ``args.reward_funcs``). The PRM's
             labels are the weighted outcome clamped to [0, 1] (the paper: a 0/1 verifier).
         args: A :class:`PRIMEConfig`, a ``transformers.TrainingArguments`` or a dict of fields.
-        train_dataset: Prompt-only rows: a ``prompt`` column (or ``prompt_ids``) plus any columns for the rewards.
+        train_dataset: Prompt-only rows: a ``prompt`` column (or ``prompt_ids``) plus any columns for the rewards;
+            with a vision-language model, an ``images`` (list) or ``image`` column (TRL's format).
         eval_dataset: Same format, or a dict of them.
-        processing_class: The tokenizer (default: loaded with the model).
+        processing_class: The tokenizer, or a vision-language model's processor (``AutoProcessor``) (default: loaded with the model).
         reward_processing_classes: Tokenizers of reward models.
         callbacks: ``transformers.TrainerCallback`` objects (or classes).
         optimizers: Only ``(None, None)``.
@@ -131,7 +161,10 @@ class PRIMETrainer(TrainerSurface):
         allow_experimental: Opt in to this experimental method.
 
     Raises:
-        posttrain.ConfigError: no reward functions or dataset, a ``peft_config``, or an argument that cannot be honoured.
+        posttrain.ConfigError: no reward functions or dataset, a ``peft_config``, image rows with a text-only
+            ``prm_model`` or a tokenizer (not a processor), or an argument that cannot be honoured.
+        posttrain.DataError: an image column for a text-only model; a missing or unreadable image, or
+            images that do not match the prompt's placeholders (the message names the row).
     """
 
     _tag_names = ["posttrain", "prime"]
@@ -139,8 +172,6 @@ class PRIMETrainer(TrainerSurface):
     def __init__(self, model=None, reward_funcs=None, args: PRIMEConfig | None = None, train_dataset=None, eval_dataset=None,
                  processing_class=None, reward_processing_classes=None, callbacks=None, optimizers=(None, None), quantization_config=None,
                  peft_config=None, rollout_engine=None, prm_model=None, allow_experimental=False):
-        from posttrain import ConfigError
-
         self.args = args = as_config(args, PRIMEConfig, default_output_dir=default_output_dir(model, "PRIME"))
         self.loop = TrainingLoop(args, method="prime", allow_experimental=allow_experimental, callbacks=callbacks)  # the maturity gate first
         check_online_arguments("PRIME", train_dataset=train_dataset, reward_funcs=reward_funcs or args.reward_funcs, optimizers=optimizers)
@@ -156,11 +187,13 @@ class PRIMETrainer(TrainerSurface):
                                      default_dtype=next(self.model.parameters()).dtype, load_tokenizer=False)
         self.ref_model = build_reference_model(self.model, None, loop=self.loop, model_init_kwargs=args.model_init_kwargs,
                                                disable_dropout_in_ref=args.disable_dropout, needed=True)
+        self.tool_rollout = None  # RLOO's shared blocks read it: PRIME has no tool-calling episodes
         self._setup_datasets(train_dataset, eval_dataset)
+        self._check_prm_sees_images(prm)
         self.loop.setup(self.model, method=self)
         self.loop.add_trainable_model("prm", prm, learning_rate=args.prm_learning_rate, weight_decay=args.prm_weight_decay)
         self.rollout_func = None
-        self.engine = rollout_engine or build_rollout_engine(args, model=self.model, tokenizer=self.processing_class, accelerator=self.loop.accelerator)
+        self.engine = rollout_engine or build_rollout_engine(args, model=self.model, tokenizer=self._tokenizer, accelerator=self.loop.accelerator)
         self.engine_is_policy = self.engine.samples_from_policy
         self.producer = RolloutProducer(self.loop.prompt_source(len(self.train_dataset), self._prompts_per_step()), self.train_dataset,
                                         self._produce, reuse=self.args.num_iterations)
@@ -175,11 +208,30 @@ class PRIMETrainer(TrainerSurface):
     # -------------------------------------------------------------------------- setup (the core's online steps)
     # Copied from posttrain_rloo.trainer.RLOOTrainer._setup_model with RLOO->PRIME, rloo->prime
     def _setup_model(self, model, processing_class, peft_config, quantization_config, lm_head_fp32: bool = False) -> None:
-        """Load the policy (``posttrain.load_online_policy``) and read its MoE router-loss settings."""
+        """Load the policy (``posttrain.load_online_policy``) and read its MoE router-loss settings.
+
+        ``processing_class`` may be a processor: ``self._tokenizer`` (TRL's attribute) is its tokenizer,
+        which pads, decodes and stops generation (for a tokenizer, the tokenizer itself).
+        """
         self.model, self.processing_class = load_online_policy(model, self.args, loop=self.loop, processing_class=processing_class, peft_config=peft_config,
                                                                quantization_config=quantization_config, tags=self._tag_names, lm_head_fp32=lm_head_fp32)
-        self.pad_token_id = self.processing_class.pad_token_id
+        self._tokenizer = processor_tokenizer(self.processing_class)
+        self.pad_token_id = self._tokenizer.pad_token_id
         self.router_aux_loss_coef, self.aux_loss_enabled = router_aux_loss_settings(self.model, self.args.router_aux_loss_coef)
+
+    def _check_prm_sees_images(self, prm) -> None:
+        """Refuse image rows with a text-only implicit PRM (one given by path): its rewards would ignore the images."""
+        datasets = [("train_dataset", self.train_dataset)]
+        if isinstance(self.eval_dataset, dict):
+            datasets += [(f"eval_dataset[{key!r}]", part) for key, part in self.eval_dataset.items()]
+        elif self.eval_dataset is not None:
+            datasets.append(("eval_dataset", self.eval_dataset))
+        for name, dataset in datasets:
+            columns = dataset.column_names if hasattr(dataset, "column_names") else list(dataset[0]) if len(dataset) else []
+            column = image_column(columns)
+            if column is not None and not is_vision_model(prm):
+                raise ConfigError(f"{name} has an image column {column!r} but PRIME's implicit PRM ({type(prm).__name__}) is text-only: its rewards "
+                                  "would ignore the images; leave prm_model unset (a copy of the policy) or give a vision-language PRM, or drop the column.")
 
     # Copied from posttrain_rloo.trainer.RLOOTrainer._setup_rewards with RLOO->PRIME, rloo->prime
     def _setup_rewards(self, reward_funcs, reward_processing_classes) -> None:
@@ -211,12 +263,46 @@ class PRIMETrainer(TrainerSurface):
         limit = None
         if name == "train_dataset" and self.args.max_steps > 0:
             limit = self.args.max_steps * self._prompts_per_step() * self.loop.accelerator.num_processes
-        return prepare_prompt_dataset(dataset, name, method="PRIME", prompt_ids=self._prompt_ids, limit=limit)
+        dataset = prepare_prompt_dataset(dataset, name, method="PRIME", prompt_ids=lambda row: self._prompt_ids(row, where=f"{name} row 0"), limit=limit)
+        columns = dataset.column_names if hasattr(dataset, "column_names") else list(dataset[0]) if len(dataset) else []
+        if image_column(columns) is not None and self.tool_rollout is not None:
+            raise ConfigError(f"{name} has an image column {image_column(columns)!r} and tools= / environment_factory= are set: tool-calling "
+                              "episodes do not carry images yet; train on the images without tools, or drop the image column.")
+        return dataset
 
     # Copied from posttrain_rloo.trainer.RLOOTrainer._prompt_ids with RLOO->PRIME, rloo->prime
-    def _prompt_ids(self, row: dict) -> list[int]:
+    def _prompt_ids(self, row: dict, where: str = "the row") -> list[int]:
         """Token ids of a row's prompt: its ``prompt_ids`` as given, or the tokenized ``prompt`` (messages via the chat template)."""
-        return prompt_token_ids(row, self.processing_class, chat_template_kwargs=self.args.chat_template_kwargs)
+        return self._encode_prompt(row, where)[0]
+
+    # Copied from posttrain_rloo.trainer.RLOOTrainer._encode_prompt with RLOO->PRIME, rloo->prime
+    def _encode_prompt(self, row: dict, where: str = "the row") -> tuple[list[int], dict | None, list | None]:
+        """Return ``(ids, model_inputs, images)`` of a row's prompt; the last two are None for a text row.
+
+        A tokenizer tokenizes as ever (``posttrain.prompt_token_ids``). A processor renders the prompt
+        with its chat template and, for a row with an ``images`` / ``image`` column, its images
+        (``posttrain.vision_prompt_inputs``: ids with the image tokens expanded, and ``pixel_values`` &
+        co.); an empty image list is a text row (TRL). ``where`` is named in errors.
+
+        Raises:
+            DataError: an image column for a text-only model, a missing or unreadable image, images
+                that do not match the prompt's image placeholders, or pre-tokenized ``prompt_ids`` with images.
+            ConfigError: images with a ``processing_class`` that is not a processor.
+        """
+        images = None
+        if image_column(row) is not None:
+            check_vision_model(self.model, row, dataset_name=where)
+            images = row_images(row, where=where) or None
+        if images is None and (row.get("prompt_ids") is not None or not is_processor(self.processing_class)):
+            return prompt_token_ids(row, self.processing_class, chat_template_kwargs=self.args.chat_template_kwargs), None, None
+        if row.get("prompt_ids") is not None:
+            raise DataError(f"{where}: pre-tokenized 'prompt_ids' cannot carry images (the processor expands the image tokens); give the 'prompt' instead.")
+        if not is_processor(self.processing_class):
+            raise ConfigError(f"{where} has images but processing_class is a {type(self.processing_class).__name__}, not a processor: "
+                              "pass the model's processor (AutoProcessor.from_pretrained(...)) as processing_class.")
+        ids, model_inputs = vision_prompt_inputs(self.processing_class, row["prompt"], images, where=where,
+                                                 chat_template_kwargs=self.args.chat_template_kwargs, tools=row.get("tools"))
+        return ids, model_inputs or None, images
 
     # Copied from posttrain_rloo.trainer.RLOOTrainer._prompts_per_step with RLOO->PRIME, rloo->prime
     def _prompts_per_step(self) -> int:
@@ -241,24 +327,34 @@ class PRIMETrainer(TrainerSurface):
     def _produce(self, request: ProduceRequest) -> list[dict]:
         """The producer's callback: generate, score and split one step's rollouts (the producer reuses them ``num_iterations`` times)."""
         seed = self.args.seed + request.step + 1_000_003 * request.rank
-        return self._generate_and_score(request.rows, seed)
+        return self._generate_and_score(request.rows, seed, indices=request.indices)
 
     # Copied from posttrain_rloo.trainer.RLOOTrainer._generate with RLOO->PRIME, rloo->prime
-    def _generate(self, prompts: list, prompt_ids: list[list[int]] | None = None, num_generations: int = 1, seed: int | None = None) -> RolloutBatch:
-        """Return the rollout of ``prompts`` (``posttrain.generate_rollout``): the engine's, or ``self.rollout_func``'s (TRL's hook)."""
+    def _generate(self, prompts: list, prompt_ids: list[list[int]] | None = None, num_generations: int = 1, seed: int | None = None,
+                  model_inputs: list[dict] | None = None) -> RolloutBatch:
+        """Return the rollout of ``prompts`` (``posttrain.generate_rollout``): the engine's, or ``self.rollout_func``'s (TRL's hook).
+
+        ``model_inputs`` (images: one dict per distinct prompt) condition the engine's sampling, and
+        the rollout carries them per completion in ``extras["model_inputs"]`` for the forwards.
+        """
         if prompt_ids is None and self.rollout_func is None:
             prompt_ids = [self._prompt_ids({"prompt": p}) for p in prompts]
-        return generate_rollout(prompts, prompt_ids, engine=self.engine, sampling=self._sampling, num_generations=num_generations, seed=seed,
-                                rollout_func=self.rollout_func, trainer=self, max_completion_length=self.args.max_completion_length,
-                                stop_token_ids=(self.processing_class.eos_token_id, self.pad_token_id))
+        if model_inputs is not None and self.rollout_func is None:
+            rollout = self.engine.generate(prompt_ids[::num_generations], SamplingParams(n=num_generations, seed=seed, **self._sampling),
+                                           model_inputs=model_inputs)
+        else:
+            rollout = generate_rollout(prompts, prompt_ids, engine=self.engine, sampling=self._sampling, num_generations=num_generations, seed=seed,
+                                       rollout_func=self.rollout_func, trainer=self, max_completion_length=self.args.max_completion_length,
+                                       stop_token_ids=(self._tokenizer.eos_token_id, self.pad_token_id))
+        if model_inputs is not None:  # the group members share their prompt's inputs
+            rollout.extras = {**rollout.extras, "model_inputs": [inputs for inputs in model_inputs for _ in range(num_generations)]}
+        return rollout
 
-    def _generate_and_score(self, rows: list[dict], seed: int, mode: str = "train") -> list[dict]:
+    def _generate_and_score(self, rows: list[dict], seed: int, mode: str = "train", indices: list[int] | None = None) -> list[dict]:
         args = self.args
         k = args.num_generations if mode == "train" else (args.num_generations_eval or args.num_generations)
-        prompts, prompt_ids = expand_prompts(rows, k, self._prompt_ids, self.processing_class)  # (N,)
-        rollout = self._generate(prompts, prompt_ids, k, seed)
-        rewards_per_func = score_rollout(rows, prompts, rollout, k, reward_funcs=self.reward_funcs, reward_func_names=self.reward_func_names,
-                                         tokenizer=self.processing_class, trainer_state=self.loop.state, log=self._completion_log)  # (N, F)
+        # the rollout (conditioned on the rows' images, if any) and its rewards (N, F)
+        prompts, rollout, rewards_per_func = self._rollout_and_rewards(rows, seed, k, self._row_names(rows, indices, mode))
         outcome = (rewards_per_func * self.reward_weights.unsqueeze(0)).nansum(dim=1)  # (N,)
         scorable = ~torch.isnan(rewards_per_func).all(dim=1)
         if args.reward_clip_range:
@@ -311,11 +407,50 @@ class PRIMETrainer(TrainerSurface):
         metrics["prm/kl_to_ref"] = float(kl_sum) / max(1, sum(b["num_completion_tokens"] for b in micro_batches))
         attach_rollout_metrics(micro_batches, metrics)
         if mode == "train":
-            completions = self.processing_class.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+            completions = self._tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
             self._completion_log.record(prompts, completions, rewards_per_func, self.reward_func_names, torch.stack([a.sum() for a in advantages]).float())
         else:
             self._completion_log.discard_extra()
         return micro_batches
+
+    # Copied from posttrain_rloo.trainer.RLOOTrainer._row_names with RLOO->PRIME, rloo->prime
+    @staticmethod
+    def _row_names(rows: list[dict], indices: list[int] | None, mode: str = "train") -> list[str]:
+        """What an error names for each row: ``train_dataset row <index>`` (or the row's place in an eval batch)."""
+        if indices is None:
+            return [f"{mode} batch row {i}" for i in range(len(rows))]
+        return [f"train_dataset row {i}" for i in indices]
+
+    # Copied from posttrain_rloo.trainer.RLOOTrainer._rollout_and_rewards with RLOO->PRIME, rloo->prime
+    def _rollout_and_rewards(self, rows: list[dict], seed: int, num_generations: int, names: list[str] | None = None) -> tuple[list, RolloutBatch, torch.Tensor]:
+        """Return ``(prompts (N,), rollout, rewards_per_func (N, F))`` of ``num_generations`` completions of each row.
+
+        Rows with images: the processor's ids and model inputs condition the rollout; the reward
+        functions get the prompts with their images (TRL's), the returned prompts (for the completion
+        log) keep only the image placeholders. ``names`` (one per row) are what errors name.
+        """
+        if self.tool_rollout is not None:  # multi-turn episodes with tools / environments (one per completion)
+            expanded = [row for row in rows for _ in range(num_generations)]  # (N,)
+            result = self.tool_rollout.rollout(self.engine, expanded, SamplingParams(n=1, seed=seed, **self._sampling))
+            rewards_per_func = score_rollout(rows, result.prompts, result.rollout, num_generations, reward_funcs=self.reward_funcs,
+                                             reward_func_names=self.reward_func_names, tokenizer=self._tokenizer, trainer_state=self.loop.state,
+                                             log=self._completion_log, completions=result.completions,
+                                             reward_kwargs={"environments": result.environments} if result.environments is not None else None)
+            return result.prompts, result.rollout, rewards_per_func
+        names = names or [f"row {i}" for i in range(len(rows))]
+        encoded = [self._encode_prompt(row, where) for row, where in zip(rows, names)]  # (ids, model inputs or None, images or None) per row
+        prompt_ids = [ids for ids, _, _ in encoded for _ in range(num_generations)]  # (N,) grouped: prompt0 x G, prompt1 x G, ...
+        prompts = [row["prompt"] if "prompt" in row else self._tokenizer.decode(ids, skip_special_tokens=True)
+                   for row, (ids, _, _) in zip(rows, encoded) for _ in range(num_generations)]  # (N,) as posttrain.expand_prompts
+        model_inputs, reward_prompts = None, prompts
+        if any(inputs for _, inputs, _ in encoded):  # a vision-language batch: every row conditions on its images
+            model_inputs = [inputs for _, inputs, _ in encoded]  # one dict per distinct prompt
+            reward_prompts = [prompt_with_images(prompt, images, where=where) if images else prompt for prompt, (_, _, images), where in
+                              zip(prompts[::num_generations], encoded, names) for _ in range(num_generations)]  # (N,)
+        rollout = self._generate(reward_prompts, prompt_ids, num_generations, seed, model_inputs)  # N = P * G completions
+        rewards_per_func = score_rollout(rows, reward_prompts, rollout, num_generations, reward_funcs=self.reward_funcs, reward_func_names=self.reward_func_names,
+                                         tokenizer=self._tokenizer, trainer_state=self.loop.state, log=self._completion_log)  # (N, F)
+        return prompts, rollout, rewards_per_func
 
     @torch.no_grad()
     def _with_logps(self, batch: dict, mode: str) -> dict:
@@ -327,6 +462,8 @@ class PRIMETrainer(TrainerSurface):
                               ref_model=self.ref_model, old_from_sampler=sampler_is_old_policy(self._sampling, args.temperature, self.engine_is_policy),
                               device=self.loop.device, accelerator=self.loop.accelerator, chunk_size=args.logprob_chunk_size)
         on_device = {k: v.to(self.loop.device) for k, v in batch.items() if isinstance(v, torch.Tensor)}
+        if batch.get("model_inputs"):  # a vision-language batch: the PRM sees the images too
+            on_device["model_inputs"] = {k: v.to(self.loop.device) if isinstance(v, torch.Tensor) else v for k, v in batch["model_inputs"].items()}
         prm_logps, _, _ = completion_logps(self.prm, on_device, args.temperature, compute_entropy=False, chunk_size=args.logprob_chunk_size)
         batch["prm_per_token_logps"] = prm_logps.float().cpu()  # (b, C), stored like the reference's
         return batch

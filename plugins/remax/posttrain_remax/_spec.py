@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="remax",
     maturity="experimental",
-    plugin_api="1.6",  # the plugin API it is written against
+    plugin_api="1.9",  # the plugin API it is written against (1.9: vision-language models)
     summary="ReMax: online RL from reward functions, REINFORCE with the reward of the greedy completion as each prompt's baseline.",
     family="online-rl",
     trainer="posttrain_remax.trainer:ReMaxTrainer",

@@ -21,7 +21,10 @@ producer's ``_produce`` then ``compute_loss`` per micro-batch)::
       -> loss per micro-batch: -A_i * exp(sum_t log pi - log pi_old) (clipped when reused), summed / N
 
 With ``num_iterations=1`` on the policy's own samples the ratio is exp(0) = 1 with gradient
-``grad sum_t log pi``: exactly the paper's REINFORCE estimator. Departures: docs/methods/remax.md.
+``grad sum_t log pi``: exactly the paper's REINFORCE estimator. Vision-language models as RLOO's
+(``image`` / ``images`` columns, the processor as ``processing_class``): each prompt is encoded with its
+images once; the sampled and the greedy completions are generated conditioned on them and every forward
+gets them (``extras["model_inputs"]``). Departures: docs/methods/remax.md.
 """
 
 from __future__ import annotations
@@ -31,11 +34,14 @@ import logging
 import torch
 
 from posttrain import (  # the loop and the core's online steps
-    CompletionLog, ProduceRequest, RolloutBatch, RolloutProducer, TrainerSurface, TrainingLoop, add_old_and_ref_logps, as_config,
+    CompletionLog, ConfigError, DataError, ProduceRequest, RolloutBatch, RolloutProducer, TrainerSurface, TrainingLoop, add_old_and_ref_logps, as_config,
     attach_rollout_metrics, build_reference_model, build_rollout_engine, check_online_arguments, check_sync_ref_model, completion_logps,
-    default_output_dir, evaluate_online, expand_prompts, generate_rollout, load_online_policy, prepare_prompt_dataset, prompt_token_ids,
+    default_output_dir, evaluate_online, generate_rollout, load_online_policy, prepare_prompt_dataset, prompt_token_ids,
     resolve_online_rewards, reward_and_length_metrics, rollout_micro_batches, router_aux_loss_settings, sampler_is_old_policy,
-    sampling_from_config, score_rollout, sync_reference_model,
+    sampling_from_config, score_rollout, sync_reference_model, SamplingParams,
+)
+from posttrain import (  # vision-language models (plugin API 1.9)
+    check_vision_model, image_column, is_processor, prepare_multimodal_messages, processor_tokenizer, row_images, vision_prompt_inputs,
 )
 
 from posttrain_remax.config import ReMaxConfig
@@ -86,6 +92,29 @@ def compute_remax_advantages(
     return advantages, is_zero_signal, greedy
 
 
+# Copied from posttrain_rloo.trainer.prompt_with_images with RLOO->ReMax, rloo->remax
+def prompt_with_images(prompt, images: list, *, where: str = "the row"):
+    """Return a conversational ``prompt`` with its images in its image parts (``{"type": "image", "image": <PIL.Image>}``), as TRL's reward functions see it.
+
+    String contents become text parts and the images go before the first user text when the
+    conversation has no image part (``posttrain.prepare_multimodal_messages``); a string prompt is
+    returned as is (its placeholders are the model's own image tokens).
+
+    Raises:
+        DataError: The number of image parts differs from the number of images (names ``where``).
+    """
+    if isinstance(prompt, str):
+        return prompt
+    remaining = iter(images)
+    filled = []
+    for message in prepare_multimodal_messages(prompt, len(images), where=where):
+        if message.get("role") != "tool" and isinstance(message.get("content"), list):
+            message = {**message, "content": [{**part, "image": next(remaining)} if isinstance(part, dict) and part.get("type") == "image" else part
+                                              for part in message["content"]]}
+        filled.append(message)
+    return filled
+
+
 # Copied from posttrain_rloo.trainer.masked_mean
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of ``x`` over ``mask``; a ``(B, 1)`` per-sequence ``x`` is averaged over sequences."""
@@ -106,9 +135,10 @@ class ReMaxTrainer(TrainerSurface):
         reward_funcs: A callable, a name ('accuracy', 'module:function', a reward-model path), a
             ``PreTrainedModel`` reward model, or a list of these (default ``args.reward_funcs``).
         args: A :class:`ReMaxConfig`, a ``transformers.TrainingArguments`` or a dict of fields.
-        train_dataset: Prompt-only rows: a ``prompt`` column (or ``prompt_ids``) plus any columns for the rewards.
+        train_dataset: Prompt-only rows: a ``prompt`` column (or ``prompt_ids``) plus any columns for the rewards;
+            with a vision-language model, an ``images`` (list) or ``image`` column (TRL's format).
         eval_dataset: Same format, or a dict of them (metrics ``eval_<name>_<metric>``).
-        processing_class: The tokenizer (default: loaded with the model).
+        processing_class: The tokenizer, or a vision-language model's processor (``AutoProcessor``) (default: loaded with the model).
         reward_processing_classes: Tokenizers of the reward models (one per reward function, None for plain functions).
         callbacks: ``transformers.TrainerCallback`` objects (or classes).
         optimizers: Only ``(None, None)``: the loop builds the optimizer and schedule from ``args``.
@@ -120,7 +150,9 @@ class ReMaxTrainer(TrainerSurface):
 
     Raises:
         posttrain.ConfigError: no reward functions or dataset, mismatched ``reward_weights``, a dataset
-            without ``prompt``, or an argument that cannot be honoured.
+            without ``prompt``, images with a tokenizer (not a processor), or an argument that cannot be honoured.
+        posttrain.DataError: an image column for a text-only model; a missing or unreadable image, or
+            images that do not match the prompt's placeholders (the message names the row).
     """
 
     _tag_names = ["posttrain", "remax"]
@@ -136,10 +168,11 @@ class ReMaxTrainer(TrainerSurface):
         self.ref_model = build_reference_model(self.model, None, loop=self.loop, model_init_kwargs=args.model_init_kwargs,
                                                disable_dropout_in_ref=args.disable_dropout, needed=args.beta != 0.0)
         check_sync_ref_model(args, self.ref_model)
+        self.tool_rollout = None  # RLOO's shared blocks read it: ReMax has no tool-calling episodes
         self._setup_datasets(train_dataset, eval_dataset)
         self.loop.setup(self.model, method=self)
         self.rollout_func = None  # the engine generates (sampled and greedy)
-        self.engine = rollout_engine or build_rollout_engine(args, model=self.model, tokenizer=self.processing_class, accelerator=self.loop.accelerator)
+        self.engine = rollout_engine or build_rollout_engine(args, model=self.model, tokenizer=self._tokenizer, accelerator=self.loop.accelerator)
         self.engine_is_policy = self.engine.samples_from_policy
         self.producer = RolloutProducer(self.loop.prompt_source(len(self.train_dataset), self._prompts_per_step()), self.train_dataset,
                                         self._produce, reuse=self.args.num_iterations)
@@ -151,10 +184,15 @@ class ReMaxTrainer(TrainerSurface):
     # -------------------------------------------------------------------------- setup (the core's online steps)
     # Copied from posttrain_rloo.trainer.RLOOTrainer._setup_model with RLOO->ReMax, rloo->remax
     def _setup_model(self, model, processing_class, peft_config, quantization_config, lm_head_fp32: bool = False) -> None:
-        """Load the policy (``posttrain.load_online_policy``) and read its MoE router-loss settings."""
+        """Load the policy (``posttrain.load_online_policy``) and read its MoE router-loss settings.
+
+        ``processing_class`` may be a processor: ``self._tokenizer`` (TRL's attribute) is its tokenizer,
+        which pads, decodes and stops generation (for a tokenizer, the tokenizer itself).
+        """
         self.model, self.processing_class = load_online_policy(model, self.args, loop=self.loop, processing_class=processing_class, peft_config=peft_config,
                                                                quantization_config=quantization_config, tags=self._tag_names, lm_head_fp32=lm_head_fp32)
-        self.pad_token_id = self.processing_class.pad_token_id
+        self._tokenizer = processor_tokenizer(self.processing_class)
+        self.pad_token_id = self._tokenizer.pad_token_id
         self.router_aux_loss_coef, self.aux_loss_enabled = router_aux_loss_settings(self.model, self.args.router_aux_loss_coef)
 
     # Copied from posttrain_rloo.trainer.RLOOTrainer._setup_rewards with RLOO->ReMax, rloo->remax
@@ -187,12 +225,46 @@ class ReMaxTrainer(TrainerSurface):
         limit = None
         if name == "train_dataset" and self.args.max_steps > 0:
             limit = self.args.max_steps * self._prompts_per_step() * self.loop.accelerator.num_processes
-        return prepare_prompt_dataset(dataset, name, method="ReMax", prompt_ids=self._prompt_ids, limit=limit)
+        dataset = prepare_prompt_dataset(dataset, name, method="ReMax", prompt_ids=lambda row: self._prompt_ids(row, where=f"{name} row 0"), limit=limit)
+        columns = dataset.column_names if hasattr(dataset, "column_names") else list(dataset[0]) if len(dataset) else []
+        if image_column(columns) is not None and self.tool_rollout is not None:
+            raise ConfigError(f"{name} has an image column {image_column(columns)!r} and tools= / environment_factory= are set: tool-calling "
+                              "episodes do not carry images yet; train on the images without tools, or drop the image column.")
+        return dataset
 
     # Copied from posttrain_rloo.trainer.RLOOTrainer._prompt_ids with RLOO->ReMax, rloo->remax
-    def _prompt_ids(self, row: dict) -> list[int]:
+    def _prompt_ids(self, row: dict, where: str = "the row") -> list[int]:
         """Token ids of a row's prompt: its ``prompt_ids`` as given, or the tokenized ``prompt`` (messages via the chat template)."""
-        return prompt_token_ids(row, self.processing_class, chat_template_kwargs=self.args.chat_template_kwargs)
+        return self._encode_prompt(row, where)[0]
+
+    # Copied from posttrain_rloo.trainer.RLOOTrainer._encode_prompt with RLOO->ReMax, rloo->remax
+    def _encode_prompt(self, row: dict, where: str = "the row") -> tuple[list[int], dict | None, list | None]:
+        """Return ``(ids, model_inputs, images)`` of a row's prompt; the last two are None for a text row.
+
+        A tokenizer tokenizes as ever (``posttrain.prompt_token_ids``). A processor renders the prompt
+        with its chat template and, for a row with an ``images`` / ``image`` column, its images
+        (``posttrain.vision_prompt_inputs``: ids with the image tokens expanded, and ``pixel_values`` &
+        co.); an empty image list is a text row (TRL). ``where`` is named in errors.
+
+        Raises:
+            DataError: an image column for a text-only model, a missing or unreadable image, images
+                that do not match the prompt's image placeholders, or pre-tokenized ``prompt_ids`` with images.
+            ConfigError: images with a ``processing_class`` that is not a processor.
+        """
+        images = None
+        if image_column(row) is not None:
+            check_vision_model(self.model, row, dataset_name=where)
+            images = row_images(row, where=where) or None
+        if images is None and (row.get("prompt_ids") is not None or not is_processor(self.processing_class)):
+            return prompt_token_ids(row, self.processing_class, chat_template_kwargs=self.args.chat_template_kwargs), None, None
+        if row.get("prompt_ids") is not None:
+            raise DataError(f"{where}: pre-tokenized 'prompt_ids' cannot carry images (the processor expands the image tokens); give the 'prompt' instead.")
+        if not is_processor(self.processing_class):
+            raise ConfigError(f"{where} has images but processing_class is a {type(self.processing_class).__name__}, not a processor: "
+                              "pass the model's processor (AutoProcessor.from_pretrained(...)) as processing_class.")
+        ids, model_inputs = vision_prompt_inputs(self.processing_class, row["prompt"], images, where=where,
+                                                 chat_template_kwargs=self.args.chat_template_kwargs, tools=row.get("tools"))
+        return ids, model_inputs or None, images
 
     # Copied from posttrain_rloo.trainer.RLOOTrainer._prompts_per_step with RLOO->ReMax, rloo->remax
     def _prompts_per_step(self) -> int:
@@ -217,35 +289,61 @@ class ReMaxTrainer(TrainerSurface):
     def _produce(self, request: ProduceRequest) -> list[dict]:
         """The producer's callback: generate, score and split one step's rollouts (the producer reuses them ``num_iterations`` times)."""
         seed = self.args.seed + request.step + 1_000_003 * request.rank
-        return self._generate_and_score(request.rows, seed)
+        return self._generate_and_score(request.rows, seed, indices=request.indices)
 
     # Copied from posttrain_rloo.trainer.RLOOTrainer._generate with RLOO->ReMax, rloo->remax
-    def _generate(self, prompts: list, prompt_ids: list[list[int]] | None = None, num_generations: int = 1, seed: int | None = None) -> RolloutBatch:
-        """Return the rollout of ``prompts`` (``posttrain.generate_rollout``): the engine's, or ``self.rollout_func``'s (TRL's hook)."""
+    def _generate(self, prompts: list, prompt_ids: list[list[int]] | None = None, num_generations: int = 1, seed: int | None = None,
+                  model_inputs: list[dict] | None = None) -> RolloutBatch:
+        """Return the rollout of ``prompts`` (``posttrain.generate_rollout``): the engine's, or ``self.rollout_func``'s (TRL's hook).
+
+        ``model_inputs`` (images: one dict per distinct prompt) condition the engine's sampling, and
+        the rollout carries them per completion in ``extras["model_inputs"]`` for the forwards.
+        """
         if prompt_ids is None and self.rollout_func is None:
             prompt_ids = [self._prompt_ids({"prompt": p}) for p in prompts]
-        return generate_rollout(prompts, prompt_ids, engine=self.engine, sampling=self._sampling, num_generations=num_generations, seed=seed,
-                                rollout_func=self.rollout_func, trainer=self, max_completion_length=self.args.max_completion_length,
-                                stop_token_ids=(self.processing_class.eos_token_id, self.pad_token_id))
+        if model_inputs is not None and self.rollout_func is None:
+            rollout = self.engine.generate(prompt_ids[::num_generations], SamplingParams(n=num_generations, seed=seed, **self._sampling),
+                                           model_inputs=model_inputs)
+        else:
+            rollout = generate_rollout(prompts, prompt_ids, engine=self.engine, sampling=self._sampling, num_generations=num_generations, seed=seed,
+                                       rollout_func=self.rollout_func, trainer=self, max_completion_length=self.args.max_completion_length,
+                                       stop_token_ids=(self._tokenizer.eos_token_id, self.pad_token_id))
+        if model_inputs is not None:  # the group members share their prompt's inputs
+            rollout.extras = {**rollout.extras, "model_inputs": [inputs for inputs in model_inputs for _ in range(num_generations)]}
+        return rollout
 
-    def _generate_greedy(self, prompts: list, prompt_ids: list[list[int]], seed: int) -> RolloutBatch:
-        """Return one greedy (argmax) completion per prompt from the same engine as the samples (``temperature=0``; the seed only keeps the global RNG untouched)."""
+    def _generate_greedy(self, prompts: list, prompt_ids: list[list[int]], seed: int, model_inputs: list[dict] | None = None) -> RolloutBatch:
+        """Return one greedy (argmax) completion per prompt from the same engine as the samples (``temperature=0``; the seed only keeps the global RNG untouched).
+
+        ``model_inputs`` (images: one dict per prompt) condition the greedy decoding as they do the samples.
+        """
+        if model_inputs is not None:
+            return self.engine.generate(prompt_ids, SamplingParams(n=1, seed=seed, **self._greedy_sampling), model_inputs=model_inputs)
         return generate_rollout(prompts, prompt_ids, engine=self.engine, sampling=self._greedy_sampling, num_generations=1, seed=seed,
                                 max_completion_length=self.args.max_completion_length,
-                                stop_token_ids=(self.processing_class.eos_token_id, self.pad_token_id))
+                                stop_token_ids=(self._tokenizer.eos_token_id, self.pad_token_id))
 
-    def _generate_and_score(self, rows: list[dict], seed: int, mode: str = "train") -> list[dict]:
+    def _generate_and_score(self, rows: list[dict], seed: int, mode: str = "train", indices: list[int] | None = None) -> list[dict]:
         args = self.args
         num_generations = args.num_generations if mode == "train" else (args.num_generations_eval or args.num_generations)
+        names = self._row_names(rows, indices, mode)  # what errors name for each row
         # 1. rollouts: G sampled completions per prompt (prompt0 x G, prompt1 x G, ...) and one greedy completion per prompt
-        prompts, prompt_ids = expand_prompts(rows, num_generations, self._prompt_ids, self.processing_class)  # (N,) each
-        rollout = self._generate(prompts, prompt_ids, num_generations, seed)  # N = P * G completions
-        greedy = self._generate_greedy(prompts[::num_generations], prompt_ids[::num_generations], seed)  # P completions
+        encoded = [self._encode_prompt(row, where) for row, where in zip(rows, names)]  # (ids, model inputs or None, images or None) per row
+        prompt_ids = [ids for ids, _, _ in encoded for _ in range(num_generations)]  # (N,)
+        prompts = [row["prompt"] if "prompt" in row else self._tokenizer.decode(ids, skip_special_tokens=True)
+                   for row, (ids, _, _) in zip(rows, encoded) for _ in range(num_generations)]  # (N,) as posttrain.expand_prompts
+        model_inputs, reward_prompts = None, prompts
+        if any(inputs for _, inputs, _ in encoded):  # a vision-language batch: samples, greedy completions and forwards see the images
+            model_inputs = [inputs for _, inputs, _ in encoded]  # one dict per distinct prompt
+            reward_prompts = [prompt_with_images(prompt, images, where=where) if images else prompt for prompt, (_, _, images), where in
+                              zip(prompts[::num_generations], encoded, names) for _ in range(num_generations)]  # (N,) as TRL's rewards see them
+        rollout = self._generate(reward_prompts, prompt_ids, num_generations, seed, model_inputs)  # N = P * G completions
+        greedy = self._generate_greedy(reward_prompts[::num_generations], prompt_ids[::num_generations], seed, model_inputs)  # P completions
 
         # 2. rewards: (N, F) and (P, F), NaN where a function returned None; only the samples go to the completion log
-        score = dict(reward_funcs=self.reward_funcs, reward_func_names=self.reward_func_names, tokenizer=self.processing_class, trainer_state=self.loop.state)
-        rewards_per_func = score_rollout(rows, prompts, rollout, num_generations, log=self._completion_log, **score)  # (N, F)
-        greedy_rewards_per_func = score_rollout(rows, prompts[::num_generations], greedy, 1, **score)  # (P, F)
+        score = dict(reward_funcs=self.reward_funcs, reward_func_names=self.reward_func_names, tokenizer=self._tokenizer, trainer_state=self.loop.state)
+        rewards_per_func = score_rollout(rows, reward_prompts, rollout, num_generations, log=self._completion_log, **score)  # (N, F)
+        greedy_rewards_per_func = score_rollout(rows, reward_prompts[::num_generations], greedy, 1, **score)  # (P, F)
 
         # 3. micro-batches of per_device_train_batch_size sampled completions (one in eval), with old / reference log-probs
         size = args.per_device_train_batch_size if mode == "train" else len(rollout)
@@ -275,11 +373,19 @@ class ReMaxTrainer(TrainerSurface):
             metrics["kl"] = float(kl_sum) / max(1, sum(b["num_completion_tokens"] for b in micro_batches))
         attach_rollout_metrics(micro_batches, metrics)
         if mode == "train":
-            completions = self.processing_class.batch_decode(rollout.completion_ids, skip_special_tokens=True)
+            completions = self._tokenizer.batch_decode(rollout.completion_ids, skip_special_tokens=True)
             self._completion_log.record(prompts, completions, rewards_per_func, self.reward_func_names, advantages)
         else:
             self._completion_log.discard_extra()
         return micro_batches
+
+    # Copied from posttrain_rloo.trainer.RLOOTrainer._row_names with RLOO->ReMax, rloo->remax
+    @staticmethod
+    def _row_names(rows: list[dict], indices: list[int] | None, mode: str = "train") -> list[str]:
+        """What an error names for each row: ``train_dataset row <index>`` (or the row's place in an eval batch)."""
+        if indices is None:
+            return [f"{mode} batch row {i}" for i in range(len(rows))]
+        return [f"train_dataset row {i}" for i in indices]
 
     def _with_logps(self, batch: dict, mode: str) -> dict:
         """Add a micro-batch's no-grad log-probs: pi_old (the ratio's denominator and the KL penalty's sample) and the reference's."""

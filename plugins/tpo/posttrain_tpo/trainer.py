@@ -35,6 +35,7 @@ from posttrain import (
     as_config,
     causal_lm_states,
     disable_dropout,
+    image_column,
     is_peft_model,
     pad,
     prompt_completion_boundary,
@@ -337,6 +338,11 @@ class TPOTrainer(TrainerSurface):
             rows = [dict(r) if isinstance(r, dict) else r for r in dataset]
         if not rows:
             raise ConfigError(f"{name} is empty: give the trainer at least one (prompt, chosen, rejected, reference) row.")
+        column = image_column(rows[0]) if isinstance(rows[0], dict) else None
+        if column is not None:  # refused, not silently dropped
+            raise ConfigError(f"{name} has an image column {column!r}: posttrain's TPO trains on text only (its rows are tokenized without a "
+                              "processor and its forward takes no pixel inputs); drop the column, or use the 'dpo' method, which trains "
+                              "vision-language models on preference data.")
         keys = self.responses
         out = []
         for index, row in enumerate(rows):
@@ -453,7 +459,7 @@ class TPOTrainer(TrainerSurface):
             for key, value in {"loss": loss, **metrics}.items():
                 totals[key] = totals.get(key, 0) + value.detach().float() * n
             weight += n
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, **(batch.get("model_inputs") or {})).logits
             predictions.append(logits.float().cpu().numpy())
             labels.append(batch["input_ids"].cpu().numpy())
         keys = sorted(totals)

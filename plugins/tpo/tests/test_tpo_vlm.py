@@ -1,0 +1,18 @@
+"""TPO refuses vision-language preference data with one clear line (its rows are tokenized text-only; use 'dpo' for images)."""
+
+from __future__ import annotations
+
+import pytest
+
+from posttrain import ConfigError
+from posttrain.testing.tiny_vlm import build_vlm, colour_rows
+
+from posttrain_tpo import TPOConfig, TPOTrainer
+
+
+def test_image_rows_are_refused_not_dropped(tmp_path):
+    model, processor = build_vlm(family="idefics3")
+    args = TPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, report_to="none", save_strategy="no")
+    with pytest.raises(ConfigError, match=r"train_dataset has an image column 'images': posttrain's TPO trains on text only .* use the 'dpo' method") as info:
+        TPOTrainer(model=model, args=args, train_dataset=[dict(row, reference=row['chosen']) for row in colour_rows(4, format="preference")], processing_class=processor, allow_experimental=True)
+    assert "\n" not in str(info.value)
