@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 from typing import Any
 
-__all__ = ["VLM_FAMILIES", "COLOURS", "vlm_family_available", "build_vlm_processor", "build_vlm", "save_tiny_vlm", "colour_image", "colour_rows"]
+__all__ = ["VLM_FAMILIES", "COLOURS", "vlm_family_available", "build_vlm_processor", "build_vlm", "save_tiny_vlm", "colour_image", "colour_rows", "main"]
 
 VLM_FAMILIES = ("idefics3", "gemma3", "qwen2_vl")
 
@@ -228,3 +228,21 @@ def colour_rows(n: int, *, seed: int = 0, format: str = "prompt-completion", siz
         else:
             raise ValueError(f"format={format!r}: use 'prompt-completion', 'messages', 'preference' or 'prompt'.")
     return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m posttrain.testing.tiny_vlm OUT_DIR [--family gemma3|idefics3|qwen2_vl]``: write a tiny VLM + processor directory."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m posttrain.testing.tiny_vlm", description=main.__doc__.splitlines()[0])
+    parser.add_argument("out_dir")
+    parser.add_argument("--family", default="gemma3", choices=VLM_FAMILIES)
+    parser.add_argument("--seed", type=int, default=0)
+    a = parser.parse_args(argv)
+    save_tiny_vlm(a.out_dir, family=a.family, seed=a.seed)
+    print(f"wrote a tiny {a.family} vision-language model and its processor to {a.out_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
