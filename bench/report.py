@@ -58,6 +58,7 @@ def render(report: dict) -> str:
         *_memory_floor_section(report),
         *_generation_section(),
         *_preference_section(),
+        *_vision_section(),
         "## Step time, throughput, memory (steady state)",
         "",
         "| workload | params | tokens/step | posttrain step s (min–max) | TRL step s (min–max) | bare step s (min–max) | posttrain/TRL (goal ≤ "
@@ -237,6 +238,13 @@ def _generation_section() -> list[str]:
 def _preference_section() -> list[str]:
     """The offline preference plugins against DPO (``python -m bench.preference``), if measured."""
     from bench.preference import section
+
+    return section()
+
+
+def _vision_section() -> list[str]:
+    """SFT of a vision-language model, posttrain vs TRL vs a bare loop (``python -m bench.vision``), if measured."""
+    from bench.vision import section
 
     return section()
 
