@@ -166,7 +166,7 @@ def test_image_column_on_a_text_only_model_is_refused():
     from posttrain.testing.tiny_model import build_model, build_tokenizer
 
     text_model = build_model(build_tokenizer())
-    with pytest.raises(DataError, match=r"train_dataset has an image column 'images' but the model \(Qwen2ForCausalLM\) is text-only"):
+    with pytest.raises(DataError, match=r"train_dataset has an image column 'images' \(vision-related data\) but the model \(Qwen2ForCausalLM\) is text-only"):
         posttrain.check_vision_model(text_model, ["prompt", "images"])
     assert posttrain.check_vision_model(text_model, ["prompt"]) is None
 

@@ -52,8 +52,7 @@ class _ModelIO:
         from posttrain._models import load_pretrained
 
         args = self.args
-        auto_class = auto_class or transformers.AutoModelForCausalLM
-        model = model if model is not None else args.model_name_or_path
+        model = model if model is not None else args.model_name_or_path  # auto_class None: load_pretrained's rule (causal LM, or image-text-to-text)
         if model is None:
             raise ConfigError("no model given: pass model=... to the trainer or set model_name_or_path.")
         model, processing_class = load_pretrained(

@@ -335,7 +335,7 @@ def check_vision_model(model: Any, columns: Iterable[str], *, dataset_name: str 
     if column is not None and model is not None and not isinstance(model, str) and not is_vision_model(model):
         name = type(model).__name__
         raise DataError(
-            f"{dataset_name} has an image column {column!r} but the model ({name}) is text-only (its config has no vision_config): "
+            f"{dataset_name} has an image column {column!r} (vision-related data) but the model ({name}) is text-only (its config has no vision_config): "
             "train a vision-language model (AutoModelForImageTextToText) with its processor, or drop the column."
         )
     return column

@@ -389,7 +389,7 @@ def test_train_dataset_dict_and_image_columns_on_a_text_model_are_refused(tiny_t
     with pytest.raises(ConfigError, match=r"train_dataset is a dict of datasets \['train'\]: pass one dataset"):
         _trainer(tiny_tokenizer, tiny_model, tmp_path, DatasetDict({"train": pref_data["preference"]}))
     rows = [{"prompt": "a =", "chosen": " 1", "rejected": " 2", "images": []}]
-    with pytest.raises(DataError, match=r"train_dataset has an image column 'images' but the model .* is text-only"):  # VLMs: test_dpo_vlm.py
+    with pytest.raises(DataError, match=r"train_dataset has an image column 'images' \(vision-related data\) but the model .* is text-only"):  # VLMs: test_dpo_vlm.py
         _trainer(tiny_tokenizer, tiny_model, tmp_path, rows)
 
 

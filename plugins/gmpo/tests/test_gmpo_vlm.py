@@ -48,6 +48,6 @@ def test_image_column_on_a_text_only_model_names_the_row(tmp_path):
 
     tok = build_tokenizer()
     args = GMPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_generations=2, report_to="none")
-    with pytest.raises(DataError, match=r"train_dataset row 0 has an image column 'images' but the model .* is text-only"):
+    with pytest.raises(DataError, match=r"train_dataset row 0 has an image column 'images' \(vision-related data\) but the model .* is text-only"):
         GMPOTrainer(model=build_model(tok), reward_funcs=colour_reward, args=args, train_dataset=colour_rows(4, format="prompt"), processing_class=tok,
                     allow_experimental=True)

@@ -196,7 +196,7 @@ def test_image_column_on_a_text_only_model_names_the_row(tmp_path):
     from posttrain.testing.tiny_model import build_model, build_tokenizer
 
     tok = build_tokenizer()
-    with pytest.raises(DataError, match=r"train_dataset row 0 has an image column 'images' but the model .* is text-only") as info:
+    with pytest.raises(DataError, match=r"train_dataset row 0 has an image column 'images' \(vision-related data\) but the model .* is text-only") as info:
         RLOOTrainer(model=build_model(tok), reward_funcs=colour_reward, args=_config(tmp_path), train_dataset=colour_rows(4, format="prompt"),
                     processing_class=tok)
     assert "\n" not in str(info.value)

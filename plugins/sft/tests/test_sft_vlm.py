@@ -195,7 +195,7 @@ def _one_line(exc_info) -> str:
 
 
 def test_image_column_on_a_text_only_model(tiny_model, tiny_tokenizer, tmp_path):
-    with pytest.raises(DataError, match="train_dataset has an image column 'images' but the model .* is text-only") as err:
+    with pytest.raises(DataError, match="train_dataset has an image column 'images' \(vision-related data\) but the model .* is text-only") as err:
         SFTTrainer(model=tiny_model, args=_config(tmp_path), train_dataset=colour_rows(2), processing_class=tiny_tokenizer)
     _one_line(err)
 
