@@ -3,7 +3,7 @@
 Usage::
 
     python -m tests.trl_compat.run [--target trl|posttrain|both] [--trainers sft,dpo,...] [-n N]
-                                   [--timeout S] [--write-baseline] [-- extra pytest args]
+                                   [--timeout S] [--write-baseline | --merge-baseline] [-- extra pytest args]
 
 The test files are materialized from a TRL source (``$TRL_SOURCE``, see materialize.py); with
 ``--target posttrain`` only the ``from trl import XConfig, XTrainer`` line of each file is swapped
@@ -190,13 +190,14 @@ def print_table(report: dict, baseline=None, log=print) -> None:
             log(f"  {n:5}  {text}")
 
 
-def write_baseline(report: dict) -> None:
+def write_baseline(report: dict, merge: bool = False) -> None:
     """Store TRL's passing ids (and the TRL release they ran on) for the trainers in ``report``; trainers not
-    run keep their stored ids."""
+    run keep their stored ids. ``merge``: add the passing ids to the stored ones instead of replacing them (for a
+    run restricted with ``-k`` / node ids, e.g. the vision-language tests)."""
     stored = json.loads(BASELINE_FILE.read_text()) if BASELINE_FILE.exists() else {}
     passed = dict(stored.get("passed", {}))
     versions = {t: stored.get("trl_version", {}).get(t, stored.get("trl_installed")) for t in passed}
-    passed.update({t: sorted(d["passed"]) for t, d in report["trainers"].items()})
+    passed.update({t: sorted(set(d["passed"]) | (set(passed.get(t, [])) if merge else set())) for t, d in report["trainers"].items()})
     versions.update({t: d.get("trl_version") or report["trl_installed"] for t, d in report["trainers"].items()})
     data = {
         "about": "Test ids of TRL's own trainer tests that pass against trl on this machine (measured by "
@@ -217,6 +218,8 @@ def main(argv=None) -> int:
     parser.add_argument("-n", "--workers", type=int, default=2, help="pytest-xdist workers (1: no xdist)")
     parser.add_argument("--timeout", type=int, default=300, help="per-test timeout in seconds")
     parser.add_argument("--write-baseline", action="store_true", help="store TRL's passing ids in trl_baseline.json")
+    parser.add_argument("--merge-baseline", action="store_true",
+                        help="add TRL's passing ids to trl_baseline.json, keeping the stored ones (use with a -k / node filter)")
     parser.add_argument("pytest_args", nargs="*", help="extra pytest arguments (after --)")
     args = parser.parse_args(argv)
 
@@ -236,8 +239,8 @@ def main(argv=None) -> int:
         for trainer, why in report["unavailable"].items():
             print(f"{trainer}: skipped on {target}: {why}")
         (CACHE / f"report-{target}.json").write_text(json.dumps(report, indent=1))
-        if target == "trl" and args.write_baseline:
-            write_baseline(report)
+        if target == "trl" and (args.write_baseline or args.merge_baseline):
+            write_baseline(report, merge=args.merge_baseline)
             baseline = load_baseline()
         print_table(report, baseline)
         print(f"report: {CACHE / f'report-{target}.json'}  logs: {CACHE}/pytest-{target}*.log")

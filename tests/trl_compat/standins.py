@@ -9,7 +9,10 @@ do with the real checkpoints). Everything is written into a private Hugging Face
 (``models--org--name/refs/main`` + ``snapshots/<hash>/``) so ``from_pretrained("org/name")``
 resolves with ``HF_HUB_OFFLINE=1``.
 
-Datasets (``trl-internal-testing/zen``, ``toolcall``, ``harmony``) are produced by running the
+Vision-language models (:data:`VLM_MODELS`: Gemma 3, LLaVA 1.5, LLaVA-NeXT, Idefics2, Idefics3 -- the families whose
+processor works without torchvision) are tiny configs with PIL image processors, saved with their processor.
+
+Datasets (``trl-internal-testing/zen``, ``zen-image``, ``zen-multi-image``, ``toolcall``, ``harmony``) are produced by running the
 generator scripts that ship in the TRL source tree (``scripts/generate_*_dataset.py``) with
 ``push_to_hub`` captured: each config is written as parquet files into a local dataset folder
 whose ``README.md`` declares the configs, so ``datasets.load_dataset(folder, config, split=...,
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 #: Bump when the stand-ins change, so stale caches are rebuilt.
-BUILDER_VERSION = "4"
+BUILDER_VERSION = "6"
 
 TINY = dict(hidden_size=8, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=32)
 
@@ -139,6 +142,8 @@ REMOTE_MODEL = ModelSpec("trl-internal-testing/tiny-RemoteForCausalLM", "RemoteF
 
 DATASET_SCRIPTS = {
     "trl-internal-testing/zen": "scripts/generate_zen_dataset.py",
+    "trl-internal-testing/zen-image": "scripts/generate_zen_image_dataset.py",
+    "trl-internal-testing/zen-multi-image": "scripts/generate_zen_multi_image_dataset.py",
     "trl-internal-testing/toolcall": "scripts/generate_toolcall_dataset.py",
     "trl-internal-testing/harmony": "scripts/generate_harmony_dataset.py",
 }
@@ -159,6 +164,8 @@ def _template_text(name: str | None) -> str | None:
         return CHATML_TEMPLATE
     if name == "mistral":
         return MISTRAL_TEMPLATE
+    if name.startswith("parts:"):
+        return _parts_template(name[len("parts:"):])
     import trl
 
     path = Path(trl.__file__).parent / "chat_templates" / f"{name}.jinja"
@@ -273,6 +280,165 @@ def _build_model(spec: ModelSpec, tok, remote_pkg: Path | None = None):
     return model
 
 
+# ----------------------------------------------------------------------------------------------
+# vision-language models
+# ----------------------------------------------------------------------------------------------
+# Tiny VLMs of the families whose processor works without torchvision (PIL image processors). The
+# text side is the in-repo BPE tokenizer with the family's special tokens; the chat template is the
+# real one where the installed trl ships it (gemma3, idefics3, llava_next), else a ChatML template
+# rendering content parts (Llava 1.5, Idefics2). Images are resized to 32 x 32 pixels; the vision
+# towers are 2 layers of width 16 over 8 x 8 patches, so an image costs 4-17 tokens.
+# Not built (their processors need torchvision, whose PyPI wheel is CUDA-built and fails beside CPU
+# torch): Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3.5 (video processors), SmolVLM and Gemma 4 (video processors).
+
+def _parts_template(image: str) -> str:
+    """ChatML whose contents may be strings or lists of ``image`` / ``text`` parts (Llava 1.5, Idefics2 stand-ins)."""
+    content = (
+        "{%- if message['content'] is string %}{{- message['content'] }}"
+        "{%- else %}{%- for part in message['content'] %}"
+        "{%- if part['type'] == 'image' %}{{- '" + image + "' }}"
+        "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
+        "{%- endfor %}{%- endif %}"
+    )
+    return (
+        "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}" + content + "{{- '<|im_end|>\\n' }}"
+        "{%- endfor %}{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+
+
+TOKENIZERS.update({
+    "gemma3_vlm": TokSpec("gemma3", eos="<eos>", pad="<pad>", bos="<bos>", add_bos=True,
+                          special=["<start_of_turn>", "<end_of_turn>", "<start_of_image>", "<end_of_image>", "<image_soft_token>"]),
+    "llava": TokSpec("parts:<image>", eos="</s>", pad="<pad>", bos="<s>", unk="<unk>", add_bos=True,
+                     special=["<image>", "<|im_start|>", "<|im_end|>"]),
+    "llava_next": TokSpec("llava_next", eos="</s>", pad="<pad>", bos="<s>", unk="<unk>", add_bos=True, special=["<image>", "[INST]", "[/INST]"]),
+    "idefics2": TokSpec("parts:<image>", eos="<end_of_utterance>", pad="<unk>", bos="<s>", unk="<unk>", add_bos=True,
+                        special=["<fake_token_around_image>", "<image>", "<end_of_utterance>", "<|im_start|>", "<|im_end|>"]),
+    "idefics3": TokSpec("idefics3", eos="<end_of_utterance>", pad="<|end_of_text|>", bos="<|begin_of_text|>",
+                        special=["<|end_of_text|>", "<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]),
+})
+
+
+@dataclass
+class VLMSpec:
+    repo_id: str
+    family: str  # key of _VLM_BUILDERS and TOKENIZERS
+    dtype: str  # as the real tiny checkpoint
+
+
+VLM_MODELS: list[VLMSpec] = [
+    VLMSpec("trl-internal-testing/tiny-Gemma3ForConditionalGeneration", "gemma3_vlm", "bfloat16"),
+    VLMSpec("trl-internal-testing/tiny-LlavaForConditionalGeneration", "llava", "float16"),
+    VLMSpec("trl-internal-testing/tiny-LlavaNextForConditionalGeneration", "llava_next", "bfloat16"),
+    VLMSpec("trl-internal-testing/tiny-Idefics2ForConditionalGeneration", "idefics2", "float32"),
+    VLMSpec("trl-internal-testing/tiny-Idefics3ForConditionalGeneration", "idefics3", "bfloat16"),
+]
+
+_VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+
+
+def _vlm_text_config(tok, spec: TokSpec, **extra) -> dict:
+    return {**TINY, "hidden_size": 16, "max_position_embeddings": 1024, "tie_word_embeddings": False, **_token_ids(tok, spec), **extra}
+
+
+def _build_gemma3(tok, spec):
+    import transformers
+    from transformers.models.gemma3 import Gemma3ImageProcessorPil, Gemma3Processor
+
+    template = tok.chat_template
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok.backend_tokenizer, bos_token=spec.bos, eos_token=spec.eos, pad_token=spec.pad, model_max_length=4096,
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
+    )
+    tok.chat_template = template
+    processor = Gemma3Processor(image_processor=Gemma3ImageProcessorPil(size={"height": 32, "width": 32}), tokenizer=tok,
+                                image_seq_length=4, chat_template=template)
+    config = transformers.Gemma3Config(
+        text_config=_vlm_text_config(tok, spec, head_dim=4, sliding_window=64), mm_tokens_per_image=4,
+        vision_config={**_VISION, "vision_use_head": False},  # as google/gemma-3: the pooling head is unused
+        image_token_id=tok.image_token_id, boi_token_index=tok.boi_token_id, eoi_token_index=tok.eoi_token_id,
+    )
+    return transformers.Gemma3ForConditionalGeneration, config, processor
+
+
+def _build_llava(tok, spec, next_: bool = False):
+    import transformers
+    from transformers import CLIPImageProcessorPil, LlavaNextImageProcessorPil
+
+    image_token = tok.convert_tokens_to_ids("<image>")
+    text = {"model_type": "llama", **_vlm_text_config(tok, spec)}
+    vision = {"model_type": "clip_vision_model", **_VISION}
+    common = dict(patch_size=8, vision_feature_select_strategy="default", chat_template=tok.chat_template, num_additional_image_tokens=1)
+    if next_:
+        pinpoints = [[32, 32], [32, 64], [64, 32]]
+        image_processor = LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                     image_grid_pinpoints=pinpoints)
+        processor = transformers.LlavaNextProcessor(image_processor=image_processor, tokenizer=tok, **common)
+        config = transformers.LlavaNextConfig(text_config=text, vision_config=vision, image_token_index=image_token,
+                                              image_grid_pinpoints=pinpoints)
+        return transformers.LlavaNextForConditionalGeneration, config, processor
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = transformers.LlavaProcessor(image_processor=image_processor, tokenizer=tok, **common)
+    config = transformers.LlavaConfig(text_config=text, vision_config=vision, image_token_index=image_token)
+    return transformers.LlavaForConditionalGeneration, config, processor
+
+
+def _build_idefics(tok, spec, version: int):
+    import transformers
+
+    if version == 2:
+        from transformers.models.idefics2 import Idefics2ImageProcessorPil, Idefics2Processor
+
+        image_processor = Idefics2ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32, "shortest_edge": 32})
+        processor = Idefics2Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4, chat_template=tok.chat_template)
+        config = transformers.Idefics2Config(
+            text_config={"model_type": "mistral", **_vlm_text_config(tok, spec)}, vision_config=dict(_VISION),
+            perceiver_config={"hidden_size": 16, "resampler_n_latents": 4, "resampler_depth": 1, "resampler_n_heads": 2,
+                              "resampler_head_dim": 8, "num_key_value_heads": 1},
+            image_token_id=tok.convert_tokens_to_ids("<image>"), tie_word_embeddings=False,
+        )
+        return transformers.Idefics2ForConditionalGeneration, config, processor
+    from transformers.models.idefics3 import Idefics3ImageProcessorPil, Idefics3Processor
+
+    image_processor = Idefics3ImageProcessorPil(do_image_splitting=False, size={"longest_edge": 32}, max_image_size={"longest_edge": 32})
+    processor = Idefics3Processor(image_processor=image_processor, tokenizer=tok, image_seq_len=4, chat_template=tok.chat_template)
+    config = transformers.Idefics3Config(
+        text_config={"model_type": "llama", **_vlm_text_config(tok, spec)}, vision_config=dict(_VISION), scale_factor=2,
+        image_token_id=processor.image_token_id, tie_word_embeddings=False,
+    )
+    return transformers.Idefics3ForConditionalGeneration, config, processor
+
+
+_VLM_BUILDERS = {
+    "gemma3_vlm": _build_gemma3,
+    "llava": _build_llava,
+    "llava_next": lambda tok, spec: _build_llava(tok, spec, next_=True),
+    "idefics2": lambda tok, spec: _build_idefics(tok, spec, 2),
+    "idefics3": lambda tok, spec: _build_idefics(tok, spec, 3),
+}
+
+
+def _build_vlm(spec: VLMSpec):
+    """``(model, processor)`` of a VLM stand-in."""
+    import torch
+
+    tok_spec = TOKENIZERS[spec.family]
+    cls, config, processor = _VLM_BUILDERS[spec.family](build_tokenizer(spec.family), tok_spec)
+    tok = processor.tokenizer
+    ids = _token_ids(tok, tok_spec)
+    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        setattr(config, key, ids[key])
+    config.architectures = [cls.__name__]
+    with torch.random.fork_rng():
+        torch.manual_seed(int(hashlib.sha1(spec.repo_id.encode()).hexdigest()[:8], 16))
+        model = cls(config)
+        _init_weights(model)
+    model = model.to(dtype=getattr(torch, spec.dtype))
+    gen = model.generation_config
+    gen.eos_token_id, gen.pad_token_id, gen.bos_token_id = ids["eos_token_id"], ids["pad_token_id"], ids["bos_token_id"]
+    return model, processor
+
+
 def _snapshot_dir(hub_cache: Path, repo_id: str, kind: str = "models") -> Path:
     folder = hub_cache / f"{kind}--{repo_id.replace('/', '--')}"
     commit = hashlib.sha1(f"{repo_id}:{BUILDER_VERSION}".encode()).hexdigest()
@@ -304,14 +470,18 @@ def build_models(hub_cache: Path, trl_source=None, log=print) -> list[str]:
         remote_pkg = _materialize_remote_code(trl_source, hub_cache.parent / "remote_code_src")
         if remote_pkg is not None:
             specs.append(REMOTE_MODEL)
+    specs += VLM_MODELS
     for spec in specs:
         key = f"{BUILDER_VERSION}:{spec}"
         if done.get(spec.repo_id) == key and _snapshot_dir(hub_cache, spec.repo_id)[2].exists():
             built.append(spec.repo_id)
             continue
         try:
-            tok = build_tokenizer(spec.tok)
-            model = _build_model(spec, tok, remote_pkg)
+            if isinstance(spec, VLMSpec):
+                model, tok = _build_vlm(spec)  # tok: the processor (saves its tokenizer, image processor, chat template)
+            else:
+                tok = build_tokenizer(spec.tok)
+                model = _build_model(spec, tok, remote_pkg)
         except Exception as exc:  # an architecture this transformers lacks: tests on it will fail on both sides
             log(f"  stand-in {spec.repo_id}: not built ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})")
             continue
@@ -348,8 +518,12 @@ def _materialize_remote_code(trl_source, dest: Path) -> Path | None:
 # datasets
 # ----------------------------------------------------------------------------------------------
 def build_datasets(data_root: Path, trl_source, log=print) -> dict[str, str]:
-    """Run TRL's dataset generator scripts with ``push_to_hub`` captured; returns ``{repo_id: folder}``."""
+    """Run TRL's dataset generator scripts with ``push_to_hub`` captured; returns ``{repo_id: folder}``.
+
+    Image columns (``zen-image``, ``zen-multi-image``) keep their ``datasets.Image`` feature: the parquet files
+    embed the encoded images and the schema, so ``load_dataset`` returns PIL images as from the Hub."""
     import datasets
+    import numpy as np
 
     datasets.disable_progress_bars()
     out: dict[str, str] = {}
@@ -378,6 +552,8 @@ def build_datasets(data_root: Path, trl_source, log=print) -> dict[str, str]:
         saved = datasets.DatasetDict.push_to_hub, datasets.Dataset.push_to_hub
         datasets.DatasetDict.push_to_hub = fake_push
         datasets.Dataset.push_to_hub = fake_push
+        np_state = np.random.get_state()
+        np.random.seed(0)  # the image generators draw random pixels and sizes from the global numpy RNG
         try:
             module.main(test_size=0.1, push_to_hub=True, repo_id=repo_id)
         except Exception as exc:
@@ -385,6 +561,7 @@ def build_datasets(data_root: Path, trl_source, log=print) -> dict[str, str]:
             continue
         finally:
             datasets.DatasetDict.push_to_hub, datasets.Dataset.push_to_hub = saved
+            np.random.set_state(np_state)
         if folder.exists():
             shutil.rmtree(folder)
         folder.mkdir(parents=True)
