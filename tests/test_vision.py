@@ -160,6 +160,8 @@ def test_load_pretrained_returns_the_processor_of_a_vlm_directory(tmp_path):
     model, processor = posttrain.load_pretrained(path)
     assert posttrain.is_vision_model(model) and posttrain.is_processor(processor)
     assert posttrain.processor_tokenizer(processor).pad_token == "<|endoftext|>"
+    teacher, tokenizer = posttrain.load_pretrained(path, role="teacher")  # other roles keep the text tokenizer their methods use
+    assert posttrain.is_vision_model(teacher) and not posttrain.is_processor(tokenizer) and tokenizer.pad_token == "<|endoftext|>"
 
 
 def test_image_column_on_a_text_only_model_is_refused():

@@ -49,7 +49,8 @@ def load_pretrained(
 
     * **auto class**: ``auto_class`` when given, else ``AutoModelForCausalLM`` for the policy,
       reference, teacher and judge (``AutoModelForImageTextToText`` when the config has a
-      ``vision_config``, and then the processor, ``AutoProcessor``, is the tokenizer), and ``AutoModelForSequenceClassification`` with
+      ``vision_config``; for the policy, its processor, ``AutoProcessor``, is then the tokenizer, while
+      the other roles keep the text tokenizer their methods compare and decode with), and ``AutoModelForSequenceClassification`` with
       ``num_labels=1`` (unless ``model_init_kwargs`` names ``num_labels``) for the reward model and
       the critic (TRL's PPO value model is that class with one label).
     * **dtype**: ``model_init_kwargs["dtype"]`` (or its old name ``torch_dtype``): a ``torch.dtype``,
@@ -134,7 +135,7 @@ def load_pretrained(
         model = _from_pretrained(auto_class, name, "model", role, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
         if tokenizer is None and load_tokenizer:
             location = {key: kwargs[key] for key in _LOCATION_KWARGS if key in kwargs}
-            tokenizer = _load_tokenizer(name, role, trust_remote_code=trust_remote_code, vision=_model_is_vision(model), **location)
+            tokenizer = _load_tokenizer(name, role, trust_remote_code=trust_remote_code, vision=role == "policy" and _model_is_vision(model), **location)
     else:
         model = name_or_model
         if quantization_config is not None:
@@ -149,7 +150,7 @@ def load_pretrained(
                     f"the {role} model object has no config._name_or_path to load its tokenizer from: pass its tokenizer "
                     "(the trainer's processing_class=..., or tokenizer=...)."
                 )
-            tokenizer = _load_tokenizer(name, role, trust_remote_code=trust_remote_code, vision=_model_is_vision(model))
+            tokenizer = _load_tokenizer(name, role, trust_remote_code=trust_remote_code, vision=role == "policy" and _model_is_vision(model))
     if tokenizer is not None:
         _ensure_pad_token(getattr(tokenizer, "tokenizer", None) if _is_processor(tokenizer) else tokenizer, model, role)
         config = getattr(model, "config", None)
