@@ -77,10 +77,12 @@ def load_image(value: Any, *, where: str = "the row") -> Any:
         DataError: The image is missing (None), its file does not exist or cannot be decoded, or the
             value is of another type; the message names ``where`` and the fix.
     """
-    from PIL import Image
-
     from posttrain._errors import DataError
 
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError(f"{where}: reading images needs Pillow, which is not installed: pip install 'posttrain[vision]' (or pillow).") from None
     if value is None:
         raise DataError(f"{where}: the image is missing (None); give every row its images or drop the row.")
     if isinstance(value, Image.Image):
