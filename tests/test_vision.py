@@ -203,3 +203,54 @@ def test_image_bytes_round_trip_through_a_dataset(tmp_path):
     ds = datasets.Dataset.from_dict({"prompt": ["x"], "images": [[{"bytes": buffer.getvalue(), "path": None}]]})
     (image,) = posttrain.row_images(ds[0])
     assert image.getpixel((0, 0)) == (30, 200, 40)
+
+
+def test_qwen2_vl_model_path_without_its_processor():
+    """Qwen2-VL's layout (patch-flattened ``pixel_values``, ``image_grid_thw``, M-RoPE positions from the image grid) through
+    the same plumbing, on this machine: its processor needs torchvision, so the inputs come from its PIL image processor
+    and the image tokens are expanded here as Qwen2VLProcessor does (4 per 56 x 56 image)."""
+    import types
+
+    from transformers.models.qwen2_vl import Qwen2VLImageProcessorPil
+
+    from posttrain.testing.tiny_model import build_tokenizer
+
+    tok = build_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]})
+    model, _ = build_vlm(types.SimpleNamespace(tokenizer=tok), family="qwen2_vl", dtype=torch.float64)
+    model.eval()
+    image_processor = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=56 * 56, patch_size=14, merge_size=2, temporal_patch_size=2)
+
+    def prompt(colour: str, text: str):
+        inputs = dict(image_processor(images=[colour_image(colour, size=56)], return_tensors="pt"))
+        n = int(inputs["image_grid_thw"].prod()) // 4  # merge_size ** 2 patches per image token
+        ids = tok("<|im_start|>user\n<|vision_start|>" + "<|image_pad|>" * n + f"<|vision_end|>{text}<|im_end|>\n<|im_start|>assistant\n",
+                  add_special_tokens=False)["input_ids"]
+        image_pad = tok.convert_tokens_to_ids("<|image_pad|>")
+        inputs["mm_token_type_ids"] = torch.tensor([[1 if t == image_pad else 0 for t in ids]])  # token-aligned, as the processor gives
+        return ids, {k: v for k, v in inputs.items() if isinstance(v, torch.Tensor)}
+
+    per = [prompt("red", "What colour?"), prompt("blue", "What colour is this image, please?"), prompt("green", "Colour?")]
+    assert per[0][1]["pixel_values"].shape == (16, 1176) and per[0][1]["image_grid_thw"].tolist() == [[1, 4, 4]]
+    completion = tok("red<|im_end|>", add_special_tokens=False)["input_ids"]
+    rollout = posttrain.RolloutBatch([p[0] for p in per], [list(completion)] * 3, [[0.0] * len(completion)] * 3, [False] * 3,
+                                     extras={"model_inputs": [p[1] for p in per]})
+    (batch,) = posttrain.rollout_micro_batches(rollout, 3, tok.pad_token_id)  # left-padded prompts of different lengths
+    assert batch["model_inputs"]["pixel_values"].shape == (48, 1176) and batch["model_inputs"]["image_grid_thw"].shape == (3, 3)
+    with torch.no_grad():
+        logps, _, _ = posttrain.completion_logps(model, batch, 1.0, compute_entropy=False, chunk_size=4)
+        for i, (ids, inputs) in enumerate(per):
+            full = {**inputs, "mm_token_type_ids": torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, len(completion), dtype=torch.long)], 1)}
+            out = model(input_ids=torch.tensor([ids + completion]), **full)
+            lp = torch.log_softmax(out.logits[0, len(ids) - 1 : -1], -1).gather(-1, torch.tensor(completion)[:, None])[:, 0]
+            assert torch.allclose(logps[i], lp, atol=1e-9), (i, (logps[i] - lp).abs().max())
+        engine = posttrain.RolloutEngine("transformers", model=model, tokenizer=tok)
+        sampled = engine.generate([per[0][0], per[1][0]], posttrain.SamplingParams(n=2, max_tokens=3, temperature=1.0, seed=0),
+                                  model_inputs=[per[0][1], per[1][1]])
+        assert len(sampled) == 4
+        for j in (0, 2):  # M-RoPE generation through generate: the first token's log-prob is the model's, image token suppressed
+            ids, inputs = per[j // 2]
+            logits = model(input_ids=torch.tensor([ids]), **inputs).logits[0, -1].double()
+            masked = logits.index_fill(0, torch.tensor([model.config.image_token_id, model.config.video_token_id]), float("-inf"))
+            first = sampled.completion_ids[j][0]
+            assert abs(float(torch.log_softmax(masked, -1)[first]) - sampled.logprobs[j][0]) < 1e-5
