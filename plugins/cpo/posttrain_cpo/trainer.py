@@ -23,19 +23,44 @@ type and option against it on the same model and batch).
 Encoder-decoder models (T5, BART) are trained as TRL 1.16 trains them: the prompt is the encoder's
 input, each completion the decoder's labels (decoder inputs: the labels shifted right after
 ``decoder_start_token_id``), and the log-probs are those of the completion tokens only.
+
+Vision-language models (rows with an ``images`` / ``image`` column, a processor as ``processing_class``):
+as DPO, the texts are rendered and the completions tokenized once, before training; each prompt goes
+through the processor with its images in :meth:`CPOTrainer.collate` (so in the DataLoader workers with
+``dataloader_num_workers > 0``), then TRL's columns are built and padded as for text, and chosen and
+rejected share the prompt's image inputs (``batch["model_inputs"]``, given to the model's forward).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from posttrain import ConfigError, TrainerSurface, TrainingLoop, as_config, causal_lm_states, disable_dropout, image_column, pad
+from posttrain import (
+    ConfigError,
+    DataError,
+    TrainerSurface,
+    TrainingLoop,
+    as_config,
+    causal_lm_states,
+    check_vision_model,
+    collate_model_inputs,
+    disable_dropout,
+    is_processor,
+    load_image,
+    pad,
+    prepare_multimodal_messages,
+    processor_tokenizer,
+    row_images,
+    sequence_model_inputs,
+    vision_prompt_inputs,
+)
 from posttrain_cpo.config import CPOConfig
 
 __all__ = ["CPOTrainer", "PaddingCollator", "concatenate_pair_batch", "cpo_pair_losses", "extract_prompt", "tokenize_encoder_decoder_row", "tokenize_row"]
@@ -368,6 +393,67 @@ def _is_iterable_dataset(dataset: Any) -> bool:
     return isinstance(dataset, IterableDataset)
 
 
+# Copied from posttrain_dpo.trainer._check_images_present
+def _check_images_present(images: list, where: str) -> None:
+    """Raise for a missing image or a path that does not exist, without decoding anything (decoding happens in collate)."""
+    for i, value in enumerate(images):
+        missing = value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None)
+        if missing or (isinstance(value, (str, os.PathLike)) and not os.path.exists(value)):
+            load_image(value, where=f"{where}, image {i}")  # raises DataError naming the row and the fix
+
+
+# Copied from posttrain_dpo.trainer._vision_texts
+def _vision_texts(row: dict, processor, conversational: bool, num_images: int, *, where: str, tools: list | None = None) -> tuple[str, str, str]:
+    """Return the ``(prompt, chosen, rejected)`` texts of one vision-language row (TRL 1.16's split).
+
+    Conversations get one ``{"type": "image"}`` part per image (before the first user text when the
+    prompt has none: ``posttrain.prepare_multimodal_messages``) and are rendered by the processor's chat
+    template: the prompt with the generation prompt, and ``prompt + chosen``, ``prompt + rejected``; the
+    prompt text is the longest prefix the three renderings share and each completion the rest. Text
+    rows are used as they are (the prompt holds the model's image placeholders), the EOS token appended
+    to completions that lack it, as CPO does for text-only rows.
+
+    Raises:
+        DataError: The number of image placeholders in the prompt differs from ``num_images``.
+    """
+    if not conversational:
+        eos = processor_tokenizer(processor).eos_token or ""
+        chosen, rejected = row["chosen"], row["rejected"]
+        return row["prompt"], chosen if chosen.endswith(eos) else chosen + eos, rejected if rejected.endswith(eos) else rejected + eos
+    if not getattr(processor, "chat_template", None):
+        raise ConfigError("the dataset is conversational but the processor has no chat template: set processor.chat_template, or give the rows as strings.")
+    kwargs = _chat_kwargs(row, tools)
+    prompt = prepare_multimodal_messages(row["prompt"], num_images, where=where)
+    chosen = prepare_multimodal_messages(row["chosen"], 0, where=f"{where}, column 'chosen'")
+    rejected = prepare_multimodal_messages(row["rejected"], 0, where=f"{where}, column 'rejected'")
+    prompt_text = processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **kwargs)
+    chosen_text = processor.apply_chat_template(prompt + chosen, tokenize=False, **kwargs)
+    rejected_text = processor.apply_chat_template(prompt + rejected, tokenize=False, **kwargs)
+    n = 0
+    for a, b, c in zip(prompt_text, chosen_text, rejected_text):
+        if not a == b == c:
+            break
+        n += 1
+    return prompt_text[:n], chosen_text[n:], rejected_text[n:]
+
+
+def _pair_columns(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int | None) -> dict:
+    """Return :data:`DECODER_COLUMNS` of a prompt and two completions given as token ids (a vision-language row in collate).
+
+    As :func:`tokenize_row`: each completion is cut to ``max_length - prompt length`` and its labels are -100
+    on the prompt. The prompt's ids come from the processor (image tokens expanded, no BOS added: the chat
+    template has its own).
+    """
+    if max_length is not None:
+        chosen_ids, rejected_ids = chosen_ids[: max(0, max_length - len(prompt_ids))], rejected_ids[: max(0, max_length - len(prompt_ids))]
+    out = {"prompt_input_ids": prompt_ids, "prompt_attention_mask": [1] * len(prompt_ids)}
+    for side, tail in (("chosen", chosen_ids), ("rejected", rejected_ids)):
+        out[f"{side}_input_ids"] = prompt_ids + tail
+        out[f"{side}_attention_mask"] = [1] * (len(prompt_ids) + len(tail))
+        out[f"{side}_labels"] = [-100] * len(prompt_ids) + tail
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- loss
 def cpo_pair_losses(args: CPOConfig, chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return ``(losses, chosen_rewards, rejected_rewards)``, each (B,): the per-pair preference loss and ``beta * r``.
@@ -409,6 +495,10 @@ class CPOTrainer(TrainerSurface):
           ``chosen_input_ids``, ``chosen_attention_mask``, ``chosen_labels``, ...).
         - Encoder-decoder models (``model.config.is_encoder_decoder``, e.g. T5): the prompt feeds the
           encoder, the completions (cut to ``max_completion_length``, default 128) are the decoder's labels.
+        - Vision-language models: the rows above with an ``images`` (list) or ``image`` column and the
+          model's processor; chosen and rejected share the prompt's images; images are decoded and
+          processed when batches are collated (``trainer.train_dataset`` then holds ``prompt``,
+          ``chosen_ids``, ``rejected_ids``, ``images``, ``where``).
         - No reference model. Chosen and rejected go through the model in one forward pass (2B rows).
         - ``loss_type`` sigmoid / hinge / ipo / simpo / alphapo, ``cpo_alpha`` (NLL of the chosen
           completions), ``label_smoothing``, ``simpo_gamma``, ``alpha`` (AlphaPO reward shape).
@@ -423,7 +513,7 @@ class CPOTrainer(TrainerSurface):
         data_collator: Rows of the processed dataset -> TRL's padded batch (``chosen_input_ids``, ...,
             see :class:`PaddingCollator`, the default); ``trainer.data_collator`` is the one used.
         train_dataset, eval_dataset: Preference data (``eval_dataset`` may be a dict / ``DatasetDict``).
-        processing_class: The tokenizer (default: loaded from the model's path).
+        processing_class: The tokenizer, or a vision-language model's processor (default: loaded from the model's path).
         model_init: Must stay None (no hyperparameter search).
         callbacks: ``transformers.TrainerCallback`` objects.
         optimizers: Must stay ``(None, None)``: the optimizer and schedule come from the config.
@@ -524,10 +614,9 @@ class CPOTrainer(TrainerSurface):
 
         rows = self._materialize(dataset, name)
         columns = sorted(rows[0])
-        if image_column(columns) is not None:  # refused, not silently dropped
-            raise ConfigError(f"{name} has an image column {image_column(columns)!r}: posttrain's CPO trains on text only (its pairs are tokenized "
-                              "without a processor and its forward takes no pixel inputs); drop the column, or use the 'dpo' method, which trains "
-                              "vision-language models on preference data.")
+        column = check_vision_model(self.model, columns, dataset_name=name)  # DataError for a text-only model
+        if column is not None:  # images stay encoded until collate (DataLoader workers)
+            return _undecoded_images(Dataset.from_list(self._prepare_vision_rows(rows, name, column)))
         processed = ENCODER_DECODER_COLUMNS if self.is_encoder_decoder else DECODER_COLUMNS
         if set(processed) <= set(columns):  # already tokenized (TRL's columns)
             return Dataset.from_list([{key: row[key] for key in processed} for row in rows])
@@ -565,6 +654,52 @@ class CPOTrainer(TrainerSurface):
             warnings.warn(f"{name}: {len(rows) - len(out)} of {len(rows)} pairs dropped: {why}.", stacklevel=3)
         return Dataset.from_list(out)
 
+    def _prepare_vision_rows(self, rows: list[dict], name: str, column: str) -> list[dict]:
+        """Return vision-language rows ``{"prompt", "chosen_ids", "rejected_ids", "images", "where"}``: texts rendered, completions tokenized.
+
+        As DPO's: ``prompt`` is the prompt's text (with the chat template's image placeholders) and
+        ``images`` the row's images as given; both go through the processor in :meth:`collate`, where the
+        image tokens are expanded, the images decoded and TRL's columns built. ``where`` names the row in
+        the errors collate may raise. Missing images and image files that do not exist are refused here.
+        """
+        processor = self.processing_class
+        if not is_processor(processor):
+            raise ConfigError(
+                f"{name} has an image column {column!r} but processing_class is a {type(processor).__name__}, not a processor: "
+                "pass the model's processor (transformers.AutoProcessor.from_pretrained(<model>)) as processing_class."
+            )
+        columns = set(rows[0])
+        if set(DECODER_COLUMNS) <= columns or not {"chosen", "rejected"} <= columns:
+            raise ConfigError(
+                f"{name} has columns {sorted(columns)}: rows with images need 'chosen' and 'rejected' (and 'prompt', or an implicit "
+                "prompt) as text or messages; pre-tokenized rows cannot carry images."
+            )
+        tokenizer = processor_tokenizer(processor)
+        out = []
+        for index, row in enumerate(rows):
+            where = f"{name} row {index}"
+            for key in ("chosen", "rejected"):
+                if row.get(key) is None:
+                    raise ConfigError(f"{where}, column {key!r}: missing value; {_FORMATS}.")
+            value = row.get(column)
+            images = list(value) if column == "images" and isinstance(value, (list, tuple)) else [value]
+            _check_images_present(images, f"{where}, column {column!r}")
+            if row.get("prompt") is None:  # implicit prompt: the shared prefix
+                _check_row(row, index, name)
+                row["prompt"], row["chosen"], row["rejected"] = extract_prompt(row["chosen"], row["rejected"])
+                if not row["chosen"] or not row["rejected"]:
+                    raise ConfigError(f"{where}: 'chosen' and 'rejected' are identical or one contains the other; there is nothing to prefer.")
+            conversational = _check_row(row, index, name)
+            prompt, chosen, rejected = _vision_texts(row, processor, conversational, len(images), where=where)
+            out.append({
+                "prompt": prompt,
+                "chosen_ids": list(tokenizer(chosen, add_special_tokens=False)["input_ids"]),
+                "rejected_ids": list(tokenizer(rejected, add_special_tokens=False)["input_ids"]),
+                "images": images,
+                "where": where,
+            })
+        return out
+
     # Copied from posttrain_dpo.trainer.DPOTrainer._materialize
     def _materialize(self, dataset, name: str) -> list[dict]:
         """Return the rows of ``dataset`` as a list of dicts (an ``IterableDataset`` is read once, here)."""
@@ -594,10 +729,54 @@ class CPOTrainer(TrainerSurface):
 
         ``input_ids``/``attention_mask`` (2B, T) (encoder-decoder: the prompts, twice), ``labels``
         (2B, T) (-100 on prompts and padding; encoder-decoder: the completions) and ``num_tokens``.
+        Vision-language rows: see :meth:`_collate_vision`.
         """
+        if "images" in rows[0]:
+            return self._collate_vision(rows)
         batch = concatenate_pair_batch(self.data_collator(rows), is_encoder_decoder=self.is_encoder_decoder, padding_value=self.pad_token_id)
         batch["num_tokens"] = int(batch["attention_mask"].sum()) + (int((batch["labels"] != -100).sum()) if self.is_encoder_decoder else 0)
         return batch
+
+    def _collate_vision(self, rows: list[dict]) -> dict:
+        """The batch of vision-language rows: each prompt and its images through the processor, then the text batch plus ``model_inputs``.
+
+        The processed prompt ids and the completion ids become TRL's columns (:func:`_pair_columns`), which
+        ``self.data_collator`` pads as for text rows; ``model_inputs`` holds each prompt's ``pixel_values``, ...
+        for its chosen row, then again for its rejected row (chosen and rejected share the prompt's images),
+        token-aligned ones such as ``token_type_ids`` as (2B, T), 0 on completions and padding. Runs in the
+        DataLoader workers when ``dataloader_num_workers > 0``.
+        """
+        rows, per_sample = self._process_prompts(rows)
+        pairs = [_pair_columns(list(r["prompt_ids"]), list(r["chosen_ids"]), list(r["rejected_ids"]), self.args.max_length) for r in rows]
+        batch = concatenate_pair_batch(self.data_collator(pairs), is_encoder_decoder=False, padding_value=self.pad_token_id)
+        batch["num_tokens"] = int(batch["attention_mask"].sum())
+        both = per_sample + per_sample
+        model_inputs = collate_model_inputs(both)
+        model_inputs.update(sequence_model_inputs(both, [len(p["prompt_input_ids"]) for p in pairs] * 2, batch["input_ids"].shape[1], left=False))
+        batch["model_inputs"] = model_inputs
+        return batch
+
+    # Copied from posttrain_dpo.trainer.DPOTrainer._process_prompts
+    def _process_prompts(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Decode each row's images and run its prompt through the processor: rows with ``prompt_ids``, and their extra model inputs.
+
+        Raises:
+            DataError: An image cannot be read, the processor refuses the prompt's placeholders for its
+                images, or the prompt (image tokens included) has ``>= max_length`` tokens; the row is named.
+        """
+        out, per_sample = [], []
+        for row in rows:
+            where = row["where"]
+            images = row_images({"images": row["images"]}, where=where)
+            ids, model_inputs = vision_prompt_inputs(self.processing_class, row["prompt"], images, where=where)
+            if self.args.max_length is not None and len(ids) >= self.args.max_length:
+                raise DataError(
+                    f"{where}: the prompt has {len(ids)} tokens with its image tokens, >= max_length={self.args.max_length}, so "
+                    "truncation would cut its image tokens and leave no completion: raise max_length, or use fewer / smaller images."
+                )
+            out.append({**row, "prompt_ids": ids})
+            per_sample.append(model_inputs)
+        return out, per_sample
 
     def count_items(self, batch: dict) -> int:
         return batch["input_ids"].shape[0] // 2  # pairs
@@ -629,6 +808,7 @@ class CPOTrainer(TrainerSurface):
         if self.is_encoder_decoder:
             inputs["decoder_input_ids"] = self._decoder_input_ids(labels)
         # hidden states and the LM head, logprob_chunk_size tokens at a time (posttrain.causal_lm_states): no (2B, T, V) logits
+        inputs.update(batch.get("model_inputs") or {})  # a vision-language batch: pixel_values, token_type_ids, ...
         _, states = causal_lm_states(model, chunk_size=self.args.logprob_chunk_size, **inputs)
         if not self.is_encoder_decoder:
             states, labels = states[:, :-1], labels[:, 1:]

@@ -5,7 +5,7 @@ from posttrain import MethodSpec, Preset
 SPEC = MethodSpec(
     name="orpo",
     maturity="experimental",
-    plugin_api="1.5",  # the plugin API it is written against (1.5: MethodSpec.actions)
+    plugin_api="1.9",  # the plugin API it is written against (1.9: vision-language models; 1.5: MethodSpec.actions)
     summary="ORPO: NLL on the chosen response plus an odds-ratio preference term, in one stage and without a reference model.",
     family="preference",
     trainer="posttrain_orpo.trainer:ORPOTrainer",

@@ -15,17 +15,45 @@ Encoder-decoder models (T5, BART) are trained as TRL 1.16 trains them: the promp
 input, each response the decoder's labels (decoder inputs: the labels shifted right after
 ``decoder_start_token_id``); log-probs and the NLL cover the response tokens only (there are no prompt
 tokens on the decoder side). Heavy module: imports torch.
+
+Vision-language models (rows with an ``images`` / ``image`` column, a processor as ``processing_class``):
+as CPO (and DPO), the texts are rendered and the responses tokenized once; each prompt goes through the
+processor with its images when the batch is collated (in the DataLoader workers with
+``dataloader_num_workers > 0``), and chosen and rejected share the prompt's image inputs
+(``batch["model_inputs"]``, given to the forward). The NLL leaves out the image tokens (they stand for
+pixels, as in SFT); it still covers the prompt's text tokens.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import warnings
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from posttrain import ConfigError, TrainerSurface, TrainingLoop, as_config, causal_lm_states, disable_dropout, pad
+from posttrain import (
+    ConfigError,
+    DataError,
+    TrainerSurface,
+    TrainingLoop,
+    as_config,
+    causal_lm_states,
+    check_vision_model,
+    collate_model_inputs,
+    disable_dropout,
+    is_processor,
+    load_image,
+    pad,
+    prepare_multimodal_messages,
+    processor_tokenizer,
+    row_images,
+    sequence_model_inputs,
+    vision_prompt_inputs,
+)
 
 from posttrain_orpo.config import ORPOConfig
 
@@ -316,6 +344,156 @@ def _refuse_unsupported_arguments(model, args, model_init, optimizers) -> None:
             raise ConfigError("generate_during_eval=True requires wandb or comet_ml to be installed (as TRL); set generate_during_eval=False.")
 
 
+# ---------------------------------------------------------------------------------------------- vision data
+# processor / tokenizer attributes naming image tokens, and model-config attributes holding their ids (as posttrain_sft.vision)
+_TOKEN_ATTRS = ("image_token", "boi_token", "eoi_token", "fake_image_token", "global_image_tag", "global_image_token",
+                "video_token", "vision_start_token", "vision_end_token", "image_start_token", "image_end_token")
+_CONFIG_ID_ATTRS = ("image_token_id", "image_token_index", "boi_token_index", "boi_token_id", "eoi_token_index", "eoi_token_id",
+                    "video_token_id", "vision_start_token_id", "vision_end_token_id")
+_TILE_TOKEN = re.compile(r"^<row_\d+_col_\d+>$")  # Idefics3 / SmolVLM: the position tag of each image tile
+
+
+# Copied from posttrain_dpo.trainer._check_row
+def _check_row(row: dict, index: int, name: str) -> bool:
+    """Raise naming the row and column when a value is not text/messages; return whether the row is conversational."""
+    keys = [k for k in ("prompt", "chosen", "rejected") if k in row]
+    conversational = _is_messages(row["chosen"])
+    for key in keys:
+        value = row[key]
+        ok = _is_messages(value) or (key == "prompt" and value == []) if conversational else isinstance(value, str)
+        if not ok:
+            kind = "a list of {'role', 'content'} messages" if conversational else "a string"
+            raise ConfigError(
+                f"{name} row {index}, column {key!r}: expected {kind} (like the row's 'chosen'), got {type(value).__name__} "
+                f"{str(value)[:80]!r}. Fix or drop this row; {_FORMATS}."
+            )
+    return conversational
+
+
+# Copied from posttrain_dpo.trainer._chat_kwargs
+def _chat_kwargs(row: dict, default_tools: list | None) -> dict:
+    """Keyword arguments of ``apply_chat_template`` for one row: its ``tools`` (else the config's) and ``chat_template_kwargs``."""
+    tools = row.get("tools")
+    tools = json.loads(tools) if isinstance(tools, str) else tools
+    return {"tools": tools if tools is not None else default_tools, **(row.get("chat_template_kwargs") or {})}
+
+
+# Copied from posttrain_dpo.trainer._undecoded_images
+def _undecoded_images(dataset):
+    """Return a ``datasets`` dataset with its ``datasets.Image`` columns left encoded (``{"bytes", "path"}`` dicts).
+
+    Reading the rows then decodes no image: images are decoded where the batches are collated (the
+    DataLoader workers). Other datasets are returned as given.
+    """
+    features = getattr(dataset, "features", None)
+    if not features:
+        return dataset
+    from datasets import Image
+
+    def undecoded(feature):
+        if isinstance(feature, Image):
+            return Image(mode=feature.mode, decode=False)
+        if isinstance(feature, list):
+            return [undecoded(f) for f in feature]
+        inner = getattr(feature, "feature", None)
+        if inner is not None and hasattr(feature, "length"):  # datasets' List / Sequence of images
+            return type(feature)(undecoded(inner), length=feature.length)
+        return feature
+
+    for column in ("images", "image"):
+        if column in features:
+            feature = undecoded(features[column])
+            if feature != features[column]:
+                dataset = dataset.cast_column(column, feature)
+    return dataset
+
+
+# Copied from posttrain_dpo.trainer._check_images_present
+def _check_images_present(images: list, where: str) -> None:
+    """Raise for a missing image or a path that does not exist, without decoding anything (decoding happens in collate)."""
+    for i, value in enumerate(images):
+        missing = value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None)
+        if missing or (isinstance(value, (str, os.PathLike)) and not os.path.exists(value)):
+            load_image(value, where=f"{where}, image {i}")  # raises DataError naming the row and the fix
+
+
+# Copied from posttrain_dpo.trainer._vision_texts
+def _vision_texts(row: dict, processor, conversational: bool, num_images: int, *, where: str, tools: list | None = None) -> tuple[str, str, str]:
+    """Return the ``(prompt, chosen, rejected)`` texts of one vision-language row (TRL 1.16's split).
+
+    Conversations get one ``{"type": "image"}`` part per image (before the first user text when the
+    prompt has none: ``posttrain.prepare_multimodal_messages``) and are rendered by the processor's chat
+    template: the prompt with the generation prompt, and ``prompt + chosen``, ``prompt + rejected``; the
+    prompt text is the longest prefix the three renderings share and each completion the rest. Text
+    rows are used as they are (the prompt holds the model's image placeholders), the EOS token appended
+    to completions that lack it, as ORPO does for text-only rows.
+
+    Raises:
+        DataError: The number of image placeholders in the prompt differs from ``num_images``.
+    """
+    if not conversational:
+        eos = processor_tokenizer(processor).eos_token or ""
+        chosen, rejected = row["chosen"], row["rejected"]
+        return row["prompt"], chosen if chosen.endswith(eos) else chosen + eos, rejected if rejected.endswith(eos) else rejected + eos
+    if not getattr(processor, "chat_template", None):
+        raise ConfigError("the dataset is conversational but the processor has no chat template: set processor.chat_template, or give the rows as strings.")
+    kwargs = _chat_kwargs(row, tools)
+    prompt = prepare_multimodal_messages(row["prompt"], num_images, where=where)
+    chosen = prepare_multimodal_messages(row["chosen"], 0, where=f"{where}, column 'chosen'")
+    rejected = prepare_multimodal_messages(row["rejected"], 0, where=f"{where}, column 'rejected'")
+    prompt_text = processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **kwargs)
+    chosen_text = processor.apply_chat_template(prompt + chosen, tokenize=False, **kwargs)
+    rejected_text = processor.apply_chat_template(prompt + rejected, tokenize=False, **kwargs)
+    n = 0
+    for a, b, c in zip(prompt_text, chosen_text, rejected_text):
+        if not a == b == c:
+            break
+        n += 1
+    return prompt_text[:n], chosen_text[n:], rejected_text[n:]
+
+
+# Copied from posttrain_cpo.trainer._pair_columns
+def _pair_columns(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: list[int], max_length: int | None) -> dict:
+    """Return :data:`DECODER_COLUMNS` of a prompt and two completions given as token ids (a vision-language row in collate).
+
+    As :func:`tokenize_row`: each completion is cut to ``max_length - prompt length`` and its labels are -100
+    on the prompt. The prompt's ids come from the processor (image tokens expanded, no BOS added: the chat
+    template has its own).
+    """
+    if max_length is not None:
+        chosen_ids, rejected_ids = chosen_ids[: max(0, max_length - len(prompt_ids))], rejected_ids[: max(0, max_length - len(prompt_ids))]
+    out = {"prompt_input_ids": prompt_ids, "prompt_attention_mask": [1] * len(prompt_ids)}
+    for side, tail in (("chosen", chosen_ids), ("rejected", rejected_ids)):
+        out[f"{side}_input_ids"] = prompt_ids + tail
+        out[f"{side}_attention_mask"] = [1] * (len(prompt_ids) + len(tail))
+        out[f"{side}_labels"] = [-100] * len(prompt_ids) + tail
+    return out
+
+
+# Copied from posttrain_sft.vision.image_token_ids
+def image_token_ids(processor: Any, model: Any = None) -> list[int]:
+    """The ids of the tokens that stand for or frame an image (never in the loss), from the processor and the model config."""
+    tok = processor_tokenizer(processor)
+    vocab = tok.get_vocab()
+    ids: set[int] = set()
+    for source in (processor, tok):
+        for attr in _TOKEN_ATTRS:
+            token = getattr(source, attr, None)
+            if isinstance(token, str) and token in vocab:
+                ids.add(vocab[token])
+        for attr in ("image_token_id", "image_token_ids", "fake_image_token_id", "global_image_token_id", "video_token_ids"):
+            value = getattr(source, attr, None)
+            ids.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int))
+    config = getattr(model, "config", None)
+    for attr in _CONFIG_ID_ATTRS:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value >= 0:
+            ids.add(value)
+    if getattr(processor, "fake_image_token", None) is not None:  # Idefics3's tiles
+        ids.update(i for token, i in vocab.items() if _TILE_TOKEN.match(token))
+    return sorted(ids)
+
+
 
 # ------------------------------------------------------------------------------------------- trainer
 class ORPOTrainer(TrainerSurface):
@@ -326,11 +504,13 @@ class ORPOTrainer(TrainerSurface):
         args: An :class:`ORPOConfig` (or a dict / TRL ``ORPOConfig``).
         data_collator: Rows of the processed dataset -> TRL's padded batch (``chosen_input_ids``, ...,
             see :class:`PaddingCollator`, the default); ``trainer.data_collator`` is the one used.
-        train_dataset: Preference rows (see the module docstring); a ``datasets.Dataset`` or a list of dicts.
+        train_dataset: Preference rows (see the module docstring); a ``datasets.Dataset`` or a list of dicts. With an
+            ``images`` / ``image`` column (a vision-language model): ``prompt``, ``chosen_ids``, ``rejected_ids``,
+            ``images``, ``where`` instead of TRL's columns.
             ``trainer.train_dataset`` has TRL's columns (``prompt_input_ids``, ``chosen_input_ids``,
             ``chosen_attention_mask``, ``chosen_labels``, ...; encoder-decoder: ``prompt_*`` and ``*_labels``).
         eval_dataset: Rows of the same shape, or a dict of them (metrics ``eval_<name>_...``).
-        processing_class: The tokenizer (loaded with the model when omitted).
+        processing_class: The tokenizer, or a vision-language model's processor (loaded with the model when omitted).
         model_init: Not supported (pass ``model``).
         callbacks: ``transformers.TrainerCallback`` objects.
         optimizers: Must be ``(None, None)``: set ``optim``/``lr_scheduler_type`` in the config.
@@ -394,6 +574,7 @@ class ORPOTrainer(TrainerSurface):
         if compute_metrics is not None:
             self.evaluate_batches = self._evaluate_with_compute_metrics  # the loop's default evaluation has no predictions
         self._warned_empty = False
+        self._image_token_ids = None  # set by a vision-language dataset: the image tokens are kept out of the NLL
         self.train_dataset = self.process_dataset(train_dataset, "train_dataset")
         if isinstance(eval_dataset, dict):
             self.eval_dataset = {key: self.process_dataset(part, f"eval_dataset[{key!r}]") for key, part in eval_dataset.items()}
@@ -417,9 +598,14 @@ class ORPOTrainer(TrainerSurface):
 
         if isinstance(dataset, dict):
             raise ConfigError(f"{name} is a dict of datasets {sorted(dataset)}: pass one dataset (only eval_dataset may be a dict).")
+        dataset = _undecoded_images(dataset)  # images are decoded in collate (DataLoader workers), not here
         rows = dataset.to_list() if hasattr(dataset, "to_list") else [dict(r) if isinstance(r, dict) else r for r in dataset]
         if not rows:
             raise ConfigError(f"{name} is empty: give the trainer at least one preference pair.")
+        column = check_vision_model(self.model, sorted(rows[0]), dataset_name=name) if isinstance(rows[0], dict) else None
+        if column is not None:  # DataError above for a text-only model; images stay encoded until collate
+            self._image_token_ids = torch.tensor(image_token_ids(self.processing_class, self.model), dtype=torch.long)
+            return _undecoded_images(Dataset.from_list(self._prepare_vision_rows(rows, name, column)))
         processed = ENCODER_DECODER_COLUMNS if self.is_encoder_decoder else DECODER_COLUMNS
         out = []
         for index, row in enumerate(rows):
@@ -462,9 +648,101 @@ class ORPOTrainer(TrainerSurface):
         """Return the model's batch of ``rows``: ``self.data_collator(rows)`` concatenated, chosen rows first, then rejected.
 
         ``input_ids``/``attention_mask`` (2B, T) (encoder-decoder: the prompts, twice) and ``labels``
-        (2B, T) (-100 on prompts and padding; encoder-decoder: the responses).
+        (2B, T) (-100 on prompts and padding; encoder-decoder: the responses). Vision-language rows:
+        see :meth:`_collate_vision`.
         """
+        if "images" in rows[0]:
+            return self._collate_vision(rows)
         return concatenate_pair_batch(self.data_collator(rows), is_encoder_decoder=self.is_encoder_decoder, padding_value=self.pad_token_id)
+
+    # Copied from posttrain_cpo.trainer.CPOTrainer._prepare_vision_rows
+    def _prepare_vision_rows(self, rows: list[dict], name: str, column: str) -> list[dict]:
+        """Return vision-language rows ``{"prompt", "chosen_ids", "rejected_ids", "images", "where"}``: texts rendered, completions tokenized.
+
+        As DPO's: ``prompt`` is the prompt's text (with the chat template's image placeholders) and
+        ``images`` the row's images as given; both go through the processor in :meth:`collate`, where the
+        image tokens are expanded, the images decoded and TRL's columns built. ``where`` names the row in
+        the errors collate may raise. Missing images and image files that do not exist are refused here.
+        """
+        processor = self.processing_class
+        if not is_processor(processor):
+            raise ConfigError(
+                f"{name} has an image column {column!r} but processing_class is a {type(processor).__name__}, not a processor: "
+                "pass the model's processor (transformers.AutoProcessor.from_pretrained(<model>)) as processing_class."
+            )
+        columns = set(rows[0])
+        if set(DECODER_COLUMNS) <= columns or not {"chosen", "rejected"} <= columns:
+            raise ConfigError(
+                f"{name} has columns {sorted(columns)}: rows with images need 'chosen' and 'rejected' (and 'prompt', or an implicit "
+                "prompt) as text or messages; pre-tokenized rows cannot carry images."
+            )
+        tokenizer = processor_tokenizer(processor)
+        out = []
+        for index, row in enumerate(rows):
+            where = f"{name} row {index}"
+            for key in ("chosen", "rejected"):
+                if row.get(key) is None:
+                    raise ConfigError(f"{where}, column {key!r}: missing value; {_FORMATS}.")
+            value = row.get(column)
+            images = list(value) if column == "images" and isinstance(value, (list, tuple)) else [value]
+            _check_images_present(images, f"{where}, column {column!r}")
+            if row.get("prompt") is None:  # implicit prompt: the shared prefix
+                _check_row(row, index, name)
+                row["prompt"], row["chosen"], row["rejected"] = extract_prompt(row["chosen"], row["rejected"])
+                if not row["chosen"] or not row["rejected"]:
+                    raise ConfigError(f"{where}: 'chosen' and 'rejected' are identical or one contains the other; there is nothing to prefer.")
+            conversational = _check_row(row, index, name)
+            prompt, chosen, rejected = _vision_texts(row, processor, conversational, len(images), where=where)
+            out.append({
+                "prompt": prompt,
+                "chosen_ids": list(tokenizer(chosen, add_special_tokens=False)["input_ids"]),
+                "rejected_ids": list(tokenizer(rejected, add_special_tokens=False)["input_ids"]),
+                "images": images,
+                "where": where,
+            })
+        return out
+
+    # Copied from posttrain_cpo.trainer.CPOTrainer._collate_vision
+    def _collate_vision(self, rows: list[dict]) -> dict:
+        """The batch of vision-language rows: each prompt and its images through the processor, then the text batch plus ``model_inputs``.
+
+        The processed prompt ids and the completion ids become TRL's columns (:func:`_pair_columns`), which
+        ``self.data_collator`` pads as for text rows; ``model_inputs`` holds each prompt's ``pixel_values``, ...
+        for its chosen row, then again for its rejected row (chosen and rejected share the prompt's images),
+        token-aligned ones such as ``token_type_ids`` as (2B, T), 0 on completions and padding. Runs in the
+        DataLoader workers when ``dataloader_num_workers > 0``.
+        """
+        rows, per_sample = self._process_prompts(rows)
+        pairs = [_pair_columns(list(r["prompt_ids"]), list(r["chosen_ids"]), list(r["rejected_ids"]), self.args.max_length) for r in rows]
+        batch = concatenate_pair_batch(self.data_collator(pairs), is_encoder_decoder=False, padding_value=self.pad_token_id)
+        batch["num_tokens"] = int(batch["attention_mask"].sum())
+        both = per_sample + per_sample
+        model_inputs = collate_model_inputs(both)
+        model_inputs.update(sequence_model_inputs(both, [len(p["prompt_input_ids"]) for p in pairs] * 2, batch["input_ids"].shape[1], left=False))
+        batch["model_inputs"] = model_inputs
+        return batch
+
+    # Copied from posttrain_dpo.trainer.DPOTrainer._process_prompts
+    def _process_prompts(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Decode each row's images and run its prompt through the processor: rows with ``prompt_ids``, and their extra model inputs.
+
+        Raises:
+            DataError: An image cannot be read, the processor refuses the prompt's placeholders for its
+                images, or the prompt (image tokens included) has ``>= max_length`` tokens; the row is named.
+        """
+        out, per_sample = [], []
+        for row in rows:
+            where = row["where"]
+            images = row_images({"images": row["images"]}, where=where)
+            ids, model_inputs = vision_prompt_inputs(self.processing_class, row["prompt"], images, where=where)
+            if self.args.max_length is not None and len(ids) >= self.args.max_length:
+                raise DataError(
+                    f"{where}: the prompt has {len(ids)} tokens with its image tokens, >= max_length={self.args.max_length}, so "
+                    "truncation would cut its image tokens and leave no completion: raise max_length, or use fewer / smaller images."
+                )
+            out.append({**row, "prompt_ids": ids})
+            per_sample.append(model_inputs)
+        return out, per_sample
 
     def count_items(self, batch: dict) -> int:
         return batch["input_ids"].shape[0] // 2  # pairs
@@ -496,12 +774,15 @@ class ORPOTrainer(TrainerSurface):
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
         if self.is_encoder_decoder:
             inputs["decoder_input_ids"] = self._decoder_input_ids(labels)
+        inputs.update(batch.get("model_inputs") or {})  # a vision-language batch: pixel_values, token_type_ids, ...
         _, states = causal_lm_states(model, chunk_size=self.args.logprob_chunk_size, **inputs)
         if self.is_encoder_decoder:
             targets = response_labels = labels  # (2B, L): label t is predicted at decoder position t
         else:
             states = states[:, :-1]
             targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, -100)  # (2B, T-1): prompt + response, as TRL's NLL
+            if "model_inputs" in batch and self._image_token_ids is not None:  # image tokens stand for pixels: not in the NLL (as SFT)
+                targets = targets.masked_fill(torch.isin(targets, self._image_token_ids.to(targets.device)), -100)
             response_labels = labels[:, 1:]
         scores = states.score(targets, stats=("mean_logit",))  # logps (2B, T'), 0 where not scored
         response = response_labels != -100  # (2B, T')

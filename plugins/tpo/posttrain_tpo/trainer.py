@@ -14,12 +14,19 @@ or ``s(y) = (1/|y|) sum_t ...`` (the length-normalized mean, 'ipo'/'tpo-l') and 
 1.16's ``trl.experimental.tpo``. There is no reference *model*: "reference" is the gold response.
 One forward pass scores chosen, rejected and gold (batch 3B; 2B with ``tpo_alpha=0``, which skips the
 gold rows as TRL). Heavy module: imports torch.
+
+Vision-language models (rows with an ``images`` / ``image`` column, a processor as ``processing_class``):
+as DPO, the texts are rendered and the responses tokenized once; each prompt goes through the processor
+with its images in :meth:`TPOTrainer.collate` (in the DataLoader workers with ``dataloader_num_workers > 0``),
+and chosen, rejected and gold rows share the prompt's image inputs (``batch["model_inputs"]``, given to
+every forward: the loss's and ``compute_metrics``'s).
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -30,15 +37,24 @@ from datasets import IterableDataset
 
 from posttrain import (
     ConfigError,
+    DataError,
     TrainerSurface,
     TrainingLoop,
     as_config,
     causal_lm_states,
+    check_vision_model,
+    collate_model_inputs,
     disable_dropout,
-    image_column,
     is_peft_model,
+    is_processor,
+    load_image,
     pad,
+    prepare_multimodal_messages,
+    processor_tokenizer,
     prompt_completion_boundary,
+    row_images,
+    sequence_model_inputs,
+    vision_prompt_inputs,
 )
 
 from posttrain_tpo.config import TPOConfig
@@ -75,10 +91,13 @@ def concatenated_logps(model, batch: dict, chunk_size: int | None = 256) -> dict
     Returns ``per_token`` (N, T-1, zero off the responses), ``mask`` (N, T-1, the response tokens),
     and, detached, ``mean_logits`` (N, T-1: each position's mean logit), ``entropy`` (N, T-1) and
     ``is_top1`` (N, T-1: the argmax is the next token). N is 3B (chosen, rejected, gold) or 2B.
+    ``batch["model_inputs"]`` (a vision-language batch: ``pixel_values``, ... per row) goes to the model too.
     """
     input_ids = batch["input_ids"]
-    # hidden states and the LM head, chunk_size tokens at a time (posttrain.causal_lm_states): no (N, T-1, V) logits
-    _, states = causal_lm_states(model, chunk_size=chunk_size, input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False)
+    # hidden states and the LM head, chunk_size tokens at a time (posttrain.causal_lm_states): no (N, T-1, V) logits;
+    # a vision-language batch also carries the prompts' model_inputs (pixel_values, token_type_ids, ...)
+    _, states = causal_lm_states(model, chunk_size=chunk_size, input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False,
+                                 **(batch.get("model_inputs") or {}))
     labels = input_ids[:, 1:]  # (N, T-1)
     scores = states[:, :-1].score(labels, return_entropy=True, entropy_grad=False, stats=("mean_logit", "argmax"))  # (N, T-1) each
     mask = batch["completion_mask"][:, 1:].to(scores.logps.dtype)  # (N, T-1)
@@ -208,6 +227,77 @@ class DataCollatorForTriplePreference:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
+# ---------------------------------------------------------------------------------------------- vision data
+# Copied from posttrain_dpo.trainer._undecoded_images
+def _undecoded_images(dataset):
+    """Return a ``datasets`` dataset with its ``datasets.Image`` columns left encoded (``{"bytes", "path"}`` dicts).
+
+    Reading the rows then decodes no image: images are decoded where the batches are collated (the
+    DataLoader workers). Other datasets are returned as given.
+    """
+    features = getattr(dataset, "features", None)
+    if not features:
+        return dataset
+    from datasets import Image
+
+    def undecoded(feature):
+        if isinstance(feature, Image):
+            return Image(mode=feature.mode, decode=False)
+        if isinstance(feature, list):
+            return [undecoded(f) for f in feature]
+        inner = getattr(feature, "feature", None)
+        if inner is not None and hasattr(feature, "length"):  # datasets' List / Sequence of images
+            return type(feature)(undecoded(inner), length=feature.length)
+        return feature
+
+    for column in ("images", "image"):
+        if column in features:
+            feature = undecoded(features[column])
+            if feature != features[column]:
+                dataset = dataset.cast_column(column, feature)
+    return dataset
+
+
+# Copied from posttrain_dpo.trainer._check_images_present
+def _check_images_present(images: list, where: str) -> None:
+    """Raise for a missing image or a path that does not exist, without decoding anything (decoding happens in collate)."""
+    for i, value in enumerate(images):
+        missing = value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None)
+        if missing or (isinstance(value, (str, os.PathLike)) and not os.path.exists(value)):
+            load_image(value, where=f"{where}, image {i}")  # raises DataError naming the row and the fix
+
+
+def _vision_texts(row: dict, processor, conversational: bool, num_images: int, responses: tuple[str, ...], *, where: str) -> tuple[str, dict[str, str]]:
+    """Return the prompt text and each response's text of one vision-language row.
+
+    DPO's ``_vision_texts`` with the gold response beside chosen and rejected: conversations get one
+    ``{"type": "image"}`` part per image (``posttrain.prepare_multimodal_messages``) and are rendered by the
+    processor's chat template, the prompt with the generation prompt and each ``prompt + response``; the
+    prompt text is the longest prefix all renderings share and each response the rest. Text rows are used
+    as they are (the prompt holds the model's image placeholders), the EOS token appended to responses
+    that lack it, as for text-only rows.
+
+    Raises:
+        DataError: The number of image placeholders in the prompt differs from ``num_images``.
+    """
+    if not conversational:
+        eos = processor_tokenizer(processor).eos_token or ""
+        return row["prompt"], {key: row[key] if row[key].endswith(eos) else row[key] + eos for key in responses}
+    if not getattr(processor, "chat_template", None):
+        raise ConfigError("the dataset is conversational but the processor has no chat template: set processor.chat_template, or give the rows as strings.")
+    kwargs = _chat_kwargs(row, None)
+    prompt = prepare_multimodal_messages(row["prompt"], num_images, where=where)
+    prompt_text = processor.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True, **kwargs)
+    full = {key: processor.apply_chat_template(prompt + prepare_multimodal_messages(row[key], 0, where=f"{where}, column {key!r}"), tokenize=False, **kwargs)
+            for key in responses}
+    n = 0
+    for chars in zip(prompt_text, *full.values()):
+        if len(set(chars)) > 1:
+            break
+        n += 1
+    return prompt_text[:n], {key: text[n:] for key, text in full.items()}
+
+
 # Copied from posttrain_dpo.trainer._concat_padded
 def _concat_padded(arrays: list, pad_value: int = -100):
     """Concatenate ``(n_i, T_i, ...)`` numpy arrays on axis 0, padding axis 1 to the longest with ``pad_value``."""
@@ -236,7 +326,7 @@ class TPOTrainer(TrainerSurface):
             Default: :class:`DataCollatorForTriplePreference` from the config (``trainer.data_collator``).
         train_dataset: Rows (see the module docstring); a ``datasets.Dataset``, an ``IterableDataset`` or a list of dicts.
         eval_dataset: Rows of the same shape, or a dict of them (metrics ``eval_<name>_...``).
-        processing_class: The tokenizer (loaded with the model when omitted).
+        processing_class: The tokenizer, or a vision-language model's processor (loaded with the model when omitted).
         compute_metrics: ``f(EvalPrediction) -> dict`` run at each evaluation, given the logits (an extra forward
             pass) and the ``input_ids`` of every collated row, as TRL 1.16's ``prediction_step``.
         callbacks: ``transformers.TrainerCallback`` objects.
@@ -327,6 +417,7 @@ class TPOTrainer(TrainerSurface):
         args = self.args
         if isinstance(dataset, dict):
             raise ConfigError(f"{name} is a dict of datasets {sorted(dataset)}: pass one dataset (e.g. dataset['train']); only eval_dataset may be a dict.")
+        dataset = _undecoded_images(dataset)  # images are decoded in collate (DataLoader workers), not here
         if isinstance(dataset, IterableDataset):
             limit = None
             if name == "train_dataset" and args.max_steps > 0:  # no more rows than max_steps can consume
@@ -338,11 +429,11 @@ class TPOTrainer(TrainerSurface):
             rows = [dict(r) if isinstance(r, dict) else r for r in dataset]
         if not rows:
             raise ConfigError(f"{name} is empty: give the trainer at least one (prompt, chosen, rejected, reference) row.")
-        column = image_column(rows[0]) if isinstance(rows[0], dict) else None
-        if column is not None:  # refused, not silently dropped
-            raise ConfigError(f"{name} has an image column {column!r}: posttrain's TPO trains on text only (its rows are tokenized without a "
-                              "processor and its forward takes no pixel inputs); drop the column, or use the 'dpo' method, which trains "
-                              "vision-language models on preference data.")
+        column = check_vision_model(self.model, sorted(rows[0]), dataset_name=name) if isinstance(rows[0], dict) else None
+        if column is not None:  # DataError above for a text-only model; images stay encoded until collate
+            from datasets import Dataset
+
+            return _undecoded_images(Dataset.from_list(self._prepare_vision_rows(rows, name, column)))
         keys = self.responses
         out = []
         for index, row in enumerate(rows):
@@ -360,17 +451,7 @@ class TPOTrainer(TrainerSurface):
                     raise ConfigError(f"{name} row {index}: column {missing[0]!r} is missing (columns: {sorted(row)}); {_FORMATS}.{hint}")
                 conversational = _check_row(row, index, name, ("prompt",) + keys)
                 if row.get("prompt") is None:
-                    prompt, row["chosen"], row["rejected"] = extract_prompt(row["chosen"], row["rejected"])
-                    if "reference" in keys:
-                        if row["reference"][: len(prompt)] != prompt:
-                            raise ConfigError(
-                                f"{name} row {index}, column 'reference': it does not start with the implicit prompt shared by 'chosen' and "
-                                f"'rejected' ({str(prompt)[:60]!r}); give an explicit 'prompt' column, or start the reference with that prompt."
-                            )
-                        row["reference"] = row["reference"][len(prompt):]
-                    row["prompt"] = prompt
-                    if conversational and (not row["chosen"] or not row["rejected"]):
-                        raise ConfigError(f"{name} row {index}: 'chosen' and 'rejected' are identical conversations or one contains the other; there is nothing to prefer.")
+                    self._split_implicit_prompt(row, index, name, conversational)
                 item, clean = tokenize_triple(row, self.tokenizer, conversational, keys)
                 if not clean:
                     self._warn_once(
@@ -393,12 +474,113 @@ class TPOTrainer(TrainerSurface):
 
         return Dataset.from_list(out)
 
+    def _split_implicit_prompt(self, row: dict, index: int, name: str, conversational: bool) -> None:
+        """Fill in ``row["prompt"]`` of a row without one: the prefix shared by chosen and rejected, cut from them and from the gold response.
+
+        Raises:
+            ConfigError: the gold response does not start with that prompt, or chosen and rejected
+                conversations leave nothing to prefer.
+        """
+        prompt, row["chosen"], row["rejected"] = extract_prompt(row["chosen"], row["rejected"])
+        if "reference" in self.responses:
+            if row["reference"][: len(prompt)] != prompt:
+                raise ConfigError(
+                    f"{name} row {index}, column 'reference': it does not start with the implicit prompt shared by 'chosen' and "
+                    f"'rejected' ({str(prompt)[:60]!r}); give an explicit 'prompt' column, or start the reference with that prompt."
+                )
+            row["reference"] = row["reference"][len(prompt):]
+        row["prompt"] = prompt
+        if conversational and (not row["chosen"] or not row["rejected"]):
+            raise ConfigError(f"{name} row {index}: 'chosen' and 'rejected' are identical conversations or one contains the other; there is nothing to prefer.")
+
+    def _prepare_vision_rows(self, rows: list[dict], name: str, column: str) -> list[dict]:
+        """Return vision-language rows ``{"prompt", "chosen_ids", "rejected_ids"[, "reference_ids"], "images", "where"}``.
+
+        As DPO's: ``prompt`` is the prompt's text (with the chat template's image placeholders) and
+        ``images`` the row's images as given; both go through the processor in :meth:`collate`, where the
+        image tokens are expanded and the images decoded; the responses are tokenized here. ``where`` names
+        the row in the errors collate may raise. Missing images and image files that do not exist are
+        refused here; so are ``truncation_mode='keep_end'`` and pre-tokenized rows.
+        """
+        args = self.args
+        processor = self.processing_class
+        if not is_processor(processor):
+            raise ConfigError(
+                f"{name} has an image column {column!r} but processing_class is a {type(processor).__name__}, not a processor: "
+                "pass the model's processor (transformers.AutoProcessor.from_pretrained(<model>)) as processing_class."
+            )
+        if args.max_length is not None and args.truncation_mode == "keep_end":
+            raise ConfigError(
+                "truncation_mode='keep_end' cannot be used with images: the image tokens are in the prompt, which keep_end "
+                "would cut, leaving images without their tokens. Use truncation_mode='keep_start' or max_length=None."
+            )
+        keys = self.responses
+        out = []
+        for index, row in enumerate(rows):
+            where = f"{name} row {index}"
+            missing = [k for k in keys if row.get(k) is None]
+            if missing:
+                hint = " Without gold responses, set tpo_alpha=0.0 (no NLL term)." if missing == ["reference"] else ""
+                tokenized = " (pre-tokenized rows cannot carry images)" if row.get("prompt_ids") is not None else ""
+                raise ConfigError(f"{where}: column {missing[0]!r} is missing{tokenized} (columns: {sorted(row)}); {_FORMATS}.{hint}")
+            value = row.get(column)
+            images = list(value) if column == "images" and isinstance(value, (list, tuple)) else [value]
+            _check_images_present(images, f"{where}, column {column!r}")
+            conversational = _check_row(row, index, name, ("prompt",) + keys)
+            if row.get("prompt") is None:
+                self._split_implicit_prompt(row, index, name, conversational)
+                if not row["chosen"] or not row["rejected"]:
+                    raise ConfigError(f"{where}: 'chosen' and 'rejected' are identical or one contains the other; there is nothing to prefer.")
+            prompt, texts = _vision_texts(row, processor, conversational, len(images), keys, where=where)
+            tokenizer = processor_tokenizer(processor)
+            ids = {f"{key}_ids": list(tokenizer(text, add_special_tokens=False)["input_ids"]) for key, text in texts.items()}
+            out.append({"prompt": prompt, **ids, "images": images, "where": where})
+        return out
+
     def collate(self, rows: list[dict]) -> dict:
         """Return ``data_collator(rows)`` (``input_ids``/``attention_mask``/``completion_mask``, (3B or 2B, T): chosen rows,
-        rejected rows, then gold rows) plus ``num_tokens``."""
+        rejected rows, then gold rows) plus ``num_tokens``.
+
+        Vision-language rows: each prompt and its images go through the processor first (here, so in the
+        DataLoader workers with ``dataloader_num_workers > 0``), the collator gets the rows with their
+        ``prompt_ids``, and ``model_inputs`` holds each prompt's ``pixel_values``, ... for each of its
+        chosen, rejected (and gold) rows, which share the prompt's images; token-aligned ones such as
+        ``token_type_ids`` as (3B or 2B, T), 0 on responses and padding.
+        """
+        vision = "images" in rows[0]
+        if vision:
+            rows, per_sample = self._process_prompts(rows)
         batch = dict(self.data_collator(list(rows)))
         batch.setdefault("num_tokens", int(batch["attention_mask"].sum()))
+        if vision:
+            repeats = batch["input_ids"].shape[0] // len(rows)  # the branches, each laid out like the rows
+            every = per_sample * repeats
+            model_inputs = collate_model_inputs(every)
+            model_inputs.update(sequence_model_inputs(every, [len(r["prompt_ids"]) for r in rows] * repeats, batch["input_ids"].shape[1], left=False))
+            batch["model_inputs"] = model_inputs
         return batch
+
+    # Copied from posttrain_dpo.trainer.DPOTrainer._process_prompts
+    def _process_prompts(self, rows: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Decode each row's images and run its prompt through the processor: rows with ``prompt_ids``, and their extra model inputs.
+
+        Raises:
+            DataError: An image cannot be read, the processor refuses the prompt's placeholders for its
+                images, or the prompt (image tokens included) has ``>= max_length`` tokens; the row is named.
+        """
+        out, per_sample = [], []
+        for row in rows:
+            where = row["where"]
+            images = row_images({"images": row["images"]}, where=where)
+            ids, model_inputs = vision_prompt_inputs(self.processing_class, row["prompt"], images, where=where)
+            if self.args.max_length is not None and len(ids) >= self.args.max_length:
+                raise DataError(
+                    f"{where}: the prompt has {len(ids)} tokens with its image tokens, >= max_length={self.args.max_length}, so "
+                    "truncation would cut its image tokens and leave no completion: raise max_length, or use fewer / smaller images."
+                )
+            out.append({**row, "prompt_ids": ids})
+            per_sample.append(model_inputs)
+        return out, per_sample
 
     def count_items(self, batch: dict) -> int:
         return batch["input_ids"].shape[0] // len(self.responses)  # rows (pairs)
