@@ -254,3 +254,27 @@ def test_qwen2_vl_model_path_without_its_processor():
             masked = logits.index_fill(0, torch.tensor([model.config.image_token_id, model.config.video_token_id]), float("-inf"))
             first = sampled.completion_ids[j][0]
             assert abs(float(torch.log_softmax(masked, -1)[first]) - sampled.logprobs[j][0]) < 1e-5
+
+
+def test_image_token_ids_and_undecoded_columns(tmp_path):
+    model, processor = build_vlm(family="gemma3")
+    tok = processor.tokenizer
+    ids = set(posttrain.image_token_ids(processor, model))
+    assert {tok.convert_tokens_to_ids(t) for t in ("<image_soft_token>", "<start_of_image>", "<end_of_image>")} <= ids
+    assert tok.convert_tokens_to_ids("<|im_end|>") not in ids
+    model, processor = build_vlm(family="idefics3")
+    assert processor.tokenizer.convert_tokens_to_ids("<fake_token_around_image>") in posttrain.image_token_ids(processor, model)
+
+    datasets = pytest.importorskip("datasets")
+    path = tmp_path / "red.png"
+    colour_image("red").save(path)
+    ds = datasets.Dataset.from_dict({"images": [[str(path)]]}).cast_column("images", datasets.Sequence(datasets.Image()))
+    raw = posttrain.undecoded_image_columns(ds)[0]["images"][0]
+    assert isinstance(raw, dict) and raw["path"] == str(path)  # read without decoding
+    (image,) = posttrain.row_images(posttrain.undecoded_image_columns(ds)[0])
+    assert image.size == (32, 32)
+    posttrain.check_images_present([str(path), raw], "row 0")
+    with pytest.raises(DataError, match=r"row 4, image 1: the image is missing"):
+        posttrain.check_images_present([str(path), None], "row 4")
+    with pytest.raises(DataError, match=r"row 4, image 0: the image file .* does not exist"):
+        posttrain.check_images_present([str(tmp_path / "gone.png")], "row 4")

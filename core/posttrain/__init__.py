@@ -166,6 +166,9 @@ _LAZY = {
     "check_vision_model": "posttrain._vision:check_vision_model",
     "freeze_vision_tower": "posttrain._vision:freeze_vision_tower",
     "vision_tower_of": "posttrain._vision:vision_tower_of",
+    "image_token_ids": "posttrain._vision:image_token_ids",
+    "undecoded_image_columns": "posttrain._vision:undecoded_image_columns",
+    "check_images_present": "posttrain._vision:check_images_present",
     # the producer the loop does not own (plugin API 1.5)
     "PromptSource": "posttrain._producer:PromptSource",
     "ProduceRequest": "posttrain._producer:ProduceRequest",

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -35,6 +36,7 @@ __all__ = [
     "IMAGE_COLUMNS", "SEQUENCE_INPUT_KEYS", "is_processor", "processor_tokenizer", "image_column", "load_image", "row_images",
     "prepare_multimodal_messages", "count_image_placeholders", "vision_prompt_inputs", "collate_model_inputs",
     "sequence_model_inputs", "is_vision_model", "check_vision_model", "freeze_vision_tower", "vision_tower_of",
+    "image_token_ids", "undecoded_image_columns", "check_images_present",
 ]
 
 #: The columns that hold a row's images, as in TRL: ``images`` (a list) or ``image`` (one image).
@@ -369,3 +371,80 @@ def freeze_vision_tower(model: Any) -> int:
             param.requires_grad_(False)
             frozen += param.numel()
     return frozen
+
+
+# processor / tokenizer attributes naming image tokens, and model-config attributes holding their ids
+_TOKEN_ATTRS = ("image_token", "boi_token", "eoi_token", "fake_image_token", "global_image_tag", "global_image_token",
+                "video_token", "vision_start_token", "vision_end_token", "image_start_token", "image_end_token")
+_CONFIG_ID_ATTRS = ("image_token_id", "image_token_index", "boi_token_index", "boi_token_id", "eoi_token_index", "eoi_token_id",
+                    "video_token_id", "vision_start_token_id", "vision_end_token_id")
+_TILE_TOKEN = re.compile(r"^<row_\d+_col_\d+>$")  # Idefics3 / SmolVLM: the position tag of each image tile
+
+
+def image_token_ids(processor: Any, model: Any = None) -> list[int]:
+    """The ids of the tokens that stand for or frame an image (never in a loss), from the processor and the model config.
+
+    The processor's image token and the tokens around it: Idefics3 / SmolVLM ``<fake_token_around_image>``,
+    ``<global-img>`` and the ``<row_i_col_j>`` tile tags, Gemma 3 ``<start_of_image>`` / ``<end_of_image>``,
+    Qwen2-VL's vision start / end, and the ids the model's config names.
+    """
+    tok = processor_tokenizer(processor)
+    vocab = tok.get_vocab()
+    ids: set[int] = set()
+    for source in (processor, tok):
+        for attr in _TOKEN_ATTRS:
+            token = getattr(source, attr, None)
+            if isinstance(token, str) and token in vocab:
+                ids.add(vocab[token])
+        for attr in ("image_token_id", "image_token_ids", "fake_image_token_id", "global_image_token_id", "video_token_ids"):
+            value = getattr(source, attr, None)
+            ids.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int))
+    config = getattr(model, "config", None)
+    for attr in _CONFIG_ID_ATTRS:
+        value = getattr(config, attr, None)
+        if isinstance(value, int) and value >= 0:
+            ids.add(value)
+    if getattr(processor, "fake_image_token", None) is not None:  # Idefics3's tiles
+        ids.update(i for token, i in vocab.items() if _TILE_TOKEN.match(token))
+    return sorted(ids)
+
+
+def undecoded_image_columns(dataset: Any) -> Any:
+    """Return a ``datasets`` dataset with its ``datasets.Image`` columns left encoded (``{"bytes", "path"}`` dicts).
+
+    Reading the rows then decodes no image: images are decoded where the batches are collated (the
+    DataLoader workers). Other datasets are returned as given.
+    """
+    features = getattr(dataset, "features", None)
+    if not features:
+        return dataset
+    from datasets import Image
+
+    def undecoded(feature):
+        if isinstance(feature, Image):
+            return Image(mode=feature.mode, decode=False)
+        if isinstance(feature, list):
+            return [undecoded(f) for f in feature]
+        inner = getattr(feature, "feature", None)
+        if inner is not None and hasattr(feature, "length"):  # datasets' List / Sequence of images
+            return type(feature)(undecoded(inner), length=feature.length)
+        return feature
+
+    for column in IMAGE_COLUMNS:
+        if column in features:
+            feature = undecoded(features[column])
+            if feature != features[column]:
+                dataset = dataset.cast_column(column, feature)
+    return dataset
+
+
+def check_images_present(images: Sequence[Any], where: str) -> None:
+    """Raise for a missing image or a path that does not exist, without decoding anything (decoding happens when batches are collated).
+
+    Raises:
+        DataError: One line naming ``where``, the image's index and the fix (see :func:`load_image`).
+    """
+    for i, value in enumerate(images):
+        missing = value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None)
+        if missing or (isinstance(value, (str, os.PathLike)) and not os.path.exists(value)):
+            load_image(value, where=f"{where}, image {i}")  # raises DataError naming the row and the fix

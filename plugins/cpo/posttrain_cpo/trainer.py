@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import warnings
 from typing import Any
 
@@ -49,16 +48,17 @@ from posttrain import (
     TrainingLoop,
     as_config,
     causal_lm_states,
+    check_images_present,
     check_vision_model,
     collate_model_inputs,
     disable_dropout,
     is_processor,
-    load_image,
     pad,
     prepare_multimodal_messages,
     processor_tokenizer,
     row_images,
     sequence_model_inputs,
+    undecoded_image_columns,
     vision_prompt_inputs,
 )
 from posttrain_cpo.config import CPOConfig
@@ -354,36 +354,6 @@ def _refuse_unsupported_arguments(model, args, model_init, optimizers) -> None:
             raise ConfigError("generate_during_eval=True requires wandb or comet_ml to be installed (as TRL); set generate_during_eval=False.")
 
 
-# Copied from posttrain_dpo.trainer._undecoded_images
-def _undecoded_images(dataset):
-    """Return a ``datasets`` dataset with its ``datasets.Image`` columns left encoded (``{"bytes", "path"}`` dicts).
-
-    Reading the rows then decodes no image: images are decoded where the batches are collated (the
-    DataLoader workers). Other datasets are returned as given.
-    """
-    features = getattr(dataset, "features", None)
-    if not features:
-        return dataset
-    from datasets import Image
-
-    def undecoded(feature):
-        if isinstance(feature, Image):
-            return Image(mode=feature.mode, decode=False)
-        if isinstance(feature, list):
-            return [undecoded(f) for f in feature]
-        inner = getattr(feature, "feature", None)
-        if inner is not None and hasattr(feature, "length"):  # datasets' List / Sequence of images
-            return type(feature)(undecoded(inner), length=feature.length)
-        return feature
-
-    for column in ("images", "image"):
-        if column in features:
-            feature = undecoded(features[column])
-            if feature != features[column]:
-                dataset = dataset.cast_column(column, feature)
-    return dataset
-
-
 # Copied from posttrain_dpo.trainer._is_iterable_dataset
 def _is_iterable_dataset(dataset: Any) -> bool:
     try:
@@ -391,15 +361,6 @@ def _is_iterable_dataset(dataset: Any) -> bool:
     except ImportError:  # pragma: no cover - datasets is a core dependency
         return False
     return isinstance(dataset, IterableDataset)
-
-
-# Copied from posttrain_dpo.trainer._check_images_present
-def _check_images_present(images: list, where: str) -> None:
-    """Raise for a missing image or a path that does not exist, without decoding anything (decoding happens in collate)."""
-    for i, value in enumerate(images):
-        missing = value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None)
-        if missing or (isinstance(value, (str, os.PathLike)) and not os.path.exists(value)):
-            load_image(value, where=f"{where}, image {i}")  # raises DataError naming the row and the fix
 
 
 # Copied from posttrain_dpo.trainer._vision_texts
@@ -616,7 +577,7 @@ class CPOTrainer(TrainerSurface):
         columns = sorted(rows[0])
         column = check_vision_model(self.model, columns, dataset_name=name)  # DataError for a text-only model
         if column is not None:  # images stay encoded until collate (DataLoader workers)
-            return _undecoded_images(Dataset.from_list(self._prepare_vision_rows(rows, name, column)))
+            return undecoded_image_columns(Dataset.from_list(self._prepare_vision_rows(rows, name, column)))
         processed = ENCODER_DECODER_COLUMNS if self.is_encoder_decoder else DECODER_COLUMNS
         if set(processed) <= set(columns):  # already tokenized (TRL's columns)
             return Dataset.from_list([{key: row[key] for key in processed} for row in rows])
@@ -683,7 +644,7 @@ class CPOTrainer(TrainerSurface):
                     raise ConfigError(f"{where}, column {key!r}: missing value; {_FORMATS}.")
             value = row.get(column)
             images = list(value) if column == "images" and isinstance(value, (list, tuple)) else [value]
-            _check_images_present(images, f"{where}, column {column!r}")
+            check_images_present(images, f"{where}, column {column!r}")
             if row.get("prompt") is None:  # implicit prompt: the shared prefix
                 _check_row(row, index, name)
                 row["prompt"], row["chosen"], row["rejected"] = extract_prompt(row["chosen"], row["rejected"])
@@ -706,7 +667,7 @@ class CPOTrainer(TrainerSurface):
         args = self.args
         if isinstance(dataset, dict):
             raise ConfigError(f"{name} is a dict of datasets {sorted(dataset)}: pass one dataset (e.g. dataset['train']); only eval_dataset may be a dict.")
-        dataset = _undecoded_images(dataset)  # images are decoded in collate (DataLoader workers), not here
+        dataset = undecoded_image_columns(dataset)  # images are decoded in collate (DataLoader workers), not here
         if _is_iterable_dataset(dataset):
             limit = None
             if name == "train_dataset" and args.max_steps > 0:  # no more rows than max_steps can consume

@@ -30,7 +30,6 @@ import inspect
 import itertools
 import json
 import math
-import os
 import warnings
 from typing import Any
 
@@ -47,12 +46,12 @@ from posttrain import (
     as_config,
     build_reference_model,
     causal_lm_states,
+    check_images_present,
     check_vision_model,
     collate_model_inputs,
     disable_dropout,
     is_peft_model,
     is_processor,
-    load_image,
     pad,
     prepare_multimodal_messages,
     processor_tokenizer,
@@ -60,6 +59,7 @@ from posttrain import (
     row_images,
     sequence_model_inputs,
     sync_reference_model,
+    undecoded_image_columns,
     vision_prompt_inputs,
 )
 from posttrain_dpo.config import DPOConfig
@@ -179,43 +179,6 @@ def _concat_padded(arrays: list, pad_value: int = -100):
 
 
 # ---------------------------------------------------------------------------------------------- vision data
-def _undecoded_images(dataset):
-    """Return a ``datasets`` dataset with its ``datasets.Image`` columns left encoded (``{"bytes", "path"}`` dicts).
-
-    Reading the rows then decodes no image: images are decoded where the batches are collated (the
-    DataLoader workers). Other datasets are returned as given.
-    """
-    features = getattr(dataset, "features", None)
-    if not features:
-        return dataset
-    from datasets import Image
-
-    def undecoded(feature):
-        if isinstance(feature, Image):
-            return Image(mode=feature.mode, decode=False)
-        if isinstance(feature, list):
-            return [undecoded(f) for f in feature]
-        inner = getattr(feature, "feature", None)
-        if inner is not None and hasattr(feature, "length"):  # datasets' List / Sequence of images
-            return type(feature)(undecoded(inner), length=feature.length)
-        return feature
-
-    for column in ("images", "image"):
-        if column in features:
-            feature = undecoded(features[column])
-            if feature != features[column]:
-                dataset = dataset.cast_column(column, feature)
-    return dataset
-
-
-def _check_images_present(images: list, where: str) -> None:
-    """Raise for a missing image or a path that does not exist, without decoding anything (decoding happens in collate)."""
-    for i, value in enumerate(images):
-        missing = value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None)
-        if missing or (isinstance(value, (str, os.PathLike)) and not os.path.exists(value)):
-            load_image(value, where=f"{where}, image {i}")  # raises DataError naming the row and the fix
-
-
 def _vision_texts(row: dict, processor, conversational: bool, num_images: int, *, where: str, tools: list | None = None) -> tuple[str, str, str]:
     """Return the ``(prompt, chosen, rejected)`` texts of one vision-language row (TRL 1.16's split).
 
@@ -590,14 +553,14 @@ class DPOTrainer(TrainerSurface):
         processed = self._tokenize_rows(rows, name)
         if args.precompute_ref_log_probs and not all(k in processed[0] for k in _REF_COLUMNS):
             self._precompute_reference(processed, name)
-        return _undecoded_images(Dataset.from_list(processed))  # vision rows: images stay encoded until collate
+        return undecoded_image_columns(Dataset.from_list(processed))  # vision rows: images stay encoded until collate
 
     def _materialize(self, dataset, name: str) -> list[dict]:
         """Return the rows of ``dataset`` as a list of dicts (an ``IterableDataset`` is read once, here)."""
         args = self.args
         if isinstance(dataset, dict):
             raise ConfigError(f"{name} is a dict of datasets {sorted(dataset)}: pass one dataset (e.g. dataset['train']); only eval_dataset may be a dict.")
-        dataset = _undecoded_images(dataset)  # images are decoded in collate (DataLoader workers), not here
+        dataset = undecoded_image_columns(dataset)  # images are decoded in collate (DataLoader workers), not here
         if _is_iterable_dataset(dataset):
             limit = None
             if name == "train_dataset" and args.max_steps > 0:  # no more rows than max_steps can consume
@@ -704,7 +667,7 @@ class DPOTrainer(TrainerSurface):
                     raise ConfigError(f"{where}, column {key!r}: missing value; {_FORMATS}.")
             value = row.get(column)
             images = list(value) if column == "images" and isinstance(value, (list, tuple)) else [value]
-            _check_images_present(images, f"{where}, column {column!r}")
+            check_images_present(images, f"{where}, column {column!r}")
             if row.get("prompt") is None:  # implicit prompt: the shared prefix (TRL 1.16's vision collator needs 'prompt')
                 conversational = _check_row(row, index, name)
                 row["prompt"], row["chosen"], row["rejected"] = extract_prompt(row["chosen"], row["rejected"])

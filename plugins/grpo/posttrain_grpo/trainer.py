@@ -60,7 +60,7 @@ from posttrain import (  # the loop and the core's online steps (the online scaf
     sampler_is_old_policy, sampling_from_config, score_rollout, slice_rollout, sync_reference_model, SamplingParams, ToolCallingRollout,
 )
 from posttrain import (  # vision-language models (plugin API 1.9)
-    check_vision_model, image_column, is_processor, prepare_multimodal_messages, processor_tokenizer, reference_logps, row_images, vision_prompt_inputs,
+    check_vision_model, image_column, is_processor, prepare_multimodal_messages, processor_tokenizer, row_images, vision_prompt_inputs,
 )
 
 from posttrain_grpo.config import GRPOConfig

@@ -27,8 +27,6 @@ pixels, as in SFT); it still covers the prompt's text tokens.
 from __future__ import annotations
 
 import json
-import os
-import re
 import warnings
 from typing import Any
 
@@ -42,16 +40,18 @@ from posttrain import (
     TrainingLoop,
     as_config,
     causal_lm_states,
+    check_images_present,
     check_vision_model,
     collate_model_inputs,
     disable_dropout,
+    image_token_ids,
     is_processor,
-    load_image,
     pad,
     prepare_multimodal_messages,
     processor_tokenizer,
     row_images,
     sequence_model_inputs,
+    undecoded_image_columns,
     vision_prompt_inputs,
 )
 
@@ -345,14 +345,6 @@ def _refuse_unsupported_arguments(model, args, model_init, optimizers) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- vision data
-# processor / tokenizer attributes naming image tokens, and model-config attributes holding their ids (as posttrain_sft.vision)
-_TOKEN_ATTRS = ("image_token", "boi_token", "eoi_token", "fake_image_token", "global_image_tag", "global_image_token",
-                "video_token", "vision_start_token", "vision_end_token", "image_start_token", "image_end_token")
-_CONFIG_ID_ATTRS = ("image_token_id", "image_token_index", "boi_token_index", "boi_token_id", "eoi_token_index", "eoi_token_id",
-                    "video_token_id", "vision_start_token_id", "vision_end_token_id")
-_TILE_TOKEN = re.compile(r"^<row_\d+_col_\d+>$")  # Idefics3 / SmolVLM: the position tag of each image tile
-
-
 # Copied from posttrain_dpo.trainer._check_row
 def _check_row(row: dict, index: int, name: str) -> bool:
     """Raise naming the row and column when a value is not text/messages; return whether the row is conversational."""
@@ -376,45 +368,6 @@ def _chat_kwargs(row: dict, default_tools: list | None) -> dict:
     tools = row.get("tools")
     tools = json.loads(tools) if isinstance(tools, str) else tools
     return {"tools": tools if tools is not None else default_tools, **(row.get("chat_template_kwargs") or {})}
-
-
-# Copied from posttrain_dpo.trainer._undecoded_images
-def _undecoded_images(dataset):
-    """Return a ``datasets`` dataset with its ``datasets.Image`` columns left encoded (``{"bytes", "path"}`` dicts).
-
-    Reading the rows then decodes no image: images are decoded where the batches are collated (the
-    DataLoader workers). Other datasets are returned as given.
-    """
-    features = getattr(dataset, "features", None)
-    if not features:
-        return dataset
-    from datasets import Image
-
-    def undecoded(feature):
-        if isinstance(feature, Image):
-            return Image(mode=feature.mode, decode=False)
-        if isinstance(feature, list):
-            return [undecoded(f) for f in feature]
-        inner = getattr(feature, "feature", None)
-        if inner is not None and hasattr(feature, "length"):  # datasets' List / Sequence of images
-            return type(feature)(undecoded(inner), length=feature.length)
-        return feature
-
-    for column in ("images", "image"):
-        if column in features:
-            feature = undecoded(features[column])
-            if feature != features[column]:
-                dataset = dataset.cast_column(column, feature)
-    return dataset
-
-
-# Copied from posttrain_dpo.trainer._check_images_present
-def _check_images_present(images: list, where: str) -> None:
-    """Raise for a missing image or a path that does not exist, without decoding anything (decoding happens in collate)."""
-    for i, value in enumerate(images):
-        missing = value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None)
-        if missing or (isinstance(value, (str, os.PathLike)) and not os.path.exists(value)):
-            load_image(value, where=f"{where}, image {i}")  # raises DataError naming the row and the fix
 
 
 # Copied from posttrain_dpo.trainer._vision_texts
@@ -468,31 +421,6 @@ def _pair_columns(prompt_ids: list[int], chosen_ids: list[int], rejected_ids: li
         out[f"{side}_attention_mask"] = [1] * (len(prompt_ids) + len(tail))
         out[f"{side}_labels"] = [-100] * len(prompt_ids) + tail
     return out
-
-
-# Copied from posttrain_sft.vision.image_token_ids
-def image_token_ids(processor: Any, model: Any = None) -> list[int]:
-    """The ids of the tokens that stand for or frame an image (never in the loss), from the processor and the model config."""
-    tok = processor_tokenizer(processor)
-    vocab = tok.get_vocab()
-    ids: set[int] = set()
-    for source in (processor, tok):
-        for attr in _TOKEN_ATTRS:
-            token = getattr(source, attr, None)
-            if isinstance(token, str) and token in vocab:
-                ids.add(vocab[token])
-        for attr in ("image_token_id", "image_token_ids", "fake_image_token_id", "global_image_token_id", "video_token_ids"):
-            value = getattr(source, attr, None)
-            ids.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int))
-    config = getattr(model, "config", None)
-    for attr in _CONFIG_ID_ATTRS:
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value >= 0:
-            ids.add(value)
-    if getattr(processor, "fake_image_token", None) is not None:  # Idefics3's tiles
-        ids.update(i for token, i in vocab.items() if _TILE_TOKEN.match(token))
-    return sorted(ids)
-
 
 
 # ------------------------------------------------------------------------------------------- trainer
@@ -598,14 +526,14 @@ class ORPOTrainer(TrainerSurface):
 
         if isinstance(dataset, dict):
             raise ConfigError(f"{name} is a dict of datasets {sorted(dataset)}: pass one dataset (only eval_dataset may be a dict).")
-        dataset = _undecoded_images(dataset)  # images are decoded in collate (DataLoader workers), not here
+        dataset = undecoded_image_columns(dataset)  # images are decoded in collate (DataLoader workers), not here
         rows = dataset.to_list() if hasattr(dataset, "to_list") else [dict(r) if isinstance(r, dict) else r for r in dataset]
         if not rows:
             raise ConfigError(f"{name} is empty: give the trainer at least one preference pair.")
         column = check_vision_model(self.model, sorted(rows[0]), dataset_name=name) if isinstance(rows[0], dict) else None
         if column is not None:  # DataError above for a text-only model; images stay encoded until collate
             self._image_token_ids = torch.tensor(image_token_ids(self.processing_class, self.model), dtype=torch.long)
-            return _undecoded_images(Dataset.from_list(self._prepare_vision_rows(rows, name, column)))
+            return undecoded_image_columns(Dataset.from_list(self._prepare_vision_rows(rows, name, column)))
         processed = ENCODER_DECODER_COLUMNS if self.is_encoder_decoder else DECODER_COLUMNS
         out = []
         for index, row in enumerate(rows):
@@ -685,7 +613,7 @@ class ORPOTrainer(TrainerSurface):
                     raise ConfigError(f"{where}, column {key!r}: missing value; {_FORMATS}.")
             value = row.get(column)
             images = list(value) if column == "images" and isinstance(value, (list, tuple)) else [value]
-            _check_images_present(images, f"{where}, column {column!r}")
+            check_images_present(images, f"{where}, column {column!r}")
             if row.get("prompt") is None:  # implicit prompt: the shared prefix
                 _check_row(row, index, name)
                 row["prompt"], row["chosen"], row["rejected"] = extract_prompt(row["chosen"], row["rejected"])

@@ -30,7 +30,6 @@ from posttrain import (
     check_vision_model,
     image_column,
     is_peft_model,
-    is_processor,
     processor_tokenizer,
     prompt_completion_boundary,
 )

@@ -28,7 +28,6 @@ masks only padding there, which matters for ``messages`` rows without ``assistan
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 import torch
@@ -38,6 +37,7 @@ from posttrain import (
     ConfigError,
     DataError,
     collate_model_inputs,
+    image_token_ids,
     prepare_multimodal_messages,
     processor_tokenizer,
     row_images,
@@ -51,35 +51,7 @@ IGNORE_INDEX = -100
 ROW_KEY = "__sft_row_index__"
 #: ... and the dataset's name (which collator encodes the row).
 DATASET_KEY = "__sft_dataset__"
-# processor / tokenizer attributes naming image tokens, and model-config attributes holding their ids
-_TOKEN_ATTRS = ("image_token", "boi_token", "eoi_token", "fake_image_token", "global_image_tag", "global_image_token",
-                "video_token", "vision_start_token", "vision_end_token", "image_start_token", "image_end_token")
-_CONFIG_ID_ATTRS = ("image_token_id", "image_token_index", "boi_token_index", "boi_token_id", "eoi_token_index", "eoi_token_id",
-                    "video_token_id", "vision_start_token_id", "vision_end_token_id")
-_TILE_TOKEN = re.compile(r"^<row_\d+_col_\d+>$")  # Idefics3 / SmolVLM: the position tag of each image tile
 
-
-def image_token_ids(processor: Any, model: Any = None) -> list[int]:
-    """The ids of the tokens that stand for or frame an image (never in the loss), from the processor and the model config."""
-    tok = processor_tokenizer(processor)
-    vocab = tok.get_vocab()
-    ids: set[int] = set()
-    for source in (processor, tok):
-        for attr in _TOKEN_ATTRS:
-            token = getattr(source, attr, None)
-            if isinstance(token, str) and token in vocab:
-                ids.add(vocab[token])
-        for attr in ("image_token_id", "image_token_ids", "fake_image_token_id", "global_image_token_id", "video_token_ids"):
-            value = getattr(source, attr, None)
-            ids.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int))
-    config = getattr(model, "config", None)
-    for attr in _CONFIG_ID_ATTRS:
-        value = getattr(config, attr, None)
-        if isinstance(value, int) and value >= 0:
-            ids.add(value)
-    if getattr(processor, "fake_image_token", None) is not None:  # Idefics3's tiles
-        ids.update(i for token, i in vocab.items() if _TILE_TOKEN.match(token))
-    return sorted(ids)
 
 
 class VisionRows:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -42,18 +41,19 @@ from posttrain import (
     TrainingLoop,
     as_config,
     causal_lm_states,
+    check_images_present,
     check_vision_model,
     collate_model_inputs,
     disable_dropout,
     is_peft_model,
     is_processor,
-    load_image,
     pad,
     prepare_multimodal_messages,
     processor_tokenizer,
     prompt_completion_boundary,
     row_images,
     sequence_model_inputs,
+    undecoded_image_columns,
     vision_prompt_inputs,
 )
 
@@ -228,45 +228,6 @@ class DataCollatorForTriplePreference:
 
 
 # ---------------------------------------------------------------------------------------------- vision data
-# Copied from posttrain_dpo.trainer._undecoded_images
-def _undecoded_images(dataset):
-    """Return a ``datasets`` dataset with its ``datasets.Image`` columns left encoded (``{"bytes", "path"}`` dicts).
-
-    Reading the rows then decodes no image: images are decoded where the batches are collated (the
-    DataLoader workers). Other datasets are returned as given.
-    """
-    features = getattr(dataset, "features", None)
-    if not features:
-        return dataset
-    from datasets import Image
-
-    def undecoded(feature):
-        if isinstance(feature, Image):
-            return Image(mode=feature.mode, decode=False)
-        if isinstance(feature, list):
-            return [undecoded(f) for f in feature]
-        inner = getattr(feature, "feature", None)
-        if inner is not None and hasattr(feature, "length"):  # datasets' List / Sequence of images
-            return type(feature)(undecoded(inner), length=feature.length)
-        return feature
-
-    for column in ("images", "image"):
-        if column in features:
-            feature = undecoded(features[column])
-            if feature != features[column]:
-                dataset = dataset.cast_column(column, feature)
-    return dataset
-
-
-# Copied from posttrain_dpo.trainer._check_images_present
-def _check_images_present(images: list, where: str) -> None:
-    """Raise for a missing image or a path that does not exist, without decoding anything (decoding happens in collate)."""
-    for i, value in enumerate(images):
-        missing = value is None or (isinstance(value, dict) and value.get("bytes") is None and value.get("path") is None)
-        if missing or (isinstance(value, (str, os.PathLike)) and not os.path.exists(value)):
-            load_image(value, where=f"{where}, image {i}")  # raises DataError naming the row and the fix
-
-
 def _vision_texts(row: dict, processor, conversational: bool, num_images: int, responses: tuple[str, ...], *, where: str) -> tuple[str, dict[str, str]]:
     """Return the prompt text and each response's text of one vision-language row.
 
@@ -417,7 +378,7 @@ class TPOTrainer(TrainerSurface):
         args = self.args
         if isinstance(dataset, dict):
             raise ConfigError(f"{name} is a dict of datasets {sorted(dataset)}: pass one dataset (e.g. dataset['train']); only eval_dataset may be a dict.")
-        dataset = _undecoded_images(dataset)  # images are decoded in collate (DataLoader workers), not here
+        dataset = undecoded_image_columns(dataset)  # images are decoded in collate (DataLoader workers), not here
         if isinstance(dataset, IterableDataset):
             limit = None
             if name == "train_dataset" and args.max_steps > 0:  # no more rows than max_steps can consume
@@ -433,7 +394,7 @@ class TPOTrainer(TrainerSurface):
         if column is not None:  # DataError above for a text-only model; images stay encoded until collate
             from datasets import Dataset
 
-            return _undecoded_images(Dataset.from_list(self._prepare_vision_rows(rows, name, column)))
+            return undecoded_image_columns(Dataset.from_list(self._prepare_vision_rows(rows, name, column)))
         keys = self.responses
         out = []
         for index, row in enumerate(rows):
@@ -525,7 +486,7 @@ class TPOTrainer(TrainerSurface):
                 raise ConfigError(f"{where}: column {missing[0]!r} is missing{tokenized} (columns: {sorted(row)}); {_FORMATS}.{hint}")
             value = row.get(column)
             images = list(value) if column == "images" and isinstance(value, (list, tuple)) else [value]
-            _check_images_present(images, f"{where}, column {column!r}")
+            check_images_present(images, f"{where}, column {column!r}")
             conversational = _check_row(row, index, name, ("prompt",) + keys)
             if row.get("prompt") is None:
                 self._split_implicit_prompt(row, index, name, conversational)
